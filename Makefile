@@ -1,0 +1,24 @@
+# Two commands: `make run` (set up + main job on built-in data), `make test`.
+PY ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+WORK ?= runs/main
+
+.PHONY: run test setup clean
+
+$(VENV)/.installed: requirements.txt
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(VPY) experiments/run.py main --workdir $(WORK)
+
+test: setup
+	$(VPY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,5 @@
+"""User-facing errors: the CLI prints their message as one line, no traceback."""
+
+
+class UserError(Exception):
+  """A mistake in the user's input (data, config, CLI). Message = one line."""
