@@ -1,0 +1,336 @@
+#!/usr/bin/env python
+"""scr-jax command line: data, train, eval, predict, main (the `make run` job).
+
+  python experiments/run.py data --out DIR [--n-train N --n-val N --n-test N --size S --seed K]
+  python experiments/run.py train --preset cpu_small --data DIR|builtin --workdir W [--steps N]
+      [--seed K] [--variant independent|dense|generic|dynamic] [--order DVAL] [--q sigmoid]
+      [--structure FILE] [--set key=value ...] [--no-resume] [--distributed]
+  python experiments/run.py eval --workdir W --data DIR|builtin --split test [--out F.json]
+      [--save-predictions F.npz]
+  python experiments/run.py predict --workdir W --images DIR_or_files --out OUTDIR
+  python experiments/run.py main --workdir W     (data + train + eval + predict + summary)
+
+A mistake in the input (bad folder, unknown preset, wrong type...) prints one
+line `error: ...` and exits with status 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from scr_jax.errors import NonFiniteError, UserError  # noqa: E402
+
+BUILTIN_COUNTS = dict(n_train=4000, n_val=500, n_test=500)
+
+
+def _log(msg):
+  print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------
+# Data resolution
+# ----------------------------------------------------------------------------
+
+def builtin_dir(size: int, seed: int = 0) -> str:
+  return os.path.join(ROOT, "data", f"builtin_s{size}_seed{seed}")
+
+
+def ensure_builtin(size: int, seed: int = 0) -> str:
+  """Generates the built-in synthetic dataset once (synface layout) and
+  reuses it afterwards."""
+  from scr_jax import data
+  path = builtin_dir(size, seed)
+  if not os.path.exists(os.path.join(path, "meta.json")):
+    _log(f"generating built-in synthetic faces at {size}x{size} into {path} (once)")
+    data.export_synface(path, size=size, seed=seed, overwrite=True, **BUILTIN_COUNTS)
+  return path
+
+
+def load_split(spec: str, split: str, cfg, need_depth: bool = True):
+  """`spec` = 'builtin' or a synface-layout folder; returns the data dict."""
+  from scr_jax import data
+  root = ensure_builtin(cfg.image_size) if spec == "builtin" else spec
+  if not os.path.isdir(root):
+    raise UserError(f"data folder {root} not found")
+  if not os.path.isdir(os.path.join(root, split)):
+    raise UserError(f"{root}: no '{split}' split folder")
+  if os.path.isdir(os.path.join(root, split, "depth")):
+    return data.load_synface(root, split, cfg.image_size, cfg.crop or None)
+  if need_depth:
+    raise UserError(f"{root}/{split}: no depth/ folder, so no ground truth to evaluate against")
+  imgs = os.path.join(root, split, "image")
+  return data.load_image_folder(imgs if os.path.isdir(imgs) else os.path.join(root, split),
+                                cfg.image_size, cfg.crop or None)
+
+
+def load_train_data(spec: str, cfg):
+  """Training images (ground truth optional) and, when present, val data."""
+  from scr_jax import data
+  root = ensure_builtin(cfg.image_size) if spec == "builtin" else spec
+  if not os.path.exists(root):
+    raise UserError(f"data {root} not found")
+  if os.path.isdir(os.path.join(root, "train")):
+    train = load_split(root, "train", cfg, need_depth=False)
+    val = None
+    if os.path.isdir(os.path.join(root, "val", "depth")):
+      val = load_split(root, "val", cfg)
+    return train, val
+  # a plain folder of images: train on all of them, no validation
+  return data.load_image_folder(root, cfg.image_size, cfg.crop or None), None
+
+
+# ----------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------
+
+def cmd_data(args):
+  from scr_jax import data
+  for name in ("n_train", "n_val", "n_test"):
+    if getattr(args, name) < 0:
+      raise UserError(f"--{name.replace('_', '-')} must be >= 0")
+  if args.size < 8:
+    raise UserError(f"--size must be >= 8, got {args.size}")
+  meta = data.export_synface(args.out, args.n_train, args.n_val, args.n_test, args.size,
+                             args.seed, depth_bits=args.depth_bits, overwrite=args.overwrite)
+  prev = os.path.join(args.out, "preview.png")
+  d = data.load_synface(args.out, "train", None, None, limit=8) if args.n_train else None
+  if d is not None:
+    data.preview_grid(d["images"], d["depth"], prev)
+    _log(f"preview: {prev}")
+  print(json.dumps(meta, indent=1, default=str))
+
+
+def make_config(args):
+  from scr_jax import config
+  cfg = config.get_config(args.preset)
+  sets = list(args.set or [])
+  for flag in ("steps", "seed", "variant", "order", "q", "structure"):
+    val = getattr(args, flag, None)
+    if val is not None:
+      sets.append(f"{flag}={val}")
+  cfg = config.override(cfg, sets)
+  if cfg.order and cfg.order.lower() != "random":
+    from scr_jax import structure
+    structure.check_order(cfg.order)
+  return cfg
+
+
+def cmd_train(args):
+  cfg = make_config(args)
+  if args.distributed:
+    import jax
+    jax.distributed.initialize()
+  from scr_jax import checkpoint, structure, train
+  checkpoint.probe_writable(args.workdir)
+  m, q = structure.resolve(cfg)
+  if args.resume and os.path.exists(os.path.join(args.workdir, "config.json")):
+    old = checkpoint.load_config(args.workdir)
+    shape_fields = ("image_size", "embed_dim", "nf_encoder", "nf_ed", "nf_conf", "conf_zdim")
+    diff = [f for f in shape_fields if getattr(old, f) != getattr(cfg, f)]
+    if diff:
+      raise UserError(f"{args.workdir} holds a run with different {', '.join(diff)}; "
+                      "use another --workdir or --no-resume")
+  train_data, val_data = load_train_data(args.data, cfg)
+  _log(f"train: preset {cfg.preset}, variant {cfg.variant}, {train_data['images'].shape[0]} "
+       f"images at {cfg.image_size}px, {cfg.steps} steps, batch {cfg.batch_size}")
+  with open(os.path.join(args.workdir, "adjacency.json"), "w") as fh:
+    json.dump(dict(factors=["V", "D", "L", "A"], M=m.tolist(), q=q, variant=cfg.variant), fh)
+  res = train.fit(cfg, args.workdir, train_data, val_data, m=m, q=q, resume=args.resume,
+                  max_seconds=args.max_seconds)
+  _log(f"trained to step {res['step']} in {res['seconds']:.0f}s ({res['reason']})")
+  if res["reason"] in ("SIGINT", "SIGTERM"):
+    sys.exit(130 if res["reason"] == "SIGINT" else 143)
+  return res
+
+
+def _restore(workdir):
+  """(cfg, nets, params, m, q) of a trained workdir (latest checkpoint)."""
+  import jax
+  import numpy as np
+  from scr_jax import checkpoint, train
+  cfg = checkpoint.load_config(workdir)
+  nets, state = train.init_state(cfg, jax.random.PRNGKey(cfg.seed))
+  restored = checkpoint.restore_latest(checkpoint.manager(workdir), state)
+  if restored is None:
+    raise UserError(f"{workdir} has no checkpoint yet (train first)")
+  with open(os.path.join(workdir, "adjacency.json")) as fh:
+    adj = json.load(fh)
+  return cfg, nets, restored["params"], np.asarray(adj["M"], np.float32), adj["q"], int(restored["step"])
+
+
+def cmd_eval(args):
+  import numpy as np
+  from scr_jax import train
+  cfg, nets, params, m, q, step = _restore(args.workdir)
+  d = load_split(args.data, args.split, cfg)
+  eval_fn = train.make_eval_fn(nets, cfg, q)
+  summ, pred, valid = train.evaluate(eval_fn, params, d, m, cfg)
+  summ.update(split=args.split, step=step, workdir=args.workdir)
+  text = json.dumps(summ, indent=1)
+  print(text)
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+      fh.write(text + "\n")
+  if args.save_predictions:
+    np.savez_compressed(args.save_predictions, pred_depth=pred, mask=valid,
+                        names=np.asarray(d["names"]))
+  return summ
+
+
+def cmd_predict(args):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from scr_jax import data, model, render, visualize
+  cfg, nets, params, m, q, _ = _restore(args.workdir)
+  files = args.images
+  src = files[0] if len(files) == 1 and os.path.isdir(files[0]) else files
+  d = data.load_image_folder(src, cfg.image_size, cfg.crop or None)
+  os.makedirs(args.out, exist_ok=True)
+  cam = model.camera(cfg)
+  fwd = jax.jit(lambda p, x: model.forward(nets, p, x, jnp.asarray(m), cfg, q))
+  for i, name in enumerate(d["names"]):
+    img = jnp.asarray(d["images"][i:i + 1])
+    out = fwd(params, img)
+    recon = np.asarray(out["recon_im"][0]) / 2 + 0.5
+    normal = visualize.normal_to_rgb(out["canon_normal"][0])
+    shade = render.shade(out["canon_normal"][0], 0.3, 0.7, jnp.asarray([-0.4, -0.3]))
+    base = os.path.join(args.out, name)
+    visualize.save_png(base + "_input.png", d["images"][i], 2)
+    visualize.save_png(base + "_recon.png", recon, 2)
+    visualize.save_png(base + "_normal.png", normal, 2)
+    visualize.save_png(base + "_shading.png", np.repeat(np.asarray(shade)[..., None], 3, -1), 2)
+    canon_im = out["canon_im"][0] / 2 + 0.5
+    frames = visualize.turntable(out["canon_depth"][0], canon_im, cam, textured=False)
+    visualize.save_gif(base + "_turn.gif", np.asarray(frames), scale=3)
+  _log(f"wrote {5 * len(d['names'])} files for {len(d['names'])} images to {args.out}")
+
+
+def cmd_main(args):
+  """`make run`: built-in data -> train cpu_small -> eval -> predict -> summary."""
+  import numpy as np
+  from scr_jax import config, data, metrics
+  wd = args.workdir
+  cfg = config.get_config("cpu_small")
+  t0 = time.time()
+  root = ensure_builtin(cfg.image_size)
+  d = data.load_synface(root, "train", None, None, limit=8)
+  data.preview_grid(d["images"], d["depth"], os.path.join(root, "preview.png"))
+  targs = argparse.Namespace(preset="cpu_small", data="builtin", workdir=wd, set=args.set,
+                             steps=args.steps, seed=None, variant=None, order=None, q=None,
+                             structure=None, resume=True, distributed=False,
+                             max_seconds=args.max_seconds)
+  cmd_train(targs)
+  summ = cmd_eval(argparse.Namespace(workdir=wd, data="builtin", split="test",
+                                     out=os.path.join(wd, "eval_test.json"),
+                                     save_predictions=os.path.join(wd, "pred_test.npz")))
+  # Baselines on the same test split.
+  test = load_split("builtin", "test", cfg)
+  train_gt = load_split("builtin", "train", cfg)["depth"]
+  cam = __import__("scr_jax.model", fromlist=["camera"]).camera(cfg)
+  ones = np.ones_like(test["depth"])
+  base = {}
+  for name, pred in [("constant null depth", np.full_like(test["depth"], 1.0)),
+                     ("average GT depth", np.broadcast_to(metrics.average_depth_baseline(train_gt),
+                                                          test["depth"].shape))]:
+    per = [metrics.evaluate_depth(pred[i:i + 100], ones[i:i + 100], test["depth"][i:i + 100], cam)
+           for i in range(0, len(pred), 100)]
+    base[name] = metrics.summarize(per)
+  pred_dir = os.path.join(wd, "predict")
+  test_imgs = os.path.join(root, "test", "image")
+  picks = sorted(os.listdir(test_imgs))[:4]
+  cmd_predict(argparse.Namespace(workdir=wd, images=[os.path.join(test_imgs, p) for p in picks],
+                                 out=pred_dir))
+  rows = [("independent SCR (ours)", summ)] + list(base.items())
+  print(f"\nTest split of the built-in data ({summ['n']} images, {cfg.image_size}px), "
+        f"{time.time() - t0:.0f}s in all")
+  print(f"{'method':<26}{'SIDE x1e-2':>16}{'MAD deg':>16}{'MAD (Unsup3D eps)':>20}")
+  for name, s in rows:
+    print(f"{name:<26}{s['side_mean']:>9.3f} ±{s['side_std']:5.3f}{s['mad_mean']:>9.2f} ±"
+          f"{s['mad_std']:5.2f}{s['mad_unsup3d_mean']:>13.2f} ±{s['mad_unsup3d_std']:5.2f}")
+  print(f"\noutputs: {wd}/eval_test.json, {wd}/tb (tensorboard), {wd}/metrics.csv, {pred_dir}/")
+
+
+def build_parser():
+  p = argparse.ArgumentParser(prog="run.py", description=__doc__.split("\n")[0])
+  sub = p.add_subparsers(dest="cmd", required=True)
+
+  d = sub.add_parser("data", help="write the built-in synthetic data in synface layout")
+  d.add_argument("--out", required=True)
+  d.add_argument("--n-train", type=int, default=800)
+  d.add_argument("--n-val", type=int, default=100)
+  d.add_argument("--n-test", type=int, default=100)
+  d.add_argument("--size", type=int, default=64)
+  d.add_argument("--seed", type=int, default=0)
+  d.add_argument("--depth-bits", type=int, default=16, choices=(8, 16))
+  d.add_argument("--overwrite", action="store_true")
+  d.set_defaults(fn=cmd_data)
+
+  def train_args(t):
+    t.add_argument("--preset", default="cpu_small")
+    t.add_argument("--data", default="builtin")
+    t.add_argument("--workdir", required=True)
+    t.add_argument("--steps", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--variant")
+    t.add_argument("--order")
+    t.add_argument("--q")
+    t.add_argument("--structure")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE")
+    t.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True)
+    t.add_argument("--distributed", action="store_true",
+                   help="jax.distributed.initialize() from the environment (multi-host)")
+    t.add_argument("--max-seconds", type=float, help="stop (and checkpoint) after this wall time")
+
+  t = sub.add_parser("train", help="train a model")
+  train_args(t)
+  t.set_defaults(fn=cmd_train)
+
+  e = sub.add_parser("eval", help="SIDE / MAD of a trained model on a split")
+  e.add_argument("--workdir", required=True)
+  e.add_argument("--data", default="builtin")
+  e.add_argument("--split", default="test")
+  e.add_argument("--out")
+  e.add_argument("--save-predictions")
+  e.set_defaults(fn=cmd_eval)
+
+  pr = sub.add_parser("predict", help="pictures and turn-table GIFs for images")
+  pr.add_argument("--workdir", required=True)
+  pr.add_argument("--images", nargs="+", required=True)
+  pr.add_argument("--out", required=True)
+  pr.set_defaults(fn=cmd_predict)
+
+  mn = sub.add_parser("main", help="the `make run` job")
+  mn.add_argument("--workdir", default="runs/main")
+  mn.add_argument("--steps", type=int)
+  mn.add_argument("--max-seconds", type=float)
+  mn.add_argument("--set", action="append", metavar="KEY=VALUE")
+  mn.set_defaults(fn=cmd_main)
+  return p
+
+
+def main(argv=None):
+  args = build_parser().parse_args(argv)
+  try:
+    args.fn(args)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except NonFiniteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,152 @@
+"""One typed config per experiment, named presets, CLI overrides.
+
+`get_config("cpu_small")` returns a frozen dataclass; `override(cfg, ["lr=3e-4"])`
+applies `--set key=value` strings with type checking (one-line errors).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+
+from scr_jax.errors import UserError
+
+FACTORS = ("V", "D", "L", "A")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything a run needs; saved as config.json beside its checkpoints."""
+  preset: str = "cpu_small"
+  # Data / camera (Unsup3D synface defaults).
+  image_size: int = 32
+  crop: int = 0  # centre crop (pixels of the stored image) before resizing; 0 = none
+  fov: float = 10.0
+  min_depth: float = 0.9
+  max_depth: float = 1.1
+  rot_center_depth: float = 1.0
+  xyz_rotation_range: float = 60.0  # degrees, tanh-scaled view rotations
+  xy_translation_range: float = 0.1
+  z_translation_range: float = 0.0
+  # Networks: encoders f1 into a common d-dim space, shallow decoders f2.
+  embed_dim: int = 64  # d: the common embedding size (Unsup3D's zdim 256)
+  nf_encoder: int = 16  # width of the V and L encoders (Unsup3D: 32)
+  nf_ed: int = 16  # width of the D and A encoder-decoders (Unsup3D: 64)
+  nf_conf: int = 16  # width of the confidence net (Unsup3D: 64)
+  conf_zdim: int = 32  # confidence-net bottleneck (Unsup3D: 128)
+  # Structure (SCR variant).
+  variant: str = "independent"  # independent | dense | generic | dynamic
+  order: str = ""  # dense/dynamic ordering, e.g. "DVAL"; "random" picks from the seed
+  q: str = "sigmoid"  # dynamic SCR attention: sigmoid | cosine
+  structure: str = ""  # path of a structure.json (generic / dense from search)
+  # Loss.
+  lam_flip: float = 0.5
+  lam_perc: float = 0.0  # VGG perceptual loss weight (needs user-supplied weights)
+  vgg_weights: str = ""
+  # Optimisation.
+  batch_size: int = 32
+  lr: float = 1e-4
+  weight_decay: float = 5e-4  # coupled L2 added to the gradient, as Unsup3D
+  steps: int = 2000
+  seed: int = 0
+  # Bookkeeping.
+  log_every: int = 25
+  eval_every: int = 250
+  ckpt_every: int = 250
+  keep_checkpoints: int = 3
+  num_eval_images: int = 256  # val images used for periodic validation
+  on_nonfinite: str = "stop"  # stop | skip
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> "Config":
+    raw = json.loads(text)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+      raise UserError(f"config has unknown fields: {', '.join(unknown)}")
+    return validate(cls(**raw))
+
+
+PRESETS = {
+    # Fits 2 CPU cores: 32x32, narrow nets.
+    "cpu_small": Config(),
+    # The paper / Unsup3D setting: 64x64 synface, Unsup3D widths, batch 64.
+    "paper": Config(preset="paper", image_size=64, crop=170, embed_dim=256,
+                    nf_encoder=32, nf_ed=64, nf_conf=64, conf_zdim=128,
+                    batch_size=64, lr=1e-4, steps=30 * 1000, lam_perc=1.0,
+                    log_every=50, eval_every=1000, ckpt_every=1000),
+    # For tests: tiny and fast.
+    "test_tiny": Config(preset="test_tiny", image_size=16, embed_dim=16, nf_encoder=8,
+                        nf_ed=8, nf_conf=8, conf_zdim=8, batch_size=4, steps=4,
+                        log_every=1, eval_every=2, ckpt_every=2, num_eval_images=8),
+}
+
+
+def get_config(preset: str) -> Config:
+  if preset not in PRESETS:
+    raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+  return PRESETS[preset]
+
+
+def _parse_value(name: str, typ, text: str):
+  if typ in (int, "int"):
+    try:
+      return int(text)
+    except ValueError:
+      raise UserError(f"--set {name}: expected an integer, got {text!r}") from None
+  if typ in (float, "float"):
+    try:
+      return float(text)
+    except ValueError:
+      raise UserError(f"--set {name}: expected a number, got {text!r}") from None
+  if typ in (bool, "bool"):
+    if text.lower() in ("1", "true", "yes", "on"):
+      return True
+    if text.lower() in ("0", "false", "no", "off"):
+      return False
+    raise UserError(f"--set {name}: expected true/false, got {text!r}")
+  return text
+
+
+def override(cfg: Config, assignments) -> Config:
+  """Applies 'key=value' strings; unknown keys and bad types are UserErrors."""
+  hints = typing.get_type_hints(Config)
+  changes = {}
+  for item in assignments or ():
+    if "=" not in item:
+      raise UserError(f"--set expects key=value, got {item!r}")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if key not in hints:
+      raise UserError(f"--set {key}: unknown config field (see scr_jax/config.py)")
+    changes[key] = _parse_value(key, hints[key], value.strip())
+  return validate(dataclasses.replace(cfg, **changes))
+
+
+def validate(cfg: Config) -> Config:
+  """Range checks with one-line messages naming the field."""
+  def need(cond, field, msg):
+    if not cond:
+      raise UserError(f"config {field}={getattr(cfg, field)!r}: {msg}")
+  size = cfg.image_size
+  need(size >= 16 and size & (size - 1) == 0, "image_size", "must be a power of two >= 16")
+  need(cfg.crop >= 0, "crop", "must be >= 0")
+  need(0 < cfg.min_depth < cfg.max_depth, "min_depth", "need 0 < min_depth < max_depth")
+  need(0 < cfg.fov < 180, "fov", "must be in (0, 180) degrees")
+  for f in ("embed_dim", "nf_encoder", "nf_ed", "nf_conf", "conf_zdim"):
+    need(getattr(cfg, f) >= 4 and getattr(cfg, f) % 4 == 0, f,
+         "must be a positive multiple of 4 (GroupNorm uses 4 channels per group)")
+  need(cfg.variant in ("independent", "dense", "generic", "dynamic"), "variant",
+       "must be independent, dense, generic or dynamic")
+  need(cfg.q in ("sigmoid", "cosine"), "q", "must be sigmoid or cosine")
+  need(cfg.batch_size >= 1, "batch_size", "must be >= 1")
+  need(cfg.lr > 0, "lr", "must be > 0")
+  need(cfg.steps >= 0, "steps", "must be >= 0")
+  for f in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints", "num_eval_images"):
+    need(getattr(cfg, f) >= 1, f, "must be >= 1")
+  need(cfg.on_nonfinite in ("stop", "skip"), "on_nonfinite", "must be stop or skip")
+  need(cfg.lam_flip >= 0 and cfg.lam_perc >= 0, "lam_flip", "loss weights must be >= 0")
+  return cfg

@@ -1,0 +1,95 @@
+"""The SCR forward pass: image -> embeddings -> (structure) -> factors -> render.
+
+`forward(nets, params, img_BxSxSx3, m, cfg)` is a pure function; M is an
+argument (4x4 shared, Bx4x4 per image, or the dense mask of dynamic SCR with
+`q`), so any structure — and a vmap over a stack of M — uses this one path.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scr_jax import render, structure
+
+
+def camera(cfg) -> render.Camera:
+  return render.Camera(cfg.image_size, cfg.image_size, cfg.fov, cfg.min_depth,
+                       cfg.max_depth, cfg.rot_center_depth)
+
+
+def depth_from_raw(raw_BxSxS, cam: render.Camera):
+  """Unsup3D's depth head: remove the per-image mean, tanh, map to
+  [min, max]; the 2 leftmost / rightmost columns get the border depth."""
+  d = raw_BxSxS - jnp.mean(raw_BxSxS, axis=(1, 2), keepdims=True)
+  d = jnp.tanh(d)
+  d = (1 + d) / 2 * cam.max_depth + (1 - d) / 2 * cam.min_depth
+  border = np.zeros(raw_BxSxS.shape[1:], np.float32)
+  border[:, :2], border[:, -2:] = 1.0, 1.0
+  return d * (1 - border) + border * cam.border_depth
+
+
+def view_from_raw(raw_Bx6, cfg):
+  """tanh outputs -> (rx, ry, rz in radians, tx, ty, tz)."""
+  rot = raw_Bx6[:, :3] * np.deg2rad(cfg.xyz_rotation_range)
+  txy = raw_Bx6[:, 3:5] * cfg.xy_translation_range
+  tz = raw_Bx6[:, 5:6] * cfg.z_translation_range
+  return jnp.concatenate([rot, txy, tz], axis=1)
+
+
+def light_from_raw(raw_Bx4):
+  """tanh outputs -> ambient, diffuse in [0, 1], direction (dx, dy)."""
+  return (raw_Bx4[:, 0] + 1) / 2, (raw_Bx4[:, 1] + 1) / 2, raw_Bx4[:, 2:4]
+
+
+def factors(nets, params, img_BxSxSx3, m, cfg, q=None):
+  """Image in [0, 1] -> dict of factors (canonical depth, albedo, light, view),
+  embeddings u_Bx4xd and the adjacency actually used (4x4 or Bx4x4)."""
+  x = img_BxSxSx3 * 2 - 1
+  u = nets.apply(params, x, method=nets.encode)
+  adj = structure.dynamic_matrix(u, m, q) if q else m
+  raw = nets.apply(params, structure.mix(u, adj), method=nets.decode)
+  cam = camera(cfg)
+  ambient, diffuse, light_dxy = light_from_raw(raw["L"])
+  return dict(
+      depth=depth_from_raw(raw["D"][..., 0], cam),
+      albedo=raw["A"],  # [-1, 1]
+      ambient=ambient, diffuse=diffuse, light_dxy=light_dxy,
+      view=view_from_raw(raw["V"], cfg),
+      u=u, m=adj)
+
+
+def shade_canonical(depth_BxSxS, albedo_BxSxSx3, ambient, diffuse, light_dxy, cam):
+  """Canonical image in [-1, 1] and its normals / shading."""
+  normal = jax.vmap(functools.partial(render.depth_to_normals, cam=cam))(depth_BxSxS)
+  shading = jax.vmap(render.shade)(normal, ambient, diffuse, light_dxy)
+  image = (albedo_BxSxSx3 / 2 + 0.5) * shading[..., None] * 2 - 1
+  return image, normal, shading
+
+
+def render_factors(f, cam: render.Camera):
+  """Renders the original and the flipped twin (canonical depth and albedo
+  flipped horizontally; view and light shared). Leading axis 2B: [orig; flip]."""
+  depth = jnp.concatenate([f["depth"], f["depth"][:, :, ::-1]], 0)
+  albedo = jnp.concatenate([f["albedo"], f["albedo"][:, :, ::-1]], 0)
+  dup = lambda a: jnp.concatenate([a, a], 0)
+  canon_im, normal, shading = shade_canonical(
+      depth, albedo, dup(f["ambient"]), dup(f["diffuse"]), dup(f["light_dxy"]), cam)
+  view = dup(f["view"])
+  recon_depth, covered = jax.vmap(functools.partial(render.warp_depth, cam=cam))(depth, view)
+  grid = jax.vmap(functools.partial(render.inverse_warp_grid, cam=cam))(recon_depth, view)
+  recon_im = jax.vmap(render.grid_sample)(canon_im, grid)
+  return dict(canon_depth=depth, canon_im=canon_im, canon_normal=normal,
+              canon_shading=shading, recon_depth=recon_depth,
+              recon_mask=covered.astype(jnp.float32), recon_im=recon_im)
+
+
+def forward(nets, params, img_BxSxSx3, m, cfg, q=None):
+  f = factors(nets, params, img_BxSxSx3, m, cfg, q)
+  out = render_factors(f, camera(cfg))
+  out.update(f)
+  out["sigma_l1"], out["sigma_perc"] = nets.apply(params, img_BxSxSx3 * 2 - 1,
+                                                  method=nets.confidence)
+  return out

@@ -1,0 +1,155 @@
+"""Causal structure over the latent factors (V, D, L, A): adjacency matrices.
+
+M is 4x4 with rows = parents, columns = children, in the factor order
+(V, D, L, A): M[g, f] is the weight of the edge g -> f. Factor f receives
+(M^T u)_f = sum_g M[g, f] u_g added to its own embedding (paper Eq. 3).
+"""
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scr_jax.config import FACTORS
+from scr_jax.errors import UserError
+
+ALL_ORDERS = tuple("".join(p) for p in itertools.permutations("VDLA"))  # 24
+
+
+def check_order(order: str) -> str:
+  order = order.upper()
+  if sorted(order) != sorted("VDLA"):
+    raise UserError(f"ordering {order!r} is not a permutation of V, D, L, A (e.g. DVAL)")
+  return order
+
+
+def dense_matrix(order: str) -> np.ndarray:
+  """All edges consistent with `order`: earlier factors feed all later ones.
+
+  dense_matrix("DVAL"): D -> V, A, L; V -> A, L; A -> L.
+  """
+  order = check_order(order)
+  m = np.zeros((4, 4), np.float32)
+  for i, parent in enumerate(order):
+    for child in order[i + 1:]:
+      m[FACTORS.index(parent), FACTORS.index(child)] = 1.0
+  return m
+
+
+def random_order(seed: int) -> str:
+  return ALL_ORDERS[np.random.default_rng(seed).integers(len(ALL_ORDERS))]
+
+
+def mix(u_Bx4xd, m):
+  """Embeddings seen by the decoders: u_f + sum_g M[g, f] u_g.
+
+  m: 4x4 (shared) or Bx4x4 (per image, dynamic SCR).
+  """
+  if m.ndim == 2:
+    return u_Bx4xd + jnp.einsum("gf,bgd->bfd", m, u_Bx4xd)
+  return u_Bx4xd + jnp.einsum("bgf,bgd->bfd", m, u_Bx4xd)
+
+
+def dynamic_matrix(u_Bx4xd, m_dense, q: str):
+  """Per-image M = q(u) * M_dense (paper Sec. 4.4); a DAG because M_dense is."""
+  if q == "sigmoid":
+    att = jax.nn.sigmoid(jnp.einsum("bid,bjd->bij", u_Bx4xd, u_Bx4xd))
+  elif q == "cosine":
+    un = u_Bx4xd / (jnp.linalg.norm(u_Bx4xd, axis=-1, keepdims=True) + 1e-8)
+    att = jnp.einsum("bid,bjd->bij", un, un)
+  else:
+    raise UserError(f"unknown dynamic attention q={q!r} (sigmoid or cosine)")
+  return att * m_dense
+
+
+def notears_h(m, c: float = 1.0):
+  """Acyclicity penalty tr((I + c/n M*M)^n) - n: zero iff M is a DAG."""
+  n = m.shape[-1]
+  a = jnp.eye(n, dtype=m.dtype) + (c / n) * m * m
+  return jnp.trace(jnp.linalg.matrix_power(a, n)) - n
+
+
+def is_dag(m, tol: float = 0.0) -> bool:
+  """Exact check on the support (|M| > tol) by repeated leaf removal."""
+  adj = np.abs(np.asarray(m)) > tol
+  alive = np.ones(adj.shape[0], bool)
+  while alive.any():
+    sub = adj[np.ix_(alive, alive)]
+    roots = ~sub.any(axis=0)  # nodes without parents among the alive ones
+    if not roots.any():
+      return False
+    alive[np.flatnonzero(alive)[roots]] = False
+  return True
+
+
+def order_of(m) -> str:
+  """A topological order of a DAG's support, as a string of factors."""
+  adj = np.abs(np.asarray(m)) > 0
+  if not is_dag(adj):
+    raise UserError("adjacency matrix has a cycle")
+  order, alive = [], np.ones(4, bool)
+  while alive.any():
+    idx = np.flatnonzero(alive)
+    roots = idx[~adj[np.ix_(alive, alive)].any(axis=0)]
+    order.append(roots[0])
+    alive[roots[0]] = False
+  return "".join(FACTORS[i] for i in order)
+
+
+def resolve(cfg):
+  """(m, q) for the configured variant: m is the 4x4 adjacency (for dynamic
+  SCR, the dense mask that q(u) multiplies), q is None or the attention."""
+  if cfg.variant == "independent":
+    return np.zeros((4, 4), np.float32), None
+  if cfg.variant in ("dense", "dynamic"):
+    if not cfg.order and not cfg.structure:
+      raise UserError(f"variant {cfg.variant} needs --order (e.g. DVAL, or random) or --structure")
+    order = cfg.order or load_structure(cfg.structure)["order"]
+    if order.lower() == "random":
+      order = random_order(cfg.seed)
+    m = dense_matrix(order)
+    return m, (cfg.q if cfg.variant == "dynamic" else None)
+  # generic
+  if not cfg.structure:
+    raise UserError("variant generic needs --structure FILE (from `run.py search`)")
+  s = load_structure(cfg.structure)
+  if "M" not in s:
+    return dense_matrix(s["order"]), None
+  return np.asarray(s["M"], np.float32), None
+
+
+def load_structure(path: str) -> dict:
+  """Reads and validates a structure.json: factors, order and/or M (rows = parents)."""
+  import json
+  import os
+  if not os.path.exists(path):
+    raise UserError(f"structure file {path} not found")
+  try:
+    with open(path) as fh:
+      s = json.load(fh)
+  except (OSError, ValueError) as e:
+    raise UserError(f"structure file {path} is not valid JSON: {e}") from None
+  if not isinstance(s, dict):
+    raise UserError(f"structure file {path}: expected a JSON object")
+  factors = s.get("factors", list(FACTORS))
+  if list(factors) != list(FACTORS):
+    raise UserError(f"structure file {path}: factors must be {list(FACTORS)}, got {factors}")
+  if "M" in s:
+    m = np.asarray(s["M"], dtype=object)
+    try:
+      m = np.asarray(s["M"], np.float32)
+    except (TypeError, ValueError):
+      raise UserError(f"structure file {path}: M must be a 4x4 matrix of numbers") from None
+    if m.shape != (4, 4) or not np.all(np.isfinite(m)):
+      raise UserError(f"structure file {path}: M must be a finite 4x4 matrix, got shape {m.shape}")
+    if not is_dag(m):
+      raise UserError(f"structure file {path}: M has a cycle (not a DAG)")
+    if np.any(np.diag(m) != 0):
+      raise UserError(f"structure file {path}: M has self-loops on the diagonal")
+  elif "order" not in s:
+    raise UserError(f"structure file {path}: needs 'order' or 'M'")
+  if "order" in s:
+    s["order"] = check_order(str(s["order"]))
+  return s

@@ -1,0 +1,245 @@
+"""Training: pure jit-compiled step, optimiser, state init.
+
+`train_step(state, batch_img, m) -> (state, metrics)` is pure; state is a
+dict of arrays (params, opt_state, step) so it checkpoints as a plain pytree.
+"""
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from scr_jax import losses, model, nets as nets_lib
+from scr_jax.errors import NonFiniteError
+
+
+def make_optimizer(cfg):
+  # Unsup3D: Adam with weight decay added to the gradient (coupled L2).
+  return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                     optax.adam(cfg.lr, b1=0.9, b2=0.999))
+
+
+def init_state(cfg, rng):
+  """Returns (nets module, state dict)."""
+  nets = nets_lib.make_nets(cfg)
+  x = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
+  params = nets.init(rng, x)
+  params = _flat_initial_depth(params)
+  opt = make_optimizer(cfg)
+  state = dict(params=params, opt_state=opt.init(params), step=jnp.zeros((), jnp.int32))
+  return nets, state
+
+
+def _flat_initial_depth(params):
+  """Zero the depth decoder's last conv: training starts from a flat canonical
+  depth, so early random views do not stretch the mesh into huge faces."""
+  p = jax.tree_util.tree_map(lambda x: x, params)  # copy the containers
+  dec = p["params"]["f2_D"]
+  last = sorted((k for k in dec if k.startswith("Conv_")), key=lambda k: int(k.split("_")[1]))[-1]
+  dec[last]["kernel"] = jnp.zeros_like(dec[last]["kernel"])
+  return p
+
+
+def loss_fn(params, nets, img, m, cfg, q=None):
+  out = model.forward(nets, params, img, m, cfg, q)
+  loss, metrics = losses.total_loss(out, img, cfg)
+  return loss, metrics
+
+
+def make_train_step(nets, cfg, q=None):
+  """Returns train_step(state, img_BxSxSx3, m) -> (state, metrics), jitted."""
+  opt = make_optimizer(cfg)
+
+  def step(state, img, m):
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], nets, img, m, cfg, q)
+    updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    gnorm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    # A non-finite step leaves params and optimiser state untouched; the host
+    # then stops (keeping the last good checkpoint) or skips the batch.
+    keep = lambda new, old: jax.tree_util.tree_map(
+        lambda a, b: jnp.where(finite, a, b), new, old)
+    metrics = dict(metrics, grad_norm=gnorm, finite=finite)
+    new = dict(params=keep(params, state["params"]),
+               opt_state=keep(opt_state, state["opt_state"]),
+               step=state["step"] + 1)
+    return new, metrics
+
+  return jax.jit(step, donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------
+# The loop: data order, sharding, checkpoints, logging, signals.
+# ----------------------------------------------------------------------------
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """Indices of the batch for `step`: a fresh permutation per epoch, derived
+  from (seed, epoch) only, so a resumed run sees exactly the same batches."""
+  per_epoch = max(n // batch_size, 1)
+  epoch, k = divmod(step, per_epoch)
+  perm = np.random.default_rng([seed, epoch]).permutation(n)
+  if n < batch_size:  # tiny datasets: sample with wrap-around
+    perm = np.resize(perm, batch_size)
+  return perm[k * batch_size:(k + 1) * batch_size]
+
+
+def data_mesh():
+  """1-D mesh over all devices (local and, after jax.distributed, remote)."""
+  return jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+
+
+def shard_batch(x, mesh):
+  """Puts a host batch on the mesh, split along the batch axis."""
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  return jax.device_put(x, sharding)
+
+
+def replicate(tree, mesh):
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.device_put(tree, sharding)
+
+
+class StopRequested(Exception):
+  """Raised inside the loop after SIGINT/SIGTERM, once a checkpoint is saved."""
+
+
+class _Signals:
+  """Turns SIGINT/SIGTERM into a flag the loop polls after each step."""
+
+  def __init__(self):
+    self.received = None
+
+  def __enter__(self):
+    self._old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      try:
+        self._old[sig] = signal.signal(sig, self._handler)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
+    return self
+
+  def _handler(self, signum, frame):
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def make_eval_fn(nets, cfg, q=None):
+  """(params, img, m) -> (depth in the input view, prediction-valid mask)."""
+  def fn(params, img, m):
+    out = model.forward(nets, params, img, m, cfg, q)
+    b = img.shape[0]
+    return out["recon_depth"][:b], out["recon_mask"][:b]
+  return jax.jit(fn)
+
+
+def predict_depth(eval_fn, params, images_NxSxSx3, m, batch_size: int):
+  """Runs the model over an array of images in batches (last one padded)."""
+  depths, masks = [], []
+  n = images_NxSxSx3.shape[0]
+  for i in range(0, n, batch_size):
+    chunk = images_NxSxSx3[i:i + batch_size]
+    pad = batch_size - chunk.shape[0]
+    if pad:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)], 0)
+    d, mk = eval_fn(params, jnp.asarray(chunk), m)
+    depths.append(np.asarray(d)[:batch_size - pad])
+    masks.append(np.asarray(mk)[:batch_size - pad])
+  return np.concatenate(depths), np.concatenate(masks)
+
+
+def evaluate(eval_fn, params, data: dict, m, cfg, limit=None) -> dict:
+  """SIDE / MAD of the model on a split with ground-truth depth (Unsup3D
+  protocol: batch-wise gt max, eroded masks)."""
+  from scr_jax import metrics
+  n = data["images"].shape[0] if limit is None else min(limit, data["images"].shape[0])
+  pred, valid = predict_depth(eval_fn, params, data["images"][:n], m, cfg.batch_size)
+  cam = model.camera(cfg)
+  per = []
+  for i in range(0, n, cfg.batch_size):
+    sl = slice(i, i + cfg.batch_size)
+    per.append(metrics.evaluate_depth(jnp.asarray(pred[sl]), jnp.asarray(valid[sl]),
+                                      jnp.asarray(data["depth"][:n][sl]), cam))
+  return metrics.summarize(per), pred, valid
+
+
+def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
+        resume: bool = True, quiet: bool = False, max_seconds=None, log=None):
+  """Trains `cfg.steps` steps (or until `max_seconds`), resumable.
+
+  m: the adjacency (4x4) or, with q, the dense mask of dynamic SCR.
+  Returns a summary dict (steps done, last metrics, wall time, stop reason).
+  """
+  import time
+  from scr_jax import checkpoint, runlog
+
+  checkpoint.probe_writable(workdir)
+  checkpoint.save_config(workdir, cfg)
+  mesh = data_mesh()
+  if cfg.batch_size % len(jax.devices()):
+    raise ValueError(f"batch_size {cfg.batch_size} must divide over {len(jax.devices())} devices")
+  nets, state = init_state(cfg, jax.random.PRNGKey(cfg.seed))
+  mngr = checkpoint.manager(workdir, cfg.keep_checkpoints)
+  if resume:
+    restored = checkpoint.restore_latest(mngr, state)
+    if restored is not None:
+      state = restored
+  state = replicate(state, mesh)
+  m = replicate(jnp.zeros((4, 4), jnp.float32) if m is None else jnp.asarray(m, jnp.float32), mesh)
+  step_fn = make_train_step(nets, cfg, q)
+  eval_fn = make_eval_fn(nets, cfg, q) if val_data is not None else None
+  log = log or runlog.RunLog(workdir, cfg.steps, cfg.batch_size, quiet=quiet)
+  images = train_data["images"]
+  start = int(jax.device_get(state["step"]))
+  t0 = time.time()
+  reason, last = "done", {}
+  if start and not quiet:
+    print(f"resuming {workdir} from step {start}", flush=True)
+  with _Signals() as sig:
+    step = start
+    while step < cfg.steps:
+      idx = batch_indices(images.shape[0], cfg.batch_size, cfg.seed, step)
+      state, met = step_fn(state, shard_batch(images[idx], mesh), m)
+      step += 1
+      if not bool(met["finite"]):
+        if cfg.on_nonfinite == "stop":
+          raise NonFiniteError(
+              f"non-finite loss/gradient at step {step}; training stopped, the last "
+              f"good checkpoint is step {mngr.latest_step()} in {workdir}")
+        log.scalars(step, {"skipped_nonfinite": 1.0})
+      if step % cfg.log_every == 0 or step == cfg.steps:
+        last = {k: float(v) for k, v in jax.device_get(met).items()}
+        log.scalars(step, last)
+        log.progress(step, last["loss"])
+      if eval_fn is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+        summ, _, _ = evaluate(eval_fn, state["params"], val_data, m, cfg,
+                              limit=cfg.num_eval_images)
+        log.scalars(step, {k: v for k, v in summ.items()}, prefix="val")
+        if not quiet:
+          print(f"  val @ {step}: SIDE {summ['side_mean']:.3f} x1e-2  MAD {summ['mad_mean']:.2f} deg",
+                file=sys.stderr, flush=True)
+      if step % cfg.ckpt_every == 0:
+        checkpoint.save(mngr, state)
+      if sig.received:
+        reason = sig.received
+        break
+      if max_seconds is not None and time.time() - t0 > max_seconds:
+        reason = "time budget"
+        break
+  if mngr.latest_step() != step:
+    checkpoint.save(mngr, state)
+  log.close()
+  if reason in ("SIGINT", "SIGTERM") and not quiet:
+    print(f"{reason}: saved checkpoint at step {step} in {workdir}; rerun to resume",
+          file=sys.stderr, flush=True)
+  return dict(step=step, start_step=start, seconds=time.time() - t0, reason=reason,
+              last=last, state=state, nets=nets)
