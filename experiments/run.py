@@ -216,7 +216,6 @@ def cmd_predict(args):
 
 def cmd_main(args):
   """`make run`: built-in data -> train cpu_small -> eval -> predict -> summary."""
-  import numpy as np
   from scr_jax import config, data, metrics
   wd = args.workdir
   cfg = config.get_config("cpu_small")
@@ -233,17 +232,10 @@ def cmd_main(args):
                                      out=os.path.join(wd, "eval_test.json"),
                                      save_predictions=os.path.join(wd, "pred_test.npz")))
   # Baselines on the same test split.
+  from scr_jax import model
   test = load_split("builtin", "test", cfg)
   train_gt = load_split("builtin", "train", cfg)["depth"]
-  cam = __import__("scr_jax.model", fromlist=["camera"]).camera(cfg)
-  ones = np.ones_like(test["depth"])
-  base = {}
-  for name, pred in [("constant null depth", np.full_like(test["depth"], 1.0)),
-                     ("average GT depth", np.broadcast_to(metrics.average_depth_baseline(train_gt),
-                                                          test["depth"].shape))]:
-    per = [metrics.evaluate_depth(pred[i:i + 100], ones[i:i + 100], test["depth"][i:i + 100], cam)
-           for i in range(0, len(pred), 100)]
-    base[name] = metrics.summarize(per)
+  base = metrics.baseline_summaries(test["depth"], train_gt, model.camera(cfg))
   pred_dir = os.path.join(wd, "predict")
   test_imgs = os.path.join(root, "test", "image")
   picks = sorted(os.listdir(test_imgs))[:4]

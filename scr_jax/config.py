@@ -42,6 +42,10 @@ class Config:
   # Loss.
   lam_flip: float = 0.5
   lam_perc: float = 0.0  # VGG perceptual loss weight (needs user-supplied weights)
+  # Floor added to the predicted confidence sigma (0 = Unsup3D). On data with
+  # a flat black background, sigma there shrinks without bound and its 1/sigma
+  # weight then dominates every gradient (see README, "Learning on CPU").
+  min_sigma: float = 0.0
   vgg_weights: str = ""
   # Optimisation.
   batch_size: int = 32
@@ -149,4 +153,5 @@ def validate(cfg: Config) -> Config:
     need(getattr(cfg, f) >= 1, f, "must be >= 1")
   need(cfg.on_nonfinite in ("stop", "skip"), "on_nonfinite", "must be stop or skip")
   need(cfg.lam_flip >= 0 and cfg.lam_perc >= 0, "lam_flip", "loss weights must be >= 0")
+  need(cfg.min_sigma >= 0, "min_sigma", "must be >= 0")
   return cfg

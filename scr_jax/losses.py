@@ -28,7 +28,7 @@ def total_loss(out, img_BxSxSx3, cfg, perceptual_fn=None):
   # Both reconstructions must cover a pixel for it to count; no gradient
   # flows through coverage (as Unsup3D detaches it).
   both = jax.lax.stop_gradient(mask[:b] * mask[b:])
-  sig = out["sigma_l1"]
+  sig = out["sigma_l1"] + cfg.min_sigma
   l1 = photometric(out["recon_im"][:b], target, both, sig[..., 0])
   l1_flip = photometric(out["recon_im"][b:], target, both, sig[..., 1])
   loss = l1 + cfg.lam_flip * l1_flip

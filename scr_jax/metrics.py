@@ -262,3 +262,21 @@ def average_depth_baseline(train_gt_NxHxW):
   # float64 on the host: a long float32 running sum over a big split drifts.
   return jnp.asarray(np.mean(np.asarray(train_gt_NxHxW, np.float64), axis=0),
                      jnp.float32)
+
+
+def baseline_summaries(test_gt_NxHxW, train_gt_MxHxW, cam, batch: int = 100) -> dict:
+  """Summaries of the two reference predictions on a test split:
+  'constant null depth' (a constant map) and 'average GT depth' (per-pixel
+  mean of the train split's ground truth)."""
+  test_gt = np.asarray(test_gt_NxHxW, np.float32)
+  avg = np.asarray(average_depth_baseline(jnp.asarray(train_gt_MxHxW)))
+  preds = {"constant null depth": np.ones_like(test_gt),
+           "average GT depth": np.broadcast_to(avg, test_gt.shape)}
+  ones = np.ones_like(test_gt)
+  out = {}
+  for name, pred in preds.items():
+    per = [evaluate_depth(jnp.asarray(pred[i:i + batch]), jnp.asarray(ones[i:i + batch]),
+                          jnp.asarray(test_gt[i:i + batch]), cam)
+           for i in range(0, len(test_gt), batch)]
+    out[name] = summarize(per)
+  return out

@@ -78,7 +78,7 @@ def render_factors(f, cam: render.Camera):
   canon_im, normal, shading = shade_canonical(
       depth, albedo, dup(f["ambient"]), dup(f["diffuse"]), dup(f["light_dxy"]), cam)
   view = dup(f["view"])
-  recon_depth, covered = jax.vmap(functools.partial(render.warp_depth, cam=cam))(depth, view)
+  recon_depth, covered = render.warp_depth_batch(depth, view, cam)
   grid = jax.vmap(functools.partial(render.inverse_warp_grid, cam=cam))(recon_depth, view)
   recon_im = jax.vmap(render.grid_sample)(canon_im, grid)
   return dict(canon_depth=depth, canon_im=canon_im, canon_normal=normal,

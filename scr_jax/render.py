@@ -406,3 +406,29 @@ def render_view(canon_depth_HxW, canon_image_HxWxC, view_6, cam: Camera,
   image = grid_sample(canon_image_HxWxC, grid)
   mask = covered.astype(canon_image_HxWxC.dtype)
   return dict(depth=depth, image=image * mask[..., None], mask=mask)
+
+
+def warp_depth_batch(depth_BxHxW, view_Bx6, cam: Camera, face_valid_BxF=None):
+  """Batched `warp_depth`. Visibility runs under `lax.map`, not `vmap`: the
+  rasterizer's while-loops would otherwise run, for every image, as many trips
+  as the worst image needs (2.5x slower at 64x64, batch 64). It carries no
+  gradient, so nothing is lost; interpolation is vmapped."""
+  def project_one(d, v):
+    pts = depth_to_points(d, cam).reshape(-1, 3)
+    return project(transform_points(pts, v, cam), cam)
+
+  uvz = jax.vmap(project_one)(depth_BxHxW, view_Bx6)  # B x HW x 3
+
+  def visible(args):
+    uvz_i, valid_i = args
+    tri = grid_triangles(uvz_i.T.reshape(3, cam.height, cam.width))
+    return rasterize(tri, cam.height, cam.width, valid_i)[0]
+
+  valid = face_valid_BxF
+  if valid is None:
+    fid = jax.lax.map(lambda u: visible((u, None)), jax.lax.stop_gradient(uvz))
+  else:
+    fid = jax.lax.map(visible, (jax.lax.stop_gradient(uvz), valid))
+  faces = grid_faces(cam.height, cam.width)
+  depth = jax.vmap(lambda u, f: interpolate_depth(u, faces, f, cam))(uvz, fid)
+  return depth, fid >= 0

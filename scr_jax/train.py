@@ -51,6 +51,7 @@ def loss_fn(params, nets, img, m, cfg, q=None):
   return loss, metrics
 
 
+@functools.lru_cache(maxsize=16)  # same (nets, cfg, q) -> same jitted fn, no recompile
 def make_train_step(nets, cfg, q=None):
   """Returns train_step(state, img_BxSxSx3, m) -> (state, metrics), jitted."""
   opt = make_optimizer(cfg)
@@ -133,6 +134,7 @@ class _Signals:
       signal.signal(sig, old)
 
 
+@functools.lru_cache(maxsize=16)
 def make_eval_fn(nets, cfg, q=None):
   """(params, img, m) -> (depth in the input view, prediction-valid mask)."""
   def fn(params, img, m):

@@ -1,0 +1,200 @@
+"""Pipeline: loss, symmetry flip, parameter parity, training, checkpoint/resume,
+multi-device equivalence. Tiny sizes (preset test_tiny, 16x16)."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scr_jax import config, data, losses, model, nets as nets_lib, structure, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = [sys.executable, os.path.join(ROOT, "experiments", "run.py")]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("synface"))
+  data.export_synface(root, n_train=24, n_val=8, n_test=8, size=16, seed=3, verbose=False)
+  cfg = config.get_config("test_tiny")
+  return root, data.load_synface(root, "train", 16), data.load_synface(root, "val", 16), cfg
+
+
+def test_photometric_hand_computed():
+  recon = jnp.zeros((1, 2, 2, 1))
+  target = jnp.array([[[[1.0], [2.0]], [[0.0], [5.0]]]])
+  mask = jnp.array([[[1.0, 1.0], [1.0, 0.0]]])
+  sigma = jnp.array([[[1.0, 2.0], [0.5, 1.0]]])
+  got = losses.photometric(recon, target, mask, sigma)
+  r2 = np.sqrt(2.0)
+  want = ((r2 * 1 / 1 + np.log(1)) + (r2 * 2 / 2 + np.log(2)) + (0 + np.log(0.5))) / 3
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_flip_twin_of_symmetric_factors_is_identical():
+  cfg = config.get_config("test_tiny")
+  cam = model.camera(cfg)
+  rng = np.random.default_rng(0)
+  half = rng.uniform(0.95, 1.05, (2, 16, 8)).astype(np.float32)
+  depth = np.concatenate([half, half[:, :, ::-1]], 2)
+  alb_half = rng.uniform(-1, 1, (2, 16, 8, 3)).astype(np.float32)
+  albedo = np.concatenate([alb_half, alb_half[:, :, ::-1]], 2)
+  f = dict(depth=jnp.asarray(depth), albedo=jnp.asarray(albedo), ambient=jnp.full(2, 0.5),
+           diffuse=jnp.full(2, 0.5), light_dxy=jnp.asarray([[0.0, 0.0], [0.0, 0.3]]),
+           view=jnp.asarray([[0, 0.3, 0, 0, 0, 0], [0.1, -0.2, 0, 0, 0, 0]], jnp.float32))
+  out = jax.jit(model.render_factors, static_argnums=1)(f, cam)
+  np.testing.assert_allclose(out["recon_im"][:2], out["recon_im"][2:], atol=1e-5)
+  # an asymmetric depth makes the twins differ
+  f2 = dict(f, depth=jnp.asarray(depth) + jnp.linspace(0, 0.05, 16)[None, None])
+  out2 = jax.jit(model.render_factors, static_argnums=1)(f2, cam)
+  assert float(jnp.abs(out2["recon_im"][:2] - out2["recon_im"][2:]).max()) > 1e-3
+  # the flipped canonical depth is the mirror image
+  np.testing.assert_array_equal(out2["canon_depth"][2:], out2["canon_depth"][:2, :, ::-1])
+
+
+def test_depth_head_range_and_border():
+  cam = model.camera(config.get_config("test_tiny"))
+  raw = jnp.asarray(np.random.default_rng(1).normal(0, 3, (2, 16, 16)).astype(np.float32))
+  d = model.depth_from_raw(raw, cam)
+  assert float(d.min()) >= cam.min_depth - 1e-6 and float(d.max()) <= cam.max_depth + 1e-6
+  np.testing.assert_allclose(d[:, :, :2], cam.border_depth)
+  np.testing.assert_allclose(d[:, :, -2:], cam.border_depth)
+
+
+def test_parameter_counts_match_unsup3d_paper_preset():
+  cfg = config.get_config("paper")
+  nets = nets_lib.make_nets(cfg)
+  params = jax.eval_shape(nets.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+  c = nets_lib.param_counts(params)
+  # Unsup3D: ~37M in all; D and A ~13M each, confidence ~7.7M, V and L ~1.7M each.
+  assert 36e6 < c["total"] < 38.5e6
+  assert 12.5e6 < c["f1_D"] + c["f2_D"] < 13.5e6
+  assert 1.6e6 < c["f1_V"] + c["f2_V"] < 1.8e6
+  assert 7.5e6 < c["conf"] < 8.0e6
+
+
+def test_structure_enters_as_data(tiny_data):
+  """Every variant runs the same params; M changes the output only when it has
+  edges; a batch of per-image M works too."""
+  _, tr, _, cfg = tiny_data
+  nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+  img = jnp.asarray(tr["images"][:4])
+  fwd = jax.jit(lambda p, m: model.factors(nets, p, img, m, cfg)["albedo"])
+  zero = fwd(state["params"], jnp.zeros((4, 4)))
+  dense = fwd(state["params"], jnp.asarray(structure.dense_matrix("DVAL")))
+  per_image = fwd(state["params"], jnp.broadcast_to(jnp.asarray(structure.dense_matrix("DVAL")), (4, 4, 4)))
+  assert float(jnp.abs(zero - dense).max()) > 1e-6
+  np.testing.assert_allclose(dense, per_image, atol=1e-6)
+
+
+def _params_close(a, b, atol=0.0):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(la) == len(lb)
+  return all(np.allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0) for x, y in zip(la, lb))
+
+
+def test_tiny_training_lowers_loss(tiny_data, tmp_path):
+  _, tr, va, cfg = tiny_data
+  cfg = dataclasses.replace(cfg, steps=40, lr=1e-3, log_every=40, eval_every=1000,
+                            ckpt_every=1000)
+  nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+  step = train.make_train_step(nets, cfg)
+  m = jnp.zeros((4, 4))
+  idx = train.batch_indices(24, cfg.batch_size, 0, 0)
+  fixed = jnp.asarray(tr["images"][idx])
+  before = float(train.loss_fn(state["params"], nets, fixed, m, cfg)[0])
+  for i in range(cfg.steps):
+    img = jnp.asarray(tr["images"][train.batch_indices(24, cfg.batch_size, 0, i)])
+    state, met = step(state, img, m)
+    assert bool(met["finite"])
+  after = float(train.loss_fn(state["params"], nets, fixed, m, cfg)[0])
+  assert after < before - 0.05, (before, after)
+
+
+def test_resume_equals_uninterrupted(tiny_data, tmp_path):
+  """Stopping after a checkpoint and resuming gives bit-identical params."""
+  _, tr, _, cfg = tiny_data
+  cfg = dataclasses.replace(cfg, steps=4, ckpt_every=2, eval_every=1000)
+  full = train.fit(cfg, str(tmp_path / "full"), tr, quiet=True)
+  half = train.fit(dataclasses.replace(cfg, steps=2), str(tmp_path / "split"), tr, quiet=True)
+  assert half["step"] == 2
+  rest = train.fit(cfg, str(tmp_path / "split"), tr, quiet=True)
+  assert rest["start_step"] == 2 and rest["step"] == 4
+  assert _params_close(full["state"]["params"], rest["state"]["params"])
+  assert not _params_close(full["state"]["params"], half["state"]["params"])
+  # the workdir holds what a user expects
+  for f in ("config.json", "metrics.csv", "checkpoints", "tb"):
+    assert os.path.exists(tmp_path / "full" / f), f
+  assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "full" / "tb"))
+
+
+def test_sigkill_then_resume_cli(tiny_data, tmp_path):
+  """SIGKILL a training process after its first checkpoint, rerun the same
+  command: it resumes and ends with the params of an uninterrupted run."""
+  root, tr, _, cfg = tiny_data
+  steps = 8
+  args = ["train", "--preset", "test_tiny", "--data", root, "--steps", str(steps),
+          "--set", "ckpt_every=2", "--set", "eval_every=1000"]
+  wd_kill = str(tmp_path / "kill")
+  proc = subprocess.Popen(RUN + args + ["--workdir", wd_kill], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, cwd=ROOT)
+  ckdir = os.path.join(wd_kill, "checkpoints")
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(ckdir) and any(n.isdigit() for n in os.listdir(ckdir)):
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = subprocess.run(RUN + args + ["--workdir", wd_kill], capture_output=True, text=True,
+                        cwd=ROOT, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "resuming" in done.stdout + done.stderr or proc.returncode == 0
+  full = train.fit(dataclasses.replace(cfg, steps=steps, ckpt_every=2, eval_every=1000),
+                   str(tmp_path / "ref"), tr, quiet=True)
+  from scr_jax import checkpoint
+  nets, like = train.init_state(cfg, jax.random.PRNGKey(cfg.seed))
+  got = checkpoint.restore_latest(checkpoint.manager(wd_kill), like)
+  assert int(got["step"]) == steps
+  assert _params_close(full["state"]["params"], got["params"])
+
+
+MULTI = r"""
+import os, sys, json
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=%d"
+sys.path.insert(0, %r)
+import jax, jax.numpy as jnp, numpy as np
+from scr_jax import config, data, train
+cfg = config.get_config("test_tiny")
+d = data.load_synface(%r, "train", 16)
+nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+mesh = train.data_mesh()
+state = train.replicate(state, mesh)
+step = train.make_train_step(nets, cfg)
+m = train.replicate(jnp.zeros((4, 4)), mesh)
+losses = []
+for i in range(3):
+  img = train.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, i)], mesh)
+  state, met = step(state, img, m)
+  losses.append(float(met["loss"]))
+print(json.dumps(dict(n=len(jax.devices()), losses=losses)))
+"""
+
+
+def test_multi_device_matches_single(tiny_data):
+  root = tiny_data[0]
+  res = {}
+  for n in (1, 4):
+    out = subprocess.run([sys.executable, "-c", MULTI % (n, ROOT, root)], capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    res[n] = json.loads(out.stdout.strip().splitlines()[-1])
+  assert res[4]["n"] == 4 and res[1]["n"] == 1
+  np.testing.assert_allclose(res[4]["losses"], res[1]["losses"], rtol=1e-4)
