@@ -3,6 +3,7 @@ PY ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 WORK ?= runs/main
+MAX_SECONDS ?= 600
 
 .PHONY: run test setup clean
 
@@ -15,7 +16,7 @@ $(VENV)/.installed: requirements.txt
 setup: $(VENV)/.installed
 
 run: setup
-	$(VPY) experiments/run.py main --workdir $(WORK)
+	$(VPY) experiments/run.py main --workdir $(WORK) --max-seconds $(MAX_SECONDS)
 
 test: setup
 	$(VPY) -m pytest -q tests

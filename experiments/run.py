@@ -119,6 +119,10 @@ def make_config(args):
   if cfg.order and cfg.order.lower() != "random":
     from scr_jax import structure
     structure.check_order(cfg.order)
+  if cfg.lam_perc > 0 and not cfg.vgg_weights:
+    _log(f"note: preset {cfg.preset} wants the VGG16 perceptual loss but no vgg_weights file "
+         "was given (see third_party/README.md); training with lam_perc=0")
+    cfg = config.override(cfg, ["lam_perc=0"])
   return cfg
 
 

@@ -20,9 +20,20 @@ def camera(cfg) -> render.Camera:
                        cfg.max_depth, cfg.rot_center_depth)
 
 
-def depth_from_raw(raw_BxSxS, cam: render.Camera):
+def convex_prior(size: int) -> np.ndarray:
+  """An ellipsoidal bump, -1 at the centre, 0 outside radius 0.9 (SxS)."""
+  t = np.linspace(-1, 1, size)
+  y, x = np.meshgrid(t, t, indexing="ij")
+  r2 = (x / 0.8) ** 2 + (y / 0.9) ** 2
+  return -np.sqrt(np.clip(1 - r2, 0, 1)).astype(np.float32)
+
+
+def depth_from_raw(raw_BxSxS, cam: render.Camera, prior: float = 0.0):
   """Unsup3D's depth head: remove the per-image mean, tanh, map to
-  [min, max]; the 2 leftmost / rightmost columns get the border depth."""
+  [min, max]; the 2 leftmost / rightmost columns get the border depth.
+  `prior` scales a fixed convex offset (see Config.depth_prior)."""
+  if prior:
+    raw_BxSxS = raw_BxSxS + prior * convex_prior(raw_BxSxS.shape[-1])
   d = raw_BxSxS - jnp.mean(raw_BxSxS, axis=(1, 2), keepdims=True)
   d = jnp.tanh(d)
   d = (1 + d) / 2 * cam.max_depth + (1 - d) / 2 * cam.min_depth
@@ -54,7 +65,7 @@ def factors(nets, params, img_BxSxSx3, m, cfg, q=None):
   cam = camera(cfg)
   ambient, diffuse, light_dxy = light_from_raw(raw["L"])
   return dict(
-      depth=depth_from_raw(raw["D"][..., 0], cam),
+      depth=depth_from_raw(raw["D"][..., 0], cam, cfg.depth_prior),
       albedo=raw["A"],  # [-1, 1]
       ambient=ambient, diffuse=diffuse, light_dxy=light_dxy,
       view=view_from_raw(raw["V"], cfg),

@@ -45,20 +45,28 @@ def _flat_initial_depth(params):
   return p
 
 
-def loss_fn(params, nets, img, m, cfg, q=None):
+def loss_fn(params, nets, img, m, cfg, q=None, perceptual_fn=None):
   out = model.forward(nets, params, img, m, cfg, q)
-  loss, metrics = losses.total_loss(out, img, cfg)
-  return loss, metrics
+  return losses.total_loss(out, img, cfg, perceptual_fn)
+
+
+def perceptual_for(cfg):
+  """The perceptual-loss function when the config asks for one (else None)."""
+  if cfg.lam_perc > 0 and cfg.vgg_weights:
+    from scr_jax import perceptual
+    return perceptual.make_perceptual_fn(perceptual.load_vgg(cfg.vgg_weights))
+  return None
 
 
 @functools.lru_cache(maxsize=16)  # same (nets, cfg, q) -> same jitted fn, no recompile
 def make_train_step(nets, cfg, q=None):
   """Returns train_step(state, img_BxSxSx3, m) -> (state, metrics), jitted."""
   opt = make_optimizer(cfg)
+  perc = perceptual_for(cfg)
 
   def step(state, img, m):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], nets, img, m, cfg, q)
+        state["params"], nets, img, m, cfg, q, perc)
     updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     gnorm = optax.global_norm(grads)

@@ -198,3 +198,52 @@ def test_multi_device_matches_single(tiny_data):
     res[n] = json.loads(out.stdout.strip().splitlines()[-1])
   assert res[4]["n"] == 4 and res[1]["n"] == 1
   np.testing.assert_allclose(res[4]["losses"], res[1]["losses"], rtol=1e-4)
+
+
+def test_perceptual_loss_with_a_converted_file(tmp_path):
+  from scr_jax import perceptual
+  rng = np.random.default_rng(0)
+  chans = dict(conv1_1=(3, 8), conv1_2=(8, 8), conv2_1=(8, 8), conv2_2=(8, 8),
+               conv3_1=(8, 8), conv3_2=(8, 8), conv3_3=(8, 8))
+  arrays = {}
+  for k, (ci, co) in chans.items():
+    arrays[k + "/kernel"] = rng.normal(0, 0.3, (3, 3, ci, co)).astype(np.float32)
+    arrays[k + "/bias"] = np.zeros(co, np.float32)
+  path = str(tmp_path / "vgg.npz")
+  np.savez(path, **arrays)
+  vgg = perceptual.load_vgg(path)
+  img = jnp.asarray(rng.uniform(0, 1, (2, 16, 16, 3)).astype(np.float32))
+  f = perceptual.features(vgg, img * 2 - 1)
+  assert f.shape == (2, 4, 4, 8)
+  mask = jnp.ones((2, 16, 16))
+  sigma = jnp.full((2, 4, 4), 0.5)
+  # identical features: only the log(sigma) term remains
+  np.testing.assert_allclose(float(perceptual.confidence_loss(f, f, mask, sigma)), np.log(0.5),
+                             rtol=1e-5)
+  fn = perceptual.make_perceptual_fn(vgg)
+  out = dict(recon_im=jnp.concatenate([img * 2 - 1, jnp.zeros_like(img)]),
+             sigma_perc=jnp.full((2, 4, 4, 2), 0.5))
+  lp, lp_flip = fn(out, img, mask)
+  np.testing.assert_allclose(float(lp), np.log(0.5), rtol=1e-5)
+  assert float(lp_flip) > float(lp) + 1e-3
+  bad = str(tmp_path / "bad.npz")
+  np.savez(bad, x=np.zeros(3))
+  with pytest.raises(Exception) as e:
+    perceptual.load_vgg(bad)
+  assert "VGG16" in str(e.value)
+
+
+def test_depth_prior_starts_convex_and_min_sigma_floors_confidence():
+  cam = model.camera(config.get_config("test_tiny"))
+  d = np.asarray(model.depth_from_raw(jnp.zeros((1, 16, 16)), cam, prior=1.0))[0]
+  assert d[8, 8] < d[8, 4] < cam.border_depth  # nearer in the middle
+  np.testing.assert_allclose(d[8, 3:13], d[8, 3:13][::-1], atol=1e-6)  # symmetric
+  flat = np.asarray(model.depth_from_raw(jnp.zeros((1, 16, 16)), cam, prior=0.0))[0]
+  np.testing.assert_allclose(flat[:, 2:-2], (cam.min_depth + cam.max_depth) / 2, atol=1e-6)
+  # a floor on sigma bounds the loss from below where reconstruction is perfect
+  cfg = dataclasses.replace(config.get_config("test_tiny"), min_sigma=0.05)
+  img = jnp.zeros((1, 4, 4, 3))
+  out = dict(recon_mask=jnp.ones((2, 4, 4)), recon_im=jnp.full((2, 4, 4, 3), -1.0),
+             sigma_l1=jnp.zeros((1, 4, 4, 2)))
+  loss, _ = losses.total_loss(out, img, cfg)
+  np.testing.assert_allclose(float(loss), (1 + cfg.lam_flip) * np.log(0.05), rtol=1e-4)
