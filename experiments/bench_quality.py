@@ -34,7 +34,7 @@ def main():
   p.add_argument("--set", action="append", default=[])
   p.add_argument("--workdir", default=None)
   args = p.parse_args()
-  from scr_jax import metrics, model, train
+  from scr_jax import metrics, model, structure, train
   wd = args.workdir or os.path.join(ROOT, "runs", f"bench_quality_{args.preset}_{args.variant}_s{args.seed}")
   targs = argparse.Namespace(preset=args.preset, data="builtin", workdir=wd, set=args.set,
                              steps=args.steps, seed=args.seed, variant=args.variant,
@@ -48,7 +48,7 @@ def main():
     sys.exit(2)
   cfg = cli.make_config(targs)
   test = cli.load_split("builtin", "test", cfg)
-  m, q = __import__("scr_jax.structure", fromlist=["resolve"]).resolve(cfg)
+  m, q = structure.resolve(cfg)
   eval_fn = train.make_eval_fn(res["nets"], cfg, q)
   summ, _, _ = train.evaluate(eval_fn, res["state"]["params"], test, m, cfg)
   train_gt = cli.load_split("builtin", "train", cfg)["depth"]

@@ -315,7 +315,7 @@ def print_table(cases, peer_error):
           f"{c['ratio_brute']:>12.1f}{fmt(c, 'ratio_peer', '.1f'):>11}"
           f"{c['mismatch_vs_brute']:>10d}{c['dense_faces_mean']:>13.1f}"
           f"{fmt(c, 'ms_ours_vmap', '.1f'):>14}")
-  print("ms: median per batch of fwd+bwd (jit(vmap(grad of sum depth))), compile excluded."
+  print("ms: median per batch of fwd+bwd (ours: jit(grad) of warp_depth_batch; brute and vmap: jit(vmap(grad))), compile excluded."
         "\nmismatch: pixels of ours vs the brute-force exact reference (coverage differs or"
         f" |dz| > {DEPTH_TOL:g}), all images.\ndense faces: mean per image taking the"
         " large-triangle path. ours vmap: jax.vmap of the single-image warp_depth (slower: its while-loops run the worst image's trip count for every image).")
