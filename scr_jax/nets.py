@@ -105,15 +105,8 @@ class ConfNet(nn.Module):
 
   @nn.compact
   def __call__(self, img):
-    s = img.shape[1]
-    n = _stages(s)
-    x = img
-    for i in range(n):
-      x = _conv(self.nf * min(2**i, 8), 4, 2, 1)(x)
-      if i < n - 1:
-        x = _gn(x)
-      x = nn.leaky_relu(x, 0.2)
-    x = nn.relu(_conv(self.zdim, 4, 1, "VALID")(x))
+    n = _stages(img.shape[1])
+    x = EDEncoder(self.nf, self.zdim)(img).reshape(img.shape[0], 1, 1, -1)
     top = self.nf * min(2**(n - 1), 8)
     x = nn.relu(_deconv(top, 4, 1)(x))  # 1 -> 4
     for i in reversed(range(n - 2)):  # 4 -> S/4
