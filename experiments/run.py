@@ -130,6 +130,8 @@ def cmd_train(args):
   cfg = make_config(args)
   if args.distributed:
     import jax
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize()
   from scr_jax import checkpoint, structure, train
   checkpoint.probe_writable(args.workdir)

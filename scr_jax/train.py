@@ -105,9 +105,15 @@ def data_mesh():
 
 
 def shard_batch(x, mesh):
-  """Puts a host batch on the mesh, split along the batch axis."""
+  """Puts a global host batch on the mesh, split along the batch axis. With
+  several processes (multi-host), every process holds the same global batch
+  (same seed, same indices) and contributes its own contiguous slice."""
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  return jax.device_put(x, sharding)
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  per = x.shape[0] // jax.process_count()
+  local = x[jax.process_index() * per:(jax.process_index() + 1) * per]
+  return jax.make_array_from_process_local_data(sharding, local)
 
 
 def replicate(tree, mesh):

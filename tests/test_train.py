@@ -247,3 +247,52 @@ def test_depth_prior_starts_convex_and_min_sigma_floors_confidence():
              sigma_l1=jnp.zeros((1, 4, 4, 2)))
   loss, _ = losses.total_loss(out, img, cfg)
   np.testing.assert_allclose(float(loss), (1 + cfg.lam_flip) * np.log(0.05), rtol=1e-4)
+
+
+DIST = r"""
+import os, sys, json
+sys.path.insert(0, %r)
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address="127.0.0.1:%d", num_processes=2, process_id=%d)
+import jax.numpy as jnp
+from scr_jax import config, data, train
+cfg = config.get_config("test_tiny")
+d = data.load_synface(%r, "train", 16)
+nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+mesh = train.data_mesh()
+state = train.replicate(state, mesh)
+step = train.make_train_step(nets, cfg)
+m = train.replicate(jnp.zeros((4, 4)), mesh)
+losses = []
+for i in range(3):
+  img = train.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, i)], mesh)
+  state, met = step(state, img, m)
+  losses.append(float(met["loss"]))
+print(json.dumps(dict(n=jax.process_count(), losses=losses)))
+"""
+
+
+def test_two_process_distributed_matches_single(tiny_data):
+  """jax.distributed with 2 CPU processes on localhost (gloo collectives):
+  the same global batches give the same losses as one process."""
+  import socket
+  root = tiny_data[0]
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, "-c", DIST % (ROOT, port, i, root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-2000:]
+  res = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+  single = subprocess.run([sys.executable, "-c", MULTI % (1, ROOT, root)], capture_output=True,
+                          text=True, timeout=300, env=env)
+  assert single.returncode == 0, single.stderr[-2000:]
+  ref = json.loads(single.stdout.strip().splitlines()[-1])
+  assert res[0]["n"] == 2
+  np.testing.assert_allclose(res[0]["losses"], ref["losses"], rtol=1e-4)
+  np.testing.assert_allclose(res[1]["losses"], ref["losses"], rtol=1e-4)
