@@ -121,6 +121,37 @@ def replicate(tree, mesh):
   return jax.device_put(tree, sharding)
 
 
+def barrier(name: str, timeout_s: float = 1800.0):
+  """Waits until every process reaches `name` (no-op with one process).
+
+  Uses the coordination service, whose timeout we choose, rather than a
+  collective: the CPU (gloo) collective context gives up after 30 s, and
+  processes that compile at different speeds drift apart by more than that.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the client has no public accessor
+  distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
+def any_process(flag: bool) -> bool:
+  """True if `flag` is true on any process, so all processes stop together."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def compile_in_step(fn, *args):
+  """With several processes, compiles `fn` ahead of time and waits for all
+  processes before the first collective runs; otherwise returns `fn`."""
+  if jax.process_count() == 1:
+    return fn
+  compiled = fn.lower(*args).compile()
+  barrier(f"compiled-{getattr(fn, '__name__', 'fn')}")
+  return compiled
+
+
 class StopRequested(Exception):
   """Raised inside the loop after SIGINT/SIGTERM, once a checkpoint is saved."""
 
@@ -209,12 +240,15 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
     restored = checkpoint.restore_latest(mngr, state)
     if restored is not None:
       state = restored
+  barrier("fit-start")
   state = replicate(state, mesh)
   m = replicate(jnp.zeros((4, 4), jnp.float32) if m is None else jnp.asarray(m, jnp.float32), mesh)
   step_fn = make_train_step(nets, cfg, q)
+  images = train_data["images"]
+  step_fn = compile_in_step(
+      step_fn, state, shard_batch(images[batch_indices(images.shape[0], cfg.batch_size, cfg.seed, 0)], mesh), m)
   eval_fn = make_eval_fn(nets, cfg, q) if val_data is not None else None
   log = log or runlog.RunLog(workdir, cfg.steps, cfg.batch_size, quiet=quiet)
-  images = train_data["images"]
   start = int(jax.device_get(state["step"]))
   t0 = time.time()
   reason, last = "done", {}
@@ -245,11 +279,10 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
                 file=sys.stderr, flush=True)
       if step % cfg.ckpt_every == 0:
         checkpoint.save(mngr, state)
-      if sig.received:
-        reason = sig.received
-        break
-      if max_seconds is not None and time.time() - t0 > max_seconds:
-        reason = "time budget"
+      # Several processes must leave the loop at the same step (collectives).
+      over = max_seconds is not None and time.time() - t0 > max_seconds
+      if any_process(bool(sig.received) or over):
+        reason = sig.received or ("time budget" if over else "stop on another process")
         break
   if mngr.latest_step() != step:
     checkpoint.save(mngr, state)

@@ -176,9 +176,11 @@ cfg = config.get_config("test_tiny")
 d = data.load_synface(%r, "train", 16)
 nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
 mesh = train.data_mesh()
+train.barrier("start")  # the processes' compile times differ by more than gloo's 30 s
 state = train.replicate(state, mesh)
-step = train.make_train_step(nets, cfg)
 m = train.replicate(jnp.zeros((4, 4)), mesh)
+img0 = train.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, 0)], mesh)
+step = train.compile_in_step(train.make_train_step(nets, cfg), state, img0, m)
 losses = []
 for i in range(3):
   img = train.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, i)], mesh)
@@ -261,9 +263,11 @@ cfg = config.get_config("test_tiny")
 d = data.load_synface(%r, "train", 16)
 nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
 mesh = train.data_mesh()
+train.barrier("start")  # the processes' compile times differ by more than gloo's 30 s
 state = train.replicate(state, mesh)
-step = train.make_train_step(nets, cfg)
 m = train.replicate(jnp.zeros((4, 4)), mesh)
+img0 = train.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, 0)], mesh)
+step = train.compile_in_step(train.make_train_step(nets, cfg), state, img0, m)
 losses = []
 for i in range(3):
   img = train.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, i)], mesh)
