@@ -16,6 +16,7 @@ line `error: ...` and exits with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -156,6 +157,53 @@ def cmd_train(args):
   return res
 
 
+def cmd_search(args):
+  """Structure search: writes WORKDIR/structure.json (+ trace JSON and PNG)."""
+  from scr_jax import checkpoint, config, search, structure
+  cfg = config.validate(config.override(config.get_config(args.preset),
+                                        list(args.set or []) + [f"seed={args.seed}"]))
+  if args.budget_steps is not None:
+    if args.budget_steps < 1:
+      raise UserError(f"--budget-steps must be >= 1, got {args.budget_steps}")
+    cfg = config.override(cfg, [f"steps={args.budget_steps}"])
+  if cfg.lam_perc > 0 and not cfg.vgg_weights:
+    cfg = config.override(cfg, ["lam_perc=0"])
+  checkpoint.probe_writable(args.workdir)
+  checkpoint.save_config(args.workdir, cfg)
+  train_data, val_data = load_train_data(args.data, cfg)
+  if val_data is None:
+    raise UserError(f"search needs a val split in {args.data}")
+  _log(f"search --method {args.method}: preset {cfg.preset}, {train_data['images'].shape[0]} "
+       f"train / {val_data['images'].shape[0]} val images")
+  t0 = time.time()
+  if args.method in ("bo", "exhaustive"):
+    s, _ = search.search_orders(cfg, args.workdir, train_data, val_data, method=args.method,
+                                n_init=args.init, n_evals=args.evals, batch=args.batch,
+                                objective=args.objective)
+  else:
+    order = None
+    if args.method == "unroll-masked":
+      if args.order:
+        order = structure.check_order(args.order)
+      elif args.structure:
+        order = structure.load_structure(args.structure)["order"]
+      else:
+        raise UserError("--method unroll-masked needs the dense ordering: --order DVAL or "
+                        "--structure W/structure.json (from --method bo)")
+    if args.unroll < 1:
+      raise UserError(f"--unroll must be >= 1, got {args.unroll}")
+    s, _ = search.search_unroll(cfg, args.workdir, train_data, val_data, masked_order=order,
+                                steps=cfg.steps, unroll_k=args.unroll, inner=args.inner,
+                                outer_lr=args.outer_lr, lam_dag=args.lam_dag,
+                                augmented=args.augmented, tau=args.threshold,
+                                binarize=not args.keep_weights)
+  _log(f"search done in {time.time() - t0:.0f}s; train with: python experiments/run.py train "
+       f"--variant {'dense' if 'M' not in s else 'generic'} --structure "
+       f"{os.path.join(args.workdir, 'structure.json')} --preset {args.preset} --data {args.data} "
+       "--workdir RUN")
+  return s
+
+
 def _restore(workdir):
   """(cfg, nets, params, m, q) of a trained workdir (latest checkpoint)."""
   import jax
@@ -257,8 +305,15 @@ def cmd_main(args):
   print(f"\noutputs: {wd}/eval_test.json, {wd}/tb (tensorboard), {wd}/metrics.csv, {pred_dir}/")
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse with a one-line error (no usage dump); exit status 2."""
+
+  def error(self, message):
+    self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def build_parser():
-  p = argparse.ArgumentParser(prog="run.py", description=__doc__.split("\n")[0])
+  p = _Parser(prog="run.py", description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="cmd", required=True)
 
   d = sub.add_parser("data", help="write the built-in synthetic data in synface layout")
@@ -306,6 +361,31 @@ def build_parser():
   pr.add_argument("--out", required=True)
   pr.set_defaults(fn=cmd_predict)
 
+  se = sub.add_parser("search", help="learn the structure M (writes WORKDIR/structure.json)")
+  se.add_argument("--method", required=True, choices=("bo", "exhaustive", "unroll", "unroll-masked"))
+  se.add_argument("--preset", default="cpu_small")
+  se.add_argument("--data", default="builtin")
+  se.add_argument("--workdir", required=True)
+  se.add_argument("--seed", type=int, default=0)
+  se.add_argument("--budget-steps", type=int,
+                  help="bo: training steps per evaluated ordering; unroll: outer steps")
+  se.add_argument("--evals", type=int, default=10, help="bo: orderings evaluated in all")
+  se.add_argument("--init", type=int, default=4, help="bo: initial random orderings")
+  se.add_argument("--batch", type=int, default=2, help="bo: orderings trained together per round")
+  se.add_argument("--objective", default="val_loss", help="bo: val_loss or val_mad")
+  se.add_argument("--unroll", type=int, default=1, help="unroll: inner steps K")
+  se.add_argument("--inner", default="adam", help="unroll: inner optimiser, adam (eps_root) or sgd")
+  se.add_argument("--outer-lr", type=float, default=1e-2)
+  se.add_argument("--lam-dag", type=float, default=1.0)
+  se.add_argument("--augmented", action="store_true", help="augmented Lagrangian for h(M)")
+  se.add_argument("--threshold", type=float, default=0.1)
+  se.add_argument("--keep-weights", action="store_true",
+                  help="keep M's values above the threshold instead of binarising")
+  se.add_argument("--order", help="unroll-masked: the dense ordering")
+  se.add_argument("--structure", help="unroll-masked: structure.json of a dense result")
+  se.add_argument("--set", action="append", metavar="KEY=VALUE")
+  se.set_defaults(fn=cmd_search)
+
   mn = sub.add_parser("main", help="the `make run` job")
   mn.add_argument("--workdir", default="runs/main")
   mn.add_argument("--steps", type=int)
@@ -315,16 +395,26 @@ def build_parser():
   return p
 
 
+def _fail(err, code):
+  """One line, then exit; teardown noise (e.g. a tensorboard flush on a full
+  disk, printed from atexit or threads) goes to /dev/null."""
+  print(f"error: {err}", file=sys.stderr, flush=True)
+  sys.stderr = open(os.devnull, "w")
+  sys.exit(code)
+
+
 def main(argv=None):
   args = build_parser().parse_args(argv)
   try:
     args.fn(args)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(e, 2)
   except NonFiniteError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(3)
+    _fail(e, 3)
+  except OSError as e:  # the disk filled up / went read-only mid-run: one line too
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
+      raise
+    _fail(f"{e.filename}: {e.strerror}" if e.filename else e.strerror, 2)
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     sys.exit(130)

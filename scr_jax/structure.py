@@ -153,3 +153,30 @@ def load_structure(path: str) -> dict:
   if "order" in s:
     s["order"] = check_order(str(s["order"]))
   return s
+
+
+def save_structure(path: str, order: str | None = None, m=None, **extra) -> dict:
+  """Writes structure.json ({"factors", "order"} for a dense result, plus "M"
+  for a generic one; rows = parents). Refuses a cyclic or malformed M: a
+  non-DAG is never written. Atomic (temp file + rename)."""
+  import json
+  import os
+  s = dict(factors=list(FACTORS))
+  if m is not None:
+    m = np.asarray(m, np.float32)
+    if m.shape != (4, 4) or not np.all(np.isfinite(m)):
+      raise UserError(f"refusing to write {path}: M must be a finite 4x4 matrix, got {m.shape}")
+    if np.any(np.diag(m) != 0) or not is_dag(m):
+      raise UserError(f"refusing to write {path}: M is not a DAG")
+    s["M"] = m.tolist()
+    order = order or order_of(m)
+  if order is None:
+    raise UserError(f"refusing to write {path}: needs an ordering or M")
+  s["order"] = check_order(order)
+  s.update(extra)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as fh:
+    json.dump(s, fh, indent=1)
+  os.replace(tmp, path)
+  return s

@@ -58,9 +58,8 @@ def perceptual_for(cfg):
   return None
 
 
-@functools.lru_cache(maxsize=16)  # same (nets, cfg, q) -> same jitted fn, no recompile
-def make_train_step(nets, cfg, q=None):
-  """Returns train_step(state, img_BxSxSx3, m) -> (state, metrics), jitted."""
+def _train_step_fn(nets, cfg, q=None):
+  """The un-jitted step(state, img_BxSxSx3, m) -> (state, metrics)."""
   opt = make_optimizer(cfg)
   perc = perceptual_for(cfg)
 
@@ -81,7 +80,68 @@ def make_train_step(nets, cfg, q=None):
                step=state["step"] + 1)
     return new, metrics
 
+  return step
+
+
+@functools.lru_cache(maxsize=16)  # same (nets, cfg, q) -> same jitted fn, no recompile
+def make_train_step(nets, cfg, q=None):
+  """Returns train_step(state, img_BxSxSx3, m) -> (state, metrics), jitted."""
+  return jax.jit(_train_step_fn(nets, cfg, q), donate_argnums=0)
+
+
+# Stacked candidates: params and optimiser state carry a leading K axis, the
+# step counter stays a scalar (all candidates advance together).
+_STACK_AXES = dict(params=0, opt_state=0, step=None)
+
+
+def stack_state(state, k: int):
+  """K copies of one initial state (same init: candidates differ only in M)."""
+  tile = lambda x: jnp.broadcast_to(x, (k,) + x.shape)
+  return dict(params=jax.tree_util.tree_map(tile, state["params"]),
+              opt_state=jax.tree_util.tree_map(tile, state["opt_state"]),
+              step=jnp.array(state["step"]))  # a copy: the step donates its input
+
+
+def unstack_params(params_K, i: int):
+  return jax.tree_util.tree_map(lambda x: x[i], params_K)
+
+
+@functools.lru_cache(maxsize=16)
+def make_candidate_step(nets, cfg, q=None):
+  """K candidate structures in one compiled step: jax.vmap of the train step
+  over (params, opt_state, m_Kx4x4), the same image batch for all candidates.
+  Returns step(state_K, img_BxSxSx3, m_Kx4x4) -> (state_K, metrics_K).
+
+  Fast on accelerators; on CPU the vmapped convolutions (per-candidate kernels)
+  lower to grouped convolutions that XLA:CPU runs slower than K plain ones
+  (measured in experiments/bench_candidates.py).
+  """
+  step = jax.vmap(_train_step_fn(nets, cfg, q), in_axes=(_STACK_AXES, None, 0),
+                  out_axes=(_STACK_AXES, 0))
   return jax.jit(step, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=16)
+def make_val_loss_fn(nets, cfg, q=None, stacked=False):
+  """(params, img, m) -> photometric loss (the objective of structure search);
+  with stacked=True, vmapped over K candidates (params_K, m_Kx4x4)."""
+  def fn(params, img, m):
+    return loss_fn(params, nets, img, m, cfg, q)[0]
+  return jax.jit(jax.vmap(fn, in_axes=(0, None, 0)) if stacked else fn)
+
+
+def val_loss(fn, params, images_NxSxSx3, m, batch_size: int, limit=None):
+  """Mean loss over the first `limit` images, in full batches (the remainder
+  that does not fill a batch is left out so every batch has the same shape)."""
+  n = images_NxSxSx3.shape[0] if limit is None else min(limit, images_NxSxSx3.shape[0])
+  nb = max(n // batch_size, 1)
+  tot = 0.0
+  for i in range(nb):
+    chunk = images_NxSxSx3[i * batch_size:(i + 1) * batch_size]
+    if chunk.shape[0] < batch_size:
+      chunk = np.resize(chunk, (batch_size,) + chunk.shape[1:])
+    tot = tot + np.asarray(fn(params, jnp.asarray(chunk), m))
+  return tot / nb
 
 
 # ----------------------------------------------------------------------------
@@ -219,11 +279,28 @@ def evaluate(eval_fn, params, data: dict, m, cfg, limit=None) -> dict:
   return metrics.summarize(per), pred, valid
 
 
+def place_candidates(state_K, m_Kx4x4, mesh):
+  """Shards the candidate axis over the devices when it divides evenly (each
+  device trains whole candidates, the batch is replicated); otherwise keeps
+  candidates replicated and the batch sharded (data parallel)."""
+  k, ndev = m_Kx4x4.shape[0], len(mesh.devices.flat)
+  if ndev > 1 and k % ndev == 0:
+    cand = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    put = lambda x: jax.device_put(x, cand)
+    state_K = dict(params=jax.tree_util.tree_map(put, state_K["params"]),
+                   opt_state=jax.tree_util.tree_map(put, state_K["opt_state"]),
+                   step=replicate(state_K["step"], mesh))
+    return state_K, put(m_Kx4x4), True
+  return replicate(state_K, mesh), replicate(m_Kx4x4, mesh), False
+
+
 def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
         resume: bool = True, quiet: bool = False, max_seconds=None, log=None):
   """Trains `cfg.steps` steps (or until `max_seconds`), resumable.
 
-  m: the adjacency (4x4) or, with q, the dense mask of dynamic SCR.
+  m: the adjacency (4x4) or, with q, the dense mask of dynamic SCR; a stack
+  Kx4x4 trains K candidate structures at once (vmapped, same batches, same
+  initial parameters), with state params/opt_state carrying the K axis.
   Returns a summary dict (steps done, last metrics, wall time, stop reason).
   """
   import time
@@ -234,21 +311,32 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
   mesh = data_mesh()
   if cfg.batch_size % len(jax.devices()):
     raise ValueError(f"batch_size {cfg.batch_size} must divide over {len(jax.devices())} devices")
+  m = jnp.zeros((4, 4), jnp.float32) if m is None else jnp.asarray(m, jnp.float32)
+  k = m.shape[0] if m.ndim == 3 else 0
   nets, state = init_state(cfg, jax.random.PRNGKey(cfg.seed))
+  if k:
+    state = stack_state(state, k)
   mngr = checkpoint.manager(workdir, cfg.keep_checkpoints)
   if resume:
     restored = checkpoint.restore_latest(mngr, state)
     if restored is not None:
       state = restored
   barrier("fit-start")
-  state = replicate(state, mesh)
-  m = replicate(jnp.zeros((4, 4), jnp.float32) if m is None else jnp.asarray(m, jnp.float32), mesh)
-  step_fn = make_train_step(nets, cfg, q)
   images = train_data["images"]
+  put_batch = lambda x: shard_batch(x, mesh)
+  if k:
+    state, m, by_candidate = place_candidates(state, m, mesh)
+    if by_candidate:
+      put_batch = lambda x: replicate(x, mesh)
+    step_fn = make_candidate_step(nets, cfg, q)
+  else:
+    state = replicate(state, mesh)
+    m = replicate(m, mesh)
+    step_fn = make_train_step(nets, cfg, q)
   step_fn = compile_in_step(
-      step_fn, state, shard_batch(images[batch_indices(images.shape[0], cfg.batch_size, cfg.seed, 0)], mesh), m)
+      step_fn, state, put_batch(images[batch_indices(images.shape[0], cfg.batch_size, cfg.seed, 0)]), m)
   eval_fn = make_eval_fn(nets, cfg, q) if val_data is not None else None
-  log = log or runlog.RunLog(workdir, cfg.steps, cfg.batch_size, quiet=quiet)
+  log = log or runlog.RunLog(workdir, cfg.steps, cfg.batch_size * max(k, 1), quiet=quiet)
   start = int(jax.device_get(state["step"]))
   t0 = time.time()
   reason, last = "done", {}
@@ -258,25 +346,30 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
     step = start
     while step < cfg.steps:
       idx = batch_indices(images.shape[0], cfg.batch_size, cfg.seed, step)
-      state, met = step_fn(state, shard_batch(images[idx], mesh), m)
+      state, met = step_fn(state, put_batch(images[idx]), m)
       step += 1
-      if not bool(met["finite"]):
+      if not bool(np.all(jax.device_get(met["finite"]))):
         if cfg.on_nonfinite == "stop":
           raise NonFiniteError(
               f"non-finite loss/gradient at step {step}; training stopped, the last "
               f"good checkpoint is step {mngr.latest_step()} in {workdir}")
         log.scalars(step, {"skipped_nonfinite": 1.0})
       if step % cfg.log_every == 0 or step == cfg.steps:
-        last = {k: float(v) for k, v in jax.device_get(met).items()}
+        # Candidates: the mean over K is logged (per-candidate values in val).
+        last = {n: float(np.mean(v)) for n, v in jax.device_get(met).items()}
         log.scalars(step, last)
         log.progress(step, last["loss"])
       if eval_fn is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-        summ, _, _ = evaluate(eval_fn, state["params"], val_data, m, cfg,
-                              limit=cfg.num_eval_images)
-        log.scalars(step, {k: v for k, v in summ.items()}, prefix="val")
-        if not quiet:
-          print(f"  val @ {step}: SIDE {summ['side_mean']:.3f} x1e-2  MAD {summ['mad_mean']:.2f} deg",
-                file=sys.stderr, flush=True)
+        for i in range(max(k, 1)):
+          params_i = unstack_params(state["params"], i) if k else state["params"]
+          summ, _, _ = evaluate(eval_fn, params_i, val_data, m[i] if k else m, cfg,
+                                limit=cfg.num_eval_images)
+          log.scalars(step, {n: v for n, v in summ.items()},
+                      prefix=f"val_c{i:02d}" if k else "val")
+          if not quiet:
+            who = f" candidate {i}" if k else ""
+            print(f"  val @ {step}{who}: SIDE {summ['side_mean']:.3f} x1e-2  "
+                  f"MAD {summ['mad_mean']:.2f} deg", file=sys.stderr, flush=True)
       if step % cfg.ckpt_every == 0:
         checkpoint.save(mngr, state)
       # Several processes must leave the loop at the same step (collectives).
