@@ -128,6 +128,7 @@ def make_config(args):
 
 
 def cmd_train(args):
+  import numpy as np
   cfg = make_config(args)
   if args.distributed:
     import jax
@@ -137,6 +138,15 @@ def cmd_train(args):
   from scr_jax import checkpoint, structure, train
   checkpoint.probe_writable(args.workdir)
   m, q = structure.resolve(cfg)
+  orders = None
+  if getattr(args, "candidates", None):
+    # K dense orderings trained together (vmapped), same batches and init.
+    spec = args.candidates
+    orders = (list(structure.ALL_ORDERS) if spec == "all24"
+              else [structure.check_order(o) for o in spec.split(",") if o])
+    if cfg.variant not in ("independent", "dense") or not orders:
+      raise UserError("--candidates takes all24 or a comma list of orderings (dense SCR)")
+    m = np.stack([structure.dense_matrix(o) for o in orders])
   if args.resume and os.path.exists(os.path.join(args.workdir, "config.json")):
     old = checkpoint.load_config(args.workdir)
     shape_fields = ("image_size", "embed_dim", "nf_encoder", "nf_ed", "nf_conf", "conf_zdim")
@@ -148,7 +158,8 @@ def cmd_train(args):
   _log(f"train: preset {cfg.preset}, variant {cfg.variant}, {train_data['images'].shape[0]} "
        f"images at {cfg.image_size}px, {cfg.steps} steps, batch {cfg.batch_size}")
   with open(os.path.join(args.workdir, "adjacency.json"), "w") as fh:
-    json.dump(dict(factors=["V", "D", "L", "A"], M=m.tolist(), q=q, variant=cfg.variant), fh)
+    json.dump(dict(factors=["V", "D", "L", "A"], M=m.tolist(), q=q,
+                   variant="dense" if orders else cfg.variant, orders=orders), fh)
   res = train.fit(cfg, args.workdir, train_data, val_data, m=m, q=q, resume=args.resume,
                   max_seconds=args.max_seconds)
   _log(f"trained to step {res['step']} in {res['seconds']:.0f}s ({res['reason']})")
@@ -210,12 +221,14 @@ def _restore(workdir):
   import numpy as np
   from scr_jax import checkpoint, train
   cfg = checkpoint.load_config(workdir)
+  with open(os.path.join(workdir, "adjacency.json")) as fh:
+    adj = json.load(fh)
   nets, state = train.init_state(cfg, jax.random.PRNGKey(cfg.seed))
+  if adj.get("orders"):
+    state = train.stack_state(state, len(adj["orders"]))
   restored = checkpoint.restore_latest(checkpoint.manager(workdir), state)
   if restored is None:
     raise UserError(f"{workdir} has no checkpoint yet (train first)")
-  with open(os.path.join(workdir, "adjacency.json")) as fh:
-    adj = json.load(fh)
   return cfg, nets, restored["params"], np.asarray(adj["M"], np.float32), adj["q"], int(restored["step"])
 
 
@@ -225,6 +238,24 @@ def cmd_eval(args):
   cfg, nets, params, m, q, step = _restore(args.workdir)
   d = load_split(args.data, args.split, cfg)
   eval_fn = train.make_eval_fn(nets, cfg, q)
+  if m.ndim == 3:  # a `train --candidates` workdir: one result per ordering
+    with open(os.path.join(args.workdir, "adjacency.json")) as fh:
+      orders = json.load(fh)["orders"]
+    rows = []
+    for i, order in enumerate(orders):
+      r, _, _ = train.evaluate(eval_fn, train.unstack_params(params, i), d, m[i], cfg)
+      rows.append(dict(r, order=order))
+      _log(f"  {order}: SIDE {r['side_mean']:.3f}  MAD {r['mad_mean']:.2f}")
+    summ = dict(candidates=rows, split=args.split, step=step, workdir=args.workdir)
+    text = json.dumps(summ, indent=1)
+    print(text)
+    if args.out:
+      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+      with open(args.out, "w") as fh:
+        fh.write(text + "\n")
+    if args.save_predictions:
+      raise UserError("--save-predictions needs a single-structure workdir")
+    return summ
   summ, pred, valid = train.evaluate(eval_fn, params, d, m, cfg)
   summ.update(split=args.split, step=step, workdir=args.workdir)
   text = json.dumps(summ, indent=1)
@@ -245,6 +276,9 @@ def cmd_predict(args):
   import numpy as np
   from scr_jax import data, model, render, visualize
   cfg, nets, params, m, q, _ = _restore(args.workdir)
+  if m.ndim == 3:
+    raise UserError(f"{args.workdir} holds {m.shape[0]} candidate structures; predict needs "
+                    "a single-structure workdir")
   files = args.images
   src = files[0] if len(files) == 1 and os.path.isdir(files[0]) else files
   d = data.load_image_folder(src, cfg.image_size, cfg.crop or None)
@@ -279,7 +313,7 @@ def cmd_main(args):
   data.preview_grid(d["images"], d["depth"], os.path.join(root, "preview.png"))
   targs = argparse.Namespace(preset="cpu_small", data="builtin", workdir=wd, set=args.set,
                              steps=args.steps, seed=None, variant=None, order=None, q=None,
-                             structure=None, resume=True, distributed=False,
+                             structure=None, candidates=None, resume=True, distributed=False,
                              max_seconds=args.max_seconds)
   cmd_train(targs)
   summ = cmd_eval(argparse.Namespace(workdir=wd, data="builtin", split="test",
@@ -337,6 +371,8 @@ def build_parser():
     t.add_argument("--order")
     t.add_argument("--q")
     t.add_argument("--structure")
+    t.add_argument("--candidates", help="all24 or DVAL,DLVA,...: train these dense orderings "
+                   "together (vmapped)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE")
     t.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True)
     t.add_argument("--distributed", action="store_true",
