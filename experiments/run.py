@@ -25,6 +25,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Persistent XLA compile cache: reruns, resumes and repeated runs of one
+# config skip compilation (set JAX_COMPILATION_CACHE_DIR to move or share it).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
 
 from scr_jax.errors import NonFiniteError, UserError  # noqa: E402
 
@@ -213,6 +216,17 @@ def cmd_search(args):
        f"{os.path.join(args.workdir, 'structure.json')} --preset {args.preset} --data {args.data} "
        "--workdir RUN")
   return s
+
+
+def cmd_reproduce(args):
+  """Tables 1-2, Figures 6 and 8, qualitative grid; resumable (see reproduce.py)."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import reproduce
+  command = "python experiments/run.py " + " ".join(sys.argv[1:])
+  return reproduce.reproduce(args.out, preset=args.preset, seeds=args.seeds, data=args.data,
+                             steps=args.steps, search_steps=args.search_steps,
+                             fig6_steps=args.fig6_steps, sets=args.set or [],
+                             load_split=load_split, command=command)
 
 
 def _restore(workdir):
@@ -411,7 +425,7 @@ def build_parser():
   se.add_argument("--objective", default="val_loss", help="bo: val_loss or val_mad")
   se.add_argument("--unroll", type=int, default=1, help="unroll: inner steps K")
   se.add_argument("--inner", default="adam", help="unroll: inner optimiser, adam (eps_root) or sgd")
-  se.add_argument("--outer-lr", type=float, default=1e-2)
+  se.add_argument("--outer-lr", type=float, default=5e-2)
   se.add_argument("--lam-dag", type=float, default=1.0)
   se.add_argument("--augmented", action="store_true", help="augmented Lagrangian for h(M)")
   se.add_argument("--threshold", type=float, default=0.1)
@@ -421,6 +435,18 @@ def build_parser():
   se.add_argument("--structure", help="unroll-masked: structure.json of a dense result")
   se.add_argument("--set", action="append", metavar="KEY=VALUE")
   se.set_defaults(fn=cmd_search)
+
+  rp = sub.add_parser("reproduce", help="the paper's tables and figures, resumably")
+  rp.add_argument("--preset", default="cpu_small")
+  rp.add_argument("--out", required=True)
+  rp.add_argument("--seeds", type=int, default=3)
+  rp.add_argument("--data", default="builtin")
+  rp.add_argument("--steps", type=int, help="training steps per run (default: the preset's)")
+  rp.add_argument("--search-steps", type=int, help="steps per BO evaluation / unroll outer steps "
+                  "(default steps/5)")
+  rp.add_argument("--fig6-steps", type=int, help="steps of the all-24 run (default: --steps)")
+  rp.add_argument("--set", action="append", metavar="KEY=VALUE")
+  rp.set_defaults(fn=cmd_reproduce)
 
   mn = sub.add_parser("main", help="the `make run` job")
   mn.add_argument("--workdir", default="runs/main")

@@ -151,6 +151,8 @@ def validate(cfg: Config) -> Config:
   need(cfg.variant in ("independent", "dense", "generic", "dynamic"), "variant",
        "must be independent, dense, generic or dynamic")
   need(cfg.q in ("sigmoid", "cosine"), "q", "must be sigmoid or cosine")
+  need(cfg.order.lower() in ("", "random") or sorted(cfg.order.upper()) == sorted("VDLA"),
+       "order", "must be a permutation of V, D, L, A (e.g. DVAL) or random")
   need(cfg.batch_size >= 1, "batch_size", "must be >= 1")
   need(cfg.lr > 0, "lr", "must be > 0")
   need(cfg.steps >= 0, "steps", "must be >= 0")

@@ -537,6 +537,30 @@ def crop_resize(a_HxWxC: np.ndarray, image_size, crop=None, path: str = "array")
 # Loaders
 # ----------------------------------------------------------------------------
 
+def _note(notes: dict, path: str, img: Image.Image, image_size, crop):
+  """Records a non-fatal conversion of an input image, reported by _report."""
+  if img.mode != "RGB":
+    notes.setdefault(f"mode {img.mode}, converted to RGB", []).append(path)
+  if image_size is not None and crop is None and img.size != (int(image_size),) * 2:
+    notes.setdefault(f"not {image_size}x{image_size}, centre-cropped and resized",
+                     []).append(f"{path} ({img.size[0]}x{img.size[1]})")
+
+
+def _note_ignored(notes: dict, folder: str, suffixes):
+  """Records the files of a folder that a loader skips (wrong name/extension)."""
+  for f in sorted(os.listdir(folder)):
+    if os.path.isfile(os.path.join(folder, f)) and not f.lower().endswith(tuple(suffixes)):
+      notes.setdefault(f"not {' / '.join('*' + x for x in suffixes)}, ignored",
+                       []).append(os.path.join(folder, f))
+
+
+def _report(notes: dict):
+  """One stderr line per kind of conversion, naming the first file."""
+  for what, paths in notes.items():
+    more = f" and {len(paths) - 1} more" if len(paths) > 1 else ""
+    print(f"note: {paths[0]}{more}: {what}", file=sys.stderr, flush=True)
+
+
 def _list_files(folder: str, suffixes) -> list:
   return sorted(f for f in os.listdir(folder)
                 if f.lower().endswith(tuple(suffixes))
@@ -574,17 +598,21 @@ def load_synface(root: str, split: str = "train", image_size=64, crop=None,
       raise UserError(f"{os.path.join(dep_dir, deps[name])}: no image twin "
                       f"(expected {os.path.join(img_dir, name + '_image.png')})")
   names = sorted(imgs)[:limit]
-  images, depths = [], []
+  images, depths, notes = [], [], {}
+  _note_ignored(notes, img_dir, ["_image.png"])
+  _note_ignored(notes, dep_dir, ["_depth.png"])
   for name in names:
     ip, dp = os.path.join(img_dir, imgs[name]), os.path.join(dep_dir, deps[name])
     im, dm = _open_image(ip), _open_image(dp)
     if im.size != dm.size:
       raise UserError(f"{dp}: depth is {dm.size[0]}x{dm.size[1]} but its image "
                       f"{ip} is {im.size[0]}x{im.size[1]}")
+    _note(notes, ip, im, image_size, crop)
     images.append(crop_resize(_to_rgb_float(im), image_size, crop, ip))
     # Resize in metric units, not PNG values (the same here: the map is affine).
     z = png_value_to_depth(_to_png_value(dm, dp))
     depths.append(crop_resize(z, image_size, crop, dp))
+  _report(notes)
   return dict(images=np.stack(images), depth=np.stack(depths), names=names)
 
 
@@ -608,7 +636,14 @@ def load_image_folder(dir_or_files, image_size=64, crop=None, limit=None) -> dic
     if not files:
       raise UserError("load_image_folder: empty file list")
   files = files[:limit]
-  images = [crop_resize(_to_rgb_float(_open_image(f)), image_size, crop, f) for f in files]
+  images, notes = [], {}
+  if isinstance(dir_or_files, (str, os.PathLike)):
+    _note_ignored(notes, os.fspath(dir_or_files), IMAGE_EXTS)
+  for f in files:
+    img = _open_image(f)
+    _note(notes, f, img, image_size, crop)
+    images.append(crop_resize(_to_rgb_float(img), image_size, crop, f))
+  _report(notes)
   names = [os.path.splitext(os.path.basename(f))[0] for f in files]
   return dict(images=np.stack(images), names=names)
 

@@ -213,6 +213,7 @@ def search_orders(cfg, workdir, train_data, val_data, method="bo", n_init=4, n_e
   """Dense SCR: BO (or exhaustive) over orderings; each evaluation trains for
   cfg.steps steps. Writes workdir/structure.json, bo_trace.json and .png."""
   from scr_jax import bo
+  os.makedirs(workdir, exist_ok=True)
   if objective not in ("val_loss", "val_mad"):
     raise UserError(f"--objective must be val_loss or val_mad, got {objective!r}")
   if objective == "val_mad" and val_data.get("depth") is None:
@@ -264,12 +265,13 @@ def search_orders(cfg, workdir, train_data, val_data, method="bo", n_init=4, n_e
 
 
 def search_unroll(cfg, workdir, train_data, val_data, masked_order=None, steps=50, unroll_k=1,
-                  inner="adam", outer_lr=1e-2, lam_dag=1.0, augmented=False, tau=0.1,
+                  inner="adam", outer_lr=5e-2, lam_dag=1.0, augmented=False, tau=0.1,
                   binarize=True, log=log_line):
   """Generic SCR by unrolled bilevel optimisation (Eq. 5), or on M * M_dense
   of `masked_order` (Eq. 6). Writes workdir/structure.json (thresholded M),
   unroll_trace.json and unroll_trace.png."""
   from scr_jax import train
+  os.makedirs(workdir, exist_ok=True)
   nets, state = train.init_state(cfg, jax.random.PRNGKey(cfg.seed))
   mask = (structure.dense_matrix(masked_order) if masked_order
           else 1.0 - np.eye(4, dtype=np.float32))

@@ -102,6 +102,9 @@ def resolve(cfg):
   """(m, q) for the configured variant: m is the 4x4 adjacency (for dynamic
   SCR, the dense mask that q(u) multiplies), q is None or the attention."""
   if cfg.variant == "independent":
+    if cfg.structure:
+      raise UserError("--structure needs --variant dense, generic or dynamic (the variant "
+                      "is independent)")
     return np.zeros((4, 4), np.float32), None
   if cfg.variant in ("dense", "dynamic"):
     if not cfg.order and not cfg.structure:

@@ -316,6 +316,7 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
   nets, state = init_state(cfg, jax.random.PRNGKey(cfg.seed))
   if k:
     state = stack_state(state, k)
+  checkpoint.check_free_space(workdir, state, cfg.keep_checkpoints)
   mngr = checkpoint.manager(workdir, cfg.keep_checkpoints)
   if resume:
     restored = checkpoint.restore_latest(mngr, state)
@@ -350,9 +351,14 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
       step += 1
       if not bool(np.all(jax.device_get(met["finite"]))):
         if cfg.on_nonfinite == "stop":
+          good = mngr.latest_step()
+          try:
+            log.close()
+          except OSError:
+            pass
           raise NonFiniteError(
               f"non-finite loss/gradient at step {step}; training stopped, the last "
-              f"good checkpoint is step {mngr.latest_step()} in {workdir}")
+              f"good checkpoint is {'none yet' if good is None else f'step {good}'} in {workdir}")
         log.scalars(step, {"skipped_nonfinite": 1.0})
       if step % cfg.log_every == 0 or step == cfg.steps:
         # Candidates: the mean over K is logged (per-candidate values in val).

@@ -1,0 +1,417 @@
+"""`run.py reproduce`: the paper's Table 1, Table 2, Figure 6, Figure 8 and the
+qualitative grids, from one command, resumably.
+
+Every unit of work (a search, a training run, an evaluation) writes its result
+file when it finishes; a rerun reads finished results back and redoes only the
+rest (an interrupted training run itself resumes from its last checkpoint).
+Layout of OUT: search/{bo,unroll,unroll-masked}, runs/<method>_s<seed>,
+table2/<variant>_<order>, fig6/, results.md, *.png, reproduce.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from scr_jax import (checkpoint, config, metrics, model, render, search, structure, train,
+                     visualize)
+from scr_jax.errors import UserError
+
+TABLE2_ORDERS = ("DLVA", "DAVL", "DVAL")
+# Table 1 rows trained as SCR models: (name, variant, how the structure is chosen).
+SCR_ROWS = (
+    ("independent SCR", "independent", None),
+    ("dense SCR (random ordering)", "dense", "random"),
+    ("dense SCR (BO)", "dense", "bo"),
+    ("generic SCR (Eq. 5)", "generic", "unroll"),
+    ("generic SCR (Eq. 6)", "generic", "unroll-masked"),
+    ("dynamic SCR (sigmoid)", "dynamic", "sigmoid"),
+    ("dynamic SCR (cosine)", "dynamic", "cosine"),
+)
+
+
+def _log(msg):
+  print(msg, file=sys.stderr, flush=True)
+
+
+def _done(path):
+  if os.path.exists(path):
+    with open(path) as fh:
+      return json.load(fh)
+  return None
+
+
+def _save(path, obj):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as fh:
+    json.dump(obj, fh, indent=1)
+  os.replace(tmp, path)
+
+
+class Reproduction:
+  """Holds the data and settings; each method below is one resumable unit."""
+
+  def __init__(self, out, cfg, data_spec, seeds, search_steps, fig6_steps, table2, load):
+    self.out, self.cfg, self.seeds = out, cfg, seeds
+    self.search_steps, self.fig6_steps = search_steps, fig6_steps
+    self.train_data, self.val = load("train"), load("val")
+    self.test = load("test")
+    self.data_spec = data_spec
+    self.cam = model.camera(cfg)
+
+  # -- structures ------------------------------------------------------------
+  def structure_for(self, how, seed):
+    """(m, q, label) for a Table 1 row."""
+    if how is None:
+      return np.zeros((4, 4), np.float32), None, "M = 0"
+    if how == "random":
+      order = structure.random_order(seed)
+      return structure.dense_matrix(order), None, order
+    if how in ("sigmoid", "cosine"):
+      order = self.bo_order()
+      return structure.dense_matrix(order), how, order
+    if how == "bo":
+      order = self.bo_order()
+      return structure.dense_matrix(order), None, order
+    m = self.unroll_m(masked=(how == "unroll-masked"))
+    return m, None, structure.order_of(m)
+
+  def search_cfg(self):
+    return config.override(self.cfg, [f"steps={self.search_steps}", "seed=0"])
+
+  def bo_order(self):
+    path = os.path.join(self.out, "search", "bo", "structure.json")
+    if not os.path.exists(path):
+      _log("== search: dense SCR by Bayesian optimisation")
+      search.search_orders(self.search_cfg(), os.path.dirname(path), self.train_data, self.val,
+                           method="bo", n_init=4, n_evals=8, batch=2)
+    return structure.load_structure(path)["order"]
+
+  def unroll_m(self, masked, order=None):
+    order = order or (self.bo_order() if masked else None)
+    name = f"unroll-masked_{order}" if masked else "unroll"
+    path = os.path.join(self.out, "search", name, "structure.json")
+    if not os.path.exists(path):
+      _log(f"== search: generic SCR by unrolling ({'Eq. 6, mask ' + order if masked else 'Eq. 5'})")
+      search.search_unroll(self.search_cfg(), os.path.dirname(path), self.train_data, self.val,
+                           masked_order=order, steps=self.search_steps, unroll_k=1,
+                           augmented=not masked, tau=0.1)
+    s = structure.load_structure(path)
+    return np.asarray(s["M"], np.float32)
+
+  # -- training + evaluation ---------------------------------------------------
+  def run(self, workdir, m, q, seed, cfg=None):
+    """Trains (resumably) and evaluates on the test split; returns the summary."""
+    res_path = os.path.join(workdir, "test.json")
+    done = _done(res_path)
+    if done:
+      return done
+    cfg = config.override(cfg or self.cfg, [f"seed={seed}"])
+    _log(f"== train {os.path.relpath(workdir, self.out)} ({cfg.steps} steps)")
+    r = train.fit(cfg, workdir, self.train_data, self.val, m=m, q=q, quiet=True)
+    eval_fn = train.make_eval_fn(r["nets"], cfg, q)
+    summ, _, _ = train.evaluate(eval_fn, r["state"]["params"], self.test, jnp.asarray(m), cfg)
+    summ.update(steps=r["step"], seconds=r["seconds"])
+    _save(res_path, summ)
+    _log(f"   test SIDE {summ['side_mean']:.3f}  MAD {summ['mad_mean']:.2f}")
+    return summ
+
+  def supervised(self, seed):
+    """Upper bound: the depth encoder-decoder regressing ground-truth depth
+    (input view) with an L1 loss on the object, same steps and batch."""
+    workdir = os.path.join(self.out, "runs", f"supervised_s{seed}")
+    res_path = os.path.join(workdir, "test.json")
+    if _done(res_path):
+      return _done(res_path)
+    cfg = self.cfg
+    _log(f"== train runs/supervised_s{seed} ({cfg.steps} steps)")
+    nets, state = train.init_state(cfg, jax.random.PRNGKey(seed))
+    opt = train.make_optimizer(cfg)
+    params = state["params"]
+    far = cfg.max_depth
+
+    def predict(p, img):
+      u = nets.apply(p, img * 2 - 1, method=nets.encode)
+      raw = nets.apply(p, u, method=nets.decode)
+      return model.depth_from_raw(raw["D"][..., 0], self.cam, cfg.depth_prior)
+
+    def loss(p, img, gt):
+      fg = (gt < far - 1e-3).astype(jnp.float32)
+      return jnp.sum(jnp.abs(predict(p, img) - gt) * fg) / jnp.maximum(jnp.sum(fg), 1.0)
+
+    @jax.jit
+    def step(p, s, img, gt):
+      g = jax.grad(loss)(p, img, gt)
+      u, s = opt.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    opt_state = state["opt_state"]
+    imgs, gts = self.train_data["images"], self.train_data["depth"]
+    t0 = time.time()
+    for i in range(cfg.steps):
+      idx = train.batch_indices(imgs.shape[0], cfg.batch_size, seed, i)
+      params, opt_state = step(params, opt_state, jnp.asarray(imgs[idx]), jnp.asarray(gts[idx]))
+    pred_fn = jax.jit(predict)
+    per = []
+    for i in range(0, self.test["images"].shape[0], cfg.batch_size):
+      img = jnp.asarray(self.test["images"][i:i + cfg.batch_size])
+      gt = jnp.asarray(self.test["depth"][i:i + cfg.batch_size])
+      per.append(metrics.evaluate_depth(pred_fn(params, img), jnp.ones_like(gt), gt, self.cam))
+    summ = metrics.summarize(per)
+    summ.update(steps=cfg.steps, seconds=time.time() - t0)
+    _save(res_path, summ)
+    return summ
+
+  # -- the experiments ---------------------------------------------------------
+  def table1(self):
+    rows = {}
+    base = metrics.baseline_summaries(self.test["depth"], self.train_data["depth"], self.cam)
+    rows["supervised (GT depth)"] = [self.supervised(s) for s in self.seeds]
+    for name, summ in base.items():
+      rows[name] = [summ]
+    labels = {}
+    for name, variant, how in SCR_ROWS:
+      per_seed = []
+      for s in self.seeds:
+        m, q, label = self.structure_for(how, s)
+        key = name.split(" (")[0].replace(" ", "-") + (f"-{how}" if how else "")
+        per_seed.append(self.run(os.path.join(self.out, "runs", f"{key}_s{s}"), m, q, s))
+        labels.setdefault(name, set()).add(label)
+      rows[name] = per_seed
+    return rows, {k: sorted(v) for k, v in labels.items()}
+
+  def table2(self):
+    rows = {}
+    for order in TABLE2_ORDERS:
+      dense = structure.dense_matrix(order)
+      base = os.path.join(self.out, "table2")
+      rows[(order, "dense")] = self.run(os.path.join(base, f"dense_{order}"), dense, None, 0)
+      m6 = self.unroll_m(masked=True, order=order)
+      rows[(order, "generic (Eq. 6)")] = self.run(os.path.join(base, f"generic6_{order}"), m6,
+                                                  None, 0)
+      for q in ("sigmoid", "cosine"):
+        rows[(order, f"dynamic ({q})")] = self.run(os.path.join(base, f"dynamic-{q}_{order}"),
+                                                   dense, q, 0)
+    return rows
+
+  def fig6(self):
+    """All 24 dense orderings plus independent (M = 0) as a 25th candidate,
+    trained together (vmapped) for fig6_steps, evaluated on test."""
+    path = os.path.join(self.out, "fig6", "results.json")
+    done = _done(path)
+    if done:
+      return done
+    orders = list(structure.ALL_ORDERS) + ["independent"]
+    ms = np.stack([structure.dense_matrix(o) for o in orders[:-1]] + [np.zeros((4, 4))])
+    cfg = config.override(self.cfg, [f"steps={self.fig6_steps}", "seed=0",
+                                     f"eval_every={10 ** 9}"])
+    _log(f"== fig6: 24 orderings + independent, vmapped, {cfg.steps} steps")
+    r = train.fit(cfg, os.path.join(self.out, "fig6"), self.train_data, None, m=ms, quiet=True)
+    eval_fn = train.make_eval_fn(r["nets"], cfg)
+    res = {}
+    for i, o in enumerate(orders):
+      summ, _, _ = train.evaluate(eval_fn, train.unstack_params(r["state"]["params"], i),
+                                  self.test, jnp.asarray(ms[i]), cfg)
+      res[o] = dict(side=summ["side_mean"], mad=summ["mad_mean"])
+    _save(path, res)
+    return res
+
+  def qualitative(self, workdirs, path, n_images=3, yaws=(-40, 0, 40)):
+    """Rows: per variant and image, input | canonical normals | shading at yaws."""
+    rows = []
+    img = jnp.asarray(self.test["images"][:n_images])
+    for name, (wd, m, q) in workdirs.items():
+      cfg = checkpoint.load_config(wd)
+      nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+      params = checkpoint.restore_latest(checkpoint.manager(wd), state)["params"]
+      out = jax.jit(lambda p, x: model.forward(nets, p, x, jnp.asarray(m), cfg, q))(params, img)
+      for i in range(n_images):
+        depth = out["canon_depth"][i]
+        shading = render.shade(out["canon_normal"][i], 0.3, 0.7, jnp.asarray([-0.4, -0.3]))
+        shading = jnp.repeat(shading[..., None], 3, -1) * 0.85
+        frames = [np.clip(np.asarray(render.render_view(
+            depth, shading, jnp.zeros(6).at[1].set(np.deg2rad(yaw)), self.cam)["image"]), 0, 1)
+                  for yaw in yaws]
+        rows.append([np.asarray(self.test["images"][i]),
+                     np.asarray(visualize.normal_to_rgb(out["canon_normal"][i]))] + frames)
+    grid = visualize.grid(rows)
+    visualize.save_png(path, grid, 3)
+    return path
+
+
+def _mean_std(xs):
+  xs = np.asarray(xs, np.float64)
+  return float(xs.mean()), float(xs.std())
+
+
+def plot_fig6(res, path):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  orders = [o for o in res if o != "independent"]
+  fig = Figure(figsize=(12, 4), dpi=100)
+  FigureCanvasAgg(fig)
+  for k, key in enumerate(("side", "mad")):
+    ax = fig.add_subplot(1, 2, k + 1)
+    srt = sorted(orders, key=lambda o: res[o][key])
+    ax.bar(range(len(srt)), [res[o][key] for o in srt], color="tab:blue")
+    ax.axhline(res["independent"][key], c="tab:red", ls="--", label="independent")
+    ax.set_xticks(range(len(srt)))
+    ax.set_xticklabels(srt, rotation=90, fontsize=7)
+    ax.set_ylabel("SIDE x1e-2" if key == "side" else "MAD (deg)")
+    lo = min(min(res[o][key] for o in orders), res["independent"][key])
+    hi = max(max(res[o][key] for o in orders), res["independent"][key])
+    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-6), hi + 0.1 * (hi - lo + 1e-6))
+    ax.legend(fontsize=8)
+  fig.suptitle("Figure 6: dense SCR, all 24 orderings (sorted), test split")
+  fig.tight_layout()
+  fig.savefig(path)
+
+
+def plot_fig8(curves, path):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(11, 4), dpi=100)
+  FigureCanvasAgg(fig)
+  for k, key in enumerate(("val/side_mean", "val/mad_mean")):
+    ax = fig.add_subplot(1, 2, k + 1)
+    for name, c in curves.items():
+      pts = sorted(c.get(key, {}).items())
+      if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("val SIDE x1e-2" if "side" in key else "val MAD (deg)")
+    ax.legend(fontsize=8)
+  fig.suptitle("Figure 8: validation convergence (seed 0)")
+  fig.tight_layout()
+  fig.savefig(path)
+
+
+def read_curves(workdir):
+  import csv
+  out = {}
+  path = os.path.join(workdir, "metrics.csv")
+  if not os.path.exists(path):
+    return out
+  with open(path) as fh:
+    for row in csv.DictReader(fh):
+      out.setdefault(row["key"], {})[int(row["step"])] = float(row["value"])
+  return out
+
+
+def reproduce(out, preset="cpu_small", seeds=3, data="builtin", steps=None, search_steps=None,
+              fig6_steps=None, sets=(), load_split=None, command=""):
+  t0 = time.time()
+  if seeds < 1:
+    raise UserError(f"--seeds must be >= 1, got {seeds}")
+  cfg = config.get_config(preset)
+  cfg = config.override(cfg, list(sets) + ([f"steps={steps}"] if steps else []))
+  if cfg.lam_perc > 0 and not cfg.vgg_weights:
+    _log(f"note: preset {preset} wants the VGG16 perceptual loss but no vgg_weights file; "
+         "lam_perc=0")
+    cfg = config.override(cfg, ["lam_perc=0"])
+  cfg = config.validate(cfg)
+  search_steps = search_steps or max(cfg.steps // 5, 1)
+  fig6_steps = fig6_steps or cfg.steps
+  checkpoint.probe_writable(out)
+  settings = dict(preset=preset, seeds=seeds, data=data, steps=cfg.steps,
+                  search_steps=search_steps, fig6_steps=fig6_steps, sets=list(sets))
+  prev = _done(os.path.join(out, "settings.json"))
+  if prev and prev != settings:
+    raise UserError(f"{out} holds a reproduction with other settings ({prev}); "
+                    "use another --out")
+  _save(os.path.join(out, "settings.json"), settings)
+  checkpoint.save_config(out, cfg)
+  rep = Reproduction(out, cfg, data, list(range(seeds)), search_steps, fig6_steps, True,
+                     lambda split: load_split(data, split, cfg))
+  t1, labels = rep.table1()
+  t2 = rep.table2()
+  f6 = rep.fig6()
+  plot_fig6(f6, os.path.join(out, "fig6.png"))
+  fig8_runs = {"independent": "independent-SCR_s0", "dense (BO)": "dense-SCR-bo_s0",
+               "generic (Eq. 6)": "generic-SCR-unroll-masked_s0",
+               "dynamic (sigmoid)": "dynamic-SCR-sigmoid_s0"}
+  plot_fig8({k: read_curves(os.path.join(out, "runs", v)) for k, v in fig8_runs.items()},
+            os.path.join(out, "fig8.png"))
+  qual = {}
+  for name, variant, how in SCR_ROWS:
+    key = name.split(" (")[0].replace(" ", "-") + (f"-{how}" if how else "")
+    m, q, _ = rep.structure_for(how, 0)
+    qual[name] = (os.path.join(out, "runs", f"{key}_s0"), m, q)
+  rep.qualitative(qual, os.path.join(out, "qualitative.png"))
+  wall = time.time() - t0
+  summary = write_results(out, cfg, settings, t1, labels, t2, f6, wall, command)
+  _save(os.path.join(out, "reproduce.json"), summary)
+  _log(f"reproduce done in {wall:.0f}s (this invocation): {os.path.join(out, 'results.md')}")
+  return summary
+
+
+def write_results(out, cfg, settings, t1, labels, t2, f6, wall, command):
+  lines = ["# Reproduction of SCR (Liu et al., ECCV 2022) with scr-jax", "",
+           f"Command: `{command}`", "",
+           f"Settings: {json.dumps(settings)}; wall time of the last invocation {wall:.0f} s "
+           "(finished units of an earlier invocation are read back, not recomputed).", "",
+           "Config (`config.json` in this folder):", "", "```json", cfg.to_json(), "```", "",
+           "## Table 1: depth reconstruction on the test split", "",
+           "SIDE (x1e-2) and MAD (degrees): mean ± std over test images (of seed 0), and the "
+           "mean ± std over seeds of the per-seed means.", "",
+           "| method | structure | SIDE (seed 0) | MAD (seed 0) | SIDE over seeds | MAD over seeds |",
+           "|---|---|---|---|---|---|"]
+  summary = dict(table1={}, table2={}, fig6=f6)
+  for name, per in t1.items():
+    s0 = per[0]
+    sm, ss = _mean_std([p["side_mean"] for p in per])
+    mm, ms = _mean_std([p["mad_mean"] for p in per])
+    lab = ", ".join(labels.get(name, ["-"]))
+    lines.append(f"| {name} | {lab} | {s0['side_mean']:.3f} ± {s0['side_std']:.3f} | "
+                 f"{s0['mad_mean']:.2f} ± {s0['mad_std']:.2f} | {sm:.3f} ± {ss:.3f} | "
+                 f"{mm:.2f} ± {ms:.2f} |")
+    summary["table1"][name] = dict(side=sm, side_sd=ss, mad=mm, mad_sd=ms,
+                                   mad_per_seed=[p["mad_mean"] for p in per])
+  lines += ["", "## Table 2: MAD (degrees) per ordering, seed 0", "",
+            "| ordering | dense | generic (Eq. 6) | dynamic (sigmoid) | dynamic (cosine) |",
+            "|---|---|---|---|---|"]
+  for order in TABLE2_ORDERS:
+    vals = [t2[(order, v)]["mad_mean"] for v in
+            ("dense", "generic (Eq. 6)", "dynamic (sigmoid)", "dynamic (cosine)")]
+    lines.append(f"| {order} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
+    summary["table2"][order] = vals
+  ind = f6["independent"]
+  srt = sorted((o for o in f6 if o != "independent"), key=lambda o: f6[o]["mad"])
+  lines += ["", "## Figure 6: all 24 dense orderings", "", "![fig6](fig6.png)", "",
+            f"Trained together (vmapped) for {settings['fig6_steps']} steps with independent "
+            f"(M = 0) as a 25th candidate. Best MAD {srt[0]} {f6[srt[0]]['mad']:.2f}, worst "
+            f"{srt[-1]} {f6[srt[-1]]['mad']:.2f}, independent {ind['mad']:.2f}; "
+            f"{sum(f6[o]['mad'] < ind['mad'] for o in srt)} of 24 orderings below independent.",
+            "", "## Figure 8: validation convergence", "", "![fig8](fig8.png)", "",
+            "## Qualitative", "",
+            "Rows: variants of Table 1 (seed 0) in table order, 3 test images each; columns: "
+            "input, canonical normal map, textureless shading at yaw -40, 0, +40 degrees.", "",
+            "![qualitative](qualitative.png)", "", "## Comparison with the paper", ""]
+  ind_m = summary["table1"]["independent SCR"]["mad"]
+  scr = {k: v for k, v in summary["table1"].items()
+         if "SCR" in k and k != "independent SCR"}
+  best = min(scr, key=lambda k: scr[k]["mad"])
+  gain = 100 * (ind_m - scr[best]["mad"]) / ind_m
+  per_ind = summary["table1"]["independent SCR"]["mad_per_seed"]
+  per_best = scr[best]["mad_per_seed"]
+  wins = sum(b < i for b, i in zip(per_best, per_ind))
+  lines.append(
+      f"The paper (BFM, its Table 1) reports independent SCR at MAD 17.36, every learned "
+      f"structure lower (best: generic Eq. 6, 14.79, 15% lower; dense BO 14.88) and a random "
+      f"dense ordering worse (17.66). Here the best SCR variant is **{best}**, MAD {scr[best]['mad']:.2f} "
+      f"vs independent {ind_m:.2f} ({gain:+.1f}% lower), better on {wins} of "
+      f"{len(per_ind)} seeds. The issue's goal (>= 10% lower MAD than independent across seeds) "
+      f"is {'met' if gain >= 10 and wins == len(per_ind) else 'NOT met'} by this run. "
+      "Chosen on the test split after the fact, this best-of-six comparison is optimistic; "
+      "a seed spread as large as the gaps means the ranking is not significant.")
+  summary.update(best_variant=best, best_gain_percent=gain, seeds_better=wins)
+  with open(os.path.join(out, "results.md"), "w") as fh:
+    fh.write("\n".join(lines) + "\n")
+  return summary
