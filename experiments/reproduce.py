@@ -102,7 +102,7 @@ class Reproduction:
       _log(f"== search: generic SCR by unrolling ({'Eq. 6, mask ' + order if masked else 'Eq. 5'})")
       search.search_unroll(self.search_cfg(), os.path.dirname(path), self.train_data, self.val,
                            masked_order=order, steps=self.search_steps, unroll_k=1,
-                           augmented=not masked, tau=0.1)
+                           augmented=not masked, tau=0.1, raise_to_dag=True)
     s = structure.load_structure(path)
     return np.asarray(s["M"], np.float32)
 

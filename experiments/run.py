@@ -210,7 +210,8 @@ def cmd_search(args):
                                 steps=cfg.steps, unroll_k=args.unroll, inner=args.inner,
                                 outer_lr=args.outer_lr, lam_dag=args.lam_dag,
                                 augmented=args.augmented, tau=args.threshold,
-                                binarize=not args.keep_weights)
+                                binarize=not args.keep_weights,
+                                raise_to_dag=args.raise_threshold_to_dag)
   _log(f"search done in {time.time() - t0:.0f}s; train with: python experiments/run.py train "
        f"--variant {'dense' if 'M' not in s else 'generic'} --structure "
        f"{os.path.join(args.workdir, 'structure.json')} --preset {args.preset} --data {args.data} "
@@ -429,6 +430,9 @@ def build_parser():
   se.add_argument("--lam-dag", type=float, default=1.0)
   se.add_argument("--augmented", action="store_true", help="augmented Lagrangian for h(M)")
   se.add_argument("--threshold", type=float, default=0.1)
+  se.add_argument("--raise-threshold-to-dag", action="store_true",
+                  help="if a cycle remains, raise the threshold until M is a DAG "
+                  "(default: refuse with an error)")
   se.add_argument("--keep-weights", action="store_true",
                   help="keep M's values above the threshold instead of binarising")
   se.add_argument("--order", help="unroll-masked: the dense ordering")

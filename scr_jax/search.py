@@ -148,6 +148,19 @@ def threshold(m, tau: float, binarize: bool = True) -> np.ndarray:
   return out
 
 
+def threshold_to_dag(m, tau: float, binarize: bool = True):
+  """Thresholds at tau, raising the threshold to the next |M| value while a
+  cycle remains (drops the weakest edges of cycles first). Returns (M, tau
+  used); the result is always a DAG (at worst empty)."""
+  vals = sorted(set(np.abs(np.asarray(m)).ravel().tolist()))
+  for t in [tau] + [v for v in vals if v > tau]:
+    try:
+      return threshold(m, t, binarize), t
+    except UserError:
+      continue
+  return np.zeros((4, 4), np.float32), float("inf")
+
+
 # ----------------------------------------------------------------------------
 # Training candidates for BO (and for `train --candidates`).
 # ----------------------------------------------------------------------------
@@ -266,7 +279,7 @@ def search_orders(cfg, workdir, train_data, val_data, method="bo", n_init=4, n_e
 
 def search_unroll(cfg, workdir, train_data, val_data, masked_order=None, steps=50, unroll_k=1,
                   inner="adam", outer_lr=5e-2, lam_dag=1.0, augmented=False, tau=0.1,
-                  binarize=True, log=log_line):
+                  binarize=True, raise_to_dag=False, log=log_line):
   """Generic SCR by unrolled bilevel optimisation (Eq. 5), or on M * M_dense
   of `masked_order` (Eq. 6). Writes workdir/structure.json (thresholded M),
   unroll_trace.json and unroll_trace.png."""
@@ -301,7 +314,13 @@ def search_unroll(cfg, workdir, train_data, val_data, masked_order=None, steps=5
                m_continuous=res["m_effective"].tolist())
   _write_json(os.path.join(workdir, "unroll_trace.json"), trace)
   plot_unroll(trace, os.path.join(workdir, "unroll_trace.png"))
-  m = threshold(res["m_effective"], tau, binarize)
+  if raise_to_dag:
+    m, used = threshold_to_dag(res["m_effective"], tau, binarize)
+    if used != tau:
+      log(f"a cycle remained at threshold {tau}; raised it to {used:.4g} (weakest edges dropped)")
+    tau = used
+  else:
+    m = threshold(res["m_effective"], tau, binarize)
   s = structure.save_structure(os.path.join(workdir, "structure.json"), m=m, method=method,
                                m_continuous=res["m_effective"].round(5).tolist(),
                                threshold=tau, trace="unroll_trace.json")

@@ -262,3 +262,11 @@ def test_search_cli_bo_then_masked_unroll_then_train(tiny_root, tmp_path):
        "--steps", "2")
   adj = json.load(open(os.path.join(run_dir, "adjacency.json")))
   np.testing.assert_allclose(adj["M"], m, rtol=1e-6)
+
+
+def test_threshold_to_dag_drops_the_weakest_cycle_edges():
+  m = np.zeros((4, 4), np.float32)
+  m[0, 3], m[3, 0], m[1, 2] = 0.4, 0.2, 0.3  # V <-> A cycle, plus D -> L
+  out, used = search.threshold_to_dag(m, 0.1)
+  assert used == pytest.approx(0.2) and structure.is_dag(out)
+  assert out[0, 3] == 1 and out[3, 0] == 0 and out[1, 2] == 1
