@@ -415,3 +415,33 @@ def write_results(out, cfg, settings, t1, labels, t2, f6, wall, command):
   with open(os.path.join(out, "results.md"), "w") as fh:
     fh.write("\n".join(lines) + "\n")
   return summary
+
+
+def partial_report(out):
+  """Table 1 from the runs finished so far (for a reproduction still running or
+  interrupted): writes OUT/results_partial.md and returns its text."""
+  import glob
+  settings = _done(os.path.join(out, "settings.json"))
+  if settings is None:
+    raise UserError(f"{out} holds no reproduction (no settings.json)")
+  rows = {}
+  for path in sorted(glob.glob(os.path.join(out, "runs", "*_s*", "test.json"))):
+    name = os.path.basename(os.path.dirname(path)).rsplit("_s", 1)[0]
+    rows.setdefault(name, []).append(_done(path))
+  lines = ["# Partial reproduction (finished runs only)", "",
+           f"Settings: {json.dumps(settings)}", "",
+           "| run | seeds done | SIDE x1e-2 over seeds | MAD deg over seeds | MAD per seed |",
+           "|---|---|---|---|---|"]
+  for name, per in rows.items():
+    sm, ss = _mean_std([p["side_mean"] for p in per])
+    mm, ms = _mean_std([p["mad_mean"] for p in per])
+    lines.append(f"| {name} | {len(per)} | {sm:.3f} ± {ss:.3f} | {mm:.2f} ± {ms:.2f} | "
+                 + ", ".join(f"{p['mad_mean']:.2f}" for p in per) + " |")
+  done_t2 = sorted(os.path.basename(os.path.dirname(p))
+                   for p in glob.glob(os.path.join(out, "table2", "*", "test.json")))
+  lines += ["", f"Table 2 runs finished: {', '.join(done_t2) or 'none'}; Figure 6: "
+            f"{'done' if os.path.exists(os.path.join(out, 'fig6', 'results.json')) else 'not yet'}."]
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(out, "results_partial.md"), "w") as fh:
+    fh.write(text)
+  return text

@@ -223,6 +223,9 @@ def cmd_reproduce(args):
   """Tables 1-2, Figures 6 and 8, qualitative grid; resumable (see reproduce.py)."""
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import reproduce
+  if args.report:
+    print(reproduce.partial_report(args.out))
+    return None
   command = "python experiments/run.py " + " ".join(sys.argv[1:])
   return reproduce.reproduce(args.out, preset=args.preset, seeds=args.seeds, data=args.data,
                              steps=args.steps, search_steps=args.search_steps,
@@ -450,6 +453,8 @@ def build_parser():
                   "(default steps/5)")
   rp.add_argument("--fig6-steps", type=int, help="steps of the all-24 run (default: --steps)")
   rp.add_argument("--set", action="append", metavar="KEY=VALUE")
+  rp.add_argument("--report", action="store_true",
+                  help="only tabulate the runs finished so far (OUT/results_partial.md)")
   rp.set_defaults(fn=cmd_reproduce)
 
   mn = sub.add_parser("main", help="the `make run` job")
