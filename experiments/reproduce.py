@@ -417,7 +417,7 @@ def write_results(out, cfg, settings, t1, labels, t2, f6, wall, command):
   return summary
 
 
-def partial_report(out):
+def partial_report(out, load_split=None):
   """Table 1 from the runs finished so far (for a reproduction still running or
   interrupted): writes OUT/results_partial.md and returns its text."""
   import glob
@@ -437,6 +437,13 @@ def partial_report(out):
     mm, ms = _mean_std([p["mad_mean"] for p in per])
     lines.append(f"| {name} | {len(per)} | {sm:.3f} ± {ss:.3f} | {mm:.2f} ± {ms:.2f} | "
                  + ", ".join(f"{p['mad_mean']:.2f}" for p in per) + " |")
+  if load_split is not None:  # the two reference predictions, same test split
+    cfg = checkpoint.load_config(out)
+    test, trn = load_split(settings["data"], "test", cfg), load_split(settings["data"], "train", cfg)
+    for name, b in metrics.baseline_summaries(test["depth"], trn["depth"],
+                                              model.camera(cfg)).items():
+      lines.append(f"| {name} | - | {b['side_mean']:.3f} ± {b['side_std']:.3f} (images) | "
+                   f"{b['mad_mean']:.2f} ± {b['mad_std']:.2f} (images) | - |")
   done_t2 = sorted(os.path.basename(os.path.dirname(p))
                    for p in glob.glob(os.path.join(out, "table2", "*", "test.json")))
   lines += ["", f"Table 2 runs finished: {', '.join(done_t2) or 'none'}; Figure 6: "

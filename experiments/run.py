@@ -224,7 +224,7 @@ def cmd_reproduce(args):
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import reproduce
   if args.report:
-    print(reproduce.partial_report(args.out))
+    print(reproduce.partial_report(args.out, load_split))
     return None
   command = "python experiments/run.py " + " ".join(sys.argv[1:])
   return reproduce.reproduce(args.out, preset=args.preset, seeds=args.seeds, data=args.data,
