@@ -256,7 +256,10 @@ def cmd_eval(args):
   cfg, nets, params, m, q, step = _restore(args.workdir)
   d = load_split(args.data, args.split, cfg)
   eval_fn = train.make_eval_fn(nets, cfg, q)
+  pred = None
   if m.ndim == 3:  # a `train --candidates` workdir: one result per ordering
+    if args.save_predictions:
+      raise UserError("--save-predictions needs a single-structure workdir")
     with open(os.path.join(args.workdir, "adjacency.json")) as fh:
       orders = json.load(fh)["orders"]
     rows = []
@@ -264,17 +267,9 @@ def cmd_eval(args):
       r, _, _ = train.evaluate(eval_fn, train.unstack_params(params, i), d, m[i], cfg)
       rows.append(dict(r, order=order))
       _log(f"  {order}: SIDE {r['side_mean']:.3f}  MAD {r['mad_mean']:.2f}")
-    summ = dict(candidates=rows, split=args.split, step=step, workdir=args.workdir)
-    text = json.dumps(summ, indent=1)
-    print(text)
-    if args.out:
-      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-      with open(args.out, "w") as fh:
-        fh.write(text + "\n")
-    if args.save_predictions:
-      raise UserError("--save-predictions needs a single-structure workdir")
-    return summ
-  summ, pred, valid = train.evaluate(eval_fn, params, d, m, cfg)
+    summ = dict(candidates=rows)
+  else:
+    summ, pred, valid = train.evaluate(eval_fn, params, d, m, cfg)
   summ.update(split=args.split, step=step, workdir=args.workdir)
   text = json.dumps(summ, indent=1)
   print(text)
@@ -282,7 +277,7 @@ def cmd_eval(args):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
       fh.write(text + "\n")
-  if args.save_predictions:
+  if args.save_predictions and pred is not None:
     np.savez_compressed(args.save_predictions, pred_depth=pred, mask=valid,
                         names=np.asarray(d["names"]))
   return summ
