@@ -4,6 +4,7 @@ and the achieved FLOP/s as a fraction of a dense fp32 matmul measured in the
 same run (same process, same machine state).
 
   python experiments/bench_train.py [--presets cpu_small,paper] [--repeats 5]
+  python experiments/bench_train.py --layers   # per-layer: ours vs lax/flax convs
 
 Prints a table, then one JSON line (the last line).
 """
@@ -70,12 +71,57 @@ def bench_preset(name, repeats, variant="independent"):
               flops_per_s=flops / t, compile_s=compile_s)
 
 
+# (H, Cin, Cout, kernel, stride, pad) of the paper preset's convs, B = 64, and
+# (H, Cin, Cout) of its stride-2 transposed convs.
+PAPER_CONVS = [(64, 3, 64, 4, 2, 1), (32, 64, 128, 4, 2, 1), (4, 512, 512, 3, 1, 1),
+               (32, 64, 64, 3, 1, 1), (64, 64, 64, 5, 1, 2), (64, 64, 1, 5, 1, 2)]
+PAPER_DECONVS = [(4, 512, 256), (16, 128, 64), (32, 128, 64)]
+
+
+def bench_layers(repeats, batch=64):
+  """fwd+bwd time of each layer shape: lax conv / flax ConvTranspose vs ours."""
+  import flax.linen as nn
+  from scr_jax import nets
+  rows = []
+  key = jax.random.PRNGKey(0)
+
+  def timed(f, k, x, w):
+    g = jax.jit(jax.grad(lambda k, x: jnp.sum(f(k, x) * w), argnums=(0, 1)))
+    jax.block_until_ready(g(k, x))
+    return _median_time(lambda: g(k, x), repeats)
+
+  for h, c, o, kk, s, p in PAPER_CONVS:
+    x = jax.random.normal(key, (batch, h, h, c))
+    k = jax.random.normal(key, (kk, kk, c, o)) * 0.1
+    ref = lambda k, x: jax.lax.conv_general_dilated(
+        x, k, (s, s), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    w = jnp.ones(ref(k, x).shape)
+    rows.append((f"conv {h}px {c}->{o} k{kk} s{s}", timed(ref, k, x, w),
+                 timed(lambda k, x: nets.conv2d(x, k, s, p), k, x, w)))
+  for h, c, o in PAPER_DECONVS:
+    x = jax.random.normal(key, (batch, h, h, c))
+    k = jax.random.normal(key, (4, 4, c, o)) * 0.1
+    flax_t = nn.ConvTranspose(o, (4, 4), (2, 2), padding="SAME", use_bias=False)
+    ours = nets.ConvTranspose(o, 2)
+    w = jnp.ones((batch, 2 * h, 2 * h, o))
+    rows.append((f"deconv {h}px {c}->{o} s2",
+                 timed(lambda k, x: flax_t.apply({"params": {"kernel": k}}, x), k, x, w),
+                 timed(lambda k, x: ours.apply({"params": {"kernel": k}}, x), k, x, w)))
+  print(f"{'layer (batch %d), fwd+bwd' % batch:<34}{'lax/flax ms':>12}{'ours ms':>10}{'speed-up':>10}")
+  for name, a, b in rows:
+    print(f"{name:<34}{a * 1e3:>12.1f}{b * 1e3:>10.1f}{a / b:>10.2f}", flush=True)
+  print(json.dumps(dict(layers=[dict(layer=n, reference_s=a, ours_s=b) for n, a, b in rows])))
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--presets", default="cpu_small,paper")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--matmul-n", type=int, default=2048)
+  p.add_argument("--layers", action="store_true", help="per-layer conv timings instead")
   args = p.parse_args()
+  if args.layers:
+    return bench_layers(args.repeats)
   dev = jax.devices()[0]
   print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), "
         f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)

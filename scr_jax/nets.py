@@ -10,15 +10,135 @@ All modules are NHWC. The number of stride-2 stages follows the image size.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-_conv = lambda feat, k, s, p: nn.Conv(feat, (k, k), (s, s), padding=p, use_bias=False)
-_deconv = lambda feat, k, s: nn.ConvTranspose(
-    feat, (k, k), (s, s), padding="SAME" if s == 2 else "VALID", use_bias=False)
+_DN = ("NHWC", "HWIO", "NHWC")
+# Patch buffer per chunk of the im2col kernel gradient (bounds its memory).
+_IM2COL_CHUNK_BYTES = 256 << 20
+
+
+def _lax_conv(x, k, stride, pad):
+  return jax.lax.conv_general_dilated(x, k, (stride, stride), ((pad, pad), (pad, pad)),
+                                      dimension_numbers=_DN)
+
+
+def _kernel_grad_im2col(x_BxHxWxC, dy_BxHoxWoxO, kh, kw, stride, pad):
+  """dL/dk as patches^T @ dy, summed over batch chunks that bound the patch
+  buffer (a Python loop, not a scan: XLA's cost analysis counts every chunk)."""
+  b, ho, wo, o = dy_BxHoxWoxO.shape
+  c = x_BxHxWxC.shape[-1]
+  xp = jnp.pad(x_BxHxWxC, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  n = int(max(1, min(b, _IM2COL_CHUNK_BYTES // (ho * wo * kh * kw * c * 4))))
+  span = lambda i, size: slice(i, i + stride * (size - 1) + 1, stride)
+  dk = 0.0
+  for s in range(0, b, n):
+    xc, dyc = xp[s:s + n], dy_BxHoxWoxO[s:s + n]
+    cols = jnp.concatenate([xc[:, span(i, ho), span(j, wo)] for i in range(kh)
+                            for j in range(kw)], axis=-1).reshape(-1, kh * kw * c)
+    dk = dk + cols.T @ dyc.reshape(-1, o)
+  return dk.reshape(kh, kw, c, o)
+
+
+# Output phase p (0: even, 1: odd pixels) of a stride-2 4-tap transposed conv
+# is a 2-tap conv of the 1-padded input starting at offset p, with these taps.
+_PHASE_TAPS = (np.array([0, 2]), np.array([1, 3]))
+
+
+def deconv2x(x_BxHxWxC, k_4x4xCxO):
+  """The stride-2, 4x4, SAME transposed conv (= flax's nn.ConvTranspose) as one
+  2x2 conv per output phase (even/odd rows x columns), interleaved."""
+  b, h, w, _ = x_BxHxWxC.shape
+  xp = jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  rows = []
+  for py in range(2):
+    cols = [conv2d(xp[:, py:py + h + 1, px:px + w + 1],
+                   k_4x4xCxO[_PHASE_TAPS[py]][:, _PHASE_TAPS[px]], 1, 0) for px in range(2)]
+    rows.append(jnp.stack(cols, axis=3))  # B x H x W x 2(px) x O
+  y = jnp.stack(rows, axis=2)  # B x H x 2(py) x W x 2(px) x O
+  return y.reshape(b, 2 * h, 2 * w, k_4x4xCxO.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x_BxHxWxC, k_KxKxCxO, stride: int, pad: int):
+  """A plain NHWC conv (no bias) with lax's values and gradients; only the
+  kernel gradient of convs with >= 32 output channels is computed differently,
+  as an im2col matmul: XLA:CPU runs lax's (a conv with a huge window and a tiny
+  output) 2-7x slower for those layers; for narrow outputs lax's is faster.
+  Measured per layer with experiments/bench_train.py --layers."""
+  return _lax_conv(x_BxHxWxC, k_KxKxCxO, stride, pad)
+
+
+def _conv2d_fwd(x, k, stride, pad):
+  return _lax_conv(x, k, stride, pad), (x, k)
+
+
+def _conv2d_bwd(stride, pad, res, dy):
+  x, k = res
+  # (The input gradient of stride-2 convs as `deconv2x` of dy with the flipped
+  # kernel was tried: no faster than lax's on XLA:CPU, much slower for 3 channels.)
+  dx = jax.vjp(lambda x: _lax_conv(x, k, stride, pad), x)[1](dy)[0]
+  if k.shape[-1] >= 32:
+    dk = _kernel_grad_im2col(x, dy, k.shape[0], k.shape[1], stride, pad)
+  else:
+    dk = jax.vjp(lambda k: _lax_conv(x, k, stride, pad), k)[1](dy)[0]
+  return dx, dk
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+class Conv(nn.Module):
+  """`nn.Conv(features, (k, k), (s, s), padding=pad, use_bias=False)` (same
+  parameter name, shape and init) computed by `conv2d`."""
+  features: int
+  kernel_size: int
+  strides: int = 1
+  padding: int = 0  # pixels on each side ("VALID" = 0)
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC):
+    k = self.param("kernel", nn.initializers.lecun_normal(),
+                   (self.kernel_size, self.kernel_size, x_BxHxWxC.shape[-1], self.features))
+    return conv2d(x_BxHxWxC, k, self.strides, self.padding)
+
+
+_conv = lambda feat, k, s, p: Conv(feat, k, s, 0 if p == "VALID" else p)
+
+
+class ConvTranspose(nn.Module):
+  """Unsup3D's two transposed convs, numerically equal to flax's
+  `nn.ConvTranspose(feat, (4, 4), (s, s), padding="SAME" if s == 2 else "VALID",
+  use_bias=False)`, with the same parameter (kernel 4x4xCinxCout, same name and
+  init, so checkpoints are interchangeable), computed without input dilation:
+    s=2: one 2x2 conv per output phase (even/odd rows x columns), interleaved;
+         XLA:CPU runs the input-dilated conv that flax lowers to 2-11x slower
+         (forward + backward, measured per layer), and XLA's FLOP count of it
+         includes the multiplications with the inserted zeros.
+    s=1 on a 1x1 input (the 1 -> 4 bottleneck): a matmul with the flipped kernel.
+  """
+  features: int
+  strides: int
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC):
+    cin = x_BxHxWxC.shape[-1]
+    k = self.param("kernel", nn.initializers.lecun_normal(), (4, 4, cin, self.features))
+    b, h, w, _ = x_BxHxWxC.shape
+    if self.strides == 1:
+      if (h, w) != (1, 1):
+        raise ValueError("ConvTranspose(strides=1) expects a 1x1 input")
+      flipped = k[::-1, ::-1].transpose(2, 0, 1, 3).reshape(cin, -1)
+      return (x_BxHxWxC.reshape(b, cin) @ flipped).reshape(b, 4, 4, self.features)
+    return deconv2x(x_BxHxWxC, k)
+
+
+_deconv = lambda feat, k, s: ConvTranspose(feat, s)
 
 
 def _gn(x):
