@@ -54,6 +54,7 @@ class Config:
   # Optimisation.
   batch_size: int = 32
   lr: float = 1e-4
+  lr_view_mult: float = 1.0  # lr multiplier of the view encoder and head (1 = Unsup3D)
   weight_decay: float = 5e-4  # coupled L2 added to the gradient, as Unsup3D
   steps: int = 2000
   seed: int = 0
@@ -155,6 +156,7 @@ def validate(cfg: Config) -> Config:
        "order", "must be a permutation of V, D, L, A (e.g. DVAL) or random")
   need(cfg.batch_size >= 1, "batch_size", "must be >= 1")
   need(cfg.lr > 0, "lr", "must be > 0")
+  need(cfg.lr_view_mult > 0, "lr_view_mult", "must be > 0")
   need(cfg.steps >= 0, "steps", "must be >= 0")
   for f in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints", "num_eval_images"):
     need(getattr(cfg, f) >= 1, f, "must be >= 1")

@@ -11,6 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import pytest
 
 from scr_jax import config, data, losses, model, nets as nets_lib, structure, train
@@ -78,6 +79,51 @@ def test_parameter_counts_match_unsup3d_paper_preset():
   assert 12.5e6 < c["f1_D"] + c["f2_D"] < 13.5e6
   assert 1.6e6 < c["f1_V"] + c["f2_V"] < 1.8e6
   assert 7.5e6 < c["conf"] < 8.0e6
+
+
+@pytest.mark.parametrize("strides,hw", [(2, 5), (1, 1)])
+def test_conv_transpose_equals_flax(strides, hw):
+  """Our dilation-free transposed conv = flax's nn.ConvTranspose on the same
+  parameters (outputs and both gradients), so checkpoints carry over."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, hw, hw + 1 if strides == 2 else hw, 6))
+  ref = nn.ConvTranspose(7, (4, 4), (strides, strides), use_bias=False,
+                         padding="SAME" if strides == 2 else "VALID")
+  ours = nets_lib.ConvTranspose(7, strides)
+  p_ref = ref.init(jax.random.PRNGKey(1), x)
+  p_ours = ours.init(jax.random.PRNGKey(1), x)
+  assert jax.tree_util.tree_structure(p_ref) == jax.tree_util.tree_structure(p_ours)
+  np.testing.assert_array_equal(p_ref["params"]["kernel"], p_ours["params"]["kernel"])
+  y_ref, y = ref.apply(p_ref, x), ours.apply(p_ref, x)
+  want = (2, 4, 4, 7) if strides == 1 else (2, 2 * hw, 2 * hw + 2, 7)
+  assert y.shape == y_ref.shape == want
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
+  w = jax.random.normal(jax.random.PRNGKey(2), y.shape)
+  grad = lambda mod: jax.grad(lambda p, x: jnp.sum(mod.apply(p, x) * w), argnums=(0, 1))(p_ref, x)
+  for a, b in zip(jax.tree_util.tree_leaves(grad(ours)), jax.tree_util.tree_leaves(grad(ref))):
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,pad", [(5, 8, 3, 1, 1), (5, 32, 3, 1, 1), (3, 36, 4, 2, 1),
+                                                    (5, 8, 4, 2, 1), (6, 40, 4, 1, 0)])
+def test_conv_equals_flax_first_and_second_order(cin, cout, k, stride, pad):
+  """nets.Conv (custom kernel gradient for >= 32 outputs) = nn.Conv: values,
+  gradients, and the grad-of-grad that the unrolled structure search takes."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, cin))
+  ref = nn.Conv(cout, (k, k), (stride, stride), padding=pad, use_bias=False)
+  ours = nets_lib.Conv(cout, k, stride, pad)
+  p = ref.init(jax.random.PRNGKey(1), x)
+  np.testing.assert_array_equal(p["params"]["kernel"],
+                                ours.init(jax.random.PRNGKey(1), x)["params"]["kernel"])
+  np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x), atol=1e-5)
+  w = jax.random.normal(jax.random.PRNGKey(2), ref.apply(p, x).shape)
+  loss = lambda mod: lambda p, x: jnp.sum(jnp.tanh(mod.apply(p, x)) * w)
+  for a, b in zip(jax.tree_util.tree_leaves(jax.grad(loss(ours), (0, 1))(p, x)),
+                  jax.tree_util.tree_leaves(jax.grad(loss(ref), (0, 1))(p, x))):
+    np.testing.assert_allclose(a, b, atol=1e-4)
+  # Second order: d/dx of |dL/dk|^2 (as in a hypergradient through an update).
+  meta = lambda mod: jax.grad(lambda x: sum(jnp.sum(g**2) for g in jax.tree_util.tree_leaves(
+      jax.grad(loss(mod))(p, x))))(x)
+  np.testing.assert_allclose(meta(ours), meta(ref), rtol=1e-3, atol=1e-3)
 
 
 def test_structure_enters_as_data(tiny_data):
@@ -300,3 +346,21 @@ def test_two_process_distributed_matches_single(tiny_data):
   assert res[0]["n"] == 2
   np.testing.assert_allclose(res[0]["losses"], ref["losses"], rtol=1e-4)
   np.testing.assert_allclose(res[1]["losses"], ref["losses"], rtol=1e-4)
+
+
+def test_lr_view_mult_scales_only_the_view_updates():
+  base = config.get_config("test_tiny")
+  img = jax.random.uniform(jax.random.PRNGKey(5), (4, 16, 16, 3))
+  m = jnp.zeros((4, 4))
+  deltas = []
+  for mult in (1.0, 3.0):
+    cfg = config.override(base, [f"lr_view_mult={mult}"])
+    nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+    before = jax.tree_util.tree_map(np.asarray, state["params"])
+    new, _ = train.make_train_step(nets, cfg)(state, img, m)
+    deltas.append(jax.tree_util.tree_map(lambda a, b: np.asarray(a) - b, new["params"], before))
+  for name in deltas[0]["params"]:
+    want = 3.0 if name in ("f1_V", "f2_V") else 1.0
+    for a, b in zip(jax.tree_util.tree_leaves(deltas[0]["params"][name]),
+                    jax.tree_util.tree_leaves(deltas[1]["params"][name])):
+      np.testing.assert_allclose(b, want * a, rtol=1e-4, atol=1e-7)
