@@ -22,17 +22,10 @@ def make_optimizer(cfg):
   # Unsup3D: Adam with weight decay added to the gradient (coupled L2).
   parts = [optax.add_decayed_weights(cfg.weight_decay), optax.adam(cfg.lr, b1=0.9, b2=0.999)]
   if cfg.lr_view_mult != 1.0:  # only then: the optimiser state keeps Unsup3D's shape
-    parts.append(_scale_modules(("f1_V", "f2_V"), cfg.lr_view_mult))
+    is_view = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[1], "key", None) in ("f1_V", "f2_V"), params)
+    parts.append(optax.masked(optax.scale(cfg.lr_view_mult), is_view))
   return optax.chain(*parts)
-
-
-def _scale_modules(names, factor):
-  """Multiplies the updates of the top-level modules `names` by `factor`."""
-  def update(updates, state, params=None):
-    del params
-    scale = lambda path, u: u * factor if getattr(path[1], "key", None) in names else u
-    return jax.tree_util.tree_map_with_path(scale, updates), state
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def init_state(cfg, rng):
