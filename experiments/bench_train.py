@@ -93,8 +93,7 @@ def bench_layers(repeats, batch=64):
   for h, c, o, kk, s, p in PAPER_CONVS:
     x = jax.random.normal(key, (batch, h, h, c))
     k = jax.random.normal(key, (kk, kk, c, o)) * 0.1
-    ref = lambda k, x: jax.lax.conv_general_dilated(
-        x, k, (s, s), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ref = lambda k, x: nets.lax_conv(x, k, s, p)
     w = jnp.ones(ref(k, x).shape)
     rows.append((f"conv {h}px {c}->{o} k{kk} s{s}", timed(ref, k, x, w),
                  timed(lambda k, x: nets.conv2d(x, k, s, p), k, x, w)))

@@ -23,7 +23,8 @@ _DN = ("NHWC", "HWIO", "NHWC")
 _IM2COL_CHUNK_BYTES = 256 << 20
 
 
-def _lax_conv(x, k, stride, pad):
+def lax_conv(x, k, stride, pad):
+  """lax's NHWC / HWIO conv with symmetric padding (the reference for `conv2d`)."""
   return jax.lax.conv_general_dilated(x, k, (stride, stride), ((pad, pad), (pad, pad)),
                                       dimension_numbers=_DN)
 
@@ -69,24 +70,24 @@ def conv2d(x_BxHxWxC, k_KxKxCxO, stride: int, pad: int):
   """A plain NHWC conv (no bias) with lax's values and gradients; only the
   kernel gradient of convs with >= 32 output channels is computed differently,
   as an im2col matmul: XLA:CPU runs lax's (a conv with a huge window and a tiny
-  output) 2-7x slower for those layers; for narrow outputs lax's is faster.
+  output) slowly for those layers; for narrow outputs lax's is the faster one.
   Measured per layer with experiments/bench_train.py --layers."""
-  return _lax_conv(x_BxHxWxC, k_KxKxCxO, stride, pad)
+  return lax_conv(x_BxHxWxC, k_KxKxCxO, stride, pad)
 
 
 def _conv2d_fwd(x, k, stride, pad):
-  return _lax_conv(x, k, stride, pad), (x, k)
+  return lax_conv(x, k, stride, pad), (x, k)
 
 
 def _conv2d_bwd(stride, pad, res, dy):
   x, k = res
   # (The input gradient of stride-2 convs as `deconv2x` of dy with the flipped
   # kernel was tried: no faster than lax's on XLA:CPU, much slower for 3 channels.)
-  dx = jax.vjp(lambda x: _lax_conv(x, k, stride, pad), x)[1](dy)[0]
+  dx = jax.vjp(lambda x: lax_conv(x, k, stride, pad), x)[1](dy)[0]
   if k.shape[-1] >= 32:
     dk = _kernel_grad_im2col(x, dy, k.shape[0], k.shape[1], stride, pad)
   else:
-    dk = jax.vjp(lambda k: _lax_conv(x, k, stride, pad), k)[1](dy)[0]
+    dk = jax.vjp(lambda k: lax_conv(x, k, stride, pad), k)[1](dy)[0]
   return dx, dk
 
 
@@ -117,8 +118,8 @@ class ConvTranspose(nn.Module):
   use_bias=False)`, with the same parameter (kernel 4x4xCinxCout, same name and
   init, so checkpoints are interchangeable), computed without input dilation:
     s=2: one 2x2 conv per output phase (even/odd rows x columns), interleaved;
-         XLA:CPU runs the input-dilated conv that flax lowers to 2-11x slower
-         (forward + backward, measured per layer), and XLA's FLOP count of it
+         XLA:CPU runs the input-dilated conv that flax lowers to 8-11x slower
+         (forward + backward, bench_train.py --layers), and XLA's FLOP count of it
          includes the multiplications with the inserted zeros.
     s=1 on a 1x1 input (the 1 -> 4 bottleneck): a matmul with the flipped kernel.
   """
