@@ -256,7 +256,6 @@ def cmd_eval(args):
   cfg, nets, params, m, q, step = _restore(args.workdir)
   d = load_split(args.data, args.split, cfg)
   eval_fn = train.make_eval_fn(nets, cfg, q)
-  pred = None
   if m.ndim == 3:  # a `train --candidates` workdir: one result per ordering
     if args.save_predictions:
       raise UserError("--save-predictions needs a single-structure workdir")
@@ -277,7 +276,7 @@ def cmd_eval(args):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
       fh.write(text + "\n")
-  if args.save_predictions and pred is not None:
+  if args.save_predictions:  # refused above for candidate workdirs
     np.savez_compressed(args.save_predictions, pred_depth=pred, mask=valid,
                         names=np.asarray(d["names"]))
   return summ
