@@ -50,6 +50,16 @@ class Config:
   # canonical depth starts as a gentle ellipsoid instead of flat, which breaks
   # the convex/concave (bas-relief) ambiguity towards convex objects.
   depth_prior: float = 0.0
+  # Confidence warm-up (0 = Unsup3D): for the first N steps the predicted
+  # confidence maps are replaced by sigma = 1, so the flipped twin's loss
+  # cannot be discounted while the view is still being learned.
+  conf_warmup_steps: int = 0
+  # Symmetry warm-up (0 = Unsup3D): the canonical depth and albedo are forced
+  # left-right symmetric for the first half of N steps and released linearly
+  # over the second half, so every asymmetry of the input must first be
+  # explained by the view (yaw) rather than absorbed into an asymmetric
+  # canonical face.
+  sym_warmup_steps: int = 0
   vgg_weights: str = ""
   # Optimisation.
   batch_size: int = 32
@@ -164,4 +174,6 @@ def validate(cfg: Config) -> Config:
   need(cfg.on_nonfinite in ("stop", "skip"), "on_nonfinite", "must be stop or skip")
   need(cfg.lam_flip >= 0 and cfg.lam_perc >= 0, "lam_flip", "loss weights must be >= 0")
   need(cfg.min_sigma >= 0, "min_sigma", "must be >= 0")
+  need(cfg.conf_warmup_steps >= 0, "conf_warmup_steps", "must be >= 0")
+  need(cfg.sym_warmup_steps >= 0, "sym_warmup_steps", "must be >= 0")
   return cfg

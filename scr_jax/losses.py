@@ -16,10 +16,12 @@ def photometric(recon_BxSxSxC, target_BxSxSxC, mask_BxSxS, sigma_BxSxS):
   return jnp.sum(per * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def total_loss(out, img_BxSxSx3, cfg, perceptual_fn=None):
+def total_loss(out, img_BxSxSx3, cfg, perceptual_fn=None, step=None):
   """L = L1(orig) + lam_flip L1(flip) [+ lam_perc (Lp + lam_flip Lp_flip)].
 
   out: `model.forward` output (leading axis 2B = [orig; flip]).
+  step: the training step (int32 scalar), for `cfg.conf_warmup_steps`; None
+    (evaluation, search objectives) uses the predicted confidence.
   Returns (loss, metrics dict).
   """
   b = img_BxSxSx3.shape[0]
@@ -29,6 +31,8 @@ def total_loss(out, img_BxSxSx3, cfg, perceptual_fn=None):
   # flows through coverage (as Unsup3D detaches it).
   both = jax.lax.stop_gradient(mask[:b] * mask[b:])
   sig = out["sigma_l1"] + cfg.min_sigma
+  if step is not None and cfg.conf_warmup_steps > 0:
+    sig = jnp.where(step < cfg.conf_warmup_steps, jnp.ones_like(sig), sig)
   l1 = photometric(out["recon_im"][:b], target, both, sig[..., 0])
   l1_flip = photometric(out["recon_im"][b:], target, both, sig[..., 1])
   loss = l1 + cfg.lam_flip * l1_flip

@@ -55,18 +55,31 @@ def light_from_raw(raw_Bx4):
   return (raw_Bx4[:, 0] + 1) / 2, (raw_Bx4[:, 1] + 1) / 2, raw_Bx4[:, 2:4]
 
 
-def factors(nets, params, img_BxSxSx3, m, cfg, q=None):
+def symmetrize(x_BxSxS_, weight):
+  """Blends a canonical map (depth BxSxS or albedo BxSxSx3) towards its
+  left-right symmetric part: (1 - w) x + w (x + flip(x)) / 2, w in [0, 1]."""
+  return x_BxSxS_ + weight * 0.5 * (x_BxSxS_[:, :, ::-1] - x_BxSxS_)
+
+
+def factors(nets, params, img_BxSxSx3, m, cfg, q=None, sym=None):
   """Image in [0, 1] -> dict of factors (canonical depth, albedo, light, view),
-  embeddings u_Bx4xd and the adjacency actually used (4x4 or Bx4x4)."""
+  embeddings u_Bx4xd and the adjacency actually used (4x4 or Bx4x4).
+
+  sym: None, or a scalar weight in [0, 1] that makes the canonical depth and
+    albedo (partly) left-right symmetric (`Config.sym_warmup_steps`).
+  """
   x = img_BxSxSx3 * 2 - 1
   u = nets.apply(params, x, method=nets.encode)
   adj = structure.dynamic_matrix(u, m, q) if q else m
   raw = nets.apply(params, structure.mix(u, adj), method=nets.decode)
   cam = camera(cfg)
   ambient, diffuse, light_dxy = light_from_raw(raw["L"])
+  depth = depth_from_raw(raw["D"][..., 0], cam, cfg.depth_prior)
+  albedo = raw["A"]  # [-1, 1]
+  if sym is not None:
+    depth, albedo = symmetrize(depth, sym), symmetrize(albedo, sym)
   return dict(
-      depth=depth_from_raw(raw["D"][..., 0], cam, cfg.depth_prior),
-      albedo=raw["A"],  # [-1, 1]
+      depth=depth, albedo=albedo,
       ambient=ambient, diffuse=diffuse, light_dxy=light_dxy,
       view=view_from_raw(raw["V"], cfg),
       u=u, m=adj)
@@ -97,8 +110,8 @@ def render_factors(f, cam: render.Camera):
               recon_mask=covered.astype(jnp.float32), recon_im=recon_im)
 
 
-def forward(nets, params, img_BxSxSx3, m, cfg, q=None):
-  f = factors(nets, params, img_BxSxSx3, m, cfg, q)
+def forward(nets, params, img_BxSxSx3, m, cfg, q=None, sym=None):
+  f = factors(nets, params, img_BxSxSx3, m, cfg, q, sym)
   out = render_factors(f, camera(cfg))
   out.update(f)
   out["sigma_l1"], out["sigma_perc"] = nets.apply(params, img_BxSxSx3 * 2 - 1,

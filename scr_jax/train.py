@@ -49,9 +49,19 @@ def _flat_initial_depth(params):
   return p
 
 
-def loss_fn(params, nets, img, m, cfg, q=None, perceptual_fn=None):
-  out = model.forward(nets, params, img, m, cfg, q)
-  return losses.total_loss(out, img, cfg, perceptual_fn)
+def sym_weight(cfg, step):
+  """Weight of the symmetry warm-up at `step` (see Config.sym_warmup_steps):
+  1 for the first half of the warm-up, then linearly down to 0; None when off
+  or outside training (step None)."""
+  if step is None or cfg.sym_warmup_steps <= 0:
+    return None
+  half = cfg.sym_warmup_steps / 2
+  return jnp.clip((cfg.sym_warmup_steps - step) / half, 0.0, 1.0)
+
+
+def loss_fn(params, nets, img, m, cfg, q=None, perceptual_fn=None, step=None):
+  out = model.forward(nets, params, img, m, cfg, q, sym_weight(cfg, step))
+  return losses.total_loss(out, img, cfg, perceptual_fn, step)
 
 
 def perceptual_for(cfg):
@@ -69,7 +79,7 @@ def _train_step_fn(nets, cfg, q=None):
 
   def step(state, img, m):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], nets, img, m, cfg, q, perc)
+        state["params"], nets, img, m, cfg, q, perc, state["step"])
     updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     gnorm = optax.global_norm(grads)

@@ -1,0 +1,79 @@
+"""Training aids that make unsupervised learning robust (Config fields that are
+0 / off in the `paper` preset): what each one changes, and that off is a no-op."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scr_jax import config, losses, model, train
+
+
+def _tiny(**kw):
+  return dataclasses.replace(config.get_config("test_tiny"), **kw)
+
+
+def test_sym_weight_schedule():
+  cfg = _tiny(sym_warmup_steps=10)
+  got = [float(train.sym_weight(cfg, jnp.int32(s))) for s in (0, 4, 5, 6, 8, 10, 50)]
+  np.testing.assert_allclose(got, [1, 1, 1, 0.8, 0.4, 0, 0], atol=1e-6)
+  assert train.sym_weight(cfg, None) is None  # evaluation: never symmetrised
+  assert train.sym_weight(_tiny(), jnp.int32(0)) is None  # off by default
+
+
+def test_symmetrize_makes_canonical_maps_mirror_symmetric():
+  cfg = _tiny()
+  nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+  # init_state zeroes the depth head (flat start): give it random weights so
+  # the free depth is not symmetric to begin with
+  p = state["params"]["params"]["f2_D"]
+  last = max((k for k in p if k.startswith("Conv_")), key=lambda k: int(k.split("_")[1]))
+  p[last]["kernel"] = 0.1 * jax.random.normal(jax.random.PRNGKey(3), p[last]["kernel"].shape)
+  img = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  m = jnp.zeros((4, 4))
+  free = model.factors(nets, state["params"], img, m, cfg)
+  full = model.factors(nets, state["params"], img, m, cfg, sym=1.0)
+  half = model.factors(nets, state["params"], img, m, cfg, sym=0.5)
+  for k in ("depth", "albedo"):
+    a = np.asarray(full[k])
+    np.testing.assert_allclose(a, a[:, :, ::-1], atol=1e-6)
+    f = np.asarray(free[k])
+    assert np.abs(f - f[:, :, ::-1]).max() > 1e-4  # the free maps are not symmetric
+    np.testing.assert_allclose(np.asarray(half[k]), (f + a) / 2, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(model.factors(
+        nets, state["params"], img, m, cfg, sym=0.0)[k]), f, atol=1e-6)
+  # view and light are untouched
+  np.testing.assert_allclose(np.asarray(full["view"]), np.asarray(free["view"]))
+
+
+def test_confidence_warmup_replaces_sigma_until_its_step():
+  cfg = _tiny(conf_warmup_steps=5)
+  img = jnp.full((1, 4, 4, 3), 0.75)  # target 0.5 in [-1, 1]
+  out = dict(recon_mask=jnp.ones((2, 4, 4)), recon_im=jnp.zeros((2, 4, 4, 3)),
+             sigma_l1=jnp.full((1, 4, 4, 2), 0.25))
+  l1_sigma1 = 0.5 * np.sqrt(2.0)  # |0 - 0.5| sqrt(2) / 1 + log 1
+  l1_pred = 0.5 * np.sqrt(2.0) / 0.25 + np.log(0.25)
+  during, _ = losses.total_loss(out, img, cfg, step=jnp.int32(4))
+  after, _ = losses.total_loss(out, img, cfg, step=jnp.int32(5))
+  evaluation, _ = losses.total_loss(out, img, cfg)
+  np.testing.assert_allclose(float(during), (1 + cfg.lam_flip) * l1_sigma1, rtol=1e-5)
+  np.testing.assert_allclose(float(after), (1 + cfg.lam_flip) * l1_pred, rtol=1e-5)
+  np.testing.assert_allclose(float(evaluation), float(after), rtol=1e-6)
+
+
+def test_train_step_uses_the_state_step_for_warmups():
+  """The same params and batch give different losses inside and after the
+  symmetry warm-up: the jitted step reads the step from the state."""
+  cfg = _tiny(sym_warmup_steps=4)
+  nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+  img = jax.random.uniform(jax.random.PRNGKey(2), (4, 16, 16, 3))
+  step_fn = train.make_train_step(nets, cfg)
+  copy = lambda s: jax.tree_util.tree_map(jnp.array, s)
+  _, met0 = step_fn(copy(state), img, jnp.zeros((4, 4)))
+  late = dict(copy(state), step=jnp.int32(100))
+  _, met1 = step_fn(late, img, jnp.zeros((4, 4)))
+  want0 = train.loss_fn(state["params"], nets, img, jnp.zeros((4, 4)), cfg, step=jnp.int32(0))[0]
+  want1 = train.loss_fn(state["params"], nets, img, jnp.zeros((4, 4)), cfg)[0]
+  np.testing.assert_allclose(float(met0["loss"]), float(want0), rtol=1e-5)
+  np.testing.assert_allclose(float(met1["loss"]), float(want1), rtol=1e-5)
+  assert abs(float(want0) - float(want1)) > 1e-6
