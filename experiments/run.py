@@ -300,9 +300,10 @@ def _predict_crop(spec: str):
 def _predict_inputs(args, cfg, notes):
   """Reads, crops and resizes every input before any model work.
 
-  Returns (kept, skipped): kept = [(path, image_SxSx3, source dict)],
-  skipped = [one-line reasons]. Without --skip-bad the first unreadable file
-  (or impossible crop) raises its UserError.
+  Returns (kept, skipped, lines): kept = [(path, image_SxSx3, source dict)],
+  skipped = [one-line reasons], lines = notes to print once the outputs are
+  checked (so that any error stays one line). Without --skip-bad the first
+  unreadable file (or impossible crop) raises its UserError.
   """
   from scr_jax import data
   files = []
@@ -318,10 +319,6 @@ def _predict_inputs(args, cfg, notes):
     crop_px = cfg.crop or None
   else:
     crop_px = None if crop == "none" else crop
-  if crop == "none" and cfg.crop and not detect_faces:
-    _log(f"note: the model was trained on images centre-cropped to {cfg.crop} px; predict uses "
-         "each input's largest centred square (--crop train reuses the training crop, "
-         "--detect-faces crops around the face)")
   kept, skipped = [], []
   for path in files:
     try:
@@ -356,8 +353,12 @@ def _predict_inputs(args, cfg, notes):
       if not skip_bad:
         raise
       skipped.append(str(e))
-      _log(f"note: skipped {e}")
-  return kept, skipped
+  lines = [f"note: skipped {e}" for e in skipped]
+  if crop == "none" and cfg.crop and not detect_faces:
+    lines.append(f"note: the model was trained on images centre-cropped to {cfg.crop} px; "
+                 "predict uses each input's largest centred square (--crop train reuses the "
+                 "training crop, --detect-faces crops around the face)")
+  return kept, skipped, lines
 
 
 def cmd_predict(args):
@@ -375,12 +376,14 @@ def cmd_predict(args):
     raise UserError(f"--video-size must be >= 8, got {video_size}")
   cfg = checkpoint.load_config(args.workdir)  # sizes and crop only; weights come later
   notes = {}
-  kept, skipped = _predict_inputs(args, cfg, notes)
-  data._report(notes)
+  kept, skipped, lines = _predict_inputs(args, cfg, notes)
   if not kept:
     raise UserError(f"no readable input among {len(skipped)} file(s); first: {skipped[0]}")
   stems = export.unique_stems([k[0] for k in kept])
   export.check_outputs(args.out, stems, [k[0] for k in kept])
+  for line in lines:
+    _log(line)
+  data._report(notes)
   cfg, nets, params, m, q, _ = _restore(args.workdir)
   if m.ndim == 3:
     raise UserError(f"{args.workdir} holds {m.shape[0]} candidate structures; predict needs "

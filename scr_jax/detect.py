@@ -62,7 +62,9 @@ def detect_faces(img_HxWx3) -> list:
   a = np.asarray(img_HxWx3)
   if a.dtype != np.uint8:
     a = np.round(np.clip(a, 0, 1) * 255).astype(np.uint8)
-  gray = cv2.equalizeHist(cv2.cvtColor(np.ascontiguousarray(a), cv2.COLOR_RGB2GRAY))
+  # No histogram equalisation: on a face in front of a flat background it
+  # stretches the background's few levels and the cascades stop firing.
+  gray = cv2.cvtColor(np.ascontiguousarray(a), cv2.COLOR_RGB2GRAY)
   found = []
   for kind, filename in CASCADES:
     boxes = _cascade(filename).detectMultiScale(
