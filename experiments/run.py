@@ -372,8 +372,8 @@ def cmd_predict(args):
   if os.path.exists(args.out) and not os.path.isdir(args.out):
     raise UserError(f"--out {args.out}: exists and is not a folder")
   video_size = getattr(args, "video_size", 256)
-  if video_size < 8:
-    raise UserError(f"--video-size must be >= 8, got {video_size}")
+  if video_size < 8 or video_size % 2:
+    raise UserError(f"--video-size must be an even number >= 8, got {video_size}")
   cfg = checkpoint.load_config(args.workdir)  # sizes and crop only; weights come later
   notes = {}
   kept, skipped, lines = _predict_inputs(args, cfg, notes)
@@ -519,7 +519,7 @@ def build_parser():
   pr.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
                   help="read sub-folders of folder inputs (default: yes)")
   pr.add_argument("--video-size", type=int, default=256,
-                  help="pixels per panel of the MP4 turn-table (default 256)")
+                  help="pixels per panel of the MP4 turn-table, even (default 256)")
   pr.set_defaults(fn=cmd_predict)
 
   se = sub.add_parser("search", help="learn the structure M (writes WORKDIR/structure.json)")

@@ -104,6 +104,8 @@ def save_mp4(path, frames_NxHxWx3, fps: int = 12) -> int:
   if frames.dtype != np.uint8:
     frames = to_uint8(frames)
   n, h, w = frames.shape[:3]
+  if h % 2 or w % 2:  # the encoder would silently drop the odd row / column
+    raise UserError(f"{path}: MP4 frames need an even width and height, got {w}x{h}")
   writer = cv2.VideoWriter(os.fspath(path), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h))
   if not writer.isOpened():
     raise UserError(f"{path}: OpenCV {cv2.__version__} could not open an mp4v video writer")

@@ -196,6 +196,15 @@ def test_no_face_falls_back_with_a_note_or_is_skipped(tmp_path, capfd, no_ckpt):
   assert code == 2 and "no readable input" in err[-1] and "no human or cat face" in err[-1]
 
 
+def test_video_size_must_be_even(tmp_path, capfd, no_ckpt):
+  from scr_jax import visualize
+  with pytest.raises(UserError, match="even width and height, got 34x17"):
+    visualize.save_mp4(str(tmp_path / "odd.mp4"), np.zeros((2, 17, 34, 3)))
+  code, err = _cli(capfd, "predict", "--workdir", no_ckpt, "--images", str(tmp_path),
+                   "--out", str(tmp_path / "o"), "--video-size", "17")
+  assert code == 2 and len(err) == 1 and "--video-size must be an even number" in err[0]
+
+
 # ----------------------------------------------------------------------------
 # Real predictions: exports, names, preprocessing
 # ----------------------------------------------------------------------------
