@@ -309,7 +309,8 @@ def _predict_inputs(args, cfg, notes):
   files = []
   for spec in args.images:
     if os.path.isdir(spec):
-      files += data.list_images(spec, getattr(args, "recursive", True), notes)
+      files += data.list_images(spec, getattr(args, "recursive", True), notes,
+                                exclude=[args.out])  # earlier outputs are not inputs
     else:
       files.append(spec)
   crop = _predict_crop(getattr(args, "crop", "none"))

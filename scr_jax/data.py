@@ -486,7 +486,11 @@ def _open_image(path: str) -> Image.Image:
   img = None
   try:
     img = Image.open(path)
+    # The stored sample format ('RGB;16B' for a 48-bit PNG, which Pillow
+    # decodes to 8-bit RGB): read_depth_png needs it to keep 16-bit precision.
+    raw = img.tile[0].args if img.tile else None
     img.load()  # PIL decodes lazily: truncation only shows up here
+    img.info["scr_rawmode"] = raw if isinstance(raw, str) else ""
   except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...)
     if img is not None:
       img.close()
@@ -613,14 +617,38 @@ def _to_png_value(img: Image.Image, path: str) -> np.ndarray:
   raise UserError(f"{path}: unsupported depth image mode {img.mode}; {_DEPTH_FORMS}")
 
 
+def _rgb16_png_value(path: str) -> np.ndarray:
+  """v in [0, 1] of a 16-bit-per-channel RGB depth PNG with R = G = B.
+
+  Pillow decodes such files to 8 bits per channel, so OpenCV reads them."""
+  try:
+    import cv2
+  except ImportError:
+    raise UserError(f"{path}: 16-bit RGB depth needs OpenCV to keep its precision (pip "
+                    "install opencv-python-headless==4.*), or save it as 16-bit grayscale"
+                    ) from None
+  a = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+  if a is None or a.dtype != np.uint16 or a.ndim != 3:
+    raise UserError(f"{path}: not a readable 16-bit RGB depth; {_DEPTH_FORMS}")
+  a = a[..., :3].astype(np.int32)
+  diff = np.maximum(np.abs(a[..., 0] - a[..., 1]), np.abs(a[..., 0] - a[..., 2]))
+  if np.count_nonzero(diff):
+    raise UserError(f"{path}: colour-mapped depth (16-bit R, G, B differ at "
+                    f"{np.count_nonzero(diff)} of {diff.size} pixels); {_DEPTH_FORMS}")
+  return a[..., 0].astype(np.float32) / 65535.0
+
+
 def read_depth_png(path: str, notes=None) -> np.ndarray:
   """Depth PNG (Unsup3D's convention) -> metric depth z, float32 HxW.
 
-  v in [0, 1] (16-bit / 65535 or 8-bit / 255) maps to z = 1 + 0.1 ((1 - v) 2 - 1).
-  Raises UserError for unreadable files and colour-mapped (channel-unequal) RGB.
+  v in [0, 1] (16-bit / 65535, also 16-bit RGB with R = G = B, or 8-bit / 255)
+  maps to z = 1 + 0.1 ((1 - v) 2 - 1). Raises UserError for unreadable files
+  and colour-mapped (channel-unequal) RGB.
   """
   img = _open_image(path)
   try:
+    if img.mode in ("RGB", "RGBA") and ";16" in img.info.get("scr_rawmode", ""):
+      return png_value_to_depth(_rgb16_png_value(path))
     return png_value_to_depth(_to_png_value(_upright(img, path, notes), path))
   finally:
     img.close()
@@ -717,15 +745,16 @@ def _list_files(folder: str, suffixes) -> list:
                 and os.path.isfile(os.path.join(folder, f)))
 
 
-def list_images(folder: str, recursive: bool = True, notes=None) -> list:
+def list_images(folder: str, recursive: bool = True, notes=None, exclude=()) -> list:
   """Image files in a folder (and, by default, its sub-folders), sorted.
 
   Files are images by their extension (`image_extensions()`: every format
   Pillow opens). Nested layouts such as the Cat dataset's cats/CAT_00/... are
   read with recursive=True. Everything skipped is recorded in `notes`: files
   that are not images (e.g. Cat-dataset *.cat landmark files), hidden entries
-  (.DS_Store, .ipynb_checkpoints/), and with recursive=False the images in
-  sub-folders.
+  (.DS_Store, .ipynb_checkpoints/), folders in `exclude` (e.g. predict's own
+  output folder), and with recursive=False the images in sub-folders. Linked
+  folders are followed, each real folder read once.
 
   Returns:
     list of paths (folder joined with the relative path), sorted by that path.
@@ -739,12 +768,24 @@ def list_images(folder: str, recursive: bool = True, notes=None) -> list:
     raise UserError(f"{folder}: image folder not found")
   exts = image_extensions()
   notes = {} if notes is None else notes
-  found = []
-  for d, dirs, files in os.walk(folder):
-    hidden = sorted(x for x in dirs if x.startswith("."))
-    for x in hidden:
-      notes.setdefault("hidden folder, not read", []).append(os.path.join(d, x))
-    dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+  found, seen = [], set()
+  skip = {os.path.realpath(x) for x in exclude}
+  for d, dirs, files in os.walk(folder, followlinks=True):
+    if os.path.realpath(d) in seen:  # a link back to a folder already read
+      notes.setdefault("a link to a folder already read, not read twice", []).append(d)
+      dirs[:] = []
+      continue
+    seen.add(os.path.realpath(d))
+    keep = []
+    for x in sorted(dirs):
+      p = os.path.join(d, x)
+      if x.startswith("."):
+        notes.setdefault("hidden folder, not read", []).append(p)
+      elif os.path.realpath(p) in skip:
+        notes.setdefault("the output folder, not read", []).append(p)
+      else:
+        keep.append(x)
+    dirs[:] = keep
     top = os.path.normpath(d) == os.path.normpath(folder)
     for f in sorted(files):
       p = os.path.join(d, f)

@@ -467,6 +467,23 @@ def test_colour_mapped_depth_is_refused_gray_rgb_and_16bit_are_read(tmp_path):
   assert len(np.unique(z)) == S * S  # 37 levels apart = 1.1e-4 apart: none merged
 
 
+def test_16bit_rgb_depth_keeps_its_precision(tmp_path):
+  cv2 = pytest.importorskip("cv2")
+  k = np.arange(S * S, dtype=np.uint16).reshape(S, S) * 37 + 1000
+  root = str(tmp_path / "rgb16")
+  _depth_folder(root, Image.fromarray(np.zeros((S, S), np.uint8)))
+  path = os.path.join(root, "test", "depth", "000000_depth.png")
+  cv2.imwrite(path, np.repeat(k[..., None], 3, -1))  # 48-bit PNG: Pillow would give 8 bits
+  with Image.open(path) as im:
+    assert im.mode == "RGB"
+  z = data.load_synface(root, "test", None)["depth"][0]
+  np.testing.assert_allclose(z, 1.1 - 0.2 * k / 65535.0, atol=2e-7)
+  unequal = np.stack([k, k, k + 1], -1)
+  cv2.imwrite(path, unequal)
+  with pytest.raises(UserError, match="colour-mapped depth \\(16-bit"):
+    data.load_synface(root, "test", None)
+
+
 def test_colour_mapped_depth_case_refused_16bit_case_read():
   root = _case("colour-mapped-depth")
   with pytest.raises(UserError, match="colour-mapped"):
@@ -513,6 +530,19 @@ def test_nested_folders_are_read_and_skips_are_named(tmp_path, capfd):
   assert flat["names"] == ["stray"]
   first = os.path.join(root, "CAT_00", "0000.jpg")
   assert f"note: {first} and 5 more: image in a sub-folder, not read" in err, err
+
+
+def test_linked_folders_are_read_once_and_excluded_folders_named(tmp_path):
+  root = _cat_layout(str(tmp_path / "cats"))
+  os.symlink(os.path.join(root, "CAT_00"), os.path.join(root, "CAT_link"))
+  os.symlink(root, os.path.join(root, "CAT_00", "loop"))  # a cycle: must end
+  notes = {}
+  got = data.list_images(root, notes=notes, exclude=[os.path.join(root, "CAT_01")])
+  assert [os.path.relpath(p, root) for p in got] == [
+      "CAT_00/0000.jpg", "CAT_00/0001.jpg", "CAT_00/0002.jpg", "stray.jpg"]
+  assert notes["the output folder, not read"] == [os.path.join(root, "CAT_01")]
+  assert notes["a link to a folder already read, not read twice"] == [
+      os.path.join(root, "CAT_00", "loop"), os.path.join(root, "CAT_link")]
 
 
 def test_nested_cat_folders_case():

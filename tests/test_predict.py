@@ -183,6 +183,17 @@ def test_outputs_never_overwrite_an_input(tmp_path, capfd, no_ckpt):
   assert code == 2 and "exists and is not a folder" in err[0]
 
 
+def test_outputs_inside_the_input_folder_are_not_read_back(tmp_path, capfd, no_ckpt):
+  photos = tmp_path / "photos"
+  (photos / "out" / "a").mkdir(parents=True)
+  Image.fromarray(np.full((20, 20, 3), 7, np.uint8)).save(photos / "a.png")
+  Image.fromarray(np.full((32, 32, 3), 9, np.uint8)).save(photos / "out" / "a" / "input.png")
+  code, err = _cli(capfd, "predict", "--workdir", no_ckpt, "--images", str(photos),
+                   "--out", str(photos / "out"))
+  assert any(str(photos / "out") in x and "the output folder, not read" in x for x in err), err
+  assert "no checkpoint" in err[-1]  # one input (a.png) got as far as the weights
+
+
 def test_no_face_falls_back_with_a_note_or_is_skipped(tmp_path, capfd, no_ckpt):
   blank = tmp_path / "blank.png"
   Image.fromarray(np.full((40, 30, 3), 128, np.uint8)).save(blank)
