@@ -320,6 +320,9 @@ def _predict_inputs(args, cfg, notes):
     crop_px = cfg.crop or None
   else:
     crop_px = None if crop == "none" else crop
+  if detect_faces:  # a missing OpenCV or cascade is no bad input: it stops here
+    from scr_jax import detect
+    detect.check_available()
   kept, skipped = [], []
   for path in files:
     try:
@@ -328,7 +331,6 @@ def _predict_inputs(args, cfg, notes):
       src = dict(path=path, size_px=[w, h], face=None)
       face = None
       if detect_faces:
-        from scr_jax import detect
         face = detect.find_face(img)
         if face is None and skip_bad:
           raise UserError(f"{path}: no human or cat face found (--detect-faces)")
@@ -409,7 +411,7 @@ def cmd_predict(args):
   on_disk = len({os.path.realpath(p) for p in written if os.path.isfile(p)})
   if on_disk != expected:
     raise UserError(f"{args.out}: {on_disk} distinct files on disk, expected {expected}")
-  more = f"; skipped {len(skipped)} unreadable" if skipped else ""
+  more = f"; skipped {len(skipped)} (named above)" if skipped else ""
   _log(f"wrote {on_disk} files for {len(kept)} images to {args.out} (one folder each){more}")
   return dict(stems=stems, files=written, skipped=skipped)
 

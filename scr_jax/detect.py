@@ -49,6 +49,12 @@ def _cascade(filename: str):
   return clf
 
 
+def check_available():
+  """Raises UserError unless OpenCV and every cascade of CASCADES load."""
+  for _, filename in CASCADES:
+    _cascade(filename)
+
+
 def detect_faces(img_HxWx3) -> list:
   """Frontal human and cat faces in an RGB image.
 

@@ -322,7 +322,7 @@ def test_predict_detect_faces_crops_around_the_face(tmp_path, capfd, workdir, fa
   joined = "\n".join(err)
   assert "note: skipped " + str(tmp_path / "wall.png") + ": no human or cat face" in joined
   assert "note: skipped " + str(tmp_path / "broken.png") in joined
-  assert "human face at" in joined and "skipped 2 unreadable" in err[-1]
+  assert "human face at" in joined and "skipped 2 (named above)" in err[-1]
   assert os.listdir(out) == ["photo"]
   meta = json.loads((out / "photo" / "params.json").read_text())
   src = meta["source"]
