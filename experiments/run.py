@@ -8,6 +8,7 @@
   python experiments/run.py eval --workdir W --data DIR|builtin --split test [--out F.json]
       [--save-predictions F.npz]
   python experiments/run.py predict --workdir W --images DIR_or_files --out OUTDIR
+      [--crop none|train|N] [--detect-faces] [--skip-bad] [--no-recursive] [--video-size PX]
   python experiments/run.py main --workdir W     (data + train + eval + predict + summary)
 
 A mistake in the input (bad folder, unknown preset, wrong type...) prints one
@@ -282,36 +283,137 @@ def cmd_eval(args):
   return summ
 
 
+def _predict_crop(spec: str):
+  """--crop: 'none' (largest centred square), 'train' (the run's crop) or N px."""
+  spec = str(spec).strip().lower()
+  if spec in ("none", "train"):
+    return spec
+  try:
+    n = int(spec)
+  except ValueError:
+    n = 0
+  if n < 1:
+    raise UserError(f"--crop takes none, train or a positive number of pixels, got {spec!r}")
+  return n
+
+
+def _predict_inputs(args, cfg, notes):
+  """Reads, crops and resizes every input before any model work.
+
+  Returns (kept, skipped, lines): kept = [(path, image_SxSx3, source dict)],
+  skipped = [one-line reasons], lines = notes to print once the outputs are
+  checked (so that any error stays one line). Without --skip-bad the first
+  unreadable file (or impossible crop) raises its UserError.
+  """
+  from scr_jax import data
+  files = []
+  for spec in args.images:
+    if os.path.isdir(spec):
+      files += data.list_images(spec, getattr(args, "recursive", True), notes,
+                                exclude=[args.out])  # earlier outputs are not inputs
+    else:
+      files.append(spec)
+  crop = _predict_crop(getattr(args, "crop", "none"))
+  detect_faces = getattr(args, "detect_faces", False)
+  skip_bad = getattr(args, "skip_bad", False)
+  if crop == "train":
+    crop_px = cfg.crop or None
+  else:
+    crop_px = None if crop == "none" else crop
+  if detect_faces:  # a missing OpenCV or cascade is no bad input: it stops here
+    from scr_jax import detect
+    detect.check_available()
+  kept, skipped = [], []
+  for path in files:
+    try:
+      img = data.read_image(path, notes)
+      h, w = img.shape[:2]
+      src = dict(path=path, size_px=[w, h], face=None)
+      face = None
+      if detect_faces:
+        face = detect.find_face(img)
+        if face is None and skip_bad:
+          raise UserError(f"{path}: no human or cat face found (--detect-faces)")
+        if face is None:
+          notes.setdefault("no human or cat face found, used the largest centred square",
+                           []).append(path)
+      if face is not None:
+        left, top, side = face["crop"]
+        x = data.crop_box_resize(img, left, top, side, cfg.image_size)
+        src.update(method="face", crop_px=[left, top, side],
+                   face=dict(kind=face["kind"], box_px=list(face["box"])))
+        notes.setdefault("face found, cropped around it", []).append(
+            f"{path} ({face['kind']} face at x={face['box'][0]} y={face['box'][1]} "
+            f"w={face['box'][2]} h={face['box'][3]})")
+      else:
+        left, top, side = data._crop_box(w, h, crop_px, path)
+        x = data.crop_resize(img, cfg.image_size, crop_px, path)
+        src.update(method="centre square" if crop_px is None else f"centre crop {side} px",
+                   crop_px=[left, top, side])
+      src["crop_units"] = "[left, top, side] in pixels of the upright input"
+      kept.append((path, x, src))
+    except UserError as e:
+      if not skip_bad:
+        raise
+      skipped.append(str(e))
+  lines = [f"note: skipped {e}" for e in skipped]
+  if crop == "none" and cfg.crop and not detect_faces:
+    lines.append(f"note: the model was trained on images centre-cropped to {cfg.crop} px; "
+                 "predict uses each input's largest centred square (--crop train reuses the "
+                 "training crop, --detect-faces crops around the face)")
+  return kept, skipped, lines
+
+
 def cmd_predict(args):
+  """Per input: pictures, depth as numbers, albedo, light and view, a textured
+  mesh and turn-tables in OUT/<stem>/ (see scr_jax/export.py). Every input is
+  read and every output name checked before the model is loaded."""
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from scr_jax import data, model, render, visualize
+  from scr_jax import checkpoint, data, export, model, visualize
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    raise UserError(f"--out {args.out}: exists and is not a folder")
+  video_size = getattr(args, "video_size", 256)
+  if video_size < 8 or video_size % 2:
+    raise UserError(f"--video-size must be an even number >= 8, got {video_size}")
+  cfg = checkpoint.load_config(args.workdir)  # sizes and crop only; weights come later
+  notes = {}
+  kept, skipped, lines = _predict_inputs(args, cfg, notes)
+  if not kept:
+    raise UserError(f"no readable input among {len(skipped)} file(s); first: {skipped[0]}")
+  stems = export.unique_stems([k[0] for k in kept])
+  export.check_outputs(args.out, stems, [k[0] for k in kept])
+  for line in lines:
+    _log(line)
+  data._report(notes)
   cfg, nets, params, m, q, _ = _restore(args.workdir)
   if m.ndim == 3:
     raise UserError(f"{args.workdir} holds {m.shape[0]} candidate structures; predict needs "
                     "a single-structure workdir")
-  files = args.images
-  src = files[0] if len(files) == 1 and os.path.isdir(files[0]) else files
-  d = data.load_image_folder(src, cfg.image_size, cfg.crop or None)
   os.makedirs(args.out, exist_ok=True)
   cam = model.camera(cfg)
   fwd = jax.jit(lambda p, x: model.forward(nets, p, x, jnp.asarray(m), cfg, q))
-  for i, name in enumerate(d["names"]):
-    img = jnp.asarray(d["images"][i:i + 1])
-    out = fwd(params, img)
-    recon = np.asarray(out["recon_im"][0]) / 2 + 0.5
-    normal = visualize.normal_to_rgb(out["canon_normal"][0])
-    shade = render.shade(out["canon_normal"][0], 0.3, 0.7, jnp.asarray([-0.4, -0.3]))
-    base = os.path.join(args.out, name)
-    visualize.save_png(base + "_input.png", d["images"][i], 2)
-    visualize.save_png(base + "_recon.png", recon, 2)
-    visualize.save_png(base + "_normal.png", normal, 2)
-    visualize.save_png(base + "_shading.png", np.repeat(np.asarray(shade)[..., None], 3, -1), 2)
-    canon_im = out["canon_im"][0] / 2 + 0.5
-    frames = visualize.turntable(out["canon_depth"][0], canon_im, cam, textured=False)
-    visualize.save_gif(base + "_turn.gif", np.asarray(frames), scale=3)
-  _log(f"wrote {5 * len(d['names'])} files for {len(d['names'])} images to {args.out}")
+  written = []
+  for (path, img, src), stem in zip(kept, stems):
+    out = fwd(params, jnp.asarray(img[None]))
+    one = {k: np.asarray(v[0]) for k, v in out.items()
+           if k in ("canon_depth", "canon_normal", "recon_depth", "recon_mask", "ambient",
+                    "diffuse", "light_dxy", "view")}
+    one.update(input=img, recon=np.asarray(out["recon_im"][0]) / 2 + 0.5,
+               canon_im=np.clip(np.asarray(out["canon_im"][0]) / 2 + 0.5, 0, 1),
+               canon_albedo=np.clip(np.asarray(out["albedo"][0]) / 2 + 0.5, 0, 1))
+    gif = visualize.turntable(out["canon_depth"][0], out["canon_im"][0] / 2 + 0.5, cam,
+                              textured=False)
+    written += export.write_prediction(args.out, stem, one, cam, src, video_size=video_size,
+                                       gif_frames=np.asarray(gif))
+  expected = len(export.FILES) * len(kept)
+  on_disk = len({os.path.realpath(p) for p in written if os.path.isfile(p)})
+  if on_disk != expected:
+    raise UserError(f"{args.out}: {on_disk} distinct files on disk, expected {expected}")
+  more = f"; skipped {len(skipped)} (named above)" if skipped else ""
+  _log(f"wrote {on_disk} files for {len(kept)} images to {args.out} (one folder each){more}")
+  return dict(stems=stems, files=written, skipped=skipped)
 
 
 def cmd_main(args):
@@ -403,10 +505,24 @@ def build_parser():
   e.add_argument("--save-predictions")
   e.set_defaults(fn=cmd_eval)
 
-  pr = sub.add_parser("predict", help="pictures and turn-table GIFs for images")
+  pr = sub.add_parser("predict", help="depth, albedo, light, view, mesh and turn-tables for "
+                      "images (one folder per input)")
   pr.add_argument("--workdir", required=True)
-  pr.add_argument("--images", nargs="+", required=True)
+  pr.add_argument("--images", nargs="+", required=True,
+                  help="image files and/or folders (read recursively; any format Pillow opens)")
   pr.add_argument("--out", required=True)
+  pr.add_argument("--crop", default="none",
+                  help="none (default: each input's largest centred square), train (the run's "
+                  "--set crop), or N: centre crop of N px; then resized to the model's size")
+  pr.add_argument("--detect-faces", action="store_true",
+                  help="crop around the largest human or cat face (OpenCV Haar cascades); "
+                  "no face: a note and the centre square (with --skip-bad: skipped)")
+  pr.add_argument("--skip-bad", action="store_true",
+                  help="go on past unreadable inputs, naming each (default: stop at the first)")
+  pr.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
+                  help="read sub-folders of folder inputs (default: yes)")
+  pr.add_argument("--video-size", type=int, default=256,
+                  help="pixels per panel of the MP4 turn-table, even (default 256)")
   pr.set_defaults(fn=cmd_predict)
 
   se = sub.add_parser("search", help="learn the structure M (writes WORKDIR/structure.json)")

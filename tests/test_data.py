@@ -323,3 +323,242 @@ def test_export_overwrite_replaces_old_files(tmp_path):
   data.export_synface(root, n_train=1, n_val=0, n_test=0, size=S, verbose=False,
                       overwrite=True)
   assert data.load_synface(root, "train", S)["names"] == ["000000"]
+
+
+# ----------------------------------------------------------------------------
+# The one image reader (train, eval, predict): EXIF, transparency, formats,
+# depth PNGs; folder listing (nested layouts, skipped files named)
+# ----------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# User-report inputs (issue 12), beside the repository as ../shared; tests that
+# need them are skipped where they are absent.
+CASES = os.environ.get("SCR_CASES_DIR",
+                       os.path.join(ROOT, "..", "shared", "cases", "user-reports"))
+
+
+def _case(name):
+  path = os.path.join(CASES, name)
+  if not os.path.isdir(path):
+    pytest.skip(f"user-report case {name} not found under {CASES}")
+  return path
+
+
+def _asym_rgb(h=6, w=10):
+  """An image that no flip or rotation maps onto itself."""
+  return (np.arange(h * w * 3).reshape(h, w, 3) * 7 % 251).astype(np.uint8)
+
+
+# What each EXIF orientation asks the viewer to do to the stored pixels.
+_UPRIGHT = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1],
+            4: lambda a: a[::-1], 5: lambda a: np.transpose(a, (1, 0, 2)),
+            6: lambda a: np.rot90(a, -1), 7: lambda a: np.transpose(a, (1, 0, 2))[::-1, ::-1],
+            8: lambda a: np.rot90(a, 1)}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_read_image_applies_exif_orientation(tmp_path, orientation):
+  stored = _asym_rgb()
+  exif = Image.Exif()
+  exif[0x0112] = orientation
+  path = str(tmp_path / f"o{orientation}.png")
+  Image.fromarray(stored).save(path, exif=exif)
+  notes = {}
+  got = data.read_image(path, notes)
+  np.testing.assert_array_equal(np.round(got * 255).astype(np.uint8),
+                                _UPRIGHT[orientation](stored))
+  assert bool(notes) == (orientation != 1)
+
+
+def test_exif_rotated_phone_photo_matches_the_upright_reference():
+  root = _case("exif-rotated")
+  got = data.read_image(os.path.join(root, "phone.jpg"))
+  want = data.read_image(os.path.join(root, "expected_upright.png"))
+  assert got.shape == want.shape
+  err = np.abs(got - want).mean()
+  assert err < 0.01, err  # JPEG vs PNG of the same picture
+  assert np.abs(got[::-1, ::-1] - want).mean() > 10 * err  # the turn is not a no-op
+  # The loaders use the same reader: the photo comes out upright there too.
+  loaded = data.load_image_folder([os.path.join(root, "phone.jpg")], None)
+  np.testing.assert_array_equal(loaded["images"][0], data.crop_resize(got, None))
+
+
+def test_training_background_is_the_generators(train5):
+  bg = np.round(np.asarray(data.TRAIN_BACKGROUND_RGB) * 255).astype(np.uint8)
+  img, mask = train5["images"], train5["mask"]
+  assert (~mask).any()
+  assert np.all(img[~mask] == bg)
+
+
+def test_transparency_is_composited_on_the_training_background(tmp_path, capfd):
+  bg = np.asarray(data.TRAIN_BACKGROUND_RGB, np.float32)
+  rgb = np.array([200, 40, 90], np.uint8)
+  alpha = np.array([[0, 128, 255]], np.uint8)
+  rgba = np.concatenate([np.broadcast_to(rgb, (1, 3, 3)), alpha[..., None]], -1)
+  Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+  a = alpha[0, :, None] / 255.0
+  want = rgb / 255.0 * a + bg * (1 - a)
+  got = data.read_image(str(tmp_path / "rgba.png"))[0]
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  # Gray + alpha, and a palette image whose entry 1 is transparent.
+  la = np.stack([np.full((1, 3), 100, np.uint8), alpha], -1)
+  Image.fromarray(la, "LA").save(tmp_path / "la.png")
+  got = data.read_image(str(tmp_path / "la.png"))[0]
+  np.testing.assert_allclose(got, (100 / 255.0 * a + bg * (1 - a)), atol=1e-6)
+  pal = Image.fromarray(np.array([[0, 1, 0]], np.uint8), "P")
+  pal.putpalette([10, 20, 30, 250, 250, 250] + [0] * 762)
+  pal.save(tmp_path / "p.png", transparency=1)
+  got = data.read_image(str(tmp_path / "p.png"))[0]
+  np.testing.assert_allclose(got[1], bg, atol=1e-6)  # not the white under it
+  np.testing.assert_allclose(got[0], np.array([10, 20, 30]) / 255.0, atol=1e-6)
+  # The loaders name the composited files.
+  capfd.readouterr()
+  data.load_image_folder(str(tmp_path), None)
+  err = capfd.readouterr().err
+  for name, mode in (("la", "LA"), ("p", "P"), ("rgba", "RGBA")):
+    assert f"{name}.png: mode {mode}, transparent pixels composited" in err, err
+
+
+def test_every_format_pillow_reads_is_listed_and_read(tmp_path):
+  exts = data.image_extensions()
+  for e in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".tga"):
+    assert e in exts, e
+  assert ".h5" not in exts and ".mpeg" not in exts  # identify-only / not pictures
+  img = _asym_rgb(8, 8)
+  Image.fromarray(img).save(tmp_path / "a.webp", lossless=True)
+  for ext in ("bmp", "tiff", "ppm", "tga"):
+    Image.fromarray(img).save(tmp_path / f"{ext}_img.{ext}")
+  (tmp_path / "notes.json").write_text("{}")
+  got = data.load_image_folder(str(tmp_path), None)
+  assert got["names"] == ["a", "bmp_img", "ppm_img", "tga_img", "tiff_img"]
+  for x in got["images"]:  # all lossless: the same pixels from each format
+    np.testing.assert_array_equal(np.round(x * 255).astype(np.uint8), img)
+
+
+def _depth_folder(root, depth_png):
+  for sub in ("image", "depth"):
+    os.makedirs(os.path.join(root, "test", sub), exist_ok=True)
+  Image.fromarray(np.zeros((S, S, 3), np.uint8)).save(
+      os.path.join(root, "test", "image", "000000_image.png"))
+  depth_png.save(os.path.join(root, "test", "depth", "000000_depth.png"))
+  return root
+
+
+def test_colour_mapped_depth_is_refused_gray_rgb_and_16bit_are_read(tmp_path):
+  import matplotlib
+  v = np.linspace(0, 1, S * S).reshape(S, S)
+  cmap = (matplotlib.colormaps["viridis"](v)[..., :3] * 255).round().astype(np.uint8)
+  root = _depth_folder(str(tmp_path / "cm"), Image.fromarray(cmap))
+  with pytest.raises(UserError) as err:
+    data.load_synface(root, "test", None)
+  msg = str(err.value)
+  assert "000000_depth.png" in msg and "colour-mapped" in msg and "grayscale" in msg
+  assert "R = G = B" in msg and "\n" not in msg
+  # RGB with equal channels (Unsup3D's own files) is channel 0.
+  q = np.round(v * 255).astype(np.uint8)
+  root = _depth_folder(str(tmp_path / "gray_rgb"), Image.fromarray(np.repeat(q[..., None], 3, -1)))
+  np.testing.assert_allclose(data.load_synface(root, "test", None)["depth"][0],
+                             data.png_value_to_depth(q / 255.0), atol=1e-6)
+  # 16-bit keeps its precision: every level maps to its own depth.
+  k = np.arange(S * S, dtype=np.uint16).reshape(S, S) * 37 + 1000
+  root = _depth_folder(str(tmp_path / "d16"), Image.fromarray(k))
+  z = data.load_synface(root, "test", None)["depth"][0]
+  np.testing.assert_allclose(z, 1.1 - 0.2 * k / 65535.0, atol=2e-7)
+  assert len(np.unique(z)) == S * S  # 37 levels apart = 1.1e-4 apart: none merged
+
+
+def test_16bit_rgb_depth_keeps_its_precision(tmp_path):
+  cv2 = pytest.importorskip("cv2")
+  k = np.arange(S * S, dtype=np.uint16).reshape(S, S) * 37 + 1000
+  root = str(tmp_path / "rgb16")
+  _depth_folder(root, Image.fromarray(np.zeros((S, S), np.uint8)))
+  path = os.path.join(root, "test", "depth", "000000_depth.png")
+  cv2.imwrite(path, np.repeat(k[..., None], 3, -1))  # 48-bit PNG: Pillow would give 8 bits
+  with Image.open(path) as im:
+    assert im.mode == "RGB"
+  z = data.load_synface(root, "test", None)["depth"][0]
+  np.testing.assert_allclose(z, 1.1 - 0.2 * k / 65535.0, atol=2e-7)
+  unequal = np.stack([k, k, k + 1], -1)
+  cv2.imwrite(path, unequal)
+  with pytest.raises(UserError, match="colour-mapped depth \\(16-bit"):
+    data.load_synface(root, "test", None)
+
+
+def test_colour_mapped_depth_case_refused_16bit_case_read():
+  root = _case("colour-mapped-depth")
+  with pytest.raises(UserError, match="colour-mapped"):
+    data.load_synface(os.path.join(root, "syn_colormap"), "test", 32)
+  ok = data.load_synface(os.path.join(root, "syn16bit"), "test", 32)
+  with Image.open(os.path.join(root, "syn16bit", "test", "depth", "000000_depth.png")) as im:
+    raw = np.asarray(im, np.float64)
+  np.testing.assert_allclose(ok["depth"][0], 1.1 - 0.2 * raw / 65535.0, atol=2e-7)
+  # Its train split is 16-bit too and still loads (only the bad file is refused).
+  assert data.load_synface(os.path.join(root, "syn_colormap"), "train", 32)["depth"].shape[0] == 4
+
+
+def _cat_layout(root):
+  rng = np.random.default_rng(1)
+  for sub in ("CAT_00", "CAT_01"):
+    os.makedirs(os.path.join(root, sub))
+    for i in range(3):
+      p = os.path.join(root, sub, f"{i:04d}.jpg")
+      Image.fromarray(rng.integers(0, 255, (12, 10, 3), np.uint8)).save(p)
+      with open(p + ".cat", "w") as fh:
+        fh.write("9 1 1 2 2 3 3 4 4 5 5 6 6 7 7 8 8 9 9\n")
+  Image.fromarray(rng.integers(0, 255, (12, 10, 3), np.uint8)).save(
+      os.path.join(root, "stray.jpg"))
+  os.makedirs(os.path.join(root, ".ipynb_checkpoints"))
+  return root
+
+
+def test_nested_folders_are_read_and_skips_are_named(tmp_path, capfd):
+  root = _cat_layout(str(tmp_path / "cats"))
+  capfd.readouterr()
+  got = data.load_image_folder(root, 8)
+  err = capfd.readouterr().err
+  assert got["names"] == ["CAT_00/0000", "CAT_00/0001", "CAT_00/0002", "CAT_01/0000",
+                          "CAT_01/0001", "CAT_01/0002", "stray"]
+  assert got["images"].shape == (7, 8, 8, 3)
+  np.testing.assert_array_equal(got["images"][3], data.crop_resize(
+      data.read_image(os.path.join(root, "CAT_01", "0000.jpg")), 8))
+  cat = os.path.join(root, "CAT_00", "0000.jpg.cat")
+  assert f"note: {cat} and 5 more: not an image" in err, err
+  assert os.path.join(root, ".ipynb_checkpoints") in err  # hidden folder: named too
+  # Recursion off: the top level only, and the images left out are counted.
+  flat = data.load_image_folder(root, 8, recursive=False)
+  err = capfd.readouterr().err
+  assert flat["names"] == ["stray"]
+  first = os.path.join(root, "CAT_00", "0000.jpg")
+  assert f"note: {first} and 5 more: image in a sub-folder, not read" in err, err
+
+
+def test_linked_folders_are_read_once_and_excluded_folders_named(tmp_path):
+  root = _cat_layout(str(tmp_path / "cats"))
+  os.symlink(os.path.join(root, "CAT_00"), os.path.join(root, "CAT_link"))
+  os.symlink(root, os.path.join(root, "CAT_00", "loop"))  # a cycle: must end
+  notes = {}
+  got = data.list_images(root, notes=notes, exclude=[os.path.join(root, "CAT_01")])
+  assert [os.path.relpath(p, root) for p in got] == [
+      "CAT_00/0000.jpg", "CAT_00/0001.jpg", "CAT_00/0002.jpg", "stray.jpg"]
+  assert notes["the output folder, not read"] == [os.path.join(root, "CAT_01")]
+  assert notes["a link to a folder already read, not read twice"] == [
+      os.path.join(root, "CAT_00", "loop"), os.path.join(root, "CAT_link")]
+
+
+def test_nested_cat_folders_case():
+  root = os.path.join(_case("nested-cat-folders"), "cats")
+  got = data.load_image_folder(root, 16)
+  assert len(got["names"]) == 7 and "CAT_01/0002" in got["names"]
+
+
+def test_folder_errors_say_what_is_wrong(tmp_path):
+  f = _write(str(tmp_path / "one.png"), _png_bytes())
+  with pytest.raises(UserError, match="is a file, not a folder"):
+    data.load_image_folder(f, S)
+
+
+def test_crop_box_resize_replicates_the_border():
+  a = np.arange(16, dtype=np.float32).reshape(4, 4)
+  got = data.crop_box_resize(a, -1, 2, 3, None)  # 1 column left of, 1 row below the image
+  np.testing.assert_array_equal(got, [[8, 8, 9], [12, 12, 13], [12, 12, 13]])
+  np.testing.assert_array_equal(data.crop_box_resize(a, 1, 1, 2, None), a[1:3, 1:3])
