@@ -1,0 +1,155 @@
+"""Ground-truth sidecar, diagnostics, template baseline, `diagnose` and the
+robustness benchmark on tiny data (16 px, test_tiny)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scr_jax import data, diagnostics as D, metrics, model, render
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = [sys.executable, os.path.join(ROOT, "experiments", "run.py")]
+S = 16
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("synface_gt"))
+  data.export_synface(root, n_train=24, n_val=8, n_test=8, size=S, seed=3, verbose=False)
+  return root
+
+
+# ----------------------------------------------------------------------------
+# Sidecar
+# ----------------------------------------------------------------------------
+
+def test_sidecar_round_trip(tiny):
+  ref = data.generate_split(8, S, seed=3, split="val", with_canonical=True)
+  d = data.load_synface(tiny, "val", S)
+  gt = data.load_gt(tiny, "val", d["names"], S)
+  np.testing.assert_array_equal(gt["view"], ref["views"])
+  np.testing.assert_array_equal(gt["light"], ref["lights"])
+  np.testing.assert_array_equal(gt["canon_mask"], ref["canon_mask"])
+  # uint16 depth (3e-6 steps over 0.2) and uint8 albedo quantisation only.
+  np.testing.assert_allclose(gt["canon_depth"], ref["canon_depth"], atol=2e-6)
+  np.testing.assert_allclose(gt["canon_albedo"], ref["canon_albedo"], atol=0.5 / 255 + 1e-6)
+  # Selected and ordered by name; unknown names / crops / no file give None.
+  sub = data.load_gt(tiny, "val", ["000005", "000001"], S)
+  np.testing.assert_array_equal(sub["view"], ref["views"][[5, 1]])
+  assert data.load_gt(tiny, "val", ["999999"], S) is None
+  assert data.load_gt(tiny, "val", d["names"], S, crop=12) is None
+  assert data.load_gt(tiny, "nosuch", d["names"], S) is None
+  # Resized with the images: a 32 px read of 16 px data.
+  big = data.load_gt(tiny, "val", d["names"], 32)
+  assert big["canon_depth"].shape == (8, 32, 32) and big["canon_albedo"].shape == (8, 32, 32, 3)
+
+
+def test_sidecar_regenerated_without_rendering_is_identical(tiny, tmp_path):
+  # Data exported before sidecars existed: write_missing_gt adds the same file.
+  path = os.path.join(tiny, "test", data.GT_FILE)
+  want = dict(np.load(path))
+  moved = str(tmp_path / "gt_moved.npz")
+  os.rename(path, moved)
+  try:
+    assert data.write_missing_gt(tiny, verbose=False) == ["test"]
+    got = dict(np.load(path))
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert data.write_missing_gt(tiny, verbose=False) == []
+  finally:
+    os.replace(moved, path)
+
+
+def test_variants_are_named_and_change_the_data():
+  assert set(data.VARIANTS) >= {"default", "wide_pose", "harsh_light", "hires64", "albedo_alt"}
+  with pytest.raises(data.UserError, match="unknown data variant"):
+    data.get_variant("nope")
+  wide = data.get_variant("wide_pose").gen
+  views = np.stack([data.sample_params(data.sample_rng(0, "train", i), wide)["view"]
+                    for i in range(200)])
+  assert np.rad2deg(np.abs(views[:, 0]).max()) > 10  # pitch beyond the default +-5
+  assert np.abs(views[:, 3]).max() > 0.01  # x shift
+  # The alternative albedo family: same shape, other colours; default unchanged.
+  base = data.canonical_face(data.sample_params(data.sample_rng(0, "train", 0), data.GenConfig()), S)
+  alt_cfg = data.get_variant("albedo_alt").gen
+  alt = data.canonical_face(data.sample_params(data.sample_rng(0, "train", 0), alt_cfg), S, alt_cfg)
+  np.testing.assert_array_equal(base[0], alt[0])
+  assert np.abs(base[1] - alt[1]).mean() > 0.05
+  np.testing.assert_array_equal(alt[1], alt[1][:, ::-1])  # still symmetric
+  assert data.get_variant("hires64").export_size == 64
+
+
+# ----------------------------------------------------------------------------
+# Diagnostics (pure functions)
+# ----------------------------------------------------------------------------
+
+def _gt(tiny, split="val"):
+  d = data.load_synface(tiny, split, S)
+  return d, data.load_gt(tiny, split, d["names"], S)
+
+
+def test_ground_truth_as_prediction_is_perfect(tiny):
+  _, gt = _gt(tiny)
+  diag = D.diagnose(gt, gt)
+  for k in ("view_pitch_mae_deg", "view_yaw_mae_deg", "view_roll_mae_deg",
+            "view_pitch_offset_deg", "light_ambient_mae", "light_diffuse_mae", "light_dir_deg"):
+    assert abs(diag[k]) < 1e-9, (k, diag[k])
+  for k in ("view_pitch_corr", "view_yaw_corr", "view_roll_corr"):
+    assert diag[k] == pytest.approx(1.0, abs=1e-12)
+  assert diag["depth_sign"] == 1.0 and diag["depth_sign_gt"] == 1.0
+  assert diag["shape_spread_ratio"] == pytest.approx(1.0)
+  assert diag["shape_spread_gt"] > 1e-3  # the faces do differ
+
+
+def test_known_offsets_show_up(tiny):
+  _, gt = _gt(tiny)
+  pred = dict(gt)
+  v = np.array(gt["view"], np.float64)
+  v[:, 0] += np.deg2rad(7.0)  # a global pitch offset: reported, then removed
+  v[:, 1] += np.deg2rad(3.0)  # a yaw bias: a 3 degree error, correlation 1
+  v[:, 2] = -v[:, 2]  # mirrored roll: correlation -1
+  pred["view"] = v
+  diag = D.diagnose(pred, gt)
+  assert diag["view_pitch_offset_deg"] == pytest.approx(7.0, abs=1e-4)
+  assert diag["view_pitch_mae_deg"] == pytest.approx(0.0, abs=1e-4)
+  assert diag["view_yaw_mae_deg"] == pytest.approx(3.0, abs=1e-4)
+  assert diag["view_yaw_corr"] == pytest.approx(1.0, abs=1e-9)
+  assert diag["view_roll_corr"] == pytest.approx(-1.0, abs=1e-9)
+  want_roll = np.mean(np.abs(2 * np.rad2deg(gt["view"][:, 2].astype(np.float64))))
+  assert diag["view_roll_mae_deg"] == pytest.approx(want_roll, rel=1e-5)
+  # A collapsed view: zero correlation, not NaN.
+  pred["view"] = np.zeros_like(v)
+  assert D.diagnose(pred, gt)["view_yaw_corr"] == 0.0
+
+
+def test_light_direction_angle():
+  t = np.array([[0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 1.0, 0.0]])
+  p = np.array([[0.6, 0.3, 1.0, 0.0], [0.5, 0.5, 0.0, 0.0]])  # 45 degrees both
+  e = D.light_errors(p, t)
+  assert e["light_dir_deg"] == pytest.approx(45.0, abs=1e-9)
+  assert e["light_ambient_mae"] == pytest.approx(0.05)
+  assert e["light_diffuse_mae"] == pytest.approx(0.1)
+
+
+def test_depth_sign_and_template_collapse(tiny):
+  _, gt = _gt(tiny)
+  z = gt["canon_depth"]
+  inverted = 2 * z.mean(axis=(1, 2), keepdims=True) - z
+  assert D.depth_sign(inverted) == 0.0
+  mixed = np.concatenate([z[:6], inverted[6:]])
+  assert D.depth_sign(mixed) == pytest.approx(6 / 8)
+  # A few extreme pixels cannot flip the sign (medians).
+  spiky = z.copy()
+  spiky[:, 7, 7] = 5.0
+  assert D.depth_sign(spiky) == 1.0
+  # One template for every image: zero spread.
+  region = D.face_region(gt["canon_mask"])
+  template = np.broadcast_to(z.mean(0), z.shape)
+  assert D.shape_spread(template, region) < 1e-9
+  pred = dict(gt, canon_depth=template)
+  assert D.diagnose(pred, gt)["shape_spread_ratio"] < 1e-6
