@@ -153,3 +153,60 @@ def test_depth_sign_and_template_collapse(tiny):
   assert D.shape_spread(template, region) < 1e-9
   pred = dict(gt, canon_depth=template)
   assert D.diagnose(pred, gt)["shape_spread_ratio"] < 1e-6
+
+
+# ----------------------------------------------------------------------------
+# Training logs them; `diagnose` prints them and draws the grid
+# ----------------------------------------------------------------------------
+
+def _run(*args, **kw):
+  return subprocess.run(RUN + list(args), capture_output=True, text=True, cwd=ROOT, **kw)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("diag_run"))
+  r = _run("train", "--preset", "test_tiny", "--data", tiny, "--workdir", wd, "--steps", "2")
+  assert r.returncode == 0, r.stderr[-2000:]
+  return wd, r
+
+
+def test_validation_logs_diagnostics(trained):
+  wd, r = trained
+  with open(os.path.join(wd, "metrics.csv")) as fh:
+    rows = {(int(s), k): float(v) for s, k, v in list(csv.reader(fh))[1:]}
+  for key in ("view_yaw_mae_deg", "view_yaw_corr", "view_pitch_offset_deg", "light_dir_deg",
+              "depth_sign", "shape_spread", "shape_spread_ratio"):
+    assert (2, f"val/{key}") in rows, key
+  assert rows[(2, "val/depth_sign_gt")] == 1.0
+  assert 0.0 <= rows[(2, "val/depth_sign")] <= 1.0
+  assert "yaw err" in r.stderr  # the validation line shows the headline
+  assert os.listdir(os.path.join(wd, "tb"))
+
+
+def test_diagnose_command_prints_and_writes_png(trained, tiny, tmp_path):
+  wd, _ = trained
+  out = str(tmp_path / "diag")
+  r = _run("diagnose", "--workdir", wd, "--data", tiny, "--split", "val", "--rows", "3",
+           "--out", out)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "yaw err" in r.stdout and "convex" in r.stdout and "MAD" in r.stdout
+  with open(out + ".json") as fh:
+    res = json.load(fh)
+  assert res["n"] == 8 and res["step"] == 2 and res["depth_sign_gt"] == 1.0
+  from PIL import Image
+  im = Image.open(out + ".png")
+  # 3 rows x 9 columns of 16 px tiles with 1 px gaps, scaled x3.
+  assert im.size == (3 * (9 * S + 8), 3 * (3 * S + 2))
+
+
+def test_diagnose_without_sidecar_is_one_line(trained, tiny, tmp_path):
+  wd, _ = trained
+  import shutil
+  bare = str(tmp_path / "bare")
+  shutil.copytree(tiny, bare)
+  os.remove(os.path.join(bare, "test", data.GT_FILE))
+  r = _run("diagnose", "--workdir", wd, "--data", bare)
+  assert r.returncode == 2
+  assert r.stderr.strip().startswith("error:") and "sidecar" in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1
