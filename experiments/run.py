@@ -104,6 +104,19 @@ def load_split(spec: str, split: str, cfg, need_depth: bool = True, with_gt: boo
                                 cfg.image_size, cfg.crop or None)
 
 
+def baselines_for(spec: str, test: dict, cfg):
+  """metrics.baseline_summaries on `test` (a loaded split of `spec`): constant,
+  average GT depth and, when both splits carry the generator's ground truth,
+  the template baseline. None when `spec` has no train split with depth."""
+  from scr_jax import metrics, model
+  root = resolve_data(spec, cfg)
+  if not os.path.isdir(os.path.join(root, "train", "depth")):
+    return None
+  trn = load_split(spec, "train", cfg)
+  return metrics.baseline_summaries(test["depth"], trn["depth"], model.camera(cfg),
+                                    **metrics.template_kwargs(test, trn))
+
+
 def load_train_data(spec: str, cfg):
   """Training images (ground truth optional) and, when present, val data."""
   from scr_jax import data
@@ -302,6 +315,11 @@ def cmd_eval(args):
     summ = dict(candidates=rows)
   else:
     summ, pred, valid = train.evaluate(eval_fn, params, d, m, cfg)
+    base = baselines_for(args.data, d, cfg)
+    if base is not None:  # the reference predictions on the same images
+      summ["baselines"] = base
+      for name, b in base.items():
+        _log(f"  baseline {name}: SIDE {b['side_mean']:.3f}  MAD {b['mad_mean']:.2f}")
   summ.update(split=args.split, step=step, workdir=args.workdir)
   text = json.dumps(summ, indent=1)
   print(text)
@@ -398,7 +416,7 @@ def cmd_predict(args):
 
 def cmd_main(args):
   """`make run`: built-in data -> train cpu_small -> eval -> predict -> summary."""
-  from scr_jax import config, data, metrics
+  from scr_jax import config, data
   wd = args.workdir
   cfg = config.get_config("cpu_small")
   t0 = time.time()
@@ -413,16 +431,19 @@ def cmd_main(args):
   summ = cmd_eval(argparse.Namespace(workdir=wd, data="builtin", split="test",
                                      out=os.path.join(wd, "eval_test.json"),
                                      save_predictions=os.path.join(wd, "pred_test.npz")))
-  # Baselines on the same test split.
-  from scr_jax import model
-  test = load_split("builtin", "test", cfg)
-  train_gt = load_split("builtin", "train", cfg)["depth"]
-  base = metrics.baseline_summaries(test["depth"], train_gt, model.camera(cfg))
+  base = summ.pop("baselines")  # constant, average GT, template: the same test split
   pred_dir = os.path.join(wd, "predict")
   test_imgs = os.path.join(root, "test", "image")
   picks = sorted(os.listdir(test_imgs))[:4]
   cmd_predict(argparse.Namespace(workdir=wd, images=[os.path.join(test_imgs, p) for p in picks],
                                  out=pred_dir))
+  from scr_jax import diagnostics
+  test = load_split("builtin", "test", cfg)
+  if "gt" in test:
+    _, nets, params, m, q, _ = _restore(wd)
+    diag = diagnostics.evaluate(nets, params, test, m, cfg, q)
+    with open(os.path.join(wd, "diagnose_test.json"), "w") as fh:
+      json.dump(diag, fh, indent=1)
   rows = [("independent SCR (ours)", summ)] + list(base.items())
   print(f"\nTest split of the built-in data ({summ['n']} images, {cfg.image_size}px), "
         f"{time.time() - t0:.0f}s in all")
@@ -430,6 +451,9 @@ def cmd_main(args):
   for name, s in rows:
     print(f"{name:<26}{s['side_mean']:>9.3f} ±{s['side_std']:5.3f}{s['mad_mean']:>9.2f} ±"
           f"{s['mad_std']:5.2f}{s['mad_unsup3d_mean']:>13.2f} ±{s['mad_unsup3d_std']:5.2f}")
+  if "gt" in test:
+    print(f"diagnostics (test): {diagnostics.headline(diag)} "
+          f"(python experiments/run.py diagnose --workdir {wd} for pictures)")
   print(f"\noutputs: {wd}/eval_test.json, {wd}/tb (tensorboard), {wd}/metrics.csv, {pred_dir}/")
 
 
