@@ -255,3 +255,53 @@ def test_eval_prints_the_three_baselines(trained, tiny):
   assert set(res["baselines"]) == {"constant null depth", "average GT depth", metrics.TEMPLATE}
   assert res["baselines"][metrics.TEMPLATE]["n"] == 8
   assert f"baseline {metrics.TEMPLATE}" in r.stderr
+
+
+# ----------------------------------------------------------------------------
+# Robustness benchmark, end to end
+# ----------------------------------------------------------------------------
+
+def test_bench_quality_end_to_end_and_resumable(tmp_path):
+  bench = [sys.executable, os.path.join(ROOT, "experiments", "bench_quality.py"),
+           "--preset", "test_tiny", "--steps", "2", "--seeds", "0,1",
+           "--variants", "default,hires64", "--counts", "16,8,8",
+           "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "bench")]
+  r = subprocess.run(bench + ["--jobs", "2"], capture_output=True, text=True, cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = tmp_path / "bench"
+  # hires64: stored at 64 px, trained and evaluated at the preset's 16 px.
+  with open(tmp_path / "data" / "builtin_hires64_s64_seed0" / "meta.json") as fh:
+    assert json.load(fh)["size"] == 64
+  for v in ("default", "hires64"):
+    for s in (0, 1):
+      with open(out / f"{v}_s{s}" / "result.json") as fh:
+        res = json.load(fh)
+      assert res["steps"] == 2 and res["n_test"] == 8 and res["status"] == "done"
+      assert 0 <= res["depth_sign"] <= 1 and np.isfinite(res["mad"])
+      assert -1 <= res["view_yaw_corr"] <= 1
+  with open(out / "table.csv") as fh:
+    rows = list(csv.reader(fh))
+  head = rows[0]
+  assert "template MAD" in head and "yaw corr" in head and "convex" in head
+  labels = [(r[0], r[1]) for r in rows[1:]]
+  assert labels == [("default", "0"), ("default", "1"), ("default", "median"),
+                    ("default", "worst"), ("hires64", "0"), ("hires64", "1"),
+                    ("hires64", "median"), ("hires64", "worst")]
+  mad = head.index("MAD deg")
+  d0, d1, med, worst = (float(rows[i][mad]) for i in (1, 2, 3, 4))
+  assert med == pytest.approx((d0 + d1) / 2) and worst == max(d0, d1)
+  assert float(rows[1][head.index("template MAD")]) < float(rows[1][head.index("avg-GT MAD")])
+  assert "| default | 0 |" in r.stdout
+  # Rerun: nothing to train. A run without its result (interrupted after
+  # training) resumes from its checkpoint and is only evaluated.
+  os.remove(out / "default_s1" / "result.json")
+  r2 = subprocess.run(bench, capture_output=True, text=True, cwd=ROOT)
+  assert r2.returncode == 0, r2.stderr[-3000:]
+  assert "3 of 4 runs done, 1 to go" in r2.stderr
+  with open(out / "default_s1" / "log.txt") as fh:
+    assert "resuming" in fh.read()
+  with open(out / "default_s1" / "result.json") as fh:
+    assert json.load(fh)["steps"] == 2
+  # Other settings in the same folder are refused (one line).
+  r3 = subprocess.run(bench + ["--set", "lr=1e-3"], capture_output=True, text=True, cwd=ROOT)
+  assert r3.returncode == 2 and r3.stderr.startswith("error:") and "other settings" in r3.stderr
