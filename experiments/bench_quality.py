@@ -6,7 +6,7 @@ baselines (constant, average GT depth, template).
 
   python experiments/bench_quality.py [--preset cpu_small] [--seeds 0,1,2,3,4]
       [--variants default,wide_pose,harsh_light,hires64,albedo_alt] [--steps 2000]
-      [--set key=value ...] [--jobs 1|2] [--out DIR] [--report]
+      [--set key=value ...] [--jobs 1|2] [--budget SECONDS] [--out DIR] [--report]
 
 Variants are the named generator settings of scr_jax/data.py (VARIANTS);
 each one's data is generated once under data/ (`--data builtin:NAME`).
@@ -106,7 +106,7 @@ def run_one(args):
   targs = argparse.Namespace(preset=args.preset, data=args.data, workdir=args.workdir,
                              set=list(args.set), steps=args.steps, seed=args.seed,
                              variant=None, order=None, q=None, structure=None, candidates=None,
-                             resume=True, distributed=False, max_seconds=None)
+                             resume=True, distributed=False, max_seconds=args.budget)
   t0 = time.time()
   res = cli.cmd_train(targs)
   test = cli.load_split(args.data, "test", cfg)
@@ -116,7 +116,7 @@ def run_one(args):
   out = dict(variant=args.bench_variant, seed=args.seed, steps=res["step"],
              train_seconds=res["seconds"], wall_seconds=time.time() - t0,
              side=summ["side_mean"], mad=summ["mad_mean"], mad_unsup3d=summ["mad_unsup3d_mean"],
-             n_test=summ["n"], status="done")
+             n_test=summ["n"], status="done", stop=res["reason"])
   if "gt" in test:
     out.update(diagnostics.evaluate(res["nets"], params, test, m, cfg, q))
   _write_json(os.path.join(args.workdir, "result.json"), out)
@@ -128,11 +128,11 @@ def run_one(args):
 
 def _settings(args):
   return dict(preset=args.preset, steps=args.steps, set=sorted(args.set), counts=args.counts,
-              data_root=args.data_root)
+              data_root=args.data_root, budget=args.budget)
 
 
 def _default_out(args):
-  name = f"{args.preset}_{args.steps}"
+  name = f"{args.preset}_{args.steps}" + (f"_budget{args.budget:g}" if args.budget else "")
   if args.set:
     name += "_" + "_".join(s.replace("=", "-") for s in sorted(args.set))[:60]
     name += "_" + hashlib.sha1(" ".join(sorted(args.set)).encode()).hexdigest()[:6]
@@ -170,6 +170,8 @@ def _launch(args, variant, seed, out, core):
   cmd = [sys.executable, os.path.abspath(__file__), "--one", "--bench-variant", variant,
          "--seed", str(seed), "--data", _data_dir(args, variant, cfg), "--workdir", wd,
          "--preset", args.preset, "--steps", str(args.steps)]
+  if args.budget:
+    cmd += ["--budget", str(args.budget)]
   for s in args.set:
     cmd += ["--set", s]
   if core is not None:
@@ -236,7 +238,8 @@ def table(out, variants, seeds):
 
 def _write_table(out, variants, seeds, settings):
   text, rows = table(out, variants, seeds)
-  head = (f"Robustness benchmark: {settings['preset']}, {settings['steps']} steps"
+  budget = f" (or {settings['budget']:g} s each)" if settings.get("budget") else ""
+  head = (f"Robustness benchmark: {settings['preset']}, {settings['steps']} steps{budget}"
           f"{', --set ' + ' '.join(settings['set']) if settings['set'] else ''}; test split "
           "of each variant. MAD / SIDE as Unsup3D (exact normals); view err = mean of the "
           "yaw / pitch (mean offset removed) / roll errors; convex = fraction of images with a "
@@ -258,6 +261,8 @@ def drive(args):
     data.get_variant(v)
   if args.steps < 1:
     raise UserError(f"--steps must be >= 1, got {args.steps}")
+  if args.budget is not None and args.budget <= 0:
+    raise UserError(f"--budget must be > 0 seconds, got {args.budget}")
   if args.jobs < 1:
     raise UserError(f"--jobs must be >= 1, got {args.jobs}")
   if args.counts and not args.data_root:
@@ -333,6 +338,8 @@ def main():
   p.add_argument("--seeds", default="0,1,2,3,4")
   p.add_argument("--variants", default="default,wide_pose,harsh_light,hires64,albedo_alt")
   p.add_argument("--steps", type=int, default=2000, help="training steps of every run")
+  p.add_argument("--budget", type=float, help="also stop each run after this many seconds "
+                 "of training wall time (the run counts as finished with the steps done)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="training config override for every run")
   p.add_argument("--jobs", type=int, default=1, help="runs at a time (>1: one core each, taskset)")

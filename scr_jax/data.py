@@ -861,13 +861,29 @@ def _tfds_module():
 
 def build_tfds(data_dir: str, size: int = 64, n_train: int = 800, n_val: int = 100,
                n_test: int = 100, seed: int = 0, **kw):
-  """Lazy alias of tfds_synface.build_tfds."""
-  return _tfds_module().build_tfds(data_dir, size, n_train, n_val, n_test, seed, **kw)
+  """Lazy alias of tfds_synface.build_tfds; also writes the ground-truth
+  sidecars as <builder.data_dir>/{split}/gt.npz (see `load_gt`)."""
+  builder = _tfds_module().build_tfds(data_dir, size, n_train, n_val, n_test, seed, **kw)
+  cfg = kw.get("cfg", GenConfig())
+  for split, n in dict(train=n_train, val=n_val, test=n_test).items():
+    path = os.path.join(builder.data_dir, split, GT_FILE)
+    if n and not os.path.exists(path):
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      _save_gt(path, canonical_gt(n, size, seed, split, cfg))
+  return builder
 
 
 def load_tfds(data_dir: str, split: str = "train", image_size=None, crop=None, **kw):
-  """Lazy alias of tfds_synface.load_tfds."""
-  return _tfds_module().load_tfds(data_dir, split, image_size, crop, **kw)
+  """Lazy alias of tfds_synface.load_tfds; adds d["gt"] (`load_gt`) when the
+  prepared dataset has a ground-truth sidecar for the split."""
+  mod = _tfds_module()
+  d = mod.load_tfds(data_dir, split, image_size, crop, **kw)
+  root = (data_dir.data_dir if hasattr(data_dir, "data_dir")
+          else mod._find_prepared(data_dir, kw.get("config")))
+  gt = load_gt(root, split, d["names"], image_size, crop)
+  if gt is not None:
+    d["gt"] = gt
+  return d
 
 
 # ----------------------------------------------------------------------------

@@ -305,3 +305,13 @@ def test_bench_quality_end_to_end_and_resumable(tmp_path):
   # Other settings in the same folder are refused (one line).
   r3 = subprocess.run(bench + ["--set", "lr=1e-3"], capture_output=True, text=True, cwd=ROOT)
   assert r3.returncode == 2 and r3.stderr.startswith("error:") and "other settings" in r3.stderr
+
+
+def test_tfds_carries_the_sidecar(tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+  builder = data.build_tfds(str(tmp_path), size=S, n_train=3, n_val=1, n_test=2, seed=2)
+  got = data.load_tfds(builder, "test")
+  ref = data.generate_split(2, S, seed=2, split="test", with_canonical=True)
+  np.testing.assert_array_equal(got["gt"]["view"], ref["views"])
+  np.testing.assert_allclose(got["gt"]["canon_depth"], ref["canon_depth"], atol=2e-6)
+  assert "gt" in data.load_tfds(str(tmp_path), "train")
