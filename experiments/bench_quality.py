@@ -230,10 +230,41 @@ def table(out, variants, seeds):
         cells += [_fmt(b, "{:.2f}") for b in bvals]
         md.append("| " + " | ".join(cells) + " |")
         rows.append([variant, label] + vals + bvals)
-  text = "\n".join(md) + "\n"
+  text = "\n".join(md) + "\n" + goals(out, variants, seeds)
   if missing:
     text += f"\nNot finished yet: {', '.join(missing)}\n"
   return text, rows
+
+
+def goals(out, variants, seeds) -> str:
+  """The goals of issue 10 per variant, over the finished runs: no failed run
+  (MAD below average-GT and a convex majority, depth_sign > 0.5), median MAD
+  <= 0.55 x average-GT and below the template, yaw correlation >= 0.95 on
+  every run."""
+  lines = []
+  yes = lambda ok: "yes" if ok else "NO"
+  for variant in variants:
+    base = _read_json(os.path.join(out, f"baselines_{variant}.json")) or {}
+    avg = base.get("average GT depth", {}).get("mad")
+    tpl = base.get("template depth, true view", {}).get("mad")
+    done = [r for r in (_read_json(os.path.join(out, f"{variant}_s{s}", "result.json"))
+                        for s in seeds) if r is not None]
+    if not done or avg is None:
+      continue
+    ok = [r for r in done if r.get("mad") is not None and r["mad"] < avg
+          and (r.get("depth_sign") is None or r["depth_sign"] > 0.5)]
+    med = _median([r["mad"] if r.get("mad") is not None else float("inf") for r in done])
+    corr = [r.get("view_yaw_corr") for r in done]
+    corr = [c if c is not None else float("-inf") for c in corr]
+    line = (f"- {variant} ({len(done)} runs): no failed run {yes(len(ok) == len(done))} "
+            f"({len(ok)}/{len(done)}); median MAD / avg-GT {med / avg:.2f} <= 0.55 "
+            f"{yes(med / avg <= 0.55)}")
+    if tpl is not None:
+      line += f"; median MAD < template {yes(med < tpl)}"
+    if "view_yaw_corr" in done[0] or len(done) > 1:
+      line += f"; yaw corr >= 0.95 on every run {yes(min(corr) >= 0.95)} (min {min(corr):.3f})"
+    lines.append(line)
+  return ("\nGoals (issue 10), finished runs:\n" + "\n".join(lines) + "\n") if lines else ""
 
 
 def _write_table(out, variants, seeds, settings):
@@ -270,6 +301,8 @@ def drive(args):
                     "standard counts)")
   _config(args, 0)  # bad --set / preset: one line now, not in every run
   out = args.out or _default_out(args)
+  if args.report and not os.path.exists(os.path.join(out, "settings.json")):
+    raise UserError(f"{out} holds no benchmark yet (no settings.json)")
   os.makedirs(out, exist_ok=True)
   settings = _settings(args)
   old = _read_json(os.path.join(out, "settings.json"))

@@ -153,7 +153,7 @@ def shape_spread(canon_depth_NxSxS, region_SxS) -> float:
   Each image's depth minus its own mean over the region (the depth head
   removes the per-image level anyway), then the per-pixel std across the
   images, averaged over the region. 0 = every image has the same shape (a
-  template).
+  template). A collapse detector, not a score: noise counts as spread too.
   """
   d = np.asarray(canon_depth_NxSxS, np.float64)[:, region_SxS]
   d = d - d.mean(axis=1, keepdims=True)

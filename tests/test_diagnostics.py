@@ -291,7 +291,7 @@ def test_bench_quality_end_to_end_and_resumable(tmp_path):
   d0, d1, med, worst = (float(rows[i][mad]) for i in (1, 2, 3, 4))
   assert med == pytest.approx((d0 + d1) / 2) and worst == max(d0, d1)
   assert float(rows[1][head.index("template MAD")]) < float(rows[1][head.index("avg-GT MAD")])
-  assert "| default | 0 |" in r.stdout
+  assert "| default | 0 |" in r.stdout and "Goals (issue 10)" in r.stdout
   # Rerun: nothing to train. A run without its result (interrupted after
   # training) resumes from its checkpoint and is only evaluated.
   os.remove(out / "default_s1" / "result.json")
@@ -315,3 +315,31 @@ def test_tfds_carries_the_sidecar(tmp_path):
   np.testing.assert_array_equal(got["gt"]["view"], ref["views"])
   np.testing.assert_allclose(got["gt"]["canon_depth"], ref["canon_depth"], atol=2e-6)
   assert "gt" in data.load_tfds(str(tmp_path), "train")
+
+
+def test_bench_table_median_worst_and_goals(tmp_path):
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import bench_quality as B
+  out = str(tmp_path)
+  B._write_json(os.path.join(out, "baselines_v.json"), {
+      "constant null depth": dict(mad=40.0, side=1.3), "average GT depth": dict(mad=20.0, side=1.8),
+      "template depth, true view": dict(mad=9.0, side=0.4)})
+  runs = {0: dict(mad=8.0, depth_sign=1.0, view_yaw_corr=0.99),
+          1: dict(mad=10.0, depth_sign=0.9, view_yaw_corr=0.97),
+          2: dict(mad=30.0, depth_sign=0.2, view_yaw_corr=-0.5)}  # a failed run
+  for s, r in runs.items():
+    os.makedirs(os.path.join(out, f"v_s{s}"))
+    B._write_json(os.path.join(out, f"v_s{s}", "result.json"),
+                  dict(r, variant="v", seed=s, side=1.0, status="done"))
+  text, rows = B.table(out, ["v"], [0, 1, 2, 3])
+  head = rows[0]
+  med = next(r for r in rows if r[1] == "median")
+  worst = next(r for r in rows if r[1] == "worst")
+  assert med[head.index("MAD deg")] == 10.0 and worst[head.index("MAD deg")] == 30.0
+  assert worst[head.index("yaw corr")] == -0.5 and worst[head.index("convex")] == 0.2
+  assert med[head.index("MAD / avg-GT")] == pytest.approx(0.5)
+  assert "no failed run NO (2/3)" in text
+  assert "median MAD / avg-GT 0.50 <= 0.55 yes" in text
+  assert "median MAD < template NO" in text  # 10 > 9
+  assert "yaw corr >= 0.95 on every run NO (min -0.500)" in text
+  assert "Not finished yet: v_s3" in text
