@@ -6,7 +6,8 @@ baselines (constant, average GT depth, template).
 
   python experiments/bench_quality.py [--preset cpu_small] [--seeds 0,1,2,3,4]
       [--variants default,wide_pose,harsh_light,hires64,albedo_alt] [--steps 2000]
-      [--set key=value ...] [--jobs 1|2] [--budget SECONDS] [--out DIR] [--report]
+      [--set key=value ...] [--jobs 1|2] [--budget SECONDS] [--out DIR]
+      [--report | --baselines-only]
 
 Variants are the named generator settings of scr_jax/data.py (VARIANTS);
 each one's data is generated once under data/ (`--data builtin:NAME`).
@@ -315,6 +316,16 @@ def drive(args):
     return
   for v in variants:
     _baselines(args, v, out)
+  if args.baselines_only:
+    heads = ["variant"] + [f"{h} (SIDE)" for _, h in BASELINE_COLUMNS]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for v in variants:
+      b = _read_json(os.path.join(out, f"baselines_{v}.json"))
+      lines.append(f"| {v} | " + " | ".join(
+          f"{b[k]['mad']:.2f} ({b[k]['side']:.3f})" if k in b else "-"
+          for k, _ in BASELINE_COLUMNS) + " |")
+    print("\n".join(lines))
+    return
   todo = [(v, s) for v in variants for s in seeds
           if _read_json(os.path.join(out, f"{v}_s{s}", "result.json")) is None]
   n_all = len(variants) * len(seeds)
@@ -378,6 +389,8 @@ def main():
   p.add_argument("--jobs", type=int, default=1, help="runs at a time (>1: one core each, taskset)")
   p.add_argument("--out", help="results folder (default runs/bench_quality/<settings>)")
   p.add_argument("--report", action="store_true", help="only tabulate the finished runs")
+  p.add_argument("--baselines-only", action="store_true",
+                 help="only generate the variants' data and print their baselines")
   p.add_argument("--counts", help="N_TRAIN,N_VAL,N_TEST of generated data (default: the "
                  "built-in 4000,500,500); with --data-root, for quick checks")
   p.add_argument("--data-root", help="where variant data is generated (default ROOT/data)")
