@@ -84,6 +84,25 @@ def test_variants_are_named_and_change_the_data():
   assert data.get_variant("hires64").export_size == 64
 
 
+def test_generator_conventions_are_the_models():
+  # The sidecar's factors, fed to the model's own renderer (model.render_factors:
+  # view_from_raw / light_from_raw conventions, albedo in [-1, 1]), reproduce the
+  # generated image (to its uint8 rounding) and depth: predicted and true
+  # factors are directly comparable.
+  g = data.generate_split(4, 32, seed=7, split="test", with_canonical=True,
+                          cfg=data.get_variant("wide_pose").gen)
+  light = jnp.asarray(g["lights"])
+  f = dict(depth=jnp.asarray(g["canon_depth"]), albedo=jnp.asarray(g["canon_albedo"] * 2 - 1),
+           ambient=light[:, 0], diffuse=light[:, 1], light_dxy=light[:, 2:4],
+           view=jnp.asarray(g["views"]))
+  out = model.render_factors(f, data.GenConfig().camera(32))
+  inside = np.asarray(metrics.erode(g["mask"])) > 0
+  assert inside.sum() > 1000
+  rec = np.clip(np.asarray(out["recon_im"][:4]) / 2 + 0.5, 0, 1)
+  assert np.abs(rec - g["images"] / 255.0)[inside].max() < 0.6 / 255
+  assert np.abs(np.asarray(out["recon_depth"][:4]) - g["depth"])[inside].max() < 1e-5
+
+
 # ----------------------------------------------------------------------------
 # Diagnostics (pure functions)
 # ----------------------------------------------------------------------------
