@@ -92,6 +92,11 @@ def load_split(spec: str, split: str, cfg, need_depth: bool = True, with_gt: boo
     d = data.load_synface(root, split, cfg.image_size, cfg.crop or None)
     if with_gt:
       from scr_jax import model
+      try:  # a folder this generator exported before sidecars existed: add them
+        data.write_missing_gt(root)
+      except OSError as e:
+        _log(f"note: {root}: cannot add the ground-truth sidecars ({e.strerror}); "
+             "no diagnostics")
       gt = data.load_gt(root, split, d["names"], cfg.image_size, cfg.crop or None,
                         model.camera(cfg))
       if gt is not None:

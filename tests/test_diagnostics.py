@@ -222,9 +222,16 @@ def test_diagnose_command_prints_and_writes_png(trained, tiny, tmp_path):
 def test_diagnose_without_sidecar_is_one_line(trained, tiny, tmp_path):
   wd, _ = trained
   import shutil
-  bare = str(tmp_path / "bare")
+  old = str(tmp_path / "old")  # exported before sidecars: they are added on use
+  shutil.copytree(tiny, old)
+  os.remove(os.path.join(old, "test", data.GT_FILE))
+  r = _run("diagnose", "--workdir", wd, "--data", old, "--out", str(tmp_path / "d"))
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert os.path.exists(os.path.join(old, "test", data.GT_FILE))
+  bare = str(tmp_path / "bare")  # not ours (no meta.json): no ground truth
   shutil.copytree(tiny, bare)
   os.remove(os.path.join(bare, "test", data.GT_FILE))
+  os.remove(os.path.join(bare, "meta.json"))
   r = _run("diagnose", "--workdir", wd, "--data", bare)
   assert r.returncode == 2
   assert r.stderr.strip().startswith("error:") and "sidecar" in r.stderr
