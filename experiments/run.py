@@ -344,6 +344,8 @@ def cmd_diagnose(args):
   from scr_jax import data, diagnostics, model, train
   if args.rows < 1:
     raise UserError(f"--rows must be >= 1, got {args.rows}")
+  if args.limit is not None and args.limit < 1:
+    raise UserError(f"--limit must be >= 1, got {args.limit}")
   cfg, nets, params, m, q, step = _restore(args.workdir)
   if m.ndim == 3:
     raise UserError(f"{args.workdir} holds {m.shape[0]} candidate structures; diagnose needs "
@@ -353,7 +355,7 @@ def cmd_diagnose(args):
     raise UserError(f"{args.data}: the {args.split} split has no usable ground-truth sidecar "
                     f"({args.split}/{data.GT_FILE}); diagnostics need data from this "
                     "generator (run.py data, or --data builtin[:VARIANT])")
-  n = len(d["images"]) if args.limit is None else max(1, min(args.limit, len(d["images"])))
+  n = len(d["images"]) if args.limit is None else min(args.limit, len(d["images"]))
   d = dict(images=d["images"][:n], depth=d["depth"][:n], names=d["names"][:n],
            gt={k: v[:n] for k, v in d["gt"].items()})
   pred = diagnostics.predict_factors(nets, params, d["images"], m, cfg, q)
