@@ -1,17 +1,32 @@
 #!/usr/bin/env python
-"""Does it learn shape? Trains a preset on the built-in data for a wall-clock
-budget, then reports test SIDE / MAD next to the two reference baselines.
+"""Robustness benchmark: does training learn on every seed and every variant
+of the built-in data? Trains one run per (variant, seed) for a fixed step
+budget, then tabulates test MAD / SIDE and the diagnostics next to the three
+baselines (constant, average GT depth, template).
 
-  python experiments/bench_quality.py [--preset cpu_small] [--budget 600]
-      [--variant independent] [--order DVAL] [--set key=value ...] [--seed 0]
+  python experiments/bench_quality.py [--preset cpu_small] [--seeds 0,1,2,3,4]
+      [--variants default,wide_pose,harsh_light,hires64,albedo_alt] [--steps 2000]
+      [--set key=value ...] [--jobs 1|2] [--budget SECONDS] [--out DIR]
+      [--report | --baselines-only]
 
-Prints a table, then a JSON line with the figures (the last line).
-The budget counts from the first training step: compilation and periodic
-validation are inside it; data generation and the final test are not.
+Variants are the named generator settings of scr_jax/data.py (VARIANTS);
+each one's data is generated once under data/ (`--data builtin:NAME`).
+Resumable: every finished run writes OUT/<variant>_s<seed>/result.json and is
+skipped by a rerun; an interrupted run resumes from its last checkpoint (Ctrl-C
+checkpoints the runs in flight). `--jobs 2` runs two processes at a time, each
+pinned to one core with `taskset` (on a 2-core machine: both cores).
+`--set` goes to every run's training config (to compare a config field on /
+off, give each setting its own --out; the default --out names the settings).
+Writes OUT/table.md and OUT/table.csv (all runs finished so far) and prints
+the markdown table; `--report` only tabulates.
 """
 import argparse
+import csv
+import hashlib
 import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 
@@ -20,56 +35,378 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 import run as cli  # noqa: E402
+from scr_jax.errors import UserError  # noqa: E402
+
+# Table columns: (key in result.json, header, format, worst = max or min).
+COLUMNS = (
+    ("mad", "MAD deg", "{:.2f}", max),
+    ("side", "SIDE x1e-2", "{:.3f}", max),
+    ("mad_vs_avg", "MAD / avg-GT", "{:.2f}", max),
+    ("view_mae_deg", "view err deg", "{:.1f}", max),
+    ("view_yaw_mae_deg", "yaw err deg", "{:.1f}", max),
+    ("view_yaw_corr", "yaw corr", "{:.3f}", min),
+    ("view_pitch_offset_deg", "pitch offset deg", "{:+.1f}", None),
+    ("depth_sign", "convex", "{:.2f}", min),
+    ("shape_spread_ratio", "shape spread", "{:.2f}", min),
+)
+BASELINE_COLUMNS = (("constant null depth", "const MAD"), ("average GT depth", "avg-GT MAD"),
+                    ("template depth, true view", "template MAD"))
+
+
+def _write_json(path, obj):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as fh:
+    json.dump(obj, fh, indent=1)
+  os.replace(tmp, path)  # a result is either complete or absent
+
+
+def _read_json(path):
+  if not os.path.exists(path):
+    return None
+  with open(path) as fh:
+    return json.load(fh)
+
+
+def _int_list(text, what, distinct=True):
+  try:
+    vals = [int(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise UserError(f"--{what} takes a comma list of integers, got {text!r}") from None
+  if not vals or (distinct and len(set(vals)) != len(vals)):
+    raise UserError(f"--{what} must list distinct values, got {text!r}")
+  return vals
+
+
+def _config(args, seed):
+  ns = argparse.Namespace(preset=args.preset, set=list(args.set), steps=args.steps, seed=seed,
+                          variant=None, order=None, q=None, structure=None)
+  return cli.make_config(ns)
+
+
+def _data_dir(args, variant, cfg):
+  """The variant's data folder (generated once), at its export size."""
+  from scr_jax import data
+  size = data.get_variant(variant).export_size or cfg.image_size
+  counts = None
+  if args.counts:
+    n = _int_list(args.counts, "counts", distinct=False)
+    if len(n) != 3 or min(n) < 1:
+      raise UserError(f"--counts takes N_TRAIN,N_VAL,N_TEST (each >= 1), got {args.counts!r}")
+    counts = dict(n_train=n[0], n_val=n[1], n_test=n[2])
+  return cli.ensure_builtin(size, 0, variant, counts, args.data_root)
+
+
+# ----------------------------------------------------------------------------
+# One run (a subprocess of the driver)
+# ----------------------------------------------------------------------------
+
+def run_one(args):
+  """Trains (or resumes) one (variant, seed) and writes its result.json."""
+  from scr_jax import diagnostics, structure, train
+  cfg = _config(args, args.seed)
+  targs = argparse.Namespace(preset=args.preset, data=args.data, workdir=args.workdir,
+                             set=list(args.set), steps=args.steps, seed=args.seed,
+                             variant=None, order=None, q=None, structure=None, candidates=None,
+                             resume=True, distributed=False, max_seconds=args.budget)
+  t0 = time.time()
+  res = cli.cmd_train(targs)
+  test = cli.load_split(args.data, "test", cfg)
+  m, q = structure.resolve(cfg)
+  params = res["state"]["params"]
+  summ, _, _ = train.evaluate(train.make_eval_fn(res["nets"], cfg, q), params, test, m, cfg)
+  out = dict(variant=args.bench_variant, seed=args.seed, steps=res["step"],
+             train_seconds=res["seconds"], wall_seconds=time.time() - t0,
+             side=summ["side_mean"], mad=summ["mad_mean"], mad_unsup3d=summ["mad_unsup3d_mean"],
+             n_test=summ["n"], status="done", stop=res["reason"])
+  if "gt" in test:
+    out.update(diagnostics.evaluate(res["nets"], params, test, m, cfg, q))
+  _write_json(os.path.join(args.workdir, "result.json"), out)
+
+
+# ----------------------------------------------------------------------------
+# The driver
+# ----------------------------------------------------------------------------
+
+def _settings(args):
+  return dict(preset=args.preset, steps=args.steps, set=sorted(args.set), counts=args.counts,
+              data_root=args.data_root, budget=args.budget)
+
+
+def _default_out(args):
+  name = f"{args.preset}_{args.steps}" + (f"_budget{args.budget:g}" if args.budget else "")
+  if args.set:
+    name += "_" + "_".join(s.replace("=", "-") for s in sorted(args.set))[:60]
+    name += "_" + hashlib.sha1(" ".join(sorted(args.set)).encode()).hexdigest()[:6]
+  return os.path.join(ROOT, "runs", "bench_quality", name)
+
+
+def _baselines(args, variant, out):
+  """Baseline summaries of a variant's test split, computed once (cached)."""
+  from scr_jax import metrics, model
+  path = os.path.join(out, f"baselines_{variant}.json")
+  got = _read_json(path)
+  if got is None:
+    cfg = _config(args, 0)
+    root = _data_dir(args, variant, cfg)
+    test, trn = cli.load_split(root, "test", cfg), cli.load_split(root, "train", cfg)
+    base = metrics.baseline_summaries(test["depth"], trn["depth"], model.camera(cfg),
+                                      **metrics.template_kwargs(test, trn))
+    got = {k: dict(side=v["side_mean"], mad=v["mad_mean"]) for k, v in base.items()}
+    _write_json(path, got)
+  return got
+
+
+def _cores(jobs):
+  """One core per slot (from this process's affinity), or None: no pinning."""
+  if jobs <= 1 or shutil.which("taskset") is None:
+    return None
+  cores = sorted(os.sched_getaffinity(0))
+  return [cores[i % len(cores)] for i in range(jobs)]
+
+
+def _launch(args, variant, seed, out, core):
+  cfg = _config(args, seed)
+  wd = os.path.join(out, f"{variant}_s{seed}")
+  os.makedirs(wd, exist_ok=True)
+  cmd = [sys.executable, os.path.abspath(__file__), "--one", "--bench-variant", variant,
+         "--seed", str(seed), "--data", _data_dir(args, variant, cfg), "--workdir", wd,
+         "--preset", args.preset, "--steps", str(args.steps)]
+  if args.budget:
+    cmd += ["--budget", str(args.budget)]
+  for s in args.set:
+    cmd += ["--set", s]
+  if core is not None:
+    cmd = ["taskset", "-c", str(core)] + cmd
+  log = open(os.path.join(wd, "log.txt"), "a")
+  log.write(f"\n$ {' '.join(cmd)}\n")
+  log.flush()
+  return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log, wd
+
+
+def _fmt(v, fmt):
+  if v is None or (isinstance(v, float) and v != v):
+    return "-"
+  return fmt.format(v)
+
+
+def _median(vals):
+  vals = sorted(vals)
+  k = len(vals)
+  return None if not k else (vals[k // 2] if k % 2 else (vals[k // 2 - 1] + vals[k // 2]) / 2)
+
+
+def table(out, variants, seeds):
+  """(markdown, csv rows) of the finished runs, per variant x seed, with the
+  per-variant median and worst over seeds and the baselines' MAD."""
+  heads = ["variant", "seed"] + [h for _, h, _, _ in COLUMNS] + [h for _, h in BASELINE_COLUMNS]
+  md = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+  rows = [heads]
+  missing = []
+  for variant in variants:
+    base = _read_json(os.path.join(out, f"baselines_{variant}.json")) or {}
+    bvals = [base.get(k, {}).get("mad") for k, _ in BASELINE_COLUMNS]
+    done = []
+    for seed in seeds:
+      r = _read_json(os.path.join(out, f"{variant}_s{seed}", "result.json"))
+      if r is None:
+        missing.append(f"{variant}_s{seed}")
+        continue
+      avg = base.get("average GT depth", {}).get("mad")
+      r["mad_vs_avg"] = r["mad"] / avg if (avg and r.get("mad") is not None) else None
+      done.append(r)
+      vals = [r.get(k) for k, _, _, _ in COLUMNS]
+      status = "" if r.get("status") == "done" else f" ({r.get('status')})"
+      cells = [variant, f"{seed}{status}"] + [_fmt(v, f) for v, (_, _, f, _) in zip(vals, COLUMNS)]
+      cells += [_fmt(b, "{:.2f}") for b in bvals]
+      md.append("| " + " | ".join(cells) + " |")
+      rows.append([variant, seed] + vals + bvals)
+    if len(done) > 1:
+      for label, pick in (("median", lambda k, _: _median(
+          [r[k] for r in done if r.get(k) is not None])),
+                          ("worst", lambda k, w: None if w is None else w(
+                              [r[k] for r in done if r.get(k) is not None] or [None]))):
+        vals = [pick(k, w) for k, _, _, w in COLUMNS]
+        cells = [f"**{variant}**", f"**{label}** ({len(done)})"]
+        cells += [_fmt(v, f) for v, (_, _, f, _) in zip(vals, COLUMNS)]
+        cells += [_fmt(b, "{:.2f}") for b in bvals]
+        md.append("| " + " | ".join(cells) + " |")
+        rows.append([variant, label] + vals + bvals)
+  text = "\n".join(md) + "\n" + goals(out, variants, seeds)
+  if missing:
+    text += f"\nNot finished yet: {', '.join(missing)}\n"
+  return text, rows
+
+
+def goals(out, variants, seeds) -> str:
+  """The goals of issue 10 per variant, over the finished runs: no failed run
+  (MAD below average-GT and a convex majority, depth_sign > 0.5), median MAD
+  <= 0.55 x average-GT and below the template, yaw correlation >= 0.95 on
+  every run."""
+  lines = []
+  yes = lambda ok: "yes" if ok else "NO"
+  for variant in variants:
+    base = _read_json(os.path.join(out, f"baselines_{variant}.json")) or {}
+    avg = base.get("average GT depth", {}).get("mad")
+    tpl = base.get("template depth, true view", {}).get("mad")
+    done = [r for r in (_read_json(os.path.join(out, f"{variant}_s{s}", "result.json"))
+                        for s in seeds) if r is not None]
+    if not done or avg is None:
+      continue
+    ok = [r for r in done if r.get("mad") is not None and r["mad"] < avg
+          and (r.get("depth_sign") is None or r["depth_sign"] > 0.5)]
+    med = _median([r["mad"] if r.get("mad") is not None else float("inf") for r in done])
+    corr = [r.get("view_yaw_corr") for r in done]
+    corr = [c if c is not None else float("-inf") for c in corr]
+    line = (f"- {variant} ({len(done)} runs): no failed run {yes(len(ok) == len(done))} "
+            f"({len(ok)}/{len(done)}); median MAD / avg-GT {med / avg:.2f} <= 0.55 "
+            f"{yes(med / avg <= 0.55)}")
+    if tpl is not None:
+      line += f"; median MAD < template {yes(med < tpl)}"
+    if "view_yaw_corr" in done[0] or len(done) > 1:
+      line += f"; yaw corr >= 0.95 on every run {yes(min(corr) >= 0.95)} (min {min(corr):.3f})"
+    lines.append(line)
+  return ("\nGoals (issue 10), finished runs:\n" + "\n".join(lines) + "\n") if lines else ""
+
+
+def _write_table(out, variants, seeds, settings):
+  text, rows = table(out, variants, seeds)
+  budget = f" (or {settings['budget']:g} s each)" if settings.get("budget") else ""
+  head = (f"Robustness benchmark: {settings['preset']}, {settings['steps']} steps{budget}"
+          f"{', --set ' + ' '.join(settings['set']) if settings['set'] else ''}; test split "
+          "of each variant. MAD / SIDE as Unsup3D (exact normals); view err = mean of the "
+          "yaw / pitch (mean offset removed) / roll errors; convex = fraction of images with a "
+          "convex canonical relief; shape spread = spread of canonical depth across images / "
+          "the truth's (0 = one template). Baselines: MAD of constant, average-GT and template "
+          "depth (the mean canonical face in each true view).\n\n")
+  with open(os.path.join(out, "table.md"), "w") as fh:
+    fh.write(head + text)
+  with open(os.path.join(out, "table.csv"), "w", newline="") as fh:
+    csv.writer(fh).writerows(rows)
+  return head + text
+
+
+def drive(args):
+  from scr_jax import data
+  seeds = _int_list(args.seeds, "seeds")
+  variants = [v for v in args.variants.split(",") if v]
+  for v in variants:
+    data.get_variant(v)
+  if args.steps < 1:
+    raise UserError(f"--steps must be >= 1, got {args.steps}")
+  if args.budget is not None and args.budget <= 0:
+    raise UserError(f"--budget must be > 0 seconds, got {args.budget}")
+  if args.jobs < 1:
+    raise UserError(f"--jobs must be >= 1, got {args.jobs}")
+  if args.counts and not args.data_root:
+    raise UserError("--counts needs --data-root (the built-in data under data/ keeps its "
+                    "standard counts)")
+  _config(args, 0)  # bad --set / preset: one line now, not in every run
+  out = args.out or _default_out(args)
+  if args.report and not os.path.exists(os.path.join(out, "settings.json")):
+    raise UserError(f"{out} holds no benchmark yet (no settings.json)")
+  os.makedirs(out, exist_ok=True)
+  settings = _settings(args)
+  old = _read_json(os.path.join(out, "settings.json"))
+  if old is not None and old != settings:
+    raise UserError(f"{out} holds a benchmark with other settings ({json.dumps(old)}); "
+                    "use another --out")
+  _write_json(os.path.join(out, "settings.json"), settings)
+  if args.report:
+    print(_write_table(out, variants, seeds, settings))
+    return
+  for v in variants:
+    _baselines(args, v, out)
+  if args.baselines_only:
+    heads = ["variant"] + [f"{h} (SIDE)" for _, h in BASELINE_COLUMNS]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for v in variants:
+      b = _read_json(os.path.join(out, f"baselines_{v}.json"))
+      lines.append(f"| {v} | " + " | ".join(
+          f"{b[k]['mad']:.2f} ({b[k]['side']:.3f})" if k in b else "-"
+          for k, _ in BASELINE_COLUMNS) + " |")
+    print("\n".join(lines))
+    return
+  todo = [(v, s) for v in variants for s in seeds
+          if _read_json(os.path.join(out, f"{v}_s{s}", "result.json")) is None]
+  n_all = len(variants) * len(seeds)
+  print(f"bench_quality: {n_all - len(todo)} of {n_all} runs done, {len(todo)} to go, "
+        f"{args.jobs} at a time{' (taskset, one core each)' if _cores(args.jobs) else ''}; "
+        f"results in {out}", file=sys.stderr, flush=True)
+  cores = _cores(args.jobs)
+  running = {}  # slot -> (proc, log, wd, variant, seed, t0)
+  failed = []
+  try:
+    while todo or running:
+      for slot in range(args.jobs):
+        if slot not in running and todo:
+          v, s = todo.pop(0)
+          proc, log, wd = _launch(args, v, s, out, cores[slot] if cores else None)
+          running[slot] = (proc, log, wd, v, s, time.time())
+          print(f"  start {v} seed {s}{f' on core {cores[slot]}' if cores else ''} "
+                f"(log: {wd}/log.txt)", file=sys.stderr, flush=True)
+      time.sleep(0.5)
+      for slot, (proc, log, wd, v, s, t0) in list(running.items()):
+        rc = proc.poll()
+        if rc is None:
+          continue
+        log.close()
+        del running[slot]
+        r = _read_json(os.path.join(wd, "result.json"))
+        if rc == 3 and r is None:  # non-finite loss: a (deterministic) failed run
+          r = dict(variant=v, seed=s, status="nonfinite", mad=None, side=None)
+          _write_json(os.path.join(wd, "result.json"), r)
+        if r is None:
+          failed.append(f"{v}_s{s} (exit {rc}, see {wd}/log.txt)")
+          print(f"  FAILED {v} seed {s}: exit {rc}, see {wd}/log.txt", file=sys.stderr,
+                flush=True)
+        else:
+          print(f"  done {v} seed {s} in {time.time() - t0:.0f}s: MAD {_fmt(r.get('mad'), '{:.2f}')}"
+                f", yaw corr {_fmt(r.get('view_yaw_corr'), '{:.3f}')}, convex "
+                f"{_fmt(r.get('depth_sign'), '{:.2f}')}", file=sys.stderr, flush=True)
+  except KeyboardInterrupt:
+    # The runs got the SIGINT too: they checkpoint and exit; rerun to resume.
+    for proc, log, *_ in running.values():
+      proc.wait()
+      log.close()
+    print("interrupted; rerun the same command to resume", file=sys.stderr)
+    sys.exit(130)
+  print(_write_table(out, variants, seeds, settings))
+  if failed:
+    print(f"failed runs (rerun to retry): {', '.join(failed)}", file=sys.stderr)
+    sys.exit(1)
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = cli._Parser(prog="bench_quality.py", description=__doc__.split("\n")[0])
   p.add_argument("--preset", default="cpu_small")
-  p.add_argument("--budget", type=float, default=600.0, help="training wall-clock seconds")
-  p.add_argument("--variant", default="independent")
-  p.add_argument("--order")
-  p.add_argument("--q")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--steps", type=int, default=100000, help="upper bound; the budget usually stops first")
-  p.add_argument("--set", action="append", default=[])
-  p.add_argument("--workdir", default=None)
+  p.add_argument("--seeds", default="0,1,2,3,4")
+  p.add_argument("--variants", default="default,wide_pose,harsh_light,hires64,albedo_alt")
+  p.add_argument("--steps", type=int, default=2000, help="training steps of every run")
+  p.add_argument("--budget", type=float, help="also stop each run after this many seconds "
+                 "of training wall time (the run counts as finished with the steps done)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="training config override for every run")
+  p.add_argument("--jobs", type=int, default=1, help="runs at a time (>1: one core each, taskset)")
+  p.add_argument("--out", help="results folder (default runs/bench_quality/<settings>)")
+  p.add_argument("--report", action="store_true", help="only tabulate the finished runs")
+  p.add_argument("--baselines-only", action="store_true",
+                 help="only generate the variants' data and print their baselines")
+  p.add_argument("--counts", help="N_TRAIN,N_VAL,N_TEST of generated data (default: the "
+                 "built-in 4000,500,500); with --data-root, for quick checks")
+  p.add_argument("--data-root", help="where variant data is generated (default ROOT/data)")
+  # Internal: one run, started by the driver.
+  p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--bench-variant", help=argparse.SUPPRESS)
+  p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+  p.add_argument("--data", help=argparse.SUPPRESS)
+  p.add_argument("--workdir", help=argparse.SUPPRESS)
   args = p.parse_args()
-  from scr_jax import metrics, model, structure, train
-  wd = args.workdir or os.path.join(ROOT, "runs", f"bench_quality_{args.preset}_{args.variant}_s{args.seed}")
-  targs = argparse.Namespace(preset=args.preset, data="builtin", workdir=wd, set=args.set,
-                             steps=args.steps, seed=args.seed, variant=args.variant,
-                             order=args.order, q=args.q, structure=None, resume=False,
-                             distributed=False, max_seconds=args.budget)
-  t0 = time.time()
   try:
-    res = cli.cmd_train(targs)
-  except cli.UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  cfg = cli.make_config(targs)
-  test = cli.load_split("builtin", "test", cfg)
-  m, q = structure.resolve(cfg)
-  eval_fn = train.make_eval_fn(res["nets"], cfg, q)
-  summ, _, _ = train.evaluate(eval_fn, res["state"]["params"], test, m, cfg)
-  train_gt = cli.load_split("builtin", "train", cfg)["depth"]
-  base = metrics.baseline_summaries(test["depth"], train_gt, model.camera(cfg))
-  rows = [(f"{args.variant} SCR", summ)] + list(base.items())
-  print(f"\n{args.preset}, {res['step']} steps in {res['seconds']:.0f}s of training "
-        f"({time.time() - t0:.0f}s in all), test n={summ['n']}")
-  print(f"{'method':<24}{'SIDE x1e-2':>16}{'MAD deg':>16}")
-  for name, s in rows:
-    print(f"{name:<24}{s['side_mean']:>9.3f} ±{s['side_std']:5.3f}{s['mad_mean']:>9.2f} ±{s['mad_std']:5.2f}")
-  ratio = summ["mad_mean"] / base["average GT depth"]["mad_mean"]
-  print(f"MAD / average-GT-depth MAD = {ratio:.3f}")
-  print(json.dumps(dict(preset=args.preset, variant=args.variant, seed=args.seed,
-                        steps=res["step"], train_seconds=res["seconds"],
-                        side=summ["side_mean"], mad=summ["mad_mean"],
-                        mad_unsup3d=summ["mad_unsup3d_mean"],
-                        mad_avg_gt=base["average GT depth"]["mad_mean"],
-                        mad_const=base["constant null depth"]["mad_mean"],
-                        side_avg_gt=base["average GT depth"]["side_mean"],
-                        side_const=base["constant null depth"]["side_mean"],
-                        mad_ratio_vs_avg_gt=ratio)))
+    run_one(args) if args.one else drive(args)
+  except UserError as e:
+    cli._fail(e, 2)
+  except cli.NonFiniteError as e:
+    cli._fail(e, 3)
 
 
 if __name__ == "__main__":

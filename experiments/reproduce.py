@@ -172,7 +172,8 @@ class Reproduction:
   # -- the experiments ---------------------------------------------------------
   def table1(self):
     rows = {}
-    base = metrics.baseline_summaries(self.test["depth"], self.train_data["depth"], self.cam)
+    base = metrics.baseline_summaries(self.test["depth"], self.train_data["depth"], self.cam,
+                                      **metrics.template_kwargs(self.test, self.train_data))
     rows["supervised (GT depth)"] = [self.supervised(s) for s in self.seeds]
     for name, summ in base.items():
       rows[name] = [summ]
@@ -456,11 +457,11 @@ def partial_report(out, load_split=None):
     mm, ms = _mean_std([p["mad_mean"] for p in per])
     lines.append(f"| {name} | {len(per)} | {sm:.3f} ± {ss:.3f} | {mm:.2f} ± {ms:.2f} | "
                  + ", ".join(f"{p['mad_mean']:.2f}" for p in per) + " |")
-  if load_split is not None:  # the two reference predictions, same test split
+  if load_split is not None:  # the reference predictions (+ template), same test split
     cfg = checkpoint.load_config(out)
     test, trn = load_split(settings["data"], "test", cfg), load_split(settings["data"], "train", cfg)
-    for name, b in metrics.baseline_summaries(test["depth"], trn["depth"],
-                                              model.camera(cfg)).items():
+    for name, b in metrics.baseline_summaries(test["depth"], trn["depth"], model.camera(cfg),
+                                              **metrics.template_kwargs(test, trn)).items():
       lines.append(f"| {name} | - | {b['side_mean']:.3f} ± {b['side_std']:.3f} (images) | "
                    f"{b['mad_mean']:.2f} ± {b['mad_std']:.2f} (images) | - |")
   done_t2 = sorted(os.path.basename(os.path.dirname(p))

@@ -2,13 +2,15 @@
 """scr-jax command line: data, train, eval, predict, main (the `make run` job).
 
   python experiments/run.py data --out DIR [--n-train N --n-val N --n-test N --size S --seed K]
-  python experiments/run.py train --preset cpu_small --data DIR|builtin --workdir W [--steps N]
+      [--variant default|wide_pose|harsh_light|hires64|albedo_alt]
+  python experiments/run.py train --preset cpu_small --data DIR|builtin[:VARIANT] --workdir W [--steps N]
       [--seed K] [--variant independent|dense|generic|dynamic] [--order DVAL] [--q sigmoid]
       [--structure FILE] [--set key=value ...] [--no-resume] [--distributed]
   python experiments/run.py eval --workdir W --data DIR|builtin --split test [--out F.json]
       [--save-predictions F.npz]
   python experiments/run.py predict --workdir W --images DIR_or_files --out OUTDIR
       [--crop none|train|N] [--detect-faces] [--skip-bad] [--no-recursive] [--video-size PX]
+  python experiments/run.py diagnose --workdir W --data DIR|builtin[:VARIANT] [--split test]
   python experiments/run.py main --workdir W     (data + train + eval + predict + summary)
 
 A mistake in the input (bad folder, unknown preset, wrong type...) prints one
@@ -43,31 +45,64 @@ def _log(msg):
 # Data resolution
 # ----------------------------------------------------------------------------
 
-def builtin_dir(size: int, seed: int = 0) -> str:
-  return os.path.join(ROOT, "data", f"builtin_s{size}_seed{seed}")
+def builtin_dir(size: int, seed: int = 0, variant: str = "default", data_root=None) -> str:
+  name = f"builtin_s{size}_seed{seed}" if variant == "default" else \
+      f"builtin_{variant}_s{size}_seed{seed}"
+  return os.path.join(data_root or os.path.join(ROOT, "data"), name)
 
 
-def ensure_builtin(size: int, seed: int = 0) -> str:
-  """Generates the built-in synthetic dataset once (synface layout) and
-  reuses it afterwards."""
+def ensure_builtin(size: int, seed: int = 0, variant: str = "default", counts=None,
+                   data_root=None) -> str:
+  """Generates the built-in synthetic dataset (of a named generator variant,
+  data.VARIANTS) once (synface layout + ground-truth sidecars) and reuses it
+  afterwards; data made before sidecars existed gets them added."""
   from scr_jax import data
-  path = builtin_dir(size, seed)
+  gen = data.get_variant(variant).gen
+  path = builtin_dir(size, seed, variant, data_root)
   if not os.path.exists(os.path.join(path, "meta.json")):
-    _log(f"generating built-in synthetic faces at {size}x{size} into {path} (once)")
-    data.export_synface(path, size=size, seed=seed, overwrite=True, **BUILTIN_COUNTS)
+    _log(f"generating built-in synthetic faces ({variant}) at {size}x{size} into {path} (once)")
+    data.export_synface(path, size=size, seed=seed, overwrite=True, cfg=gen,
+                        **(counts or BUILTIN_COUNTS))
+  else:
+    data.write_missing_gt(path)
   return path
 
 
-def load_split(spec: str, split: str, cfg, need_depth: bool = True):
-  """`spec` = 'builtin' or a synface-layout folder; returns the data dict."""
+def resolve_data(spec: str, cfg) -> str:
+  """'builtin', 'builtin:VARIANT' (generated once, at the variant's export
+  size or the config's image size) or a folder path -> the folder."""
+  if spec == "builtin" or spec.startswith("builtin:"):
+    from scr_jax import data
+    name = spec.split(":", 1)[1] if ":" in spec else "default"
+    size = data.get_variant(name).export_size or cfg.image_size
+    return ensure_builtin(size, 0, name)
+  return spec
+
+
+def load_split(spec: str, split: str, cfg, need_depth: bool = True, with_gt: bool = True):
+  """`spec` = 'builtin[:VARIANT]' or a synface-layout folder; returns the data
+  dict, with d["gt"] (data.load_gt) when the split has a ground-truth sidecar
+  and with_gt."""
   from scr_jax import data
-  root = ensure_builtin(cfg.image_size) if spec == "builtin" else spec
+  root = resolve_data(spec, cfg)
   if not os.path.isdir(root):
     raise UserError(f"data folder {root} not found")
   if not os.path.isdir(os.path.join(root, split)):
     raise UserError(f"{root}: no '{split}' split folder")
   if os.path.isdir(os.path.join(root, split, "depth")):
-    return data.load_synface(root, split, cfg.image_size, cfg.crop or None)
+    d = data.load_synface(root, split, cfg.image_size, cfg.crop or None)
+    if with_gt:
+      from scr_jax import model
+      try:  # a folder this generator exported before sidecars existed: add them
+        data.write_missing_gt(root)
+      except OSError as e:
+        _log(f"note: {root}: cannot add the ground-truth sidecars ({e.strerror}); "
+             "no diagnostics")
+      gt = data.load_gt(root, split, d["names"], cfg.image_size, cfg.crop or None,
+                        model.camera(cfg))
+      if gt is not None:
+        d["gt"] = gt
+    return d
   if need_depth:
     raise UserError(f"{root}/{split}: no depth/ folder, so no ground truth to evaluate against")
   imgs = os.path.join(root, split, "image")
@@ -75,14 +110,27 @@ def load_split(spec: str, split: str, cfg, need_depth: bool = True):
                                 cfg.image_size, cfg.crop or None)
 
 
+def baselines_for(spec: str, test: dict, cfg):
+  """metrics.baseline_summaries on `test` (a loaded split of `spec`): constant,
+  average GT depth and, when both splits carry the generator's ground truth,
+  the template baseline. None when `spec` has no train split with depth."""
+  from scr_jax import metrics, model
+  root = resolve_data(spec, cfg)
+  if not os.path.isdir(os.path.join(root, "train", "depth")):
+    return None
+  trn = load_split(spec, "train", cfg)
+  return metrics.baseline_summaries(test["depth"], trn["depth"], model.camera(cfg),
+                                    **metrics.template_kwargs(test, trn))
+
+
 def load_train_data(spec: str, cfg):
   """Training images (ground truth optional) and, when present, val data."""
   from scr_jax import data
-  root = ensure_builtin(cfg.image_size) if spec == "builtin" else spec
+  root = resolve_data(spec, cfg)
   if not os.path.exists(root):
     raise UserError(f"data {root} not found")
   if os.path.isdir(os.path.join(root, "train")):
-    train = load_split(root, "train", cfg, need_depth=False)
+    train = load_split(root, "train", cfg, need_depth=False, with_gt=False)
     val = None
     if os.path.isdir(os.path.join(root, "val", "depth")):
       val = load_split(root, "val", cfg)
@@ -100,10 +148,13 @@ def cmd_data(args):
   for name in ("n_train", "n_val", "n_test"):
     if getattr(args, name) < 0:
       raise UserError(f"--{name.replace('_', '-')} must be >= 0")
-  if args.size < 8:
-    raise UserError(f"--size must be >= 8, got {args.size}")
-  meta = data.export_synface(args.out, args.n_train, args.n_val, args.n_test, args.size,
-                             args.seed, depth_bits=args.depth_bits, overwrite=args.overwrite)
+  variant = data.get_variant(args.variant)
+  size = args.size if args.size is not None else (variant.export_size or 64)
+  if size < 8:
+    raise UserError(f"--size must be >= 8, got {size}")
+  meta = data.export_synface(args.out, args.n_train, args.n_val, args.n_test, size,
+                             args.seed, depth_bits=args.depth_bits, overwrite=args.overwrite,
+                             cfg=variant.gen)
   prev = os.path.join(args.out, "preview.png")
   d = data.load_synface(args.out, "train", None, None, limit=8) if args.n_train else None
   if d is not None:
@@ -270,6 +321,11 @@ def cmd_eval(args):
     summ = dict(candidates=rows)
   else:
     summ, pred, valid = train.evaluate(eval_fn, params, d, m, cfg)
+    base = baselines_for(args.data, d, cfg)
+    if base is not None:  # the reference predictions on the same images
+      summ["baselines"] = base
+      for name, b in base.items():
+        _log(f"  baseline {name}: SIDE {b['side_mean']:.3f}  MAD {b['mad_mean']:.2f}")
   summ.update(split=args.split, step=step, workdir=args.workdir)
   text = json.dumps(summ, indent=1)
   print(text)
@@ -362,6 +418,55 @@ def _predict_inputs(args, cfg, notes):
                  "predict uses each input's largest centred square (--crop train reuses the "
                  "training crop, --detect-faces crops around the face)")
   return kept, skipped, lines
+def cmd_diagnose(args):
+  """What each factor learned (scr_jax/diagnostics.py) on a split with the
+  generator's ground truth; prints them, writes JSON and a picture grid."""
+  from scr_jax import data, diagnostics, model, train
+  if args.rows < 1:
+    raise UserError(f"--rows must be >= 1, got {args.rows}")
+  if args.limit is not None and args.limit < 1:
+    raise UserError(f"--limit must be >= 1, got {args.limit}")
+  cfg, nets, params, m, q, step = _restore(args.workdir)
+  if m.ndim == 3:
+    raise UserError(f"{args.workdir} holds {m.shape[0]} candidate structures; diagnose needs "
+                    "a single-structure workdir")
+  d = load_split(args.data, args.split, cfg)
+  if "gt" not in d:
+    raise UserError(f"{args.data}: the {args.split} split has no usable ground-truth sidecar "
+                    f"({args.split}/{data.GT_FILE}); diagnostics need data from this "
+                    "generator (run.py data, or --data builtin[:VARIANT])")
+  n = len(d["images"]) if args.limit is None else min(args.limit, len(d["images"]))
+  d = dict(images=d["images"][:n], depth=d["depth"][:n], names=d["names"][:n],
+           gt={k: v[:n] for k, v in d["gt"].items()})
+  pred = diagnostics.predict_factors(nets, params, d["images"], m, cfg, q)
+  diag = diagnostics.diagnose(pred, d["gt"])
+  summ, _, _ = train.evaluate(train.make_eval_fn(nets, cfg, q), params, d, m, cfg)
+  out = dict(diag, side=summ["side_mean"], mad=summ["mad_mean"],
+             mad_unsup3d=summ["mad_unsup3d_mean"], n=n, split=args.split, step=step,
+             workdir=args.workdir, data=args.data)
+  base = args.out or os.path.join(args.workdir, f"diagnose_{args.split}")
+  os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
+  with open(base + ".json", "w") as fh:
+    json.dump(out, fh, indent=1)
+  rows = min(args.rows, n)
+  diagnostics.picture_grid(d["images"][:rows], {k: v[:rows] for k, v in pred.items()},
+                           {k: v[:rows] for k, v in d["gt"].items()}, model.camera(cfg),
+                           base + ".png")
+  g = lambda k: out[k]
+  print(f"{args.workdir} (step {step}) on {args.data} [{args.split}], {n} images:\n"
+        f"  depth   MAD {g('mad'):.2f} deg, SIDE {g('side'):.3f} x1e-2\n"
+        f"  view    yaw err {g('view_yaw_mae_deg'):.2f} deg (corr {g('view_yaw_corr'):.3f}); "
+        f"pitch offset {g('view_pitch_offset_deg'):+.2f}, err after it "
+        f"{g('view_pitch_mae_deg'):.2f} deg (corr {g('view_pitch_corr'):.3f}); roll err "
+        f"{g('view_roll_mae_deg'):.2f} deg (corr {g('view_roll_corr'):.3f})\n"
+        f"  light   ambient err {g('light_ambient_mae'):.3f}, diffuse err "
+        f"{g('light_diffuse_mae'):.3f}, direction {g('light_dir_deg'):.1f} deg\n"
+        f"  shape   convex {g('depth_sign'):.2f} (truth {g('depth_sign_gt'):.2f}); spread "
+        f"{g('shape_spread'):.4f} vs truth {g('shape_spread_gt'):.4f} "
+        f"(ratio {g('shape_spread_ratio'):.2f})")
+  _log(f"wrote {base}.json and {base}.png (rows: images; columns: "
+       f"{', '.join(diagnostics.GRID_COLUMNS)})")
+  return out
 
 
 def cmd_predict(args):
@@ -418,7 +523,7 @@ def cmd_predict(args):
 
 def cmd_main(args):
   """`make run`: built-in data -> train cpu_small -> eval -> predict -> summary."""
-  from scr_jax import config, data, metrics
+  from scr_jax import config, data
   wd = args.workdir
   cfg = config.get_config("cpu_small")
   t0 = time.time()
@@ -433,16 +538,19 @@ def cmd_main(args):
   summ = cmd_eval(argparse.Namespace(workdir=wd, data="builtin", split="test",
                                      out=os.path.join(wd, "eval_test.json"),
                                      save_predictions=os.path.join(wd, "pred_test.npz")))
-  # Baselines on the same test split.
-  from scr_jax import model
-  test = load_split("builtin", "test", cfg)
-  train_gt = load_split("builtin", "train", cfg)["depth"]
-  base = metrics.baseline_summaries(test["depth"], train_gt, model.camera(cfg))
+  base = summ.pop("baselines")  # constant, average GT, template: the same test split
   pred_dir = os.path.join(wd, "predict")
   test_imgs = os.path.join(root, "test", "image")
   picks = sorted(os.listdir(test_imgs))[:4]
   cmd_predict(argparse.Namespace(workdir=wd, images=[os.path.join(test_imgs, p) for p in picks],
                                  out=pred_dir))
+  from scr_jax import diagnostics
+  test = load_split("builtin", "test", cfg)
+  if "gt" in test:
+    _, nets, params, m, q, _ = _restore(wd)
+    diag = diagnostics.evaluate(nets, params, test, m, cfg, q)
+    with open(os.path.join(wd, "diagnose_test.json"), "w") as fh:
+      json.dump(diag, fh, indent=1)
   rows = [("independent SCR (ours)", summ)] + list(base.items())
   print(f"\nTest split of the built-in data ({summ['n']} images, {cfg.image_size}px), "
         f"{time.time() - t0:.0f}s in all")
@@ -450,6 +558,9 @@ def cmd_main(args):
   for name, s in rows:
     print(f"{name:<26}{s['side_mean']:>9.3f} ±{s['side_std']:5.3f}{s['mad_mean']:>9.2f} ±"
           f"{s['mad_std']:5.2f}{s['mad_unsup3d_mean']:>13.2f} ±{s['mad_unsup3d_std']:5.2f}")
+  if "gt" in test:
+    print(f"diagnostics (test): {diagnostics.headline(diag)} "
+          f"(python experiments/run.py diagnose --workdir {wd} for pictures)")
   print(f"\noutputs: {wd}/eval_test.json, {wd}/tb (tensorboard), {wd}/metrics.csv, {pred_dir}/")
 
 
@@ -469,7 +580,9 @@ def build_parser():
   d.add_argument("--n-train", type=int, default=800)
   d.add_argument("--n-val", type=int, default=100)
   d.add_argument("--n-test", type=int, default=100)
-  d.add_argument("--size", type=int, default=64)
+  d.add_argument("--size", type=int, help="image size (default: the variant's, else 64)")
+  d.add_argument("--variant", default="default",
+                 help="generator variant: default, wide_pose, harsh_light, hires64, albedo_alt")
   d.add_argument("--seed", type=int, default=0)
   d.add_argument("--depth-bits", type=int, default=16, choices=(8, 16))
   d.add_argument("--overwrite", action="store_true")
@@ -504,6 +617,16 @@ def build_parser():
   e.add_argument("--out")
   e.add_argument("--save-predictions")
   e.set_defaults(fn=cmd_eval)
+
+  dg = sub.add_parser("diagnose", help="what each factor learned, against the generator's "
+                      "ground truth (view, light, depth sign, shape spread) + a picture grid")
+  dg.add_argument("--workdir", required=True)
+  dg.add_argument("--data", default="builtin")
+  dg.add_argument("--split", default="test")
+  dg.add_argument("--limit", type=int, help="use the first N images of the split")
+  dg.add_argument("--rows", type=int, default=8, help="images in the picture grid")
+  dg.add_argument("--out", help="output path without extension (default W/diagnose_SPLIT)")
+  dg.set_defaults(fn=cmd_diagnose)
 
   pr = sub.add_parser("predict", help="depth, albedo, light, view, mesh and turn-tables for "
                       "images (one folder per input)")

@@ -47,6 +47,10 @@ class GenConfig:
   `asymmetry` scales an antisymmetric perturbation: 0 gives canonical depth
   and albedo that equal their left-right flip exactly; at 1 the depth differs
   from its flip by up to 2 * 0.01 and the albedo by up to 2 * 0.15.
+  `albedo` picks the albedo family: "skin" (skin tones, hair, brows) or
+  "blotch" (any base colour with random symmetric colour blotches, no hair).
+  The light direction is (dx, dy, 1) normalised with dx, dy uniform in
+  +-max_light_dxy; the model's light head (tanh) reaches |dx|, |dy| <= 1.
   """
   max_yaw_deg: float = 40.0
   max_pitch_deg: float = 5.0
@@ -59,6 +63,7 @@ class GenConfig:
   fov_deg: float = 10.0
   min_depth: float = 0.9
   max_depth: float = 1.1
+  albedo: str = "skin"  # skin | blotch
   chunk: int = 64  # samples rendered per jitted call (fixed: stable results)
 
   def camera(self, size: int) -> render.Camera:
@@ -76,6 +81,41 @@ class GenConfig:
 
 # Asymmetry amplitudes at asymmetry = 1 (see GenConfig).
 _ASYM_DEPTH, _ASYM_ALBEDO = 0.01, 0.15
+_ALBEDO_FAMILIES = ("skin", "blotch")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """A named generator setting: the GenConfig and, optionally, the size the
+  data is exported at (None: the training image size; a larger size means
+  the loader downsamples, i.e. trained below the stored resolution)."""
+  gen: GenConfig
+  export_size: int | None = None
+  doc: str = ""
+
+
+# Named variants for `run.py data --variant NAME`, `--data builtin:NAME` and
+# the robustness benchmark (experiments/bench_quality.py).
+VARIANTS = {
+    "default": Variant(GenConfig(), None, "the built-in data: yaw +-40, pitch +-5, roll +-3"),
+    "wide_pose": Variant(GenConfig(max_pitch_deg=15.0, max_roll_deg=8.0, max_shift=0.02),
+                         None, "pitch +-15, roll +-8, x/y shift +-0.02"),
+    "harsh_light": Variant(GenConfig(ambient_range=(0.3, 0.6), diffuse_range=(0.4, 0.8),
+                                     max_light_dxy=1.0),
+                           None, "ambient 0.3-0.6, diffuse 0.4-0.8, light from any side "
+                           "(|dx|, |dy| <= 1, up to 55 degrees off axis)"),
+    "hires64": Variant(GenConfig(), 64, "default faces stored at 64 px (trained at the "
+                       "config's size, e.g. 32: the loader downsamples)"),
+    "albedo_alt": Variant(GenConfig(albedo="blotch"), None,
+                          "any base colour with random colour blotches, no hair"),
+}
+
+
+def get_variant(name: str) -> Variant:
+  """The named generator variant; unknown names are a UserError."""
+  if name not in VARIANTS:
+    raise UserError(f"unknown data variant {name!r}; choose one of: {', '.join(VARIANTS)}")
+  return VARIANTS[name]
 
 
 # ----------------------------------------------------------------------------
@@ -148,6 +188,16 @@ def sample_params(rng: np.random.Generator, cfg: GenConfig) -> dict:
   p["light"] = np.array([U(*cfg.ambient_range), U(*cfg.diffuse_range),
                          U(-1, 1) * cfg.max_light_dxy,
                          U(-1, 1) * cfg.max_light_dxy], np.float32)
+  if cfg.albedo not in _ALBEDO_FAMILIES:
+    raise UserError(f"GenConfig albedo must be one of {', '.join(_ALBEDO_FAMILIES)}, "
+                    f"got {cfg.albedo!r}")
+  if cfg.albedo == "blotch":
+    # Drawn last, so the default family's streams (and data) stay unchanged.
+    p["base"] = U(0.15, 0.9, size=3)
+    # Blotches (u >= 0, mirrored): centre u, v, size su, sv, alpha; colours.
+    p["blotch"] = np.stack([U(0.0, 0.7, 6), U(-0.8, 0.8, 6), U(0.05, 0.2, 6),
+                            U(0.05, 0.2, 6), U(0.5, 0.9, 6)], axis=1)
+    p["blotch_col"] = U(0.05, 0.95, size=(6, 3))
   return p
 
 
@@ -239,18 +289,24 @@ def canonical_face(p: dict, size: int, cfg: GenConfig = GenConfig()):
   feats += p["chin_h"] * _gauss(u, v, 0, mv + p["chin_dv"], 0.2, 0.1)
   depth = _sym(p["z_back"] - (h + env * feats))
 
-  # Albedo: skin with a smooth texture, blush, hair, brows, eyes, lips.
+  # Albedo: skin with a smooth texture, blush, hair, brows, eyes, lips
+  # (family "skin"), or a base colour with colour blotches (family "blotch").
   tex = 1.0 + p["tex_amp"] * _fourier(u, v, p["tex"])
-  alb = p["skin"][None, None] * tex[..., None]
-  blush = p["blush"] * _pair(u, v, p["cheek_u"], cheek_v, 0.14, 0.12)
-  alb = alb + blush[..., None] * np.array([1.0, -0.5, -0.5])
 
   def mix(img, col, alpha):
     alpha = np.clip(alpha, 0.0, 1.0)[..., None]
     return img * (1 - alpha) + np.asarray(col)[None, None] * alpha
 
-  alb = mix(alb, p["hair"], _smoothstep((p["cy"] - p["hairline"] * p["b"] - v) / 0.12 + 0.5))
-  alb = mix(alb, p["hair"], p["brow_dark"] * _pair(u, v, eu, ev - 0.16, 0.14, 0.035))
+  if cfg.albedo == "blotch":
+    alb = p["base"][None, None] * tex[..., None]
+    for (bu, bv, su, sv, a), col in zip(p["blotch"], p["blotch_col"]):
+      alb = mix(alb, col, a * _pair(u, v, bu, bv, su, sv))
+  else:
+    alb = p["skin"][None, None] * tex[..., None]
+    blush = p["blush"] * _pair(u, v, p["cheek_u"], cheek_v, 0.14, 0.12)
+    alb = alb + blush[..., None] * np.array([1.0, -0.5, -0.5])
+    alb = mix(alb, p["hair"], _smoothstep((p["cy"] - p["hairline"] * p["b"] - v) / 0.12 + 0.5))
+    alb = mix(alb, p["hair"], p["brow_dark"] * _pair(u, v, eu, ev - 0.16, 0.14, 0.035))
   alb = mix(alb, np.array([0.9, 0.88, 0.85]), 0.9 * _pair(u, v, eu, ev + 0.01, 0.09, 0.035))
   alb = mix(alb, p["iris"], _pair(u, v, eu, ev + 0.01, 0.035, 0.035))
   alb = mix(alb, p["lip_col"], 0.9 * _gauss(u, v, 0, mv, p["lip_w"] * 0.95, 0.06))
@@ -363,6 +419,142 @@ def generate_splits(size: int, n_train: int = 800, n_val: int = 100,
 
 
 # ----------------------------------------------------------------------------
+# Ground-truth sidecar: {split}/gt.npz
+# ----------------------------------------------------------------------------
+
+GT_FILE = "gt.npz"
+GT_CONVENTION = (
+    "view: (rx, ry, rz, tx, ty, tz), rotations in RADIANS (rx = pitch, ry = yaw, "
+    "rz = roll), R = Rz Ry Rx about (0, 0, rot_center_depth), P' = R (P - c) + c + t, as "
+    "render.py and model.view_from_raw; light: (ambient, diffuse, dx, dy), shading = "
+    "ambient + diffuse * max(0, n . normalize(dx, dy, 1)) in the canonical frame, as "
+    "model.light_from_raw; canon_depth: metric z of the canonical (frontal) face, "
+    "stored as uint16 u = round(65535 (1.1 - z) / 0.2) (the depth PNG mapping); "
+    "canon_albedo: uint8 RGB / 255 (the model's albedo / 2 + 0.5); canon_mask: "
+    "silhouette of the canonical face")
+
+
+def _gt_arrays(batches: list) -> dict:
+  """Sidecar arrays of a list of `iter_split(..., with_canonical=True)` batches."""
+  cat = lambda k: np.concatenate([b[k] for b in batches]) if batches else None
+  if not batches:
+    return dict(names=np.zeros((0,), "<U6"), view=np.zeros((0, 6), np.float32),
+                light=np.zeros((0, 4), np.float32))
+  return dict(
+      names=np.asarray([x for b in batches for x in b["names"]]),
+      view=cat("views").astype(np.float32), light=cat("lights").astype(np.float32),
+      canon_depth=np.round(depth_to_png_value(cat("canon_depth")) * 65535).astype(np.uint16),
+      canon_albedo=np.round(np.clip(cat("canon_albedo"), 0, 1) * 255).astype(np.uint8),
+      canon_mask=cat("canon_mask").astype(bool))
+
+
+def _save_gt(path: str, arrays: dict):
+  np.savez_compressed(path, convention=np.asarray(GT_CONVENTION), **arrays)
+
+
+def canonical_gt(n: int, size: int, seed: int = 0, split: str = "train",
+                 cfg: GenConfig = GenConfig(), start: int = 0) -> dict:
+  """The sidecar arrays of samples [start, start + n) WITHOUT rendering them
+  (views, lights and canonical maps only depend on the parameters): used to
+  add the sidecar to data exported before it existed. Same values as the
+  export writes."""
+  batches = []
+  for s in range(start, start + n, cfg.chunk):
+    idx = range(s, min(s + cfg.chunk, start + n))
+    params = [sample_params(sample_rng(seed, split, i), cfg) for i in idx]
+    depth, albedo, mask = (np.stack(x) for x in zip(*[
+        canonical_face(p, size, cfg) for p in params]))
+    batches.append(dict(names=[f"{i:06d}" for i in idx],
+                        views=np.stack([p["view"] for p in params]),
+                        lights=np.stack([p["light"] for p in params]),
+                        canon_depth=depth, canon_albedo=albedo, canon_mask=mask))
+  return _gt_arrays(batches)
+
+
+def write_missing_gt(root: str, verbose: bool = True) -> list:
+  """Adds {split}/gt.npz to a folder exported by this generator (meta.json
+  with generator scr_jax.data) before sidecars existed. Returns the splits
+  written (none when every sidecar is there or the folder is not ours)."""
+  path = os.path.join(root, "meta.json")
+  if not os.path.isfile(path):
+    return []
+  with open(path) as fh:
+    meta = json.load(fh)
+  if meta.get("generator") != "scr_jax.data":
+    return []
+  cfg = GenConfig.from_json(meta.get("config", {}))
+  done = []
+  for split, n in meta.get("counts", {}).items():
+    out = os.path.join(root, split, GT_FILE)
+    if n and os.path.isdir(os.path.join(root, split)) and not os.path.exists(out):
+      _save_gt(out, canonical_gt(int(n), int(meta["size"]), int(meta["seed"]), split, cfg))
+      done.append(split)
+  if done and verbose:
+    print(f"[export] wrote the missing ground-truth sidecars ({', '.join(done)}) "
+          f"under {root}", flush=True)
+  return done
+
+
+def load_gt(root: str, split: str, names, image_size=None, crop=None,
+            camera: render.Camera | None = None):
+  """Reads {root}/{split}/gt.npz for the samples `names` (in that order).
+
+  Canonical maps are resized like the images (bilinear, metric depth) when
+  image_size differs from the stored size. Returns None (with a note on
+  stderr where it matters) when there is no sidecar (real data), when a name
+  has no entry, when a crop is asked for (a crop changes the camera, so the
+  generator's views no longer apply), or when `camera`'s fov / depth range
+  differ from the generator's (meta.json).
+  Returns dict: view Nx6 (radians, see GT_CONVENTION), light Nx4,
+  canon_depth NxSxS float32 metric, canon_albedo NxSxSx3 float32 in [0, 1],
+  canon_mask NxSxS bool.
+  """
+  path = os.path.join(root, split, GT_FILE)
+  if not os.path.isfile(path) or not len(names):
+    return None
+  if crop:
+    print(f"note: {path}: not used with crop={crop} (a crop changes the camera)",
+          file=sys.stderr, flush=True)
+    return None
+  meta_path = os.path.join(root, "meta.json")
+  if camera is not None and os.path.isfile(meta_path):
+    with open(meta_path) as fh:
+      gen = GenConfig.from_json(json.load(fh).get("config", {}))
+    if (gen.fov_deg, gen.min_depth, gen.max_depth) != (
+        camera.fov_deg, camera.min_depth, camera.max_depth):
+      print(f"note: {path}: not used, the data's camera (fov {gen.fov_deg}, depth "
+            f"{gen.min_depth}-{gen.max_depth}) differs from the model's", file=sys.stderr,
+            flush=True)
+      return None
+  try:
+    with np.load(path) as z:
+      arr = {k: z[k] for k in z.files}
+  except Exception as e:  # a damaged sidecar only costs the diagnostics
+    print(f"note: {path}: unreadable ({type(e).__name__}), diagnostics skipped",
+          file=sys.stderr, flush=True)
+    return None
+  index = {str(n): i for i, n in enumerate(arr["names"])}
+  missing = [n for n in names if str(n) not in index]
+  if missing:
+    print(f"note: {path}: no entry for {missing[0]} ({len(missing)} in all), diagnostics "
+          "skipped", file=sys.stderr, flush=True)
+    return None
+  sel = np.asarray([index[str(n)] for n in names], np.int64)
+  depth = png_value_to_depth(arr["canon_depth"][sel].astype(np.float32) / 65535.0)
+  albedo = arr["canon_albedo"][sel].astype(np.float32) / 255.0
+  mask = arr["canon_mask"][sel]
+  if image_size is not None and depth.shape[-1] != int(image_size):
+    rs = lambda a: _resize_plane(a, int(image_size))
+    depth = np.stack([rs(d) for d in depth]) if len(depth) else depth
+    albedo = np.stack([np.stack([rs(a[..., k]) for k in range(3)], -1) for a in albedo])
+    mask = np.stack([rs(m.astype(np.float32)) > 0.5 for m in mask])
+  return dict(view=arr["view"][sel].astype(np.float32),
+              light=arr["light"][sel].astype(np.float32),
+              canon_depth=depth.astype(np.float32), canon_albedo=albedo.astype(np.float32),
+              canon_mask=mask.astype(bool))
+
+
+# ----------------------------------------------------------------------------
 # Depth <-> PNG
 # ----------------------------------------------------------------------------
 
@@ -397,8 +589,10 @@ def export_synface(out_dir: str, n_train: int = 800, n_val: int = 100,
                    n_test: int = 100, size: int = 64, seed: int = 0,
                    depth_bits: int = 16, cfg: GenConfig = GenConfig(),
                    verbose: bool = True, overwrite: bool = False) -> dict:
-  """Writes generated splits as DIR/{split}/{image,depth}/NNNNNN_{image,depth}.png
-  plus DIR/meta.json. Returns the meta dict.
+  """Writes generated splits as DIR/{split}/{image,depth}/NNNNNN_{image,depth}.png,
+  the ground-truth sidecar DIR/{split}/gt.npz (views, lights, canonical depth,
+  albedo and mask: see GT_CONVENTION, `load_gt`) and DIR/meta.json. Returns
+  the meta dict.
 
   A folder that already holds synface PNGs is refused unless overwrite=True,
   which first deletes them (stale extra files would silently join a split).
@@ -417,7 +611,8 @@ def export_synface(out_dir: str, n_train: int = 800, n_val: int = 100,
   counts = dict(train=n_train, val=n_val, test=n_test)
   meta = dict(generator="scr_jax.data", size=size, seed=seed, counts=counts,
               depth_bits=depth_bits, config=cfg.to_json(),
-              depth_png="z = 1.0 + 0.1 * ((1 - v) * 2 - 1), v in [0, 1]")
+              depth_png="z = 1.0 + 0.1 * ((1 - v) * 2 - 1), v in [0, 1]",
+              gt=f"{{split}}/{GT_FILE}: {GT_CONVENTION}")
   os.makedirs(out_dir, exist_ok=True)
   tty = sys.stdout.isatty()
   cr = "\r" if tty else ""
@@ -426,14 +621,17 @@ def export_synface(out_dir: str, n_train: int = 800, n_val: int = 100,
     dep_dir = os.path.join(out_dir, split, "depth")
     os.makedirs(img_dir, exist_ok=True)
     os.makedirs(dep_dir, exist_ok=True)
-    t0, done = time.time(), 0
-    for batch in iter_split(counts[split], size, seed, split, cfg):
+    t0, done, gt = time.time(), 0, []
+    for batch in iter_split(counts[split], size, seed, split, cfg, with_canonical=True):
       for img, z, name in zip(batch["images"], batch["depth"], batch["names"]):
         Image.fromarray(img).save(os.path.join(img_dir, f"{name}_image.png"))
         _save_depth_png(os.path.join(dep_dir, f"{name}_depth.png"), z, depth_bits)
+      gt.append({k: batch[k] for k in ("names", "views", "lights", "canon_depth",
+                                       "canon_albedo", "canon_mask")})
       done += len(batch["names"])
       if verbose and tty:  # a live counter only where \r works (not in logs)
         print(f"\r[export] {split}: {done}/{counts[split]}", end="", flush=True)
+    _save_gt(os.path.join(out_dir, split, GT_FILE), _gt_arrays(gt))
     if verbose:
       print(f"{cr}[export] {split}: {done} samples {size}x{size} in "
             f"{time.time() - t0:.1f}s -> {os.path.join(out_dir, split)}", flush=True)
@@ -910,13 +1108,29 @@ def _tfds_module():
 
 def build_tfds(data_dir: str, size: int = 64, n_train: int = 800, n_val: int = 100,
                n_test: int = 100, seed: int = 0, **kw):
-  """Lazy alias of tfds_synface.build_tfds."""
-  return _tfds_module().build_tfds(data_dir, size, n_train, n_val, n_test, seed, **kw)
+  """Lazy alias of tfds_synface.build_tfds; also writes the ground-truth
+  sidecars as <builder.data_dir>/{split}/gt.npz (see `load_gt`)."""
+  builder = _tfds_module().build_tfds(data_dir, size, n_train, n_val, n_test, seed, **kw)
+  cfg = kw.get("cfg", GenConfig())
+  for split, n in dict(train=n_train, val=n_val, test=n_test).items():
+    path = os.path.join(builder.data_dir, split, GT_FILE)
+    if n and not os.path.exists(path):
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      _save_gt(path, canonical_gt(n, size, seed, split, cfg))
+  return builder
 
 
 def load_tfds(data_dir: str, split: str = "train", image_size=None, crop=None, **kw):
-  """Lazy alias of tfds_synface.load_tfds."""
-  return _tfds_module().load_tfds(data_dir, split, image_size, crop, **kw)
+  """Lazy alias of tfds_synface.load_tfds; adds d["gt"] (`load_gt`) when the
+  prepared dataset has a ground-truth sidecar for the split."""
+  mod = _tfds_module()
+  d = mod.load_tfds(data_dir, split, image_size, crop, **kw)
+  root = (data_dir.data_dir if hasattr(data_dir, "data_dir")
+          else mod._find_prepared(data_dir, kw.get("config")))
+  gt = load_gt(root, split, d["names"], image_size, crop)
+  if gt is not None:
+    d["gt"] = gt
+  return d
 
 
 # ----------------------------------------------------------------------------

@@ -315,6 +315,10 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
   m: the adjacency (4x4) or, with q, the dense mask of dynamic SCR; a stack
   Kx4x4 trains K candidate structures at once (vmapped, same batches, same
   initial parameters), with state params/opt_state carrying the K axis.
+  At each validation, SIDE / MAD on val_data and, when val_data carries the
+  generator's ground truth (val_data["gt"], see data.load_gt), the
+  diagnostics of scr_jax/diagnostics.py go to tensorboard and metrics.csv
+  (prefix val/).
   Returns a summary dict (steps done, last metrics, wall time, stop reason).
   """
   import time
@@ -384,12 +388,18 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
           params_i = unstack_params(state["params"], i) if k else state["params"]
           summ, _, _ = evaluate(eval_fn, params_i, val_data, m[i] if k else m, cfg,
                                 limit=cfg.num_eval_images)
-          log.scalars(step, {n: v for n, v in summ.items()},
-                      prefix=f"val_c{i:02d}" if k else "val")
+          values, line = dict(summ), ""
+          if val_data.get("gt") is not None:  # generated data: what each factor learned
+            from scr_jax import diagnostics
+            diag = diagnostics.evaluate(nets, params_i, val_data, m[i] if k else m, cfg, q,
+                                        limit=cfg.num_eval_images)
+            values.update(diag)
+            line = "\n    " + diagnostics.headline(diag)
+          log.scalars(step, values, prefix=f"val_c{i:02d}" if k else "val")
           if not quiet:
             who = f" candidate {i}" if k else ""
             print(f"  val @ {step}{who}: SIDE {summ['side_mean']:.3f} x1e-2  "
-                  f"MAD {summ['mad_mean']:.2f} deg", file=sys.stderr, flush=True)
+                  f"MAD {summ['mad_mean']:.2f} deg{line}", file=sys.stderr, flush=True)
       if step % cfg.ckpt_every == 0:
         checkpoint.save(mngr, state)
       # Several processes must leave the loop at the same step (collectives).

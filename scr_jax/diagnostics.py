@@ -1,0 +1,303 @@
+"""What each factor learned, where the data carries ground truth.
+
+The built-in generator stores every sample's view, light, canonical depth and
+albedo beside the images (`{split}/gt.npz`, see `data.GT_CONVENTION`); the
+functions here compare the model's factors with them. They are pure numpy
+functions of arrays (prediction and truth in the same conventions), plus
+`predict_factors` / `evaluate` that run a model and `picture_grid`.
+
+Conventions (the generator's and the model's are the same: `model.view_from_raw`,
+`model.light_from_raw`, `render.py`):
+  * view_Nx6 = (rx, ry, rz, tx, ty, tz), rotations in radians; reported in
+    degrees as pitch (rx), yaw (ry), roll (rz).
+  * light_Nx4 = (ambient, diffuse, dx, dy), direction normalize(dx, dy, 1) in
+    the canonical frame.
+  * canon_depth_NxSxS: metric z of the canonical (frontal) face; smaller = nearer.
+
+What can and cannot be compared: a left-right symmetric canonical frame fixes
+yaw and roll, but a model may settle on a canonical face that is pitched
+against the generator's (and shifted vertically). So pitch is judged after
+removing the mean offset (pred - true), and the offset itself is reported.
+The light direction lives in the canonical frame, so such a pitch offset also
+tilts it; and albedo x k with shading / k gives the same image, so ambient and
+diffuse are only defined up to that scale. Read the light errors with both in
+mind; the view, depth sign and shape spread have no such ambiguity.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scr_jax import model, render
+
+# Relief regions in normalised image coordinates (u, v in [-1, 1] across the
+# frame): the centre disc (nose, the front of the head) against a ring over
+# brows, cheeks, mouth and jaw, inside every generated face's silhouette
+# (half-widths >= 0.84 x 0.94) and clear of the model's 2 fixed border columns.
+_CENTRE_R = 0.3
+_RING_R = (0.5, 0.75)
+_BORDER_COLS = 2  # model.depth_from_raw fixes the 2 leftmost / rightmost columns
+
+
+def pearson(a_N, b_N) -> float:
+  """Pearson correlation of two 1-D samples.
+
+  Returns 0.0 when the first (the prediction) is constant (a collapsed
+  prediction carries no information), NaN when the second (the truth) is
+  constant or there are fewer than 2 samples.
+  """
+  a = np.asarray(a_N, np.float64)
+  b = np.asarray(b_N, np.float64)
+  if a.size < 2 or np.std(b) < 1e-12:
+    return float("nan")
+  if np.std(a) < 1e-12:
+    return 0.0
+  return float(np.corrcoef(a, b)[0, 1])
+
+
+def view_errors(pred_view_Nx6, true_view_Nx6) -> dict:
+  """Pose errors in degrees.
+
+  For each of pitch (rx), yaw (ry), roll (rz): the mean absolute error
+  `view_{name}_mae_deg` and the Pearson correlation with the truth
+  `view_{name}_corr`. Pitch is judged after removing the mean offset
+  mean(pred - true), reported as `view_pitch_offset_deg` (the canonical frame
+  does not fix it). `view_mae_deg` is the mean of the three errors.
+  """
+  pred = np.rad2deg(np.asarray(pred_view_Nx6, np.float64)[:, :3])
+  true = np.rad2deg(np.asarray(true_view_Nx6, np.float64)[:, :3])
+  out = {}
+  for i, name in enumerate(("pitch", "yaw", "roll")):
+    d = pred[:, i] - true[:, i]
+    if name == "pitch":
+      out["view_pitch_offset_deg"] = float(np.mean(d))
+      d = d - np.mean(d)
+    out[f"view_{name}_mae_deg"] = float(np.mean(np.abs(d)))
+    out[f"view_{name}_corr"] = pearson(pred[:, i], true[:, i])
+  out["view_mae_deg"] = float(np.mean([out[f"view_{n}_mae_deg"]
+                                       for n in ("pitch", "yaw", "roll")]))
+  return out
+
+
+def light_direction_Nx3(light_Nx4):
+  """Unit light directions normalize(dx, dy, 1), Nx3."""
+  l = np.asarray(light_Nx4, np.float64)
+  d = np.concatenate([l[:, 2:4], np.ones((len(l), 1))], axis=1)
+  return d / np.linalg.norm(d, axis=1, keepdims=True)
+
+
+def light_errors(pred_light_Nx4, true_light_Nx4) -> dict:
+  """Mean absolute ambient / diffuse errors (shading units) and the mean
+  angle between the light directions (degrees; atan2 form, exact near 0)."""
+  p = np.asarray(pred_light_Nx4, np.float64)
+  t = np.asarray(true_light_Nx4, np.float64)
+  dp, dt = light_direction_Nx3(p), light_direction_Nx3(t)
+  ang = np.rad2deg(np.arctan2(np.linalg.norm(np.cross(dp, dt), axis=1),
+                              np.sum(dp * dt, axis=1)))
+  return dict(light_ambient_mae=float(np.mean(np.abs(p[:, 0] - t[:, 0]))),
+              light_diffuse_mae=float(np.mean(np.abs(p[:, 1] - t[:, 1]))),
+              light_dir_deg=float(np.mean(ang)))
+
+
+def _radius(size: int) -> np.ndarray:
+  """Normalised radius sqrt(u^2 + v^2) of each pixel, u, v in [-1, 1], SxS."""
+  g = (np.arange(size) - (size - 1) / 2.0) / ((size - 1) / 2.0)
+  return np.sqrt(g[None, :] ** 2 + g[:, None] ** 2)
+
+
+def relief(canon_depth_NxSxS) -> np.ndarray:
+  """Per-image relief (metric): median depth over the ring (0.5 <= r <= 0.75)
+  minus the median over the centre (r <= 0.3), r the normalised radius.
+
+  Positive = the centre is nearer the camera than the surrounding face: a
+  convex (face-like) surface; negative = inverted (hollow). Medians, not
+  means, so a few outlier pixels (a spike, a dent) cannot flip the sign.
+  Returns N floats.
+  """
+  d = np.asarray(canon_depth_NxSxS, np.float64)
+  r = _radius(d.shape[-1])
+  centre, ring = r <= _CENTRE_R, (r >= _RING_R[0]) & (r <= _RING_R[1])
+  return np.median(d[:, ring], axis=1) - np.median(d[:, centre], axis=1)
+
+
+def depth_sign(canon_depth_NxSxS) -> float:
+  """Fraction of images whose canonical relief is convex (`relief` > 0), in [0, 1]."""
+  return float(np.mean(relief(canon_depth_NxSxS) > 0))
+
+
+def face_region(canon_mask_NxSxS=None, size: int | None = None) -> np.ndarray:
+  """Pixels over which canonical shapes are compared (SxS bool).
+
+  With ground-truth silhouettes: the pixels inside at least half of them;
+  without: the ellipse u^2 / 0.8^2 + v^2 / 0.9^2 < 1. Either way minus the
+  1-pixel image border and the model's 2 fixed columns each side.
+  """
+  if canon_mask_NxSxS is not None:
+    m = np.mean(np.asarray(canon_mask_NxSxS, np.float64), axis=0) >= 0.5
+    size = m.shape[-1]
+  else:
+    g = (np.arange(size) - (size - 1) / 2.0) / ((size - 1) / 2.0)
+    m = (g[None, :] / 0.8) ** 2 + (g[:, None] / 0.9) ** 2 < 1.0
+  m = m.copy()
+  m[:, :_BORDER_COLS] = m[:, -_BORDER_COLS:] = False
+  m[0, :] = m[-1, :] = False
+  return m
+
+
+def shape_spread(canon_depth_NxSxS, region_SxS) -> float:
+  """How much canonical shapes differ across images (metric depth units).
+
+  Each image's depth minus its own mean over the region (the depth head
+  removes the per-image level anyway), then the per-pixel std across the
+  images, averaged over the region. 0 = every image has the same shape (a
+  template). A collapse detector, not a score: noise counts as spread too.
+  """
+  d = np.asarray(canon_depth_NxSxS, np.float64)[:, region_SxS]
+  d = d - d.mean(axis=1, keepdims=True)
+  return float(np.mean(np.std(d, axis=0)))
+
+
+def diagnose(pred: dict, gt: dict) -> dict:
+  """All diagnostics of a prediction against the truth, as a flat dict of floats.
+
+  pred and gt hold view (Nx6), light (Nx4) and canon_depth (NxSxS) in the
+  conventions above; gt may hold canon_mask (NxSxS) for the face region.
+  Keys: the `view_errors` and `light_errors` keys, depth_sign (of pred) and
+  depth_sign_gt, shape_spread (pred), shape_spread_gt and shape_spread_ratio
+  (pred / gt: ~1 when shapes vary like the truth, ~0 for a template).
+  Raises ValueError when the counts or canonical sizes differ.
+  """
+  n = len(gt["view"])
+  for k in ("view", "light", "canon_depth"):
+    if len(pred[k]) != n:
+      raise ValueError(f"pred {k} has {len(pred[k])} entries, ground truth {n}")
+  if np.shape(pred["canon_depth"])[1:] != np.shape(gt["canon_depth"])[1:]:
+    raise ValueError(f"canonical depth shapes differ: pred {np.shape(pred['canon_depth'])}, "
+                     f"ground truth {np.shape(gt['canon_depth'])}")
+  out = view_errors(pred["view"], gt["view"])
+  out.update(light_errors(pred["light"], gt["light"]))
+  out["depth_sign"] = depth_sign(pred["canon_depth"])
+  out["depth_sign_gt"] = depth_sign(gt["canon_depth"])
+  region = face_region(gt.get("canon_mask"), np.shape(gt["canon_depth"])[-1])
+  out["shape_spread"] = shape_spread(pred["canon_depth"], region)
+  out["shape_spread_gt"] = shape_spread(gt["canon_depth"], region)
+  out["shape_spread_ratio"] = (out["shape_spread"] / out["shape_spread_gt"]
+                               if out["shape_spread_gt"] > 0 else float("nan"))
+  return out
+
+
+# Keys worth a glance (the progress line, the benchmark table).
+HEADLINE = ("view_yaw_mae_deg", "view_yaw_corr", "view_pitch_offset_deg",
+            "view_pitch_mae_deg", "depth_sign", "shape_spread_ratio")
+
+
+def headline(diag: dict) -> str:
+  """One line: yaw error and correlation, pitch offset and error, depth sign,
+  shape spread ratio."""
+  return (f"yaw err {diag['view_yaw_mae_deg']:.1f} deg (corr {diag['view_yaw_corr']:.2f}), "
+          f"pitch offset {diag['view_pitch_offset_deg']:+.1f} err "
+          f"{diag['view_pitch_mae_deg']:.1f} deg, convex {diag['depth_sign']:.2f}, "
+          f"shape spread x{diag['shape_spread_ratio']:.2f}")
+
+
+# ----------------------------------------------------------------------------
+# Running a model
+# ----------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=16)
+def make_factors_fn(nets, cfg, q=None):
+  """(params, img_BxSxSx3, m) -> the model's factors (no rendering), jitted."""
+  cam = model.camera(cfg)
+
+  def fn(params, img, m):
+    f = model.factors(nets, params, img, m, cfg, q)
+    _, normal, shading = model.shade_canonical(f["depth"], f["albedo"], f["ambient"],
+                                               f["diffuse"], f["light_dxy"], cam)
+    light = jnp.concatenate([f["ambient"][:, None], f["diffuse"][:, None], f["light_dxy"]], 1)
+    return dict(view=f["view"], light=light, canon_depth=f["depth"],
+                canon_albedo=f["albedo"] / 2 + 0.5, canon_normal=normal,
+                canon_shading=shading)
+  return jax.jit(fn)
+
+
+def predict_factors(nets, params, images_NxSxSx3, m, cfg, q=None, batch_size=None) -> dict:
+  """The model's factors for an array of images (batches of cfg.batch_size,
+  the last one padded). Returns numpy: view Nx6, light Nx4, canon_depth NxSxS,
+  canon_albedo NxSxSx3 in [0, 1], canon_normal NxSxSx3, canon_shading NxSxS."""
+  fn = make_factors_fn(nets, cfg, q)
+  bs = batch_size or cfg.batch_size
+  n = images_NxSxSx3.shape[0]
+  parts = []
+  for i in range(0, n, bs):
+    chunk = np.asarray(images_NxSxSx3[i:i + bs])
+    pad = bs - chunk.shape[0]
+    if pad:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)], 0)
+    out = jax.device_get(fn(params, jnp.asarray(chunk), jnp.asarray(m)))
+    parts.append({k: np.asarray(v)[:bs - pad] for k, v in out.items()})
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def evaluate(nets, params, data: dict, m, cfg, q=None, limit=None) -> dict:
+  """`diagnose` of the model on a split that carries `data["gt"]` (its first
+  `limit` images). Returns the flat dict of floats."""
+  n = len(data["images"]) if limit is None else min(limit, len(data["images"]))
+  pred = predict_factors(nets, params, data["images"][:n], m, cfg, q)
+  gt = {k: np.asarray(v)[:n] for k, v in data["gt"].items()}
+  return diagnose(pred, gt)
+
+
+# ----------------------------------------------------------------------------
+# Pictures
+# ----------------------------------------------------------------------------
+
+def _depth_tile(d_SxS, region_SxS):
+  """Grey depth picture: bright = near, stretched over the region, 0 outside."""
+  d = np.asarray(d_SxS, np.float64)
+  lo, hi = d[region_SxS].min(), d[region_SxS].max()
+  g = np.where(region_SxS, 0.15 + 0.85 * (hi - d) / max(hi - lo, 1e-9), 0.0)
+  return np.repeat(g[..., None], 3, -1)
+
+
+def picture_grid(images_NxSxSx3, pred: dict, gt: dict, cam: render.Camera, path: str,
+                 scale: int = 3) -> str:
+  """Writes a PNG, one row per image; columns: input, then truth | prediction
+  of the canonical depth (grey, bright = near, stretched per tile over the
+  face region), normals (RGB), albedo, shading (grey, same scale for both).
+
+  pred: `predict_factors` output; gt: view, light, canon_depth, canon_albedo
+  (and canon_mask). Returns path.
+  """
+  from scr_jax import visualize
+  n = len(images_NxSxSx3)
+  region = face_region(gt.get("canon_mask"), np.shape(gt["canon_depth"])[-1])
+  gt_normal = np.asarray(jax.vmap(lambda d: render.depth_to_normals(d, cam))(
+      jnp.asarray(gt["canon_depth"][:n])))
+  gl = np.asarray(gt["light"][:n], np.float32)
+  gt_shading = np.asarray(jax.vmap(render.shade)(
+      jnp.asarray(gt_normal), jnp.asarray(gl[:, 0]), jnp.asarray(gl[:, 1]),
+      jnp.asarray(gl[:, 2:4])))
+  rows = []
+  for i in range(n):
+    tiles = [np.asarray(images_NxSxSx3[i], np.float64)]
+    tiles += [_depth_tile(gt["canon_depth"][i], region),
+              _depth_tile(pred["canon_depth"][i], region)]
+    tiles += [visualize.normal_to_rgb(gt_normal[i]), visualize.normal_to_rgb(pred["canon_normal"][i])]
+    tiles += [gt["canon_albedo"][i], pred["canon_albedo"][i]]
+    # Shading may exceed 1 (ambient + diffuse); one scale for the pair.
+    top = max(float(gt_shading[i].max()), float(pred["canon_shading"][i].max()), 1e-6)
+    tiles += [np.repeat((s / top)[..., None], 3, -1)
+              for s in (gt_shading[i], pred["canon_shading"][i])]
+    sep = np.ones((tiles[0].shape[0], 1, 3))
+    rows.append(np.concatenate([x for t in tiles for x in (np.asarray(t, np.float64), sep)][:-1],
+                               axis=1))
+  grid = np.concatenate([x for r in rows for x in (r, np.ones((1, r.shape[1], 3)))][:-1], axis=0)
+  visualize.save_png(path, grid, scale)
+  return path
+
+
+GRID_COLUMNS = ("input", "true depth", "pred depth", "true normals", "pred normals",
+                "true albedo", "pred albedo", "true shading", "pred shading")
