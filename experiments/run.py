@@ -139,7 +139,7 @@ def cmd_train(args):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize()
   from scr_jax import checkpoint, structure, train
-  checkpoint.probe_writable(args.workdir)
+  _check_data_arg(args.data)
   m, q = structure.resolve(cfg)
   orders = None
   if getattr(args, "candidates", None):
@@ -150,25 +150,50 @@ def cmd_train(args):
     if cfg.variant not in ("independent", "dense") or not orders:
       raise UserError("--candidates takes all24 or a comma list of orderings (dense SCR)")
     m = np.stack([structure.dense_matrix(o) for o in orders])
-  if args.resume and os.path.exists(os.path.join(args.workdir, "config.json")):
-    old = checkpoint.load_config(args.workdir)
-    shape_fields = ("image_size", "embed_dim", "nf_encoder", "nf_ed", "nf_conf", "conf_zdim")
-    diff = [f for f in shape_fields if getattr(old, f) != getattr(cfg, f)]
-    if diff:
-      raise UserError(f"{args.workdir} holds a run with different {', '.join(diff)}; "
-                      "use another --workdir or --no-resume")
+  checkpoint.probe_writable(args.workdir)
+  restart = getattr(args, "restart", False)
+  resume = args.resume and not restart
+  info = dict(variant="dense" if orders else cfg.variant, orders=orders,
+              data=_data_spec(args.data, cfg))
+  # Before any data is read or generated and before anything is compiled:
+  # the requested settings against those of the workdir's newest checkpoint.
+  if resume:
+    checkpoint.check_resume(args.workdir, checkpoint.run_settings(
+        cfg, m, q, variant=info["variant"], orders=orders, data=dict(spec=info["data"])))
+  elif checkpoint.has_checkpoints(args.workdir):
+    if not restart:
+      step, _, _ = checkpoint.saved_run(args.workdir)
+      raise UserError(f"{args.workdir} already holds a run (checkpoints up to step {step}); "
+                      "--no-resume would overwrite it: add --restart to set it aside and start "
+                      "over, or use another --workdir")
+    moved = checkpoint.set_aside(args.workdir)
+    _log(f"note: --restart: moved the previous run's checkpoints, config and logs to {moved}")
   train_data, val_data = load_train_data(args.data, cfg)
   _log(f"train: preset {cfg.preset}, variant {cfg.variant}, {train_data['images'].shape[0]} "
        f"images at {cfg.image_size}px, {cfg.steps} steps, batch {cfg.batch_size}")
-  with open(os.path.join(args.workdir, "adjacency.json"), "w") as fh:
-    json.dump(dict(factors=["V", "D", "L", "A"], M=m.tolist(), q=q,
-                   variant="dense" if orders else cfg.variant, orders=orders), fh)
-  res = train.fit(cfg, args.workdir, train_data, val_data, m=m, q=q, resume=args.resume,
-                  max_seconds=args.max_seconds)
-  _log(f"trained to step {res['step']} in {res['seconds']:.0f}s ({res['reason']})")
+  res = train.fit(cfg, args.workdir, train_data, val_data, m=m, q=q, resume=resume,
+                  max_seconds=args.max_seconds, run_info=info)
+  if res["reason"] != "already trained":
+    _log(f"trained to step {res['step']} in {res['seconds']:.0f}s ({res['reason']})")
   if res["reason"] in ("SIGINT", "SIGTERM"):
     sys.exit(130 if res["reason"] == "SIGINT" else 143)
   return res
+
+
+def _data_spec(spec: str, cfg) -> str:
+  """The --data argument as saved with a run: 'builtin:SIZE' or an absolute path."""
+  return f"builtin:{cfg.image_size}" if spec == "builtin" else os.path.abspath(spec)
+
+
+def _check_data_arg(spec: str, flag: str = "--data"):
+  """A --data folder that is missing or is a file: one line, before any work."""
+  if spec == "builtin":
+    return
+  if not os.path.exists(spec):
+    raise UserError(f"{flag} {spec}: not found (give a data folder, or builtin)")
+  if not os.path.isdir(spec):
+    raise UserError(f"{flag} {spec} is a file, not a folder: give the folder that holds the "
+                    "images (or the root of a synface layout with train/ val/ test/)")
 
 
 def cmd_search(args):
@@ -233,39 +258,61 @@ def cmd_reproduce(args):
                              load_split=load_split, command=command)
 
 
-def _restore(workdir):
-  """(cfg, nets, params, m, q) of a trained workdir (latest checkpoint)."""
+def _restore_run(workdir):
+  """The newest checkpoint of a trained workdir, with the model built from the
+  settings saved in that checkpoint (not from a config.json written later).
+  Returns dict(cfg, nets, params, m, q, step, orders). Workdirs made before
+  settings were saved per checkpoint fall back to config.json and
+  adjacency.json, with a note."""
   import jax
   import numpy as np
   from scr_jax import checkpoint, train
-  cfg = checkpoint.load_config(workdir)
-  with open(os.path.join(workdir, "adjacency.json")) as fh:
-    adj = json.load(fh)
-  nets, state = train.init_state(cfg, jax.random.PRNGKey(cfg.seed))
-  if adj.get("orders"):
-    state = train.stack_state(state, len(adj["orders"]))
-  restored = checkpoint.restore_latest(checkpoint.manager(workdir), state)
-  if restored is None:
+  if not os.path.isdir(workdir):
+    raise UserError(f"--workdir {workdir}: not found")
+  mngr = checkpoint.manager(workdir)
+  step = checkpoint.latest_step(mngr) if checkpoint.has_checkpoints(workdir) else None
+  if step is None:
     raise UserError(f"{workdir} has no checkpoint yet (train first)")
-  return cfg, nets, restored["params"], np.asarray(adj["M"], np.float32), adj["q"], int(restored["step"])
+  settings = checkpoint.load_settings(workdir, step)
+  if settings is None:
+    settings = checkpoint.legacy_settings(workdir)
+    if settings is None:
+      raise UserError(f"{workdir}: checkpoint step {step} has no saved settings and there is no "
+                      "config.json + adjacency.json beside it; is it a training workdir?")
+    _log(f"note: checkpoint step {step} of {workdir} was saved without its settings (an older "
+         "workdir); using its config.json and adjacency.json")
+  cfg = checkpoint.settings_config(settings)
+  st = settings["structure"]
+  nets, state = train.init_state(cfg, jax.random.PRNGKey(cfg.seed))
+  if st.get("orders"):
+    state = train.stack_state(state, len(st["orders"]))
+  restored = checkpoint.restore_step(mngr, step, state)
+  return dict(cfg=cfg, nets=nets, params=restored["params"], m=np.asarray(st["M"], np.float32),
+              q=st.get("q"), step=int(restored["step"]), orders=st.get("orders"))
+
+
+def _restore(workdir):
+  """(cfg, nets, params, m, q, step) of a trained workdir (newest checkpoint)."""
+  r = _restore_run(workdir)
+  return r["cfg"], r["nets"], r["params"], r["m"], r["q"], r["step"]
 
 
 def cmd_eval(args):
   import numpy as np
   from scr_jax import train
-  cfg, nets, params, m, q, step = _restore(args.workdir)
+  _check_data_arg(args.data)
+  r = _restore_run(args.workdir)
+  cfg, params, m, step = r["cfg"], r["params"], r["m"], r["step"]
   d = load_split(args.data, args.split, cfg)
-  eval_fn = train.make_eval_fn(nets, cfg, q)
+  eval_fn = train.make_eval_fn(r["nets"], cfg, r["q"])
   if m.ndim == 3:  # a `train --candidates` workdir: one result per ordering
     if args.save_predictions:
       raise UserError("--save-predictions needs a single-structure workdir")
-    with open(os.path.join(args.workdir, "adjacency.json")) as fh:
-      orders = json.load(fh)["orders"]
     rows = []
-    for i, order in enumerate(orders):
-      r, _, _ = train.evaluate(eval_fn, train.unstack_params(params, i), d, m[i], cfg)
-      rows.append(dict(r, order=order))
-      _log(f"  {order}: SIDE {r['side_mean']:.3f}  MAD {r['mad_mean']:.2f}")
+    for i, order in enumerate(r["orders"]):
+      res, _, _ = train.evaluate(eval_fn, train.unstack_params(params, i), d, m[i], cfg)
+      rows.append(dict(res, order=order))
+      _log(f"  {order}: SIDE {res['side_mean']:.3f}  MAD {res['mad_mean']:.2f}")
     summ = dict(candidates=rows)
   else:
     summ, pred, valid = train.evaluate(eval_fn, params, d, m, cfg)
@@ -277,6 +324,7 @@ def cmd_eval(args):
     with open(args.out, "w") as fh:
       fh.write(text + "\n")
   if args.save_predictions:  # refused above for candidate workdirs
+    os.makedirs(os.path.dirname(os.path.abspath(args.save_predictions)), exist_ok=True)
     np.savez_compressed(args.save_predictions, pred_depth=pred, mask=valid,
                         names=np.asarray(d["names"]))
   return summ
@@ -325,8 +373,8 @@ def cmd_main(args):
   data.preview_grid(d["images"], d["depth"], os.path.join(root, "preview.png"))
   targs = argparse.Namespace(preset="cpu_small", data="builtin", workdir=wd, set=args.set,
                              steps=args.steps, seed=None, variant=None, order=None, q=None,
-                             structure=None, candidates=None, resume=True, distributed=False,
-                             max_seconds=args.max_seconds)
+                             structure=None, candidates=None, resume=True, restart=False,
+                             distributed=False, max_seconds=args.max_seconds)
   cmd_train(targs)
   summ = cmd_eval(argparse.Namespace(workdir=wd, data="builtin", split="test",
                                      out=os.path.join(wd, "eval_test.json"),
@@ -386,7 +434,12 @@ def build_parser():
     t.add_argument("--candidates", help="all24 or DVAL,DLVA,...: train these dense orderings "
                    "together (vmapped)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE")
-    t.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True)
+    t.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="resume from the newest checkpoint (default); --no-resume on a workdir "
+                   "that holds checkpoints is refused unless --restart is given")
+    t.add_argument("--restart", action="store_true",
+                   help="start over: move the workdir's previous checkpoints, config and logs "
+                   "to W/previous-<time>/ first")
     t.add_argument("--distributed", action="store_true",
                    help="jax.distributed.initialize() from the environment (multi-host)")
     t.add_argument("--max-seconds", type=float, help="stop (and checkpoint) after this wall time")
