@@ -95,12 +95,19 @@ def load_train_data(spec: str, cfg):
 # ----------------------------------------------------------------------------
 
 def cmd_data(args):
+  import glob
   from scr_jax import data
   for name in ("n_train", "n_val", "n_test"):
     if getattr(args, name) < 0:
       raise UserError(f"--{name.replace('_', '-')} must be >= 0")
   if args.size < 8:
     raise UserError(f"--size must be >= 8, got {args.size}")
+  if not args.overwrite:
+    old = [p for p in sorted(glob.glob(os.path.join(glob.escape(args.out), "*", "*", "*.png")))
+           if p.endswith(("_image.png", "_depth.png"))]
+    if old:
+      raise UserError(f"--out {args.out} already holds {len(old)} synface images (e.g. {old[0]}); "
+                      "add --overwrite to replace them, or give another --out")
   meta = data.export_synface(args.out, args.n_train, args.n_val, args.n_test, args.size,
                              args.seed, depth_bits=args.depth_bits, overwrite=args.overwrite)
   prev = os.path.join(args.out, "preview.png")
@@ -207,7 +214,28 @@ def cmd_search(args):
     cfg = config.override(cfg, [f"steps={args.budget_steps}"])
   if cfg.lam_perc > 0 and not cfg.vgg_weights:
     cfg = config.override(cfg, ["lam_perc=0"])
+  _check_data_arg(args.data)
+  on_cycle = "raise-threshold" if args.raise_threshold_to_dag else args.on_cycle
+  if on_cycle == "refuse" and args.threshold is None:
+    raise UserError("--on-cycle refuse needs an explicit --threshold (at the default 0.1 the "
+                    "weakest cycle edges are dropped, each named in a note)")
+  tau = 0.1 if args.threshold is None else args.threshold
+  if args.unroll < 1:
+    raise UserError(f"--unroll must be >= 1, got {args.unroll}")
   checkpoint.probe_writable(args.workdir)
+  # A rerun in the same workdir reuses finished evaluations: only with the
+  # same settings (compared before any data is read).
+  if os.path.exists(os.path.join(args.workdir, "config.json")):
+    with open(os.path.join(args.workdir, "config.json")) as fh:
+      old = dict(config=json.load(fh))
+    changed, harmless = checkpoint.compare_settings(old, dict(config=json.loads(cfg.to_json())))
+    if changed:
+      raise UserError(f"{args.workdir} holds a search with other settings ("
+                      + "; ".join(f"{n}: {o} -> {v}" for n, o, v in changed)
+                      + "); use another --workdir")
+    if harmless:
+      _log(f"note: {args.workdir} holds a search with other settings that do not change "
+           "its result: " + "; ".join(f"{n}: {o} -> {v}" for n, o, v in harmless))
   checkpoint.save_config(args.workdir, cfg)
   train_data, val_data = load_train_data(args.data, cfg)
   if val_data is None:
@@ -229,14 +257,11 @@ def cmd_search(args):
       else:
         raise UserError("--method unroll-masked needs the dense ordering: --order DVAL or "
                         "--structure W/structure.json (from --method bo)")
-    if args.unroll < 1:
-      raise UserError(f"--unroll must be >= 1, got {args.unroll}")
     s, _ = search.search_unroll(cfg, args.workdir, train_data, val_data, masked_order=order,
                                 steps=cfg.steps, unroll_k=args.unroll, inner=args.inner,
                                 outer_lr=args.outer_lr, lam_dag=args.lam_dag,
-                                augmented=args.augmented, tau=args.threshold,
-                                binarize=not args.keep_weights,
-                                raise_to_dag=args.raise_threshold_to_dag)
+                                augmented=args.augmented, tau=tau,
+                                binarize=not args.keep_weights, on_cycle=on_cycle)
   _log(f"search done in {time.time() - t0:.0f}s; train with: python experiments/run.py train "
        f"--variant {'dense' if 'M' not in s else 'generic'} --structure "
        f"{os.path.join(args.workdir, 'structure.json')} --preset {args.preset} --data {args.data} "
@@ -478,11 +503,18 @@ def build_parser():
   se.add_argument("--inner", default="adam", help="unroll: inner optimiser, adam (eps_root) or sgd")
   se.add_argument("--outer-lr", type=float, default=5e-2)
   se.add_argument("--lam-dag", type=float, default=1.0)
-  se.add_argument("--augmented", action="store_true", help="augmented Lagrangian for h(M)")
-  se.add_argument("--threshold", type=float, default=0.1)
+  se.add_argument("--augmented", action=argparse.BooleanOptionalAction, default=True,
+                  help="unroll: the paper's augmented Lagrangian for h(M) (default); "
+                  "--no-augmented: a fixed Lagrangian term --lam-dag * h(M)")
+  se.add_argument("--threshold", type=float, default=None,
+                  help="unroll: keep edges with |M| above this (default 0.1)")
+  se.add_argument("--on-cycle", choices=("drop-weakest", "raise-threshold", "refuse"),
+                  default="drop-weakest",
+                  help="unroll: if the thresholded M still has a cycle, drop the weakest edge "
+                  "on a cycle until it is a DAG, naming each (default); raise the threshold "
+                  "instead; or refuse (needs an explicit --threshold)")
   se.add_argument("--raise-threshold-to-dag", action="store_true",
-                  help="if a cycle remains, raise the threshold until M is a DAG "
-                  "(default: refuse with an error)")
+                  help="the same as --on-cycle raise-threshold")
   se.add_argument("--keep-weights", action="store_true",
                   help="keep M's values above the threshold instead of binarising")
   se.add_argument("--order", help="unroll-masked: the dense ordering")
@@ -521,9 +553,94 @@ def _fail(err, code):
   sys.exit(code)
 
 
+# Every path a command writes, checked before any model is loaded or data read:
+# command -> (argument attribute, flag, "dir" | "file" | "npz").
+_OUTPUTS = {
+    "data": [("out", "--out", "dir")],
+    "train": [("workdir", "--workdir", "dir")],
+    "eval": [("out", "--out", "file"), ("save_predictions", "--save-predictions", "npz")],
+    "predict": [("out", "--out", "dir")],
+    "search": [("workdir", "--workdir", "dir")],
+    "reproduce": [("out", "--out", "dir")],
+    "main": [("workdir", "--workdir", "dir")],
+    "import-unsup3d": [("workdir", "--workdir", "dir")],
+}
+# Commands that run JAX: its backend is started (and checked) before they run.
+_JAX_COMMANDS = ("train", "eval", "predict", "search", "reproduce", "main", "import-unsup3d")
+
+
+def check_output_path(path: str, flag: str, kind: str):
+  """Refuses an output path that cannot be written, in one line.
+
+  kind: "dir" (a folder, created if missing), "file" or "npz" (a file whose
+  folder is created if missing; "npz" must end in .npz, as numpy would add it).
+
+  Raises:
+    UserError: the path is empty, exists as the other kind, lies under a file,
+      or its nearest existing folder is not writable.
+  """
+  if not path:
+    raise UserError(f"{flag}: empty path")
+  if os.path.exists(path):
+    if kind == "dir" and not os.path.isdir(path):
+      raise UserError(f"{flag} {path} is a file, not a folder: give a folder (new or existing)")
+    if kind != "dir" and os.path.isdir(path):
+      raise UserError(f"{flag} {path} is a folder: give a file name")
+    if not os.access(path if kind == "dir" else os.path.dirname(os.path.abspath(path)) or ".",
+                     os.W_OK):
+      raise UserError(f"{flag} {path}: not writable (permission denied)")
+  else:
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+      parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+      raise UserError(f"{flag} {path}: cannot be created, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+      raise UserError(f"{flag} {path}: cannot be created in {parent} (permission denied)")
+  if kind == "npz" and not path.endswith(".npz"):
+    raise UserError(f"{flag} {path}: give a file name ending in .npz")
+
+
+def check_jax_backend():
+  """Starts JAX's backend; a missing one (JAX_PLATFORMS=cuda on a CPU-only
+  install, a TPU without libtpu, a misspelt platform) becomes one line that
+  says what to install or set.
+
+  Raises:
+    UserError: JAX cannot be imported or cannot start the requested backend.
+  """
+  want = os.environ.get("JAX_PLATFORMS", "")
+  try:
+    import jax
+    jax.devices()
+  except ImportError as e:
+    raise UserError(f"cannot import jax ({e}); install the pinned packages: "
+                    "pip install -r requirements.txt") from None
+  except (RuntimeError, AssertionError, ValueError) as e:
+    import jax
+    why = (str(e).strip().splitlines() or [""])[0].split(" (set JAX_PLATFORMS")[0]
+    if not why:  # jax asserts without a message when no plugin answers
+      why = "no installed jaxlib plugin provides it"
+    plats = [p.strip() for p in want.split(",") if p.strip()]
+    hint = []
+    if any(p in ("cuda", "gpu") for p in plats):
+      hint.append(f'for an NVIDIA GPU install pip install "jax[cuda12]=={jax.__version__}" '
+                  "(cuda13 for a CUDA 13 driver)")
+    if "tpu" in plats:
+      hint.append(f'for a TPU install pip install "jax[tpu]=={jax.__version__}"')
+    hint.append(("or " if hint else "") + "set JAX_PLATFORMS=cpu (or unset it) to run on the CPU")
+    raise UserError(f"JAX cannot start the backend JAX_PLATFORMS={want!r} asks for ({why[:200]}); "
+                    + ", ".join(hint)) from None
+
+
 def main(argv=None):
   args = build_parser().parse_args(argv)
   try:
+    for attr, flag, kind in _OUTPUTS.get(args.cmd, ()):
+      if getattr(args, attr, None) is not None:
+        check_output_path(getattr(args, attr), flag, kind)
+    if args.cmd in _JAX_COMMANDS:
+      check_jax_backend()
     args.fn(args)
   except UserError as e:
     _fail(e, 2)
