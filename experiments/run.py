@@ -176,6 +176,11 @@ def cmd_train(args):
     moved = checkpoint.set_aside(args.workdir)
     _log(f"note: --restart: moved the previous run's checkpoints, config and logs to {moved}")
   train_data, val_data = load_train_data(args.data, cfg)
+  if resume:  # the same data? (its content, now that it is read; nothing compiled yet)
+    info["fingerprint"] = checkpoint.data_fingerprint(train_data["images"])
+    checkpoint.check_resume(args.workdir, checkpoint.run_settings(
+        cfg, m, q, variant=info["variant"], orders=orders,
+        data=dict(info["fingerprint"], spec=info["data"])))
   _log(f"train: preset {cfg.preset}, variant {cfg.variant}, {train_data['images'].shape[0]} "
        f"images at {cfg.image_size}px, {cfg.steps} steps, batch {cfg.batch_size}")
   res = train.fit(cfg, args.workdir, train_data, val_data, m=m, q=q, resume=resume,
@@ -222,6 +227,13 @@ def cmd_search(args):
   tau = 0.1 if args.threshold is None else args.threshold
   if args.unroll < 1:
     raise UserError(f"--unroll must be >= 1, got {args.unroll}")
+  if args.method == "bo":  # the CLI's names, before any data is read
+    if args.init < 1 or args.batch < 1:
+      raise UserError(f"--init and --batch must be >= 1, got --init {args.init} "
+                      f"--batch {args.batch}")
+    if not args.init <= args.evals <= len(structure.ALL_ORDERS):
+      raise UserError(f"--evals must be between --init ({args.init}) and "
+                      f"{len(structure.ALL_ORDERS)} (all orderings), got {args.evals}")
   checkpoint.probe_writable(args.workdir)
   # A rerun in the same workdir reuses finished evaluations: only with the
   # same settings (compared before any data is read).
@@ -498,9 +510,11 @@ def build_parser():
   se.add_argument("--evals", type=int, default=10, help="bo: orderings evaluated in all")
   se.add_argument("--init", type=int, default=4, help="bo: initial random orderings")
   se.add_argument("--batch", type=int, default=2, help="bo: orderings trained together per round")
-  se.add_argument("--objective", default="val_loss", help="bo: val_loss or val_mad")
+  se.add_argument("--objective", default="val_loss", choices=("val_loss", "val_mad"),
+                  help="bo: val_loss or val_mad")
   se.add_argument("--unroll", type=int, default=1, help="unroll: inner steps K")
-  se.add_argument("--inner", default="adam", help="unroll: inner optimiser, adam (eps_root) or sgd")
+  se.add_argument("--inner", default="adam", choices=("adam", "sgd"),
+                  help="unroll: inner optimiser, adam (eps_root) or sgd")
   se.add_argument("--outer-lr", type=float, default=5e-2)
   se.add_argument("--lam-dag", type=float, default=1.0)
   se.add_argument("--augmented", action=argparse.BooleanOptionalAction, default=True,

@@ -306,8 +306,9 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
   m: the adjacency (4x4) or, with q, the dense mask of dynamic SCR; a stack
   Kx4x4 trains K candidate structures at once (vmapped, same batches, same
   initial parameters), with state params/opt_state carrying the K axis.
-  run_info: optional dict(variant=, orders=, data=the --data argument), saved
-  with the settings. Every checkpoint carries the run's settings (config, M,
+  run_info: optional dict(variant=, orders=, data=the --data argument,
+  fingerprint=checkpoint.data_fingerprint(train images) if already computed),
+  saved with the settings. Every checkpoint carries the run's settings (config, M,
   q, a fingerprint of the training images; `checkpoint.run_settings`). A
   resume is compared with the newest checkpoint's settings before anything
   is compiled or written; a workdir already at `cfg.steps` is left untouched.
@@ -327,7 +328,7 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
   m = jnp.zeros((4, 4), jnp.float32) if m is None else jnp.asarray(m, jnp.float32)
   k = m.shape[0] if m.ndim == 3 else 0
   info = dict(run_info or {})
-  data_info = checkpoint.data_fingerprint(train_data["images"])
+  data_info = dict(info.get("fingerprint") or checkpoint.data_fingerprint(train_data["images"]))
   if info.get("data"):
     data_info["spec"] = info["data"]
   settings = checkpoint.run_settings(cfg, np.asarray(m), q, variant=info.get("variant"),
