@@ -146,8 +146,8 @@ def cmd_train(args):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize()
   from scr_jax import checkpoint, structure, train
-  _check_data_arg(args.data)
   m, q = structure.resolve(cfg)
+  _check_data_arg(args.data)
   orders = None
   if getattr(args, "candidates", None):
     # K dense orderings trained together (vmapped), same batches and init.
@@ -600,9 +600,9 @@ def check_output_path(path: str, flag: str, kind: str):
       raise UserError(f"{flag} {path} is a file, not a folder: give a folder (new or existing)")
     if kind != "dir" and os.path.isdir(path):
       raise UserError(f"{flag} {path} is a folder: give a file name")
-    if not os.access(path if kind == "dir" else os.path.dirname(os.path.abspath(path)) or ".",
-                     os.W_OK):
-      raise UserError(f"{flag} {path}: not writable (permission denied)")
+    where = path if kind == "dir" else os.path.dirname(os.path.abspath(path))
+    if not os.access(where, os.W_OK):
+      raise UserError(f"{flag} {path}: not writable ({_why_unwritable(where)})")
   else:
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
@@ -610,9 +610,19 @@ def check_output_path(path: str, flag: str, kind: str):
     if not os.path.isdir(parent):
       raise UserError(f"{flag} {path}: cannot be created, {parent} is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
-      raise UserError(f"{flag} {path}: cannot be created in {parent} (permission denied)")
+      raise UserError(f"{flag} {path}: not writable, cannot be created in {parent} "
+                      f"({_why_unwritable(parent)})")
   if kind == "npz" and not path.endswith(".npz"):
     raise UserError(f"{flag} {path}: give a file name ending in .npz")
+
+
+def _why_unwritable(folder: str) -> str:
+  try:
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+      return os.strerror(errno.EROFS)
+  except OSError:
+    pass
+  return os.strerror(errno.EACCES)
 
 
 def check_jax_backend():
