@@ -162,6 +162,7 @@ def cmd_train(args):
   resume = args.resume and not restart
   info = dict(variant="dense" if orders else cfg.variant, orders=orders,
               data=_data_spec(args.data, cfg))
+  init_params = _init_params(args, cfg, resume, info)
   # Before any data is read or generated and before anything is compiled:
   # the requested settings against those of the workdir's newest checkpoint.
   if resume:
@@ -184,12 +185,53 @@ def cmd_train(args):
   _log(f"train: preset {cfg.preset}, variant {cfg.variant}, {train_data['images'].shape[0]} "
        f"images at {cfg.image_size}px, {cfg.steps} steps, batch {cfg.batch_size}")
   res = train.fit(cfg, args.workdir, train_data, val_data, m=m, q=q, resume=resume,
-                  max_seconds=args.max_seconds, run_info=info)
+                  max_seconds=args.max_seconds, run_info=info, init_params=init_params)
   if res["reason"] != "already trained":
     _log(f"trained to step {res['step']} in {res['seconds']:.0f}s ({res['reason']})")
   if res["reason"] in ("SIGINT", "SIGTERM"):
     sys.exit(130 if res["reason"] == "SIGINT" else 143)
   return res
+
+
+def _init_params(args, cfg, resume, info):
+  """--init-from W0: the parameters of W0's newest checkpoint (e.g. an
+  `import-unsup3d` workdir) to start a new run from, with any structure;
+  checked against the config's network shapes before any data is read."""
+  from scr_jax import checkpoint
+  src = getattr(args, "init_from", None)
+  if not src:
+    return None
+  if resume and checkpoint.has_checkpoints(args.workdir):
+    _log(f"note: {args.workdir} already holds checkpoints: resuming from them, --init-from "
+         "is not used")
+    return None
+  r = _restore_run(src)
+  if r["orders"]:
+    raise UserError(f"--init-from {src} holds {len(r['orders'])} candidate structures; give a "
+                    "single-structure workdir")
+  shape = ("image_size", "embed_dim", "nf_encoder", "nf_ed", "nf_conf", "conf_zdim")
+  diff = [f"{f}: {getattr(r['cfg'], f)} -> {getattr(cfg, f)}" for f in shape
+          if getattr(r["cfg"], f) != getattr(cfg, f)]
+  if diff:
+    raise UserError(f"--init-from {src} has other network shapes ({'; '.join(diff)}); use its "
+                    f"preset ({r['cfg'].preset})")
+  info["init_from"] = dict(workdir=os.path.abspath(src), step=r["step"])
+  _log(f"note: starting from the parameters of {src} (step {r['step']}) with a fresh optimiser")
+  return r["params"]
+
+
+def cmd_import_unsup3d(args):
+  """Unsup3D's PyTorch checkpoint -> an independent-SCR workdir (step 0)."""
+  from scr_jax import unsup3d_import
+  if not os.path.isfile(args.checkpoint):
+    raise UserError(f"{args.checkpoint}: not found" if not os.path.exists(args.checkpoint)
+                    else f"{args.checkpoint} is a folder, not a .pth file")
+  cfg = make_config(args)
+  unsup3d_import.import_checkpoint(args.checkpoint, args.workdir, cfg, log=_log)
+  _log(f"imported {args.checkpoint} into {args.workdir} (step 0, independent SCR, preset "
+       f"{cfg.preset}); evaluate with `eval --workdir {args.workdir}`, fine-tune with "
+       f"`train --preset {cfg.preset} --workdir {args.workdir}` or, with another structure, "
+       f"`train --init-from {args.workdir} --workdir NEW ...`")
 
 
 def _data_spec(spec: str, cfg) -> str:
@@ -483,6 +525,8 @@ def build_parser():
 
   t = sub.add_parser("train", help="train a model")
   train_args(t)
+  t.add_argument("--init-from", metavar="W0", help="start from the parameters of W0's newest "
+                 "checkpoint (e.g. an import-unsup3d workdir), fresh optimiser, any structure")
   t.set_defaults(fn=cmd_train)
 
   e = sub.add_parser("eval", help="SIDE / MAD of a trained model on a split")
@@ -549,6 +593,15 @@ def build_parser():
   rp.add_argument("--report", action="store_true",
                   help="only tabulate the runs finished so far (OUT/results_partial.md)")
   rp.set_defaults(fn=cmd_reproduce)
+
+  im = sub.add_parser("import-unsup3d", help="convert Unsup3D's PyTorch checkpoint "
+                      "(netD/netA/netL/netV/netC) into a workdir")
+  im.add_argument("checkpoint", metavar="CHECKPOINT.pth")
+  im.add_argument("--workdir", required=True)
+  im.add_argument("--preset", default="paper", help="Unsup3D's widths at 64 px: paper")
+  im.add_argument("--set", action="append", metavar="KEY=VALUE",
+                  help="config overrides saved with the run (e.g. crop=0 for pre-cropped faces)")
+  im.set_defaults(fn=cmd_import_unsup3d)
 
   mn = sub.add_parser("main", help="the `make run` job")
   mn.add_argument("--workdir", default="runs/main")

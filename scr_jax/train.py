@@ -300,7 +300,7 @@ def place_candidates(state_K, m_Kx4x4, mesh):
 
 def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
         resume: bool = True, quiet: bool = False, max_seconds=None, log=None,
-        run_info=None):
+        run_info=None, init_params=None):
   """Trains `cfg.steps` steps (or until `max_seconds`), resumable.
 
   m: the adjacency (4x4) or, with q, the dense mask of dynamic SCR; a stack
@@ -308,7 +308,10 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
   initial parameters), with state params/opt_state carrying the K axis.
   run_info: optional dict(variant=, orders=, data=the --data argument,
   fingerprint=checkpoint.data_fingerprint(train images) if already computed),
-  saved with the settings. Every checkpoint carries the run's settings (config, M,
+  saved with the settings (and `init_from`, when given, as provenance).
+  init_params: start from these parameters (e.g. a pretrained or imported
+  model; same shapes as this config's) with a fresh optimiser, unless the
+  workdir already holds a checkpoint to resume from. Every checkpoint carries the run's settings (config, M,
   q, a fingerprint of the training images; `checkpoint.run_settings`). A
   resume is compared with the newest checkpoint's settings before anything
   is compiled or written; a workdir already at `cfg.steps` is left untouched.
@@ -333,6 +336,8 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
     data_info["spec"] = info["data"]
   settings = checkpoint.run_settings(cfg, np.asarray(m), q, variant=info.get("variant"),
                                      orders=info.get("orders"), data=data_info)
+  if info.get("init_from"):
+    settings["init_from"] = info["init_from"]
   note = None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
   if resume:
     checkpoint.check_resume(workdir, settings, log=note)
@@ -341,6 +346,12 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
                     "overwrite them: pass --restart to set them aside first, or use another "
                     "--workdir")
   nets, state = init_state(cfg, jax.random.PRNGKey(cfg.seed))
+  if init_params is not None:
+    like = jax.tree_util.tree_map(jnp.shape, state["params"])
+    if jax.tree_util.tree_map(jnp.shape, init_params) != like:
+      raise UserError("the initial parameters do not have this config's network shapes")
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), init_params)
+    state = dict(params=params, opt_state=make_optimizer(cfg).init(params), step=state["step"])
   if k:
     state = stack_state(state, k)
   mngr = checkpoint.manager(workdir, cfg.keep_checkpoints)
