@@ -419,6 +419,8 @@ def test_torch_replica_gives_the_same_outputs(small_import, tmp_path):
   with torch.no_grad():
     xt = torch.from_numpy(x)
     ref = {n: tnets[n]["network"](xt).numpy() for n in ("netV", "netL", "netD", "netA")}
+    for n in ("netV", "netL"):  # Unsup3D's Encoder.forward: reshape(B, -1)
+      ref[n] = ref[n].reshape(x.shape[0], -1)
     trunk = tnets["netC"]["network"](xt)
     ref["l1"] = tnets["netC"]["out_net1"](trunk).numpy()
     ref["perc"] = tnets["netC"]["out_net2"](trunk).numpy()
