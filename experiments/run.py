@@ -4,11 +4,13 @@
   python experiments/run.py data --out DIR [--n-train N --n-val N --n-test N --size S --seed K]
   python experiments/run.py train --preset cpu_small --data DIR|builtin --workdir W [--steps N]
       [--seed K] [--variant independent|dense|generic|dynamic] [--order DVAL] [--q sigmoid]
-      [--structure FILE] [--set key=value ...] [--no-resume] [--distributed]
+      [--structure FILE] [--set key=value ...] [--no-resume --restart] [--init-from W0]
+      [--distributed]
   python experiments/run.py eval --workdir W --data DIR|builtin --split test [--out F.json]
       [--save-predictions F.npz]
   python experiments/run.py predict --workdir W --images DIR_or_files --out OUTDIR
   python experiments/run.py main --workdir W     (data + train + eval + predict + summary)
+  python experiments/run.py import-unsup3d CHECKPOINT.pth --workdir W   (Unsup3D's weights)
 
 A mistake in the input (bad folder, unknown preset, wrong type...) prints one
 line `error: ...` and exits with status 2; no traceback.

@@ -227,7 +227,7 @@ def run_settings(cfg: Config, m, q=None, variant=None, orders=None, data=None) -
   """
   return dict(config=json.loads(cfg.to_json()),
               structure=dict(variant=variant or cfg.variant, q=q,
-                             M=np.asarray(m, np.float32).round(6).tolist(),
+                             M=np.asarray(m, np.float32).tolist(),
                              orders=list(orders) if orders else None),
               data=dict(data or {}))
 
@@ -297,7 +297,7 @@ def compare_settings(old: dict, new: dict):
   os_, ns = old.get("structure", {}), new.get("structure", {})
   if "M" in os_ and "M" in ns:
     om, nm = np.asarray(os_["M"], np.float32), np.asarray(ns["M"], np.float32)
-    if om.shape != nm.shape or not np.allclose(om, nm, atol=1e-5):
+    if om.shape != nm.shape or not np.array_equal(om, nm):
       changed.append(("M", _edges(om), _edges(nm)))
   for name in ("q", "orders"):
     if name in os_ and name in ns and os_[name] != ns[name]:
