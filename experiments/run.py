@@ -348,6 +348,7 @@ def _restore_run(workdir):
   import jax
   import numpy as np
   from scr_jax import checkpoint, train
+  from scr_jax import nets as nets_lib
   if not os.path.isdir(workdir):
     raise UserError(f"--workdir {workdir}: not found")
   mngr = checkpoint.manager(workdir)
@@ -364,10 +365,14 @@ def _restore_run(workdir):
          "workdir); using its config.json and adjacency.json")
   cfg = checkpoint.settings_config(settings)
   st = settings["structure"]
-  nets, state = train.init_state(cfg, jax.random.PRNGKey(cfg.seed))
-  if st.get("orders"):
-    state = train.stack_state(state, len(st["orders"]))
-  restored = checkpoint.restore_step(mngr, step, state)
+  nets = nets_lib.make_nets(cfg)
+  k = len(st["orders"]) if st.get("orders") else 0
+
+  def like():  # shapes only: initialising the paper nets eagerly takes ~30 s on CPU
+    state = train.init_state(cfg, jax.random.PRNGKey(cfg.seed))[1]
+    return train.stack_state(state, k) if k else state
+
+  restored = checkpoint.restore_step(mngr, step, jax.eval_shape(like))
   return dict(cfg=cfg, nets=nets, params=restored["params"], m=np.asarray(st["M"], np.float32),
               q=st.get("q"), step=int(restored["step"]), orders=st.get("orders"))
 

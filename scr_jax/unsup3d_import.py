@@ -421,8 +421,12 @@ def import_checkpoint(path: str, workdir: str, cfg, log=print) -> dict:
   ckpt = load_pth(path)
   if not isinstance(ckpt, dict):
     raise UserError(f"{path}: holds a {type(ckpt).__name__}, not Unsup3D's dict of networks")
-  nets, state = train.init_state(cfg, jax.random.PRNGKey(cfg.seed))
-  params, notes = convert(ckpt, jax.device_get(state["params"]), cfg.image_size)
+  if "netC" in ckpt:  # every value comes from the file: shapes are enough (and fast)
+    like = jax.eval_shape(lambda: train.init_state(cfg, jax.random.PRNGKey(cfg.seed))[1])
+    like = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), like["params"])
+  else:
+    like = jax.device_get(train.init_state(cfg, jax.random.PRNGKey(cfg.seed))[1]["params"])
+  params, notes = convert(ckpt, like, cfg.image_size)
   params = jax.tree_util.tree_map(jnp.asarray, params)
   opt = train.make_optimizer(cfg)
   state = dict(params=params, opt_state=opt.init(params), step=jnp.zeros((), jnp.int32))
