@@ -143,10 +143,7 @@ def cmd_train(args):
   import numpy as np
   cfg = make_config(args)
   if args.distributed:
-    import jax
-    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize()
+    init_distributed()  # (main() did it already, before starting the backend)
   from scr_jax import checkpoint, structure, train
   m, q = structure.resolve(cfg)
   _check_data_arg(args.data)
@@ -164,18 +161,19 @@ def cmd_train(args):
   resume = args.resume and not restart
   info = dict(variant="dense" if orders else cfg.variant, orders=orders,
               data=_data_spec(args.data, cfg))
-  init_params = _init_params(args, cfg, resume, info)
   # Before any data is read or generated and before anything is compiled:
   # the requested settings against those of the workdir's newest checkpoint.
+  used = checkpoint.has_checkpoints(args.workdir)
   if resume:
     checkpoint.check_resume(args.workdir, checkpoint.run_settings(
         cfg, m, q, variant=info["variant"], orders=orders, data=dict(spec=info["data"])))
-  elif checkpoint.has_checkpoints(args.workdir):
-    if not restart:
-      step, _, _ = checkpoint.saved_run(args.workdir)
-      raise UserError(f"{args.workdir} already holds a run (checkpoints up to step {step}); "
-                      "--no-resume would overwrite it: add --restart to set it aside and start "
-                      "over, or use another --workdir")
+  elif used and not restart:
+    step, _, _ = checkpoint.saved_run(args.workdir)
+    raise UserError(f"{args.workdir} already holds a run (checkpoints up to step {step}); "
+                    "--no-resume would overwrite it: add --restart to set it aside and start "
+                    "over, or use another --workdir")
+  init_params = _init_params(args, cfg, resume, info)
+  if restart and used:
     moved = checkpoint.set_aside(args.workdir)
     _log(f"note: --restart: moved the previous run's checkpoints, config and logs to {moved}")
   train_data, val_data = load_train_data(args.data, cfg)
@@ -351,8 +349,9 @@ def _restore_run(workdir):
   from scr_jax import nets as nets_lib
   if not os.path.isdir(workdir):
     raise UserError(f"--workdir {workdir}: not found")
-  mngr = checkpoint.manager(workdir)
-  step = checkpoint.latest_step(mngr) if checkpoint.has_checkpoints(workdir) else None
+  # (manager() creates W/checkpoints: only for a folder that has one already)
+  mngr = checkpoint.manager(workdir) if checkpoint.has_checkpoints(workdir) else None
+  step = checkpoint.latest_step(mngr) if mngr else None
   if step is None:
     raise UserError(f"{workdir} has no checkpoint yet (train first)")
   settings = checkpoint.load_settings(workdir, step)
@@ -362,7 +361,7 @@ def _restore_run(workdir):
       raise UserError(f"{workdir}: checkpoint step {step} has no saved settings and there is no "
                       "config.json + adjacency.json beside it; is it a training workdir?")
     _log(f"note: checkpoint step {step} of {workdir} was saved without its settings (an older "
-         "workdir); using its config.json and adjacency.json")
+         "workdir, or a save cut short); using its config.json and adjacency.json")
   cfg = checkpoint.settings_config(settings)
   st = settings["structure"]
   nets = nets_lib.make_nets(cfg)
@@ -685,6 +684,23 @@ def _why_unwritable(folder: str) -> str:
   return os.strerror(errno.EACCES)
 
 
+def init_distributed():
+  """jax.distributed.initialize() from the cluster's environment (once, and
+  before anything starts JAX's backend); a missing setup is one line."""
+  import jax
+  if jax.distributed.is_initialized():
+    return
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize()
+  except (ValueError, RuntimeError) as e:
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise UserError(f"--distributed: jax.distributed.initialize() failed ({why}); run each "
+                    "process under SLURM, Open MPI (mpirun), Kubernetes or a Cloud TPU pod, "
+                    "whose environment gives JAX the coordinator, process count and id") from None
+
+
 def check_jax_backend():
   """Starts JAX's backend; a missing one (JAX_PLATFORMS=cuda on a CPU-only
   install, a TPU without libtpu, a misspelt platform) becomes one line that
@@ -723,6 +739,8 @@ def main(argv=None):
     for attr, flag, kind in _OUTPUTS.get(args.cmd, ()):
       if getattr(args, attr, None) is not None:
         check_output_path(getattr(args, attr), flag, kind)
+    if getattr(args, "distributed", False):
+      init_distributed()
     if args.cmd in _JAX_COMMANDS:
       check_jax_backend()
     args.fn(args)
