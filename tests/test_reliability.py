@@ -559,3 +559,15 @@ def test_search_flags_checked_with_their_cli_names(tmp_path, tiny):
       argv += ["--method", "bo"]
     line = _assert_one_error(_cli(*argv, *extra), 2, *needles)
     assert "n_evals" not in line and "n_init" not in line
+
+
+def test_distributed_without_a_cluster_is_one_line(tmp_path, tiny):
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR", "KUBERNETES_", "TPU_"))}
+  wd = str(tmp_path / "wd")
+  res = subprocess.run(RUN + ["train", "--preset", "test_tiny", "--data", tiny[0], "--workdir",
+                              wd, "--distributed"], capture_output=True, text=True, cwd=ROOT,
+                       env=env, timeout=120)
+  assert "Traceback" not in res.stderr
+  _assert_one_error(res, 2, "--distributed", "jax.distributed.initialize() failed", "SLURM")
+  assert not os.path.exists(wd)
