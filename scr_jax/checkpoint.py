@@ -348,9 +348,9 @@ def check_resume(workdir: str, new: dict, log=None):
   where = (f"checkpoint step {step}" if source == "checkpoint"
            else f"{os.path.join(workdir, 'config.json')} (older workdir)")
   if changed:
-    raise UserError(f"{workdir} holds a run (step {step}) with other settings ({_diff_text(changed)}); "
-                    "resuming would mix them: use another --workdir, or --restart to set the "
-                    "old run aside and start over")
+    raise UserError(f"{workdir} holds a run (step {step}) with other settings "
+                    f"({_diff_text(changed)}); resuming would mix them: use another "
+                    "--workdir, or --restart to set the old run aside and start over")
   if harmless and log is not None:
     log(f"note: resuming {workdir} from step {step} with changed settings that do not change "
         f"what is learned ({_diff_text(harmless)}; saved ones from {where})")

@@ -311,10 +311,11 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
   saved with the settings (and `init_from`, when given, as provenance).
   init_params: start from these parameters (e.g. a pretrained or imported
   model; same shapes as this config's) with a fresh optimiser, unless the
-  workdir already holds a checkpoint to resume from. Every checkpoint carries the run's settings (config, M,
-  q, a fingerprint of the training images; `checkpoint.run_settings`). A
-  resume is compared with the newest checkpoint's settings before anything
-  is compiled or written; a workdir already at `cfg.steps` is left untouched.
+  workdir already holds a checkpoint to resume from.
+  Every checkpoint carries the run's settings (config, M, q, a fingerprint of
+  the training images; `checkpoint.run_settings`). A resume is compared with
+  the newest checkpoint's settings before anything is compiled or written; a
+  workdir already at `cfg.steps` is left untouched.
   Returns a summary dict (steps done, last metrics, wall time, stop reason).
 
   Raises:

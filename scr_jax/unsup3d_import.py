@@ -355,7 +355,8 @@ def convert(ckpt: dict, like_params: dict, image_size: int):
     raise UserError(f"not an Unsup3D checkpoint: no {', '.join(missing)} (it holds: {found})")
   params = _deep_copy(like_params["params"])
   notes = []
-  jobs = [("netV", "V", _plan_encoder(n), ["network"]), ("netL", "L", _plan_encoder(n), ["network"]),
+  jobs = [("netV", "V", _plan_encoder(n), ["network"]),
+          ("netL", "L", _plan_encoder(n), ["network"]),
           ("netD", "D", _plan_ed(n), ["network"]), ("netA", "A", _plan_ed(n), ["network"])]
   if "netC" in ckpt:
     jobs.append(("netC", None, _plan_conf(n), ["network", "out_net2", "out_net1"]))
@@ -434,7 +435,8 @@ def import_checkpoint(path: str, workdir: str, cfg, log=print) -> dict:
                                      variant="independent")
   epoch = ckpt.get("epoch")
   settings["imported_from"] = dict(file=os.path.abspath(path), sha256=file_sha256(path),
-                                   format="unsup3d", epoch=epoch if isinstance(epoch, int) else None)
+                                   format="unsup3d",
+                                   epoch=epoch if isinstance(epoch, int) else None)
   checkpoint.probe_writable(workdir)
   checkpoint.save(checkpoint.manager(workdir, cfg.keep_checkpoints), state, settings)
   checkpoint.save_config(workdir, cfg)
