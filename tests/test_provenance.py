@@ -296,3 +296,15 @@ def test_default_unroll_search_ends_with_a_dag(trained, tmp_path):
     assert len(errors) == 1 and "cycle after thresholding at 0.1" in errors[0]
     assert res.stderr.splitlines()[-1] == errors[0]
     assert not os.path.exists(os.path.join(wd3, "structure.json"))
+
+
+def test_search_rerun_with_other_settings_is_refused(tmp_path):
+  """A search workdir reuses finished evaluations (scores.json): a rerun with
+  settings that change them is refused before any data is read."""
+  wd = str(tmp_path / "s")
+  checkpoint.save_config(wd, config.override(config.get_config("test_tiny"), ["lr=0.001"]))
+  empty = str(tmp_path / "empty")
+  os.makedirs(empty)  # would fail to load: the refusal must come first
+  res = _cli("search", "--method", "bo", "--preset", "test_tiny", "--data", empty,
+             "--workdir", wd, "--budget-steps", 2)
+  _one_error(res, wd, "lr: 0.001 -> 0.0001")
