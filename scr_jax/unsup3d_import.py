@@ -253,7 +253,8 @@ def _layers(state: dict, segments) -> list:
   weight) for convolutions."""
   out = []
   for seg in segments:
-    idx = sorted({int(k.split(".")[1]) for k in state if k.startswith(seg + ".")})
+    idx = sorted({int(k.split(".")[1]) for k in state
+                  if k.startswith(seg + ".") and k.split(".")[1].isdigit()})
     for i in idx:
       w, b = state.get(f"{seg}.{i}.weight"), state.get(f"{seg}.{i}.bias")
       if w is None:
@@ -364,6 +365,8 @@ def convert(ckpt: dict, like_params: dict, image_size: int):
     notes.append("the checkpoint has no netC (trained without confidence maps): the "
                  "confidence net keeps its initialisation")
   for net, factor, plan, segments in jobs:
+    if not isinstance(ckpt[net], dict) or not all(isinstance(k, str) for k in ckpt[net]):
+      raise UserError(f"{net}: not a state dict (names -> tensors)")
     layers = _layers(ckpt[net], segments)
     if len(layers) != len(plan):
       raise UserError(f"{net}: {len(layers)} layers with weights, Unsup3D's {net} at "
