@@ -5,13 +5,15 @@
       [--variant default|wide_pose|harsh_light|hires64|albedo_alt]
   python experiments/run.py train --preset cpu_small --data DIR|builtin[:VARIANT] --workdir W [--steps N]
       [--seed K] [--variant independent|dense|generic|dynamic] [--order DVAL] [--q sigmoid]
-      [--structure FILE] [--set key=value ...] [--no-resume] [--distributed]
+      [--structure FILE] [--set key=value ...] [--no-resume --restart] [--init-from W0]
+      [--distributed]
   python experiments/run.py eval --workdir W --data DIR|builtin --split test [--out F.json]
       [--save-predictions F.npz]
   python experiments/run.py predict --workdir W --images DIR_or_files --out OUTDIR
       [--crop none|train|N] [--detect-faces] [--skip-bad] [--no-recursive] [--video-size PX]
   python experiments/run.py diagnose --workdir W --data DIR|builtin[:VARIANT] [--split test]
   python experiments/run.py main --workdir W     (data + train + eval + predict + summary)
+  python experiments/run.py import-unsup3d CHECKPOINT.pth --workdir W   (Unsup3D's weights)
 
 A mistake in the input (bad folder, unknown preset, wrong type...) prints one
 line `error: ...` and exits with status 2; no traceback.
@@ -144,6 +146,7 @@ def load_train_data(spec: str, cfg):
 # ----------------------------------------------------------------------------
 
 def cmd_data(args):
+  import glob
   from scr_jax import data
   for name in ("n_train", "n_val", "n_test"):
     if getattr(args, name) < 0:
@@ -152,6 +155,12 @@ def cmd_data(args):
   size = args.size if args.size is not None else (variant.export_size or 64)
   if size < 8:
     raise UserError(f"--size must be >= 8, got {size}")
+  if not args.overwrite:
+    old = [p for p in sorted(glob.glob(os.path.join(glob.escape(args.out), "*", "*", "*.png")))
+           if p.endswith(("_image.png", "_depth.png"))]
+    if old:
+      raise UserError(f"--out {args.out} already holds {len(old)} synface images (e.g. {old[0]}); "
+                      "add --overwrite to replace them, or give another --out")
   meta = data.export_synface(args.out, args.n_train, args.n_val, args.n_test, size,
                              args.seed, depth_bits=args.depth_bits, overwrite=args.overwrite,
                              cfg=variant.gen)
@@ -186,13 +195,10 @@ def cmd_train(args):
   import numpy as np
   cfg = make_config(args)
   if args.distributed:
-    import jax
-    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize()
+    init_distributed()  # (main() did it already, before starting the backend)
   from scr_jax import checkpoint, structure, train
-  checkpoint.probe_writable(args.workdir)
   m, q = structure.resolve(cfg)
+  _check_data_arg(args.data)
   orders = None
   if getattr(args, "candidates", None):
     # K dense orderings trained together (vmapped), same batches and init.
@@ -202,25 +208,98 @@ def cmd_train(args):
     if cfg.variant not in ("independent", "dense") or not orders:
       raise UserError("--candidates takes all24 or a comma list of orderings (dense SCR)")
     m = np.stack([structure.dense_matrix(o) for o in orders])
-  if args.resume and os.path.exists(os.path.join(args.workdir, "config.json")):
-    old = checkpoint.load_config(args.workdir)
-    shape_fields = ("image_size", "embed_dim", "nf_encoder", "nf_ed", "nf_conf", "conf_zdim")
-    diff = [f for f in shape_fields if getattr(old, f) != getattr(cfg, f)]
-    if diff:
-      raise UserError(f"{args.workdir} holds a run with different {', '.join(diff)}; "
-                      "use another --workdir or --no-resume")
+  checkpoint.probe_writable(args.workdir)
+  restart = getattr(args, "restart", False)
+  resume = args.resume and not restart
+  info = dict(variant="dense" if orders else cfg.variant, orders=orders,
+              data=_data_spec(args.data, cfg))
+  # Before any data is read or generated and before anything is compiled:
+  # the requested settings against those of the workdir's newest checkpoint.
+  used = checkpoint.has_checkpoints(args.workdir)
+  if resume:
+    checkpoint.check_resume(args.workdir, checkpoint.run_settings(
+        cfg, m, q, variant=info["variant"], orders=orders, data=dict(spec=info["data"])))
+  elif used and not restart:
+    step, _, _ = checkpoint.saved_run(args.workdir)
+    raise UserError(f"{args.workdir} already holds a run (checkpoints up to step {step}); "
+                    "--no-resume would overwrite it: add --restart to set it aside and start "
+                    "over, or use another --workdir")
+  init_params = _init_params(args, cfg, resume, info)
+  if restart and used:
+    moved = checkpoint.set_aside(args.workdir)
+    _log(f"note: --restart: moved the previous run's checkpoints, config and logs to {moved}")
   train_data, val_data = load_train_data(args.data, cfg)
+  if resume:  # the same data? (its content, now that it is read; nothing compiled yet)
+    info["fingerprint"] = checkpoint.data_fingerprint(train_data["images"])
+    checkpoint.check_resume(args.workdir, checkpoint.run_settings(
+        cfg, m, q, variant=info["variant"], orders=orders,
+        data=dict(info["fingerprint"], spec=info["data"])))
   _log(f"train: preset {cfg.preset}, variant {cfg.variant}, {train_data['images'].shape[0]} "
        f"images at {cfg.image_size}px, {cfg.steps} steps, batch {cfg.batch_size}")
-  with open(os.path.join(args.workdir, "adjacency.json"), "w") as fh:
-    json.dump(dict(factors=["V", "D", "L", "A"], M=m.tolist(), q=q,
-                   variant="dense" if orders else cfg.variant, orders=orders), fh)
-  res = train.fit(cfg, args.workdir, train_data, val_data, m=m, q=q, resume=args.resume,
-                  max_seconds=args.max_seconds)
-  _log(f"trained to step {res['step']} in {res['seconds']:.0f}s ({res['reason']})")
+  res = train.fit(cfg, args.workdir, train_data, val_data, m=m, q=q, resume=resume,
+                  max_seconds=args.max_seconds, run_info=info, init_params=init_params)
+  if res["reason"] != "already trained":
+    _log(f"trained to step {res['step']} in {res['seconds']:.0f}s ({res['reason']})")
   if res["reason"] in ("SIGINT", "SIGTERM"):
     sys.exit(130 if res["reason"] == "SIGINT" else 143)
   return res
+
+
+def _init_params(args, cfg, resume, info):
+  """--init-from W0: the parameters of W0's newest checkpoint (e.g. an
+  `import-unsup3d` workdir) to start a new run from, with any structure;
+  checked against the config's network shapes before any data is read."""
+  from scr_jax import checkpoint
+  src = getattr(args, "init_from", None)
+  if not src:
+    return None
+  if resume and checkpoint.has_checkpoints(args.workdir):
+    _log(f"note: {args.workdir} already holds checkpoints: resuming from them, --init-from "
+         "is not used")
+    return None
+  r = _restore_run(src)
+  if r["orders"]:
+    raise UserError(f"--init-from {src} holds {len(r['orders'])} candidate structures; give a "
+                    "single-structure workdir")
+  shape = ("image_size", "embed_dim", "nf_encoder", "nf_ed", "nf_conf", "conf_zdim")
+  diff = [f"{f}: {getattr(r['cfg'], f)} -> {getattr(cfg, f)}" for f in shape
+          if getattr(r["cfg"], f) != getattr(cfg, f)]
+  if diff:
+    raise UserError(f"--init-from {src} has other network shapes ({'; '.join(diff)}); use its "
+                    f"preset ({r['cfg'].preset})")
+  info["init_from"] = dict(workdir=os.path.abspath(src), step=r["step"])
+  _log(f"note: starting from the parameters of {src} (step {r['step']}) with a fresh optimiser")
+  return r["params"]
+
+
+def cmd_import_unsup3d(args):
+  """Unsup3D's PyTorch checkpoint -> an independent-SCR workdir (step 0)."""
+  from scr_jax import unsup3d_import
+  if not os.path.isfile(args.checkpoint):
+    raise UserError(f"{args.checkpoint}: not found" if not os.path.exists(args.checkpoint)
+                    else f"{args.checkpoint} is a folder, not a .pth file")
+  cfg = make_config(args)
+  unsup3d_import.import_checkpoint(args.checkpoint, args.workdir, cfg, log=_log)
+  _log(f"imported {args.checkpoint} into {args.workdir} (step 0, independent SCR, preset "
+       f"{cfg.preset}); evaluate with `eval --workdir {args.workdir}`, fine-tune with "
+       f"`train --preset {cfg.preset} --workdir {args.workdir}` or, with another structure, "
+       f"`train --init-from {args.workdir} --workdir NEW ...`")
+
+
+def _data_spec(spec: str, cfg) -> str:
+  """The --data argument as saved with a run: 'builtin:SIZE' or an absolute path."""
+  return f"builtin:{cfg.image_size}" if spec == "builtin" else os.path.abspath(spec)
+
+
+def _check_data_arg(spec: str, flag: str = "--data"):
+  """A --data folder that is missing or is a file: one line, before any work."""
+  if spec == "builtin":
+    return
+  if not os.path.exists(spec):
+    raise UserError(f"{flag} {spec}: not found (give a data folder, or builtin)")
+  if not os.path.isdir(spec):
+    raise UserError(f"{flag} {spec} is a file, not a folder: give the folder that holds the "
+                    "images (or the root of a synface layout with train/ val/ test/)")
 
 
 def cmd_search(args):
@@ -234,7 +313,35 @@ def cmd_search(args):
     cfg = config.override(cfg, [f"steps={args.budget_steps}"])
   if cfg.lam_perc > 0 and not cfg.vgg_weights:
     cfg = config.override(cfg, ["lam_perc=0"])
+  _check_data_arg(args.data)
+  on_cycle = "raise-threshold" if args.raise_threshold_to_dag else args.on_cycle
+  if on_cycle == "refuse" and args.threshold is None:
+    raise UserError("--on-cycle refuse needs an explicit --threshold (at the default 0.1 the "
+                    "weakest cycle edges are dropped, each named in a note)")
+  tau = 0.1 if args.threshold is None else args.threshold
+  if args.unroll < 1:
+    raise UserError(f"--unroll must be >= 1, got {args.unroll}")
+  if args.method == "bo":  # the CLI's names, before any data is read
+    if args.init < 1 or args.batch < 1:
+      raise UserError(f"--init and --batch must be >= 1, got --init {args.init} "
+                      f"--batch {args.batch}")
+    if not args.init <= args.evals <= len(structure.ALL_ORDERS):
+      raise UserError(f"--evals must be between --init ({args.init}) and "
+                      f"{len(structure.ALL_ORDERS)} (all orderings), got {args.evals}")
   checkpoint.probe_writable(args.workdir)
+  # A rerun in the same workdir reuses finished evaluations: only with the
+  # same settings (compared before any data is read).
+  if os.path.exists(os.path.join(args.workdir, "config.json")):
+    with open(os.path.join(args.workdir, "config.json")) as fh:
+      old = dict(config=json.load(fh))
+    changed, harmless = checkpoint.compare_settings(old, dict(config=json.loads(cfg.to_json())))
+    if changed:
+      raise UserError(f"{args.workdir} holds a search with other settings ("
+                      + "; ".join(f"{n}: {o} -> {v}" for n, o, v in changed)
+                      + "); use another --workdir")
+    if harmless:
+      _log(f"note: {args.workdir} holds a search with other settings that do not change "
+           "its result: " + "; ".join(f"{n}: {o} -> {v}" for n, o, v in harmless))
   checkpoint.save_config(args.workdir, cfg)
   train_data, val_data = load_train_data(args.data, cfg)
   if val_data is None:
@@ -256,14 +363,11 @@ def cmd_search(args):
       else:
         raise UserError("--method unroll-masked needs the dense ordering: --order DVAL or "
                         "--structure W/structure.json (from --method bo)")
-    if args.unroll < 1:
-      raise UserError(f"--unroll must be >= 1, got {args.unroll}")
     s, _ = search.search_unroll(cfg, args.workdir, train_data, val_data, masked_order=order,
                                 steps=cfg.steps, unroll_k=args.unroll, inner=args.inner,
                                 outer_lr=args.outer_lr, lam_dag=args.lam_dag,
-                                augmented=args.augmented, tau=args.threshold,
-                                binarize=not args.keep_weights,
-                                raise_to_dag=args.raise_threshold_to_dag)
+                                augmented=args.augmented, tau=tau,
+                                binarize=not args.keep_weights, on_cycle=on_cycle)
   _log(f"search done in {time.time() - t0:.0f}s; train with: python experiments/run.py train "
        f"--variant {'dense' if 'M' not in s else 'generic'} --structure "
        f"{os.path.join(args.workdir, 'structure.json')} --preset {args.preset} --data {args.data} "
@@ -285,39 +389,67 @@ def cmd_reproduce(args):
                              load_split=load_split, command=command)
 
 
-def _restore(workdir):
-  """(cfg, nets, params, m, q) of a trained workdir (latest checkpoint)."""
+def _restore_run(workdir):
+  """The newest checkpoint of a trained workdir, with the model built from the
+  settings saved in that checkpoint (not from a config.json written later).
+  Returns dict(cfg, nets, params, m, q, step, orders). Workdirs made before
+  settings were saved per checkpoint fall back to config.json and
+  adjacency.json, with a note."""
   import jax
   import numpy as np
   from scr_jax import checkpoint, train
-  cfg = checkpoint.load_config(workdir)
-  with open(os.path.join(workdir, "adjacency.json")) as fh:
-    adj = json.load(fh)
-  nets, state = train.init_state(cfg, jax.random.PRNGKey(cfg.seed))
-  if adj.get("orders"):
-    state = train.stack_state(state, len(adj["orders"]))
-  restored = checkpoint.restore_latest(checkpoint.manager(workdir), state)
-  if restored is None:
+  from scr_jax import nets as nets_lib
+  if not os.path.isdir(workdir):
+    raise UserError(f"--workdir {workdir}: not found")
+  # (manager() creates W/checkpoints: only for a folder that has one already)
+  mngr = checkpoint.manager(workdir) if checkpoint.has_checkpoints(workdir) else None
+  step = checkpoint.latest_step(mngr) if mngr else None
+  if step is None:
     raise UserError(f"{workdir} has no checkpoint yet (train first)")
-  return cfg, nets, restored["params"], np.asarray(adj["M"], np.float32), adj["q"], int(restored["step"])
+  settings = checkpoint.load_settings(workdir, step)
+  if settings is None:
+    settings = checkpoint.legacy_settings(workdir)
+    if settings is None:
+      raise UserError(f"{workdir}: checkpoint step {step} has no saved settings and there is no "
+                      "config.json + adjacency.json beside it; is it a training workdir?")
+    _log(f"note: checkpoint step {step} of {workdir} was saved without its settings (an older "
+         "workdir, or a save cut short); using its config.json and adjacency.json")
+  cfg = checkpoint.settings_config(settings)
+  st = settings["structure"]
+  nets = nets_lib.make_nets(cfg)
+  k = len(st["orders"]) if st.get("orders") else 0
+
+  def like():  # shapes only: initialising the paper nets eagerly takes ~30 s on CPU
+    state = train.init_state(cfg, jax.random.PRNGKey(cfg.seed))[1]
+    return train.stack_state(state, k) if k else state
+
+  restored = checkpoint.restore_step(mngr, step, jax.eval_shape(like))
+  return dict(cfg=cfg, nets=nets, params=restored["params"], m=np.asarray(st["M"], np.float32),
+              q=st.get("q"), step=int(restored["step"]), orders=st.get("orders"))
+
+
+def _restore(workdir):
+  """(cfg, nets, params, m, q, step) of a trained workdir (newest checkpoint)."""
+  r = _restore_run(workdir)
+  return r["cfg"], r["nets"], r["params"], r["m"], r["q"], r["step"]
 
 
 def cmd_eval(args):
   import numpy as np
   from scr_jax import train
-  cfg, nets, params, m, q, step = _restore(args.workdir)
+  _check_data_arg(args.data)
+  r = _restore_run(args.workdir)
+  cfg, params, m, step = r["cfg"], r["params"], r["m"], r["step"]
   d = load_split(args.data, args.split, cfg)
-  eval_fn = train.make_eval_fn(nets, cfg, q)
+  eval_fn = train.make_eval_fn(r["nets"], cfg, r["q"])
   if m.ndim == 3:  # a `train --candidates` workdir: one result per ordering
     if args.save_predictions:
       raise UserError("--save-predictions needs a single-structure workdir")
-    with open(os.path.join(args.workdir, "adjacency.json")) as fh:
-      orders = json.load(fh)["orders"]
     rows = []
-    for i, order in enumerate(orders):
-      r, _, _ = train.evaluate(eval_fn, train.unstack_params(params, i), d, m[i], cfg)
-      rows.append(dict(r, order=order))
-      _log(f"  {order}: SIDE {r['side_mean']:.3f}  MAD {r['mad_mean']:.2f}")
+    for i, order in enumerate(r["orders"]):
+      res, _, _ = train.evaluate(eval_fn, train.unstack_params(params, i), d, m[i], cfg)
+      rows.append(dict(res, order=order))
+      _log(f"  {order}: SIDE {res['side_mean']:.3f}  MAD {res['mad_mean']:.2f}")
     summ = dict(candidates=rows)
   else:
     summ, pred, valid = train.evaluate(eval_fn, params, d, m, cfg)
@@ -334,6 +466,7 @@ def cmd_eval(args):
     with open(args.out, "w") as fh:
       fh.write(text + "\n")
   if args.save_predictions:  # refused above for candidate workdirs
+    os.makedirs(os.path.dirname(os.path.abspath(args.save_predictions)), exist_ok=True)
     np.savez_compressed(args.save_predictions, pred_depth=pred, mask=valid,
                         names=np.asarray(d["names"]))
   return summ
@@ -532,8 +665,8 @@ def cmd_main(args):
   data.preview_grid(d["images"], d["depth"], os.path.join(root, "preview.png"))
   targs = argparse.Namespace(preset="cpu_small", data="builtin", workdir=wd, set=args.set,
                              steps=args.steps, seed=None, variant=None, order=None, q=None,
-                             structure=None, candidates=None, resume=True, distributed=False,
-                             max_seconds=args.max_seconds)
+                             structure=None, candidates=None, resume=True, restart=False,
+                             distributed=False, max_seconds=args.max_seconds)
   cmd_train(targs)
   summ = cmd_eval(argparse.Namespace(workdir=wd, data="builtin", split="test",
                                      out=os.path.join(wd, "eval_test.json"),
@@ -601,13 +734,20 @@ def build_parser():
     t.add_argument("--candidates", help="all24 or DVAL,DLVA,...: train these dense orderings "
                    "together (vmapped)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE")
-    t.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True)
+    t.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="resume from the newest checkpoint (default); --no-resume on a workdir "
+                   "that holds checkpoints is refused unless --restart is given")
+    t.add_argument("--restart", action="store_true",
+                   help="start over: move the workdir's previous checkpoints, config and logs "
+                   "to W/previous-<time>/ first")
     t.add_argument("--distributed", action="store_true",
                    help="jax.distributed.initialize() from the environment (multi-host)")
     t.add_argument("--max-seconds", type=float, help="stop (and checkpoint) after this wall time")
 
   t = sub.add_parser("train", help="train a model")
   train_args(t)
+  t.add_argument("--init-from", metavar="W0", help="start from the parameters of W0's newest "
+                 "checkpoint (e.g. an import-unsup3d workdir), fresh optimiser, any structure")
   t.set_defaults(fn=cmd_train)
 
   e = sub.add_parser("eval", help="SIDE / MAD of a trained model on a split")
@@ -659,16 +799,25 @@ def build_parser():
   se.add_argument("--evals", type=int, default=10, help="bo: orderings evaluated in all")
   se.add_argument("--init", type=int, default=4, help="bo: initial random orderings")
   se.add_argument("--batch", type=int, default=2, help="bo: orderings trained together per round")
-  se.add_argument("--objective", default="val_loss", help="bo: val_loss or val_mad")
+  se.add_argument("--objective", default="val_loss", choices=("val_loss", "val_mad"),
+                  help="bo: val_loss or val_mad")
   se.add_argument("--unroll", type=int, default=1, help="unroll: inner steps K")
-  se.add_argument("--inner", default="adam", help="unroll: inner optimiser, adam (eps_root) or sgd")
+  se.add_argument("--inner", default="adam", choices=("adam", "sgd"),
+                  help="unroll: inner optimiser, adam (eps_root) or sgd")
   se.add_argument("--outer-lr", type=float, default=5e-2)
   se.add_argument("--lam-dag", type=float, default=1.0)
-  se.add_argument("--augmented", action="store_true", help="augmented Lagrangian for h(M)")
-  se.add_argument("--threshold", type=float, default=0.1)
+  se.add_argument("--augmented", action=argparse.BooleanOptionalAction, default=True,
+                  help="unroll: the paper's augmented Lagrangian for h(M) (default); "
+                  "--no-augmented: a fixed Lagrangian term --lam-dag * h(M)")
+  se.add_argument("--threshold", type=float, default=None,
+                  help="unroll: keep edges with |M| above this (default 0.1)")
+  se.add_argument("--on-cycle", choices=("drop-weakest", "raise-threshold", "refuse"),
+                  default="drop-weakest",
+                  help="unroll: if the thresholded M still has a cycle, drop the weakest edge "
+                  "on a cycle until it is a DAG, naming each (default); raise the threshold "
+                  "instead; or refuse (needs an explicit --threshold)")
   se.add_argument("--raise-threshold-to-dag", action="store_true",
-                  help="if a cycle remains, raise the threshold until M is a DAG "
-                  "(default: refuse with an error)")
+                  help="the same as --on-cycle raise-threshold")
   se.add_argument("--keep-weights", action="store_true",
                   help="keep M's values above the threshold instead of binarising")
   se.add_argument("--order", help="unroll-masked: the dense ordering")
@@ -690,6 +839,15 @@ def build_parser():
                   help="only tabulate the runs finished so far (OUT/results_partial.md)")
   rp.set_defaults(fn=cmd_reproduce)
 
+  im = sub.add_parser("import-unsup3d", help="convert Unsup3D's PyTorch checkpoint "
+                      "(netD/netA/netL/netV/netC) into a workdir")
+  im.add_argument("checkpoint", metavar="CHECKPOINT.pth")
+  im.add_argument("--workdir", required=True)
+  im.add_argument("--preset", default="paper", help="Unsup3D's widths at 64 px: paper")
+  im.add_argument("--set", action="append", metavar="KEY=VALUE",
+                  help="config overrides saved with the run (e.g. crop=0 for pre-cropped faces)")
+  im.set_defaults(fn=cmd_import_unsup3d)
+
   mn = sub.add_parser("main", help="the `make run` job")
   mn.add_argument("--workdir", default="runs/main")
   mn.add_argument("--steps", type=int)
@@ -707,9 +865,123 @@ def _fail(err, code):
   sys.exit(code)
 
 
+# Every path a command writes, checked before any model is loaded or data read:
+# command -> (argument attribute, flag, "dir" | "file" | "npz").
+_OUTPUTS = {
+    "data": [("out", "--out", "dir")],
+    "train": [("workdir", "--workdir", "dir")],
+    "eval": [("out", "--out", "file"), ("save_predictions", "--save-predictions", "npz")],
+    "predict": [("out", "--out", "dir")],
+    "search": [("workdir", "--workdir", "dir")],
+    "reproduce": [("out", "--out", "dir")],
+    "main": [("workdir", "--workdir", "dir")],
+    "import-unsup3d": [("workdir", "--workdir", "dir")],
+}
+# Commands that run JAX: its backend is started (and checked) before they run.
+_JAX_COMMANDS = ("train", "eval", "predict", "search", "reproduce", "main", "import-unsup3d")
+
+
+def check_output_path(path: str, flag: str, kind: str):
+  """Refuses an output path that cannot be written, in one line.
+
+  kind: "dir" (a folder, created if missing), "file" or "npz" (a file whose
+  folder is created if missing; "npz" must end in .npz, as numpy would add it).
+
+  Raises:
+    UserError: the path is empty, exists as the other kind, lies under a file,
+      or its nearest existing folder is not writable.
+  """
+  if not path:
+    raise UserError(f"{flag}: empty path")
+  if os.path.exists(path):
+    if kind == "dir" and not os.path.isdir(path):
+      raise UserError(f"{flag} {path} is a file, not a folder: give a folder (new or existing)")
+    if kind != "dir" and os.path.isdir(path):
+      raise UserError(f"{flag} {path} is a folder: give a file name")
+    where = path if kind == "dir" else os.path.dirname(os.path.abspath(path))
+    if not os.access(where, os.W_OK):
+      raise UserError(f"{flag} {path}: not writable ({_why_unwritable(where)})")
+  else:
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+      parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+      raise UserError(f"{flag} {path}: cannot be created, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+      raise UserError(f"{flag} {path}: not writable, cannot be created in {parent} "
+                      f"({_why_unwritable(parent)})")
+  if kind == "npz" and not path.endswith(".npz"):
+    raise UserError(f"{flag} {path}: give a file name ending in .npz")
+
+
+def _why_unwritable(folder: str) -> str:
+  try:
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+      return os.strerror(errno.EROFS)
+  except OSError:
+    pass
+  return os.strerror(errno.EACCES)
+
+
+def init_distributed():
+  """jax.distributed.initialize() from the cluster's environment (once, and
+  before anything starts JAX's backend); a missing setup is one line."""
+  import jax
+  if jax.distributed.is_initialized():
+    return
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize()
+  except (ValueError, RuntimeError) as e:
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise UserError(f"--distributed: jax.distributed.initialize() failed ({why}); run each "
+                    "process under SLURM, Open MPI (mpirun), Kubernetes or a Cloud TPU pod, "
+                    "whose environment gives JAX the coordinator, process count and id") from None
+
+
+def check_jax_backend():
+  """Starts JAX's backend; a missing one (JAX_PLATFORMS=cuda on a CPU-only
+  install, a TPU without libtpu, a misspelt platform) becomes one line that
+  says what to install or set.
+
+  Raises:
+    UserError: JAX cannot be imported or cannot start the requested backend.
+  """
+  want = os.environ.get("JAX_PLATFORMS", "")
+  try:
+    import jax
+    jax.devices()
+  except ImportError as e:
+    raise UserError(f"cannot import jax ({e}); install the pinned packages: "
+                    "pip install -r requirements.txt") from None
+  except (RuntimeError, AssertionError, ValueError) as e:
+    import jax
+    why = (str(e).strip().splitlines() or [""])[0].split(" (set JAX_PLATFORMS")[0]
+    if not why:  # jax asserts without a message when no plugin answers
+      why = "no installed jaxlib plugin provides it"
+    plats = [p.strip() for p in want.split(",") if p.strip()]
+    hint = []
+    if any(p in ("cuda", "gpu") for p in plats):
+      hint.append(f'for an NVIDIA GPU install pip install "jax[cuda12]=={jax.__version__}" '
+                  "(cuda13 for a CUDA 13 driver)")
+    if "tpu" in plats:
+      hint.append(f'for a TPU install pip install "jax[tpu]=={jax.__version__}"')
+    hint.append(("or " if hint else "") + "set JAX_PLATFORMS=cpu (or unset it) to run on the CPU")
+    raise UserError(f"JAX cannot start the backend JAX_PLATFORMS={want!r} asks for ({why[:200]}); "
+                    + ", ".join(hint)) from None
+
+
 def main(argv=None):
   args = build_parser().parse_args(argv)
   try:
+    for attr, flag, kind in _OUTPUTS.get(args.cmd, ()):
+      if getattr(args, attr, None) is not None:
+        check_output_path(getattr(args, attr), flag, kind)
+    if getattr(args, "distributed", False):
+      init_distributed()
+    if args.cmd in _JAX_COMMANDS:
+      check_jax_backend()
     args.fn(args)
   except UserError as e:
     _fail(e, 2)

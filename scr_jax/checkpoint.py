@@ -1,8 +1,20 @@
-"""Orbax checkpoints of the train state, with the config saved beside them."""
+"""Orbax checkpoints of the train state, each with the settings that made it.
+
+Every step folder `W/checkpoints/N/` holds, next to orbax's files,
+`scr_settings.json`: the resolved config, the structure trained (variant, M,
+q, candidate orderings) and the training data (path, image count, content
+hash). Evaluation rebuilds the model from the settings of the checkpoint it
+restores, and a resume is compared with them before any work
+(`check_resume`). `W/config.json` (and `adjacency.json`) describe the latest
+run for people; older workdirs that have only those are still read, with a note.
+"""
 from __future__ import annotations
 
 import contextlib
+import datetime
+import hashlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -10,12 +22,14 @@ import sys
 import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-from scr_jax.config import Config
+from scr_jax.config import FACTORS, HARMLESS_FIELDS, Config
 from scr_jax.errors import UserError
 
 _COMMIT_FILE = "commit_success.txt"  # orbax's atomicity_types.COMMIT_SUCCESS_FILE
+SETTINGS_FILE = "scr_settings.json"
 
 
 def probe_writable(workdir: str):
@@ -56,7 +70,14 @@ def check_free_space(workdir: str, state: dict, keep: int):
                     f"checkpoints need about {need / 2**20:.1f} MiB")
 
 
-def save(mngr: ocp.CheckpointManager, state: dict):
+def save(mngr: ocp.CheckpointManager, state: dict, settings: dict | None = None):
+  """Saves `state` as step state["step"]; with `settings` (from `run_settings`),
+  writes them into the step folder once orbax has committed it. Returns the step.
+
+  Raises:
+    UserError: the write failed (disk full, read-only...): one line naming the
+      last complete checkpoint.
+  """
   step = int(jax.device_get(state["step"]))
   # A failing write makes orbax's threads log and print a traceback each; they
   # are held back and dropped on failure (re-emitted on success).
@@ -77,7 +98,19 @@ def save(mngr: ocp.CheckpointManager, state: dict):
                     f"last complete checkpoint: {last}") from None
   finally:
     logging.getLogger("absl").removeFilter(quiet)
+  if settings is not None and jax.process_index() == 0:
+    _write_json(os.path.join(os.fspath(mngr.directory), str(step), SETTINGS_FILE),
+                dict(settings, step=step,
+                     saved_at=datetime.datetime.now(datetime.timezone.utc).isoformat(
+                         timespec="seconds")))
   return step
+
+
+def _write_json(path: str, obj):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as fh:
+    json.dump(obj, fh, indent=1, sort_keys=True)
+  os.replace(tmp, path)
 
 
 class _DropErrors(logging.Filter):
@@ -103,6 +136,13 @@ def restore_latest(mngr: ocp.CheckpointManager, like_state: dict):
   without its commit marker (a copy cut short, a filesystem without atomic
   rename) is moved to `checkpoints.incomplete/` with a one-line warning and
   never loaded."""
+  step = latest_step(mngr)
+  return None if step is None else restore_step(mngr, step, like_state)
+
+
+def latest_step(mngr: ocp.CheckpointManager):
+  """The newest complete step (None: no checkpoint), after moving incomplete
+  step folders aside as `restore_latest` says."""
   if jax.process_index() == 0:
     for step in sorted(mngr.all_steps(), reverse=True):
       if _complete(mngr, step):
@@ -114,9 +154,15 @@ def restore_latest(mngr: ocp.CheckpointManager, like_state: dict):
       os.replace(src, dst)
       print(f"warning: checkpoint step {step} is incomplete (no {_COMMIT_FILE}); "
             f"moved to {dst}, not loaded", file=sys.stderr, flush=True)
-  step = _latest_complete(mngr)
-  if step is None:
-    return None
+  return _latest_complete(mngr)
+
+
+def restore_step(mngr: ocp.CheckpointManager, step: int, like_state: dict):
+  """Restores checkpoint `step` into the structure of `like_state`.
+
+  Raises:
+    UserError: the checkpoint does not fit `like_state` or cannot be read.
+  """
   abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like_state)
   try:
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
@@ -134,9 +180,198 @@ def save_config(workdir: str, cfg: Config):
   os.replace(tmp, os.path.join(workdir, "config.json"))
 
 
+def save_adjacency(workdir: str, structure: dict):
+  """W/adjacency.json: the structure of the latest run (factors, M, q, variant, orders)."""
+  _write_json(os.path.join(workdir, "adjacency.json"), dict(factors=list(FACTORS), **structure))
+
+
 def load_config(workdir: str) -> Config:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise UserError(f"{path} not found: is {workdir} a training workdir?")
   with open(path) as fh:
     return Config.from_json(fh.read())
+
+
+def has_checkpoints(workdir: str) -> bool:
+  """True if W/checkpoints holds any step folder (complete or not)."""
+  ck = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(ck) and any(n.split(".")[0].isdigit() for n in os.listdir(ck))
+
+
+# ----------------------------------------------------------------------------
+# Run settings: what produced a checkpoint, saved with it, compared on resume.
+# ----------------------------------------------------------------------------
+
+def data_fingerprint(images_NxHxWx3) -> dict:
+  """Image count, shape and a content hash (BLAKE2b of the float32 pixels as
+  the model sees them, after crop and resize) of a training set."""
+  x = np.ascontiguousarray(np.asarray(images_NxHxWx3, np.float32))
+  return dict(n_images=int(x.shape[0]), image_shape=list(x.shape[1:]),
+              hash=hashlib.blake2b(x.data, digest_size=12).hexdigest())
+
+
+def run_settings(cfg: Config, m, q=None, variant=None, orders=None, data=None) -> dict:
+  """The settings that decide what a run learns, as saved with each checkpoint.
+
+  Args:
+    cfg: the resolved config.
+    m: the adjacency trained, 4x4 (rows = parents) or Kx4x4 candidates.
+    q: dynamic SCR's attention (None otherwise).
+    variant: the structure variant trained (default cfg.variant).
+    orders: the K orderings of a candidate (`--candidates`) run, else None.
+    data: dict with any of `spec` (the --data argument, a path or 'builtin'),
+      and the keys of `data_fingerprint`.
+  Returns:
+    A JSON-able dict {config, structure, data}.
+  """
+  return dict(config=json.loads(cfg.to_json()),
+              structure=dict(variant=variant or cfg.variant, q=q,
+                             M=np.asarray(m, np.float32).tolist(),
+                             orders=list(orders) if orders else None),
+              data=dict(data or {}))
+
+
+def load_settings(mngr_or_workdir, step: int):
+  """The settings saved in checkpoint `step` (None: made before they were saved)."""
+  ck = (os.path.join(mngr_or_workdir, "checkpoints") if isinstance(mngr_or_workdir, str)
+        else os.fspath(mngr_or_workdir.directory))
+  path = os.path.join(ck, str(step), SETTINGS_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as fh:
+      return json.load(fh)
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path} cannot be read ({e}); move that checkpoint away") from None
+
+
+def legacy_settings(workdir: str):
+  """Settings of a workdir made before they were saved per checkpoint: its
+  config.json and adjacency.json (None if either is missing)."""
+  cpath, apath = (os.path.join(workdir, n) for n in ("config.json", "adjacency.json"))
+  if not (os.path.exists(cpath) and os.path.exists(apath)):
+    return None
+  with open(cpath) as fh:
+    cfg = json.load(fh)
+  with open(apath) as fh:
+    adj = json.load(fh)
+  return dict(config=cfg, structure=dict(variant=adj.get("variant", cfg.get("variant")),
+                                         q=adj.get("q"), M=adj["M"], orders=adj.get("orders")),
+              data={})
+
+
+def settings_config(settings: dict) -> Config:
+  """The Config of saved settings (validated)."""
+  return Config.from_json(json.dumps(settings["config"]))
+
+
+def _edges(m) -> str:
+  m = np.asarray(m)
+  if m.ndim == 3:
+    return f"{m.shape[0]} candidate structures"
+  e = [f"{FACTORS[i]}->{FACTORS[j]}" + ("" if m[i, j] == 1 else f"({m[i, j]:.3g})")
+       for i, j in zip(*np.nonzero(m))]
+  return "edges " + ",".join(e) if e else "no edges"
+
+
+def _data_text(d: dict) -> str:
+  return f"{d['n_images']} images {'x'.join(map(str, d['image_shape']))} (hash {d['hash'][:8]})"
+
+
+def compare_settings(old: dict, new: dict):
+  """Differences between saved and requested settings.
+
+  Returns:
+    (changed, harmless): lists of (name, old value, new value) as short
+    strings. `changed` would change what the weights learn; `harmless` are
+    config.HARMLESS_FIELDS and the data path when the content is the same.
+    Fields one side does not have (an older workdir) are not compared.
+  """
+  changed, harmless = [], []
+  oc, nc = old.get("config", {}), new.get("config", {})
+  for name in sorted(set(oc) & set(nc)):
+    if oc[name] != nc[name]:
+      (harmless if name in HARMLESS_FIELDS else changed).append((name, repr(oc[name]),
+                                                                 repr(nc[name])))
+  os_, ns = old.get("structure", {}), new.get("structure", {})
+  if "M" in os_ and "M" in ns:
+    om, nm = np.asarray(os_["M"], np.float32), np.asarray(ns["M"], np.float32)
+    if om.shape != nm.shape or not np.array_equal(om, nm):
+      changed.append(("M", _edges(om), _edges(nm)))
+  for name in ("q", "orders"):
+    if name in os_ and name in ns and os_[name] != ns[name]:
+      changed.append((name, repr(os_[name]), repr(ns[name])))
+  od, nd = old.get("data", {}), new.get("data", {})
+  if "hash" in od and "hash" in nd and (od["hash"], od["n_images"]) != (nd["hash"], nd["n_images"]):
+    changed.append(("data", _data_text(od), _data_text(nd)))
+  elif od.get("spec") and nd.get("spec") and od["spec"] != nd["spec"]:
+    # Same content (or not loaded yet: the content is compared once it is).
+    harmless.append(("data path", od["spec"], nd["spec"]))
+  return changed, harmless
+
+
+def _diff_text(diffs) -> str:
+  return "; ".join(f"{n}: {o} -> {v}" for n, o, v in diffs)
+
+
+def saved_run(workdir: str):
+  """(step, settings, source) of the newest complete checkpoint of a workdir;
+  (None, None, None) without one. source: 'checkpoint' or 'config.json' (an
+  older workdir: settings read from config.json + adjacency.json)."""
+  if not has_checkpoints(workdir):
+    return None, None, None
+  step = latest_step(manager(workdir))
+  if step is None:
+    return None, None, None
+  settings = load_settings(workdir, step)
+  if settings is not None:
+    return step, settings, "checkpoint"
+  return step, legacy_settings(workdir), "config.json"
+
+
+def check_resume(workdir: str, new: dict, log=None):
+  """Compares the settings of a resume with those of the workdir's newest
+  checkpoint, before any work.
+
+  Returns the newest step (None for a fresh workdir). Harmless differences
+  are written to `log` as one `note:` line (nothing when log is None).
+
+  Raises:
+    UserError: a difference that changes what is learned (one line listing
+      each field, old -> new).
+  """
+  step, old, source = saved_run(workdir)
+  if step is None or old is None:
+    return step
+  changed, harmless = compare_settings(old, new)
+  where = (f"checkpoint step {step}" if source == "checkpoint"
+           else f"{os.path.join(workdir, 'config.json')} (older workdir)")
+  if changed:
+    raise UserError(f"{workdir} holds a run (step {step}) with other settings "
+                    f"({_diff_text(changed)}); resuming would mix them: use another "
+                    "--workdir, or --restart to set the old run aside and start over")
+  if harmless and log is not None:
+    log(f"note: resuming {workdir} from step {step} with changed settings that do not change "
+        f"what is learned ({_diff_text(harmless)}; saved ones from {where})")
+  return step
+
+
+def set_aside(workdir: str) -> str | None:
+  """Moves a previous run's checkpoints, config and logs into
+  W/previous-<UTC time>/ (nothing is deleted); returns that folder, or None
+  when there was nothing to move."""
+  names = ("checkpoints", "checkpoints.incomplete", "config.json", "adjacency.json",
+           "metrics.csv", "tb")
+  present = [n for n in names if os.path.exists(os.path.join(workdir, n))]
+  if not present:
+    return None
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+  dest = os.path.join(workdir, f"previous-{stamp}")
+  n = 1
+  while os.path.exists(dest):
+    dest, n = os.path.join(workdir, f"previous-{stamp}-{n}"), n + 1
+  os.makedirs(dest)
+  for name in present:
+    os.replace(os.path.join(workdir, name), os.path.join(dest, name))
+  return dest

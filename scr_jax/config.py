@@ -13,6 +13,14 @@ from scr_jax.errors import UserError
 
 FACTORS = ("V", "D", "L", "A")
 
+# Fields a resumed run may change without changing what the weights learn
+# (logging, evaluation and checkpoint intervals, how far to train, the preset's
+# name, what to do on a non-finite step). `order` and `structure` only say
+# where the structure came from: the resolved M is compared instead. Any other
+# difference refuses a resume (checkpoint.check_resume).
+HARMLESS_FIELDS = ("preset", "steps", "log_every", "eval_every", "ckpt_every",
+                   "keep_checkpoints", "num_eval_images", "on_nonfinite", "order", "structure")
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:

@@ -605,7 +605,7 @@ def export_synface(out_dir: str, n_train: int = 800, n_val: int = 100,
       old = _list_files(folder, [suffix]) if os.path.isdir(folder) else []
       if old and not overwrite:
         raise UserError(f"{folder}: already holds {len(old)} *{suffix} files "
-                        "(pass overwrite=True to replace them)")
+                        "(replace them with --overwrite, overwrite=True in Python)")
       for f in old:
         os.remove(os.path.join(folder, f))
   counts = dict(train=n_train, val=n_val, test=n_test)

@@ -8,8 +8,10 @@
   with the NOTEARS acyclicity h(M) = tr((I + c/n M*M)^n) - n, as a fixed
   Lagrangian term or by the augmented Lagrangian (dual ascent, growing rho).
 - Generic SCR from the dense solution (Eq. 6): the same on M * M_dense.
-After the search M is thresholded (and binarised by default); a result that is
-not a DAG is refused, never written.
+After the search M is thresholded (and binarised by default); if a cycle
+remains, the weakest edge on a cycle is dropped (named in a note) until M is a
+DAG (`threshold_dag`), or, when asked, the threshold is raised or the result
+refused. A cyclic M is never written.
 
 `unroll`, `hypergrad_fn` and `bilevel_search` take plain loss functions
 (params, batch, m) -> scalar, so the tests drive them with toy problems and the
@@ -143,15 +145,15 @@ def threshold(m, tau: float, binarize: bool = True) -> np.ndarray:
   if not structure.is_dag(out):
     edges = [f"{structure.FACTORS[i]}->{structure.FACTORS[j]}" for i, j in zip(*np.nonzero(out))]
     raise UserError(f"the searched M still has a cycle after thresholding at {tau} "
-                    f"(edges {', '.join(edges)}); raise --lam-dag, use --augmented, "
-                    "search longer, or raise --threshold")
+                    f"(edges {', '.join(edges)}); search longer, raise --lam-dag or "
+                    "--threshold, or let the weakest cycle edges drop (--on-cycle drop-weakest)")
   return out
 
 
 def threshold_to_dag(m, tau: float, binarize: bool = True):
   """Thresholds at tau, raising the threshold to the next |M| value while a
-  cycle remains (drops the weakest edges of cycles first). Returns (M, tau
-  used); the result is always a DAG (at worst empty)."""
+  cycle remains (drops every edge below the weakest cycle edge, on a cycle or
+  not). Returns (M, tau used); the result is always a DAG (at worst empty)."""
   vals = sorted(set(np.abs(np.asarray(m)).ravel().tolist()))
   for t in [tau] + [v for v in vals if v > tau]:
     try:
@@ -159,6 +161,51 @@ def threshold_to_dag(m, tau: float, binarize: bool = True):
     except UserError:
       continue
   return np.zeros((4, 4), np.float32), float("inf")
+
+
+def _reaches(adj, src: int, dst: int) -> bool:
+  """True if a directed path src -> ... -> dst exists in the boolean adjacency."""
+  seen, todo = {src}, [src]
+  while todo:
+    for j in np.flatnonzero(adj[todo.pop()]):
+      if j == dst:
+        return True
+      if j not in seen:
+        seen.add(j)
+        todo.append(j)
+  return False
+
+
+def threshold_dag(m, tau: float, binarize: bool = True):
+  """Thresholds at tau (|M| > tau, zero diagonal), then, while a cycle
+  remains, drops the weakest edge that lies on a cycle (edge g -> f lies on
+  one iff f reaches g). Edges on no cycle are kept whatever their weight.
+
+  Args:
+    m: 4x4 continuous adjacency, rows = parents.
+    tau: threshold on |M|.
+    binarize: set kept edges to 1 (else keep their values).
+  Returns:
+    (M_4x4 float32, a DAG; dropped: list of (parent, child, weight) in the
+    order they were dropped, factor names as in structure.FACTORS).
+  """
+  m = np.asarray(m, np.float32)
+  adj = (np.abs(m) > tau) & ~np.eye(m.shape[0], dtype=bool)
+  dropped = []
+  while True:
+    on_cycle = [(abs(float(m[i, j])), i, j) for i, j in zip(*np.nonzero(adj))
+                if _reaches(adj, j, i)]
+    if not on_cycle:
+      break
+    w, i, j = min(on_cycle)
+    adj[i, j] = False
+    dropped.append((structure.FACTORS[i], structure.FACTORS[j], float(m[i, j])))
+  out = np.where(adj, 1.0 if binarize else m, 0.0).astype(np.float32)
+  assert structure.is_dag(out)
+  return out, dropped
+
+
+ON_CYCLE = ("drop-weakest", "raise-threshold", "refuse")
 
 
 # ----------------------------------------------------------------------------
@@ -278,12 +325,26 @@ def search_orders(cfg, workdir, train_data, val_data, method="bo", n_init=4, n_e
 
 
 def search_unroll(cfg, workdir, train_data, val_data, masked_order=None, steps=50, unroll_k=1,
-                  inner="adam", outer_lr=5e-2, lam_dag=1.0, augmented=False, tau=0.1,
-                  binarize=True, raise_to_dag=False, log=log_line):
+                  inner="adam", outer_lr=5e-2, lam_dag=1.0, augmented=True, tau=0.1,
+                  binarize=True, raise_to_dag=False, on_cycle="drop-weakest", log=log_line):
   """Generic SCR by unrolled bilevel optimisation (Eq. 5), or on M * M_dense
   of `masked_order` (Eq. 6). Writes workdir/structure.json (thresholded M),
-  unroll_trace.json and unroll_trace.png."""
+  unroll_trace.json and unroll_trace.png.
+
+  augmented: the paper's augmented Lagrangian for h(M) (default), else a
+  fixed Lagrangian term lam_dag * h(M). on_cycle: what to do if the M
+  thresholded at tau still has a cycle: "drop-weakest" (default: drop the
+  weakest edge on a cycle until it is a DAG, each named in a log line),
+  "raise-threshold" (raise tau to the next |M| value until a DAG;
+  raise_to_dag=True is the same) or "refuse" (UserError, nothing written).
+
+  Raises:
+    UserError: on_cycle is unknown, or "refuse" and a cycle remains.
+  """
   from scr_jax import train
+  on_cycle = "raise-threshold" if raise_to_dag else on_cycle
+  if on_cycle not in ON_CYCLE:
+    raise UserError(f"--on-cycle must be one of {', '.join(ON_CYCLE)}, got {on_cycle!r}")
   os.makedirs(workdir, exist_ok=True)
   nets, state = train.init_state(cfg, jax.random.PRNGKey(cfg.seed))
   mask = (structure.dense_matrix(masked_order) if masked_order
@@ -310,20 +371,29 @@ def search_unroll(cfg, workdir, train_data, val_data, masked_order=None, steps=5
   method = "unroll-masked" if masked_order else "unroll"
   trace = dict(method=method, masked_order=masked_order, unroll=unroll_k, inner=inner,
                outer_lr=outer_lr, lam_dag=lam_dag, augmented=augmented, threshold=tau,
-               binarize=binarize, seconds=time.time() - t0, steps=res["trace"],
-               m_continuous=res["m_effective"].tolist())
-  _write_json(os.path.join(workdir, "unroll_trace.json"), trace)
-  plot_unroll(trace, os.path.join(workdir, "unroll_trace.png"))
-  if raise_to_dag:
+               binarize=binarize, on_cycle=on_cycle, seconds=time.time() - t0,
+               steps=res["trace"], m_continuous=res["m_effective"].tolist())
+  dropped = []
+  if on_cycle == "raise-threshold":
     m, used = threshold_to_dag(res["m_effective"], tau, binarize)
     if used != tau:
-      log(f"a cycle remained at threshold {tau}; raised it to {used:.4g} (weakest edges dropped)")
+      log(f"note: a cycle remained at threshold {tau}; raised it to {used:.4g} "
+          "(edges below it dropped)")
     tau = used
-  else:
+  elif on_cycle == "drop-weakest":
+    m, dropped = threshold_dag(res["m_effective"], tau, binarize)
+    for g, f, w in dropped:
+      log(f"note: a cycle remained after thresholding at {tau}; dropped its weakest edge "
+          f"{g}->{f} (M = {w:.4g})")
+  trace.update(threshold_used=tau, dropped_edges=[f"{g}->{f}" for g, f, _ in dropped])
+  _write_json(os.path.join(workdir, "unroll_trace.json"), trace)
+  plot_unroll(trace, os.path.join(workdir, "unroll_trace.png"))
+  if on_cycle == "refuse":
     m = threshold(res["m_effective"], tau, binarize)
   s = structure.save_structure(os.path.join(workdir, "structure.json"), m=m, method=method,
                                m_continuous=res["m_effective"].round(5).tolist(),
-                               threshold=tau, trace="unroll_trace.json")
+                               threshold=tau, dropped_edges=trace["dropped_edges"],
+                               trace="unroll_trace.json")
   log(f"M after thresholding at {tau}: {int((m != 0).sum())} edge(s), order {s['order']} -> "
       f"{os.path.join(workdir, 'structure.json')}")
   return s, trace

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from scr_jax import losses, model, nets as nets_lib
-from scr_jax.errors import NonFiniteError
+from scr_jax.errors import NonFiniteError, UserError
 
 
 def make_optimizer(cfg):
@@ -309,7 +309,8 @@ def place_candidates(state_K, m_Kx4x4, mesh):
 
 
 def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
-        resume: bool = True, quiet: bool = False, max_seconds=None, log=None):
+        resume: bool = True, quiet: bool = False, max_seconds=None, log=None,
+        run_info=None, init_params=None):
   """Trains `cfg.steps` steps (or until `max_seconds`), resumable.
 
   m: the adjacency (4x4) or, with q, the dense mask of dynamic SCR; a stack
@@ -319,27 +320,72 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
   generator's ground truth (val_data["gt"], see data.load_gt), the
   diagnostics of scr_jax/diagnostics.py go to tensorboard and metrics.csv
   (prefix val/).
+  run_info: optional dict(variant=, orders=, data=the --data argument,
+  fingerprint=checkpoint.data_fingerprint(train images) if already computed),
+  saved with the settings (and `init_from`, when given, as provenance).
+  init_params: start from these parameters (e.g. a pretrained or imported
+  model; same shapes as this config's) with a fresh optimiser, unless the
+  workdir already holds a checkpoint to resume from.
+  Every checkpoint carries the run's settings (config, M, q, a fingerprint of
+  the training images; `checkpoint.run_settings`). A resume is compared with
+  the newest checkpoint's settings before anything is compiled or written; a
+  workdir already at `cfg.steps` is left untouched.
   Returns a summary dict (steps done, last metrics, wall time, stop reason).
+
+  Raises:
+    UserError: the resume would change settings that change what is learned,
+      or resume=False on a workdir that already holds checkpoints.
   """
   import time
   from scr_jax import checkpoint, runlog
 
   checkpoint.probe_writable(workdir)
-  checkpoint.save_config(workdir, cfg)
   mesh = data_mesh()
   if cfg.batch_size % len(jax.devices()):
     raise ValueError(f"batch_size {cfg.batch_size} must divide over {len(jax.devices())} devices")
   m = jnp.zeros((4, 4), jnp.float32) if m is None else jnp.asarray(m, jnp.float32)
   k = m.shape[0] if m.ndim == 3 else 0
+  info = dict(run_info or {})
+  data_info = dict(info.get("fingerprint") or checkpoint.data_fingerprint(train_data["images"]))
+  if info.get("data"):
+    data_info["spec"] = info["data"]
+  settings = checkpoint.run_settings(cfg, np.asarray(m), q, variant=info.get("variant"),
+                                     orders=info.get("orders"), data=data_info)
+  if info.get("init_from"):
+    settings["init_from"] = info["init_from"]
+  note = None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+  if resume:
+    checkpoint.check_resume(workdir, settings, log=note)
+  elif checkpoint.has_checkpoints(workdir):
+    raise UserError(f"{workdir} already holds checkpoints; starting over (--no-resume) would "
+                    "overwrite them: pass --restart to set them aside first, or use another "
+                    "--workdir")
   nets, state = init_state(cfg, jax.random.PRNGKey(cfg.seed))
+  if init_params is not None:
+    like = jax.tree_util.tree_map(jnp.shape, state["params"])
+    if jax.tree_util.tree_map(jnp.shape, init_params) != like:
+      raise UserError("the initial parameters do not have this config's network shapes")
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), init_params)
+    state = dict(params=params, opt_state=make_optimizer(cfg).init(params), step=state["step"])
   if k:
     state = stack_state(state, k)
-  checkpoint.check_free_space(workdir, state, cfg.keep_checkpoints)
   mngr = checkpoint.manager(workdir, cfg.keep_checkpoints)
   if resume:
     restored = checkpoint.restore_latest(mngr, state)
     if restored is not None:
       state = restored
+  start = int(jax.device_get(state["step"]))
+  if start >= cfg.steps and (start or checkpoint.has_checkpoints(workdir)):
+    # Nothing to train: nothing is written (config, logs, checkpoints).
+    if not quiet:
+      print(f"note: {workdir} is already at step {start} (steps={cfg.steps}); nothing trained, "
+            "nothing written", file=sys.stderr, flush=True)
+    return dict(step=start, start_step=start, seconds=0.0, reason="already trained", last={},
+                state=state, nets=nets)
+  checkpoint.check_free_space(workdir, state, cfg.keep_checkpoints)
+  if jax.process_index() == 0:
+    checkpoint.save_config(workdir, cfg)
+    checkpoint.save_adjacency(workdir, settings["structure"])
   barrier("fit-start")
   images = train_data["images"]
   put_batch = lambda x: shard_batch(x, mesh)
@@ -356,7 +402,6 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
       step_fn, state, put_batch(images[batch_indices(images.shape[0], cfg.batch_size, cfg.seed, 0)]), m)
   eval_fn = make_eval_fn(nets, cfg, q) if val_data is not None else None
   log = log or runlog.RunLog(workdir, cfg.steps, cfg.batch_size * max(k, 1), quiet=quiet)
-  start = int(jax.device_get(state["step"]))
   t0 = time.time()
   reason, last = "done", {}
   if start and not quiet:
@@ -401,14 +446,14 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
             print(f"  val @ {step}{who}: SIDE {summ['side_mean']:.3f} x1e-2  "
                   f"MAD {summ['mad_mean']:.2f} deg{line}", file=sys.stderr, flush=True)
       if step % cfg.ckpt_every == 0:
-        checkpoint.save(mngr, state)
+        checkpoint.save(mngr, state, settings)
       # Several processes must leave the loop at the same step (collectives).
       over = max_seconds is not None and time.time() - t0 > max_seconds
       if any_process(bool(sig.received) or over):
         reason = sig.received or ("time budget" if over else "stop on another process")
         break
   if mngr.latest_step() != step:
-    checkpoint.save(mngr, state)
+    checkpoint.save(mngr, state, settings)
   log.close()
   if reason in ("SIGINT", "SIGTERM") and not quiet:
     print(f"{reason}: saved checkpoint at step {step} in {workdir}; rerun to resume",

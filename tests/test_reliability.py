@@ -457,3 +457,117 @@ def test_renderer_degenerate_inputs_finite_values_and_gradients():
   assert np.isfinite(float(val))
   for k, x in g.items():
     assert np.isfinite(np.asarray(x)).all(), k
+
+
+# ----------------------------------------------------------------------------
+# Issue 12, kinds 6 and 8: output paths and the JAX setup checked first, in
+# one line each; CLI messages name CLI flags
+# ----------------------------------------------------------------------------
+
+def _bad_output_cases(tmp_path, data_root):
+  """(argv, needles) per subcommand: each writes to a path it cannot use. The
+  workdirs given as input do not exist, so a check made after loading a model
+  or reading data would report them instead."""
+  f = str(tmp_path / "a_file")
+  _write(f, b"x")
+  folder = str(tmp_path / "a_folder")
+  os.makedirs(folder, exist_ok=True)
+  nowhere = str(tmp_path / "no_workdir")
+  return [
+      (["data", "--out", f, "--n-train", "2", "--size", "16"], ["--out", f, "is a file"]),
+      (["train", "--preset", "test_tiny", "--data", data_root, "--workdir", f],
+       ["--workdir", f, "is a file"]),
+      (["eval", "--workdir", nowhere, "--data", data_root, "--out", folder],
+       ["--out", folder, "is a folder"]),
+      (["eval", "--workdir", nowhere, "--data", data_root, "--save-predictions",
+        os.path.join(f, "pred.npz")], ["--save-predictions", f + " is a file"]),
+      (["eval", "--workdir", nowhere, "--data", data_root, "--save-predictions",
+        str(tmp_path / "pred.npy")], ["--save-predictions", "ending in .npz"]),
+      (["predict", "--workdir", nowhere, "--images", data_root, "--out", f],
+       ["--out", f, "is a file"]),
+      (["search", "--method", "unroll", "--preset", "test_tiny", "--data", data_root,
+        "--workdir", f], ["--workdir", f, "is a file"]),
+      (["reproduce", "--preset", "test_tiny", "--out", f], ["--out", f, "is a file"]),
+      (["main", "--workdir", os.path.join(f, "sub")], ["--workdir", f + " is a file"]),
+  ]
+
+
+def test_bad_output_paths_one_line_before_any_work(tmp_path, tiny):
+  for argv, needles in _bad_output_cases(tmp_path, tiny[0]):
+    res = _cli(*argv)
+    assert "Traceback" not in res.stderr, (argv, res.stderr[-3000:])
+    _assert_one_error(res, 2, *needles)
+
+
+@pytest.mark.parametrize("platform,needles", [
+    ("cuda", ["JAX_PLATFORMS='cuda'", "jax[cuda12]", "JAX_PLATFORMS=cpu"]),
+    ("tpu", ["JAX_PLATFORMS='tpu'", "jax[tpu]"]),
+    ("nosuchdevice", ["JAX_PLATFORMS='nosuchdevice'", "JAX_PLATFORMS=cpu"]),
+])
+def test_bad_jax_platform_one_line(tmp_path, tiny, platform, needles):
+  """JAX_PLATFORMS naming a backend this install lacks: every JAX command ends
+  with one line saying what to install or set (jax itself raises a bare
+  AssertionError for cuda on a CPU-only jaxlib)."""
+  env = dict(os.environ, JAX_PLATFORMS=platform)
+  root = tiny[0]
+  wd = str(tmp_path / "wd")
+  cmds = [["train", "--preset", "test_tiny", "--data", root, "--workdir", wd],
+          ["eval", "--workdir", wd, "--data", root],
+          ["predict", "--workdir", wd, "--images", root, "--out", str(tmp_path / "p")],
+          ["search", "--method", "bo", "--preset", "test_tiny", "--data", root,
+           "--workdir", str(tmp_path / "s")],
+          ["reproduce", "--preset", "test_tiny", "--out", str(tmp_path / "r")],
+          ["main", "--workdir", str(tmp_path / "m")]]
+  if platform != "cuda":
+    cmds = cmds[:2]  # the same check for all; two are enough for the other platforms
+  for argv in cmds:
+    res = subprocess.run(RUN + argv, capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=120)
+    assert "Traceback" not in res.stderr, (argv, res.stderr[-3000:])
+    _assert_one_error(res, 2, *needles)
+  assert not os.path.exists(wd)  # refused before the workdir was made
+
+
+def test_train_data_that_is_a_file_says_so(tmp_path):
+  f = _write(str(tmp_path / "faces.png"), _png())
+  res = _cli("train", "--preset", "test_tiny", "--data", f, "--workdir", str(tmp_path / "wd"))
+  line = _assert_one_error(res, 2, f, "is a file, not a folder")
+  assert "folder not found" not in line
+
+
+def test_data_out_refusal_names_the_cli_flag(tmp_path):
+  out = str(tmp_path / "d")
+  args = ["data", "--out", out, "--n-train", "2", "--n-val", "0", "--n-test", "0",
+          "--size", "16"]
+  res = _cli(*args)
+  assert res.returncode == 0, res.stderr
+  before = _snapshot(out)
+  line = _assert_one_error(_cli(*args), 2, out, "--overwrite")
+  assert "overwrite=True" not in line
+  assert _snapshot(out) == before
+  assert _cli(*args, "--overwrite").returncode == 0
+
+
+def test_search_flags_checked_with_their_cli_names(tmp_path, tiny):
+  cases = [(["--evals", "2", "--init", "4"], ["--evals", "--init (4)"]),
+           (["--batch", "0"], ["--batch"]),
+           (["--method", "unroll", "--inner", "rmsprop"], ["--inner", "invalid choice"])]
+  for extra, needles in cases:
+    argv = ["search", "--preset", "test_tiny", "--data", tiny[0], "--workdir",
+            str(tmp_path / "s")]
+    if "--method" not in extra:
+      argv += ["--method", "bo"]
+    line = _assert_one_error(_cli(*argv, *extra), 2, *needles)
+    assert "n_evals" not in line and "n_init" not in line
+
+
+def test_distributed_without_a_cluster_is_one_line(tmp_path, tiny):
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR", "KUBERNETES_", "TPU_"))}
+  wd = str(tmp_path / "wd")
+  res = subprocess.run(RUN + ["train", "--preset", "test_tiny", "--data", tiny[0], "--workdir",
+                              wd, "--distributed"], capture_output=True, text=True, cwd=ROOT,
+                       env=env, timeout=120)
+  assert "Traceback" not in res.stderr
+  _assert_one_error(res, 2, "--distributed", "jax.distributed.initialize() failed", "SLURM")
+  assert not os.path.exists(wd)
