@@ -68,6 +68,11 @@ class Config:
   # explained by the view (yaw) rather than absorbed into an asymmetric
   # canonical face.
   sym_warmup_steps: int = 0
+  # Translation warm-up (0 = Unsup3D): the view's x/y/z translation is held at
+  # 0 for the first half of N steps and released linearly over the second
+  # half. A free translation early on absorbs the yaw (a turned face is
+  # explained as a shifted one and the yaw collapses; README, "Learning").
+  trans_warmup_steps: int = 0
   vgg_weights: str = ""
   # Optimisation.
   batch_size: int = 32
@@ -184,4 +189,5 @@ def validate(cfg: Config) -> Config:
   need(cfg.min_sigma >= 0, "min_sigma", "must be >= 0")
   need(cfg.conf_warmup_steps >= 0, "conf_warmup_steps", "must be >= 0")
   need(cfg.sym_warmup_steps >= 0, "sym_warmup_steps", "must be >= 0")
+  need(cfg.trans_warmup_steps >= 0, "trans_warmup_steps", "must be >= 0")
   return cfg

@@ -49,18 +49,29 @@ def _flat_initial_depth(params):
   return p
 
 
-def sym_weight(cfg, step):
-  """Weight of the symmetry warm-up at `step` (see Config.sym_warmup_steps):
-  1 for the first half of the warm-up, then linearly down to 0; None when off
-  or outside training (step None)."""
-  if step is None or cfg.sym_warmup_steps <= 0:
+def _warmup(n: int, step):
+  """1 for the first half of an n-step warm-up, then linearly down to 0;
+  None when off (n = 0) or outside training (step None)."""
+  if step is None or n <= 0:
     return None
-  half = cfg.sym_warmup_steps / 2
-  return jnp.clip((cfg.sym_warmup_steps - step) / half, 0.0, 1.0)
+  return jnp.clip((n - step) / (n / 2), 0.0, 1.0)
+
+
+def sym_weight(cfg, step):
+  """Weight of the symmetry warm-up at `step` (Config.sym_warmup_steps)."""
+  return _warmup(cfg.sym_warmup_steps, step)
+
+
+def trans_scale(cfg, step):
+  """Scale of the view translation at `step` (Config.trans_warmup_steps):
+  0 during the first half of the warm-up, then up to 1; None when off."""
+  w = _warmup(cfg.trans_warmup_steps, step)
+  return None if w is None else 1.0 - w
 
 
 def loss_fn(params, nets, img, m, cfg, q=None, perceptual_fn=None, step=None):
-  out = model.forward(nets, params, img, m, cfg, q, sym_weight(cfg, step))
+  out = model.forward(nets, params, img, m, cfg, q, sym_weight(cfg, step),
+                      trans_scale(cfg, step))
   return losses.total_loss(out, img, cfg, perceptual_fn, step)
 
 

@@ -77,3 +77,18 @@ def test_train_step_uses_the_state_step_for_warmups():
   np.testing.assert_allclose(float(met0["loss"]), float(want0), rtol=1e-5)
   np.testing.assert_allclose(float(met1["loss"]), float(want1), rtol=1e-5)
   assert abs(float(want0) - float(want1)) > 1e-6
+
+
+def test_translation_warmup_holds_the_view_translation_at_zero():
+  cfg = _tiny(trans_warmup_steps=10, xy_translation_range=0.1)
+  got = [float(train.trans_scale(cfg, jnp.int32(s))) for s in (0, 5, 6, 8, 10, 50)]
+  np.testing.assert_allclose(got, [0, 0, 0.2, 0.6, 1, 1], atol=1e-6)
+  assert train.trans_scale(cfg, None) is None and train.trans_scale(_tiny(), jnp.int32(0)) is None
+  raw = jnp.array([[0.5, -0.5, 0.25, 0.8, -0.6, 0.3]])
+  full = np.asarray(model.view_from_raw(raw, cfg))
+  held = np.asarray(model.view_from_raw(raw, cfg, trans=0.0))
+  half = np.asarray(model.view_from_raw(raw, cfg, trans=0.5))
+  np.testing.assert_allclose(held[:, :3], full[:, :3])  # rotations untouched
+  np.testing.assert_allclose(held[:, 3:], 0.0)
+  np.testing.assert_allclose(half[:, 3:], full[:, 3:] / 2, rtol=1e-6)
+  np.testing.assert_allclose(full[0, 3:5], [0.08, -0.06], rtol=1e-6)
