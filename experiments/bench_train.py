@@ -5,6 +5,7 @@ same run (same process, same machine state).
 
   python experiments/bench_train.py [--presets cpu_small,paper] [--repeats 5]
   python experiments/bench_train.py --layers   # per-layer: ours vs lax/flax convs
+  python experiments/bench_train.py --profile [--presets cpu_small]  # where a step's time goes
 
 Prints a table, then one JSON line (the last line).
 """
@@ -112,15 +113,110 @@ def bench_layers(repeats, batch=64):
   print(json.dumps(dict(layers=[dict(layer=n, reference_s=a, ours_s=b) for n, a, b in rows])))
 
 
+def profile_preset(name, repeats):
+  """Times the parts of one train step as separately jitted functions (median of
+  `repeats` each, same process): nets (encoders, mix, decoders, factor heads,
+  confidence net), renderer (shading, warp, rasterizer, grid sample), loss, each
+  forward and forward+backward (backward = the difference), and the optimizer
+  update; then the whole step. Returns a list of (part, seconds) rows and the
+  whole step's seconds."""
+  from scr_jax import losses, model
+  cfg = config.get_config(name)
+  m, q = structure.resolve(cfg)
+  m = jnp.asarray(m)
+  nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+  params = state["params"]
+  img = jax.random.uniform(jax.random.PRNGKey(2), (cfg.batch_size, cfg.image_size,
+                                                   cfg.image_size, 3))
+  cam = model.camera(cfg)
+  perc = train.perceptual_for(cfg)
+
+  def nets_fwd(p, img):
+    f = model.factors(nets, p, img, m, cfg, q)
+    sig = nets.apply(p, img * 2 - 1, method=nets.confidence)
+    return f, sig
+
+  def render_fwd(f):
+    return model.render_factors(f, cam)
+
+  def loss_fwd(out, img):
+    return losses.total_loss(out, img, cfg, perc)[0]
+
+  f, sig = jax.jit(nets_fwd)(params, img)
+  out = jax.jit(render_fwd)(f)
+  full_out = dict(out, **f)
+  full_out["sigma_l1"], full_out["sigma_perc"] = sig
+
+  def with_vjp(fn):
+    """fwd+bwd: the vjp of fn in its first argument, applied to ones."""
+    def g(x, *rest):
+      y, pull = jax.vjp(lambda x: fn(x, *rest), x)
+      return pull(jax.tree_util.tree_map(jnp.ones_like, y))
+    return g
+
+  def timed(fn, *args):
+    j = jax.jit(fn)
+    jax.block_until_ready(j(*args))
+    return _median_time(lambda: j(*args), repeats)
+
+  # The renderer's input: the rendered factors only (u and m are not rendered).
+  fr = {k: v for k, v in f.items() if k not in ("u", "m")}
+  opt = train.make_optimizer(cfg)
+  grads = jax.tree_util.tree_map(lambda a: a * 1e-3, params)
+  upd = lambda g, s, p: optax_apply(opt, g, s, p)
+  rows = []
+  for part, fn, args in [("nets", nets_fwd, (params, img)), ("renderer", render_fwd, (fr,)),
+                         ("loss", loss_fwd, (full_out, img))]:
+    fwd = timed(fn, *args)
+    both = timed(with_vjp(fn), *args)
+    # backward = (fwd+bwd) - fwd: a small negative value is timing noise.
+    rows += [(f"{part} forward", fwd), (f"{part} backward", both - fwd)]
+  rows.append(("optimizer update", timed(upd, grads, state["opt_state"], params)))
+  step = train.make_train_step(nets, cfg, q)
+  holder = [jax.tree_util.tree_map(jnp.copy, state)]
+
+  def run():
+    holder[0], met = step(holder[0], img, m)
+    return met["loss"]
+  jax.block_until_ready(run())
+  whole = _median_time(run, repeats)
+  return rows, whole
+
+
+def optax_apply(opt, grads, opt_state, params):
+  import optax
+  updates, opt_state = opt.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def print_profile(name, repeats):
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
+        f"load {os.getloadavg()[0]:.1f}", flush=True)
+  rows, whole = profile_preset(name, repeats)
+  total = sum(t for _, t in rows)
+  print(f"\n{name}, median of {repeats} (each part jitted on its own)")
+  print(f"{'part':<22}{'ms':>10}{'share of sum':>14}")
+  for part, t in rows:
+    print(f"{part:<22}{t * 1e3:>10.1f}{t / total:>14.1%}")
+  print(f"{'sum of parts':<22}{total * 1e3:>10.1f}")
+  print(f"{'whole step (jitted)':<22}{whole * 1e3:>10.1f}{'':>4}sum / whole = {total / whole:.2f}")
+  print(json.dumps(dict(preset=name, repeats=repeats, parts={p: t for p, t in rows},
+                        sum_s=total, step_s=whole, load_average=os.getloadavg()[0])))
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--presets", default="cpu_small,paper")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--matmul-n", type=int, default=2048)
   p.add_argument("--layers", action="store_true", help="per-layer conv timings instead")
+  p.add_argument("--profile", action="store_true",
+                 help="per-part timings of the step (first preset of --presets)")
   args = p.parse_args()
   if args.layers:
     return bench_layers(args.repeats)
+  if args.profile:
+    return print_profile(args.presets.split(",")[0], args.repeats)
   dev = jax.devices()[0]
   print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), "
         f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
