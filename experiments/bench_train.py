@@ -6,6 +6,7 @@ same run (same process, same machine state).
   python experiments/bench_train.py [--presets cpu_small,paper] [--repeats 5]
   python experiments/bench_train.py --layers   # per-layer: ours vs lax/flax convs
   python experiments/bench_train.py --profile [--presets cpu_small]  # where a step's time goes
+  python experiments/bench_train.py --rule [--presets cpu_small]  # conv2d's per-layer rule
 
 Prints a table, then one JSON line (the last line).
 """
@@ -22,7 +23,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from scr_jax import config, structure, train  # noqa: E402
+from scr_jax import config, nets as _nets, structure, train  # noqa: E402
+
+MAX_PATCH_DEFAULT = _nets.MATMUL_MAX_PATCH
 
 
 def _median_time(fn, repeats):
@@ -183,6 +186,106 @@ def profile_preset(name, repeats):
   return rows, whole
 
 
+def conv_layers(cfg):
+  """(x_shape, k_shape, stride, pad) -> count of every conv2d call in the nets
+  (transposed convs: their phase convs), recorded while tracing init."""
+  from scr_jax import nets
+  seen = {}
+  orig = nets.uses_matmul
+
+  def record(x_shape, k_shape, stride, pad):
+    key = (tuple(x_shape), tuple(k_shape), stride, pad)
+    seen[key] = seen.get(key, 0) + 1
+    return orig(x_shape, k_shape, stride, pad)
+  nets.uses_matmul = record
+  try:
+    net = nets.make_nets(cfg)
+    jax.eval_shape(net.init, jax.random.PRNGKey(0),
+                   jnp.zeros((cfg.batch_size, cfg.image_size, cfg.image_size, 3)))
+  finally:
+    nets.uses_matmul = orig
+  return seen
+
+
+def bench_rule(name, repeats, k=4):
+  """Each distinct conv2d layer of the preset, fwd+bwd: the im2col matmul path
+  vs the lax path, single and vmapped over k candidate kernels (same process,
+  interleaved), against one image's patch-matrix size (the rule's variable)."""
+  from scr_jax import nets
+  cfg = config.get_config(name)
+  rows = []
+  for (xs, ks, s, p), count in sorted(conv_layers(cfg).items(), key=lambda kv: kv[0][0][1]):
+    x = jax.random.normal(jax.random.PRNGKey(0), xs)
+    kern = jax.random.normal(jax.random.PRNGKey(1), ks) * 0.1
+    xk = jnp.broadcast_to(x, (k,) + xs) + 0
+    kk = jnp.broadcast_to(kern, (k,) + ks) + 0
+    times = {}
+    for path, limit in (("matmul", 1 << 40), ("lax", 0)):
+      nets.MATMUL_MAX_PATCH = limit
+      loss = lambda kern, x: jnp.sum(jnp.tanh(nets.conv2d(x, kern, s, p)))
+      g1 = jax.jit(jax.grad(loss, (0, 1)))
+      gk = jax.jit(jax.vmap(jax.grad(loss, (0, 1))))
+      jax.block_until_ready((g1(kern, x), gk(kk, xk)))
+      times[path] = (g1, gk)
+    nets.MATMUL_MAX_PATCH = MAX_PATCH_DEFAULT
+    t = {key: [] for key in ("matmul", "lax")}
+    tk = {key: [] for key in ("matmul", "lax")}
+    for _ in range(repeats):  # interleaved: load changes hit both paths
+      for path, (g1, gk) in times.items():
+        t[path].append(_median_time(lambda: g1(kern, x), 1))
+        tk[path].append(_median_time(lambda: gk(kk, xk), 1))
+    med = lambda v: float(np.median(v))
+    _, h, w, c = xs
+    patch = nets._out_size(h, ks[0], s, p) * nets._out_size(w, ks[1], s, p) * ks[0] * ks[1] * c
+    rows.append(dict(layer=f"{h}px {c}->{ks[3]} k{ks[0]} s{s}", count=count, patch=patch,
+                     uses_matmul=nets.uses_matmul(xs, ks, s, p),
+                     lax_s=med(t["lax"]), matmul_s=med(t["matmul"]),
+                     lax_vmap_s=med(tk["lax"]), matmul_vmap_s=med(tk["matmul"])))
+    r = rows[-1]
+    print(f"{r['layer']:<22}{count:>3}{patch:>9}{'matmul' if r['uses_matmul'] else 'lax':>8}"
+          f"{r['lax_s'] * 1e3:>9.2f}{r['matmul_s'] * 1e3:>9.2f}{r['lax_s'] / r['matmul_s']:>7.2f}"
+          f"{r['lax_vmap_s'] / (k * r['lax_s']):>8.2f}{r['matmul_vmap_s'] / (k * r['matmul_s']):>8.2f}",
+          flush=True)
+  return rows
+
+
+def print_rule(name, repeats, k=4):
+  print(f"{name}, batch {config.get_config(name).batch_size}, fwd+bwd per layer, median of "
+        f"{repeats}; vmap columns: K={k} vmapped / (K x single) of the same path;"
+        f" rule: matmul iff patch <= {MAX_PATCH_DEFAULT}")
+  print(f"{'layer':<22}{'n':>3}{'patch':>9}{'uses':>8}{'lax ms':>9}{'mm ms':>9}{'lax/mm':>7}"
+        f"{'lax vK':>8}{'mm vK':>8}")
+  rows = bench_rule(name, repeats, k)
+  print(json.dumps(dict(preset=name, k=k, layers=rows, load_average=os.getloadavg()[0])))
+
+
+def bench_paths(name, repeats):
+  """The whole step with conv2d's rule vs all layers on one path (same process,
+  interleaved repeats)."""
+  from scr_jax import nets
+  cfg = config.get_config(name)
+  m, q = structure.resolve(cfg)
+  m = jnp.asarray(m)
+  img = jax.random.uniform(jax.random.PRNGKey(2), (cfg.batch_size, cfg.image_size,
+                                                   cfg.image_size, 3))
+  runs = {}
+  for label, limit in (("rule", MAX_PATCH_DEFAULT), ("all lax", 0), ("all matmul", 1 << 40)):
+    nets.MATMUL_MAX_PATCH = limit
+    net, state = train.init_state(cfg, jax.random.PRNGKey(0))
+    step = jax.jit(train._train_step_fn(net, cfg, q))  # a fresh trace per setting
+    jax.block_until_ready(step(state, img, m))
+    runs[label] = (step, state)
+  nets.MATMUL_MAX_PATCH = MAX_PATCH_DEFAULT
+  ts = {label: [] for label in runs}
+  for _ in range(repeats):
+    for label, (step, state) in runs.items():
+      ts[label].append(_median_time(lambda: step(state, img, m)[1]["loss"], 1))
+  res = {label: float(np.median(v)) for label, v in ts.items()}
+  print(f"{name}: whole step, median of {repeats} interleaved: " +
+        ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in res.items()))
+  print(json.dumps(dict(preset=name, step_s=res, load_average=os.getloadavg()[0])))
+
+
 def optax_apply(opt, grads, opt_state, params):
   import optax
   updates, opt_state = opt.update(grads, opt_state, params)
@@ -212,7 +315,15 @@ def main():
   p.add_argument("--layers", action="store_true", help="per-layer conv timings instead")
   p.add_argument("--profile", action="store_true",
                  help="per-part timings of the step (first preset of --presets)")
+  p.add_argument("--rule", action="store_true",
+                 help="conv2d's per-layer rule: each layer on both paths (first preset)")
+  p.add_argument("--paths", action="store_true",
+                 help="whole step: the rule vs all-lax vs all-matmul (first preset)")
   args = p.parse_args()
+  if args.rule:
+    return print_rule(args.presets.split(",")[0], args.repeats)
+  if args.paths:
+    return bench_paths(args.presets.split(",")[0], args.repeats)
   if args.layers:
     return bench_layers(args.repeats)
   if args.profile:

@@ -57,7 +57,7 @@ def matmul_conv(x_BxHxWxC, k_KxKxCxO, stride: int, pad: int):
 # single run and vmapped): im2col is as fast as lax's conv while one image's
 # patch matrix (Ho*Wo*kh*kw*C floats) is small; above that, building the patches
 # costs more memory traffic than XLA:CPU's conv (which packs them in cache).
-MATMUL_MAX_PATCH = 1 << 16
+MATMUL_MAX_PATCH = 1 << 13
 
 
 def uses_matmul(x_shape, k_shape, stride: int, pad: int) -> bool:
