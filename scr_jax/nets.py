@@ -130,7 +130,11 @@ def _lax_ops(x_shape, k_shape, stride, pad):
 
 def _fold_or_map(name, op, axis_size, in_batched, a, b):
   """F and D: a batched activation with a shared kernel folds into the batch
-  dimension (one plain conv); anything else loops over the candidates."""
+  dimension (one plain conv); anything else loops over the candidates on CPU.
+  Elsewhere (GPU) lax's own batching (grouped convs) is kept."""
+  if jax.default_backend() != "cpu":
+    axes = tuple(0 if bat else None for bat in in_batched)
+    return jax.vmap(op.fun, in_axes=axes)(a, b), True
   if name in ("F", "D") and in_batched[0] and not in_batched[1]:
     y = op(a.reshape((-1,) + a.shape[2:]), b)
     return y.reshape((axis_size, -1) + y.shape[1:]), True
