@@ -134,11 +134,18 @@ def test_train_step_equals_the_step_with_flax_convs(monkeypatch):
   assert jax.tree_util.tree_structure(p_flax) == jax.tree_util.tree_structure(state["params"])
   ref, met_ref = jax.jit(train._train_step_fn(flax_nets, cfg, q))(state, img, jnp.asarray(m))
   np.testing.assert_allclose(met["loss"], met_ref["loss"], rtol=1e-5)
-  for a, b, p0 in zip(jax.tree_util.tree_leaves(ours["params"]),
-                      jax.tree_util.tree_leaves(ref["params"]),
-                      jax.tree_util.tree_leaves(state["params"])):
-    # Adam's first step moves each parameter by about lr whatever the gradient's
-    # size (it divides by |g|): compare the moves elementwise, and the updated
-    # parameters relative to each array's largest entry.
-    np.testing.assert_allclose(a - p0, b - p0, rtol=1e-3, atol=1e-5 * cfg.lr)
-    assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * float(jnp.max(jnp.abs(b)))
+  np.testing.assert_allclose(met["grad_norm"], met_ref["grad_norm"], rtol=1e-5)
+  # Each parameter array's gradient, relative to its largest entry.
+  grad = lambda net: jax.jit(jax.grad(lambda p: train.loss_fn(p, net, img, jnp.asarray(m), cfg, q)[0]))
+  g_ours = jax.tree_util.tree_leaves(grad(nets)(state["params"]))
+  g_ref = jax.tree_util.tree_leaves(grad(flax_nets)(state["params"]))
+  for a, b in zip(g_ours, g_ref):
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-4 * float(jnp.max(jnp.abs(b)))
+  # The updated parameters, relative in norm. Not elementwise: Adam's first move
+  # is lr g / (|g| + eps) whatever the gradient's size, so a gradient entry at
+  # rounding level can flip its move from +lr to -lr (seen: 0.8 lr on one entry
+  # of 32768, and different entries on different runs of the same program).
+  diff = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(
+      jax.tree_util.tree_leaves(ours["params"]), jax.tree_util.tree_leaves(ref["params"])))
+  norm = sum(float(jnp.sum(b ** 2)) for b in jax.tree_util.tree_leaves(ref["params"]))
+  assert diff ** 0.5 <= 1e-4 * norm ** 0.5, (diff ** 0.5, norm ** 0.5)
