@@ -49,11 +49,16 @@ if [ "$QUICK" = 1 ]; then
   BC_ARGS=(--preset test_tiny --k 2 --steps 1 --repeats 1)
   TRAIN_PRESET=test_tiny; TRAIN_SECONDS="${TRAIN_SECONDS:-120}"; TRAIN_EXTRA=(--steps 4)
   DATA="$WORK/data"; DATA_ARGS=(--n-train 32 --n-val 8 --n-test 8 --size 16)
+  LIMITS=(300 300 180 180)  # stage time limits: a shared CI machine compiles slowly
 else
-  BT_ARGS=(--presets cpu_small,paper --repeats 5)
+  BT_ARGS=(--presets cpu_small,paper --repeats 3)
   BC_ARGS=(--preset cpu_small --k 24 --steps 2 --repeats 2)
   TRAIN_PRESET=paper; TRAIN_SECONDS="${TRAIN_SECONDS:-300}"; TRAIN_EXTRA=()
   DATA=builtin; DATA_ARGS=()
+  # Stage time limits (bench_train, bench_candidates, train beyond its budget,
+  # eval) keep the run under ~10.5 minutes even if one stage hangs (typically
+  # ~1.5 + ~1.5 + 5 + ~0.5 minutes).
+  LIMITS=(120 100 45 60)
 fi
 
 STAGES="$WORK/stages.txt"; : > "$STAGES"
@@ -80,14 +85,14 @@ else
 fi
 DATA_PID=$!
 
-stage bench_train "$OUT/bench_train.log" 240 "$PY" "$ROOT/experiments/bench_train.py" "${BT_ARGS[@]}"
-stage bench_candidates "$OUT/bench_candidates.log" 180 \
+stage bench_train "$OUT/bench_train.log" "${LIMITS[0]}" "$PY" "$ROOT/experiments/bench_train.py" "${BT_ARGS[@]}"
+stage bench_candidates "$OUT/bench_candidates.log" "${LIMITS[1]}" \
   "$PY" "$ROOT/experiments/bench_candidates.py" "${BC_ARGS[@]}"
 wait "$DATA_PID" || { echo "error: data generation failed:" >&2; tail -5 "$WORK/data.log" >&2; }
-stage train "$OUT/train.log" $((TRAIN_SECONDS + 120)) "$PY" "$ROOT/experiments/run.py" train \
+stage train "$OUT/train.log" $((TRAIN_SECONDS + LIMITS[2])) "$PY" "$ROOT/experiments/run.py" train \
   --preset "$TRAIN_PRESET" --data "$DATA" --workdir "$WORK/train" --no-resume \
-  --max-seconds "$TRAIN_SECONDS" "${TRAIN_EXTRA[@]}"
-stage eval "$OUT/eval.log" 120 "$PY" "$ROOT/experiments/run.py" eval --workdir "$WORK/train" \
+  --max-seconds "$TRAIN_SECONDS" ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"}
+stage eval "$OUT/eval.log" "${LIMITS[3]}" "$PY" "$ROOT/experiments/run.py" eval --workdir "$WORK/train" \
   --data "$DATA" --split test --out "$OUT/eval.json"
 uptime > "$WORK/load_after.txt" 2>/dev/null || true
 
@@ -121,7 +126,10 @@ except (OSError, ValueError):
   ev = {}
 m = re.search(r"trained to step (\d+) in (\d+)s", read(os.path.join(out, "train.log")))
 steps, secs = (int(m.group(1)), int(m.group(2))) if m else (None, None)
-batch = {"paper": 64, "test_tiny": 4}.get(preset)
+try:
+  batch = json.load(open(os.path.join(work, "train", "config.json")))["batch_size"]
+except (OSError, ValueError, KeyError):
+  batch = None
 summary = dict(
     quick=quick == "1", env=read(os.path.join(out, "env.txt")),
     load_before=read(os.path.join(work, "load_before.txt")),
