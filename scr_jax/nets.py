@@ -53,10 +53,12 @@ def matmul_conv(x_BxHxWxC, k_KxKxCxO, stride: int, pad: int):
   return jnp.einsum("bhwn,no->bhwo", cols, k_KxKxCxO.reshape(kh * kw * c, o))
 
 
-# Per-layer rule (measured with experiments/bench_train.py --layers-small, fwd+bwd,
-# single run and vmapped): im2col is as fast as lax's conv while one image's
-# patch matrix (Ho*Wo*kh*kw*C floats) is small; above that, building the patches
-# costs more memory traffic than XLA:CPU's conv (which packs them in cache).
+# Per-layer rule (measured with experiments/bench_train.py --rule: fwd+bwd of
+# every layer on both paths, single and vmapped; README "conv2d"): im2col is as
+# fast as lax's conv while one image's patch matrix (Ho*Wo*kh*kw*C floats) is
+# small; above that, building the patches costs more memory traffic than
+# XLA:CPU's conv (which packs them in cache). bench_train.py --paths times the
+# whole step for this rule against all-lax (0) and all-matmul (huge).
 MATMUL_MAX_PATCH = 1 << 13
 
 
@@ -90,8 +92,8 @@ def _map_candidates(fn, axis_size, in_batched, *args):
 @functools.lru_cache(maxsize=None)
 def _lax_ops(x_shape, k_shape, stride, pad):
   """The three bilinear ops of one lax conv layer, closed under reverse-mode
-  differentiation (any order) and each with a vmap rule that loops over
-  candidates instead of lowering to a grouped convolution (XLA:CPU expands
+  differentiation (any order) and each with a vmap rule that, on CPU, loops
+  over candidates instead of lowering to a grouped convolution (XLA:CPU expands
   those into a K-times larger block-diagonal conv):
     F(x, k)  = y            (the conv)
     D(dy, k) = dL/dx        (its input gradient)
