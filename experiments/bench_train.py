@@ -7,6 +7,7 @@ same run (same process, same machine state).
   python experiments/bench_train.py --layers   # per-layer: ours vs lax/flax convs
   python experiments/bench_train.py --profile [--presets cpu_small]  # where a step's time goes
   python experiments/bench_train.py --rule [--presets cpu_small]  # conv2d's per-layer rule
+  python experiments/bench_train.py --paths [0,1024,8192] [--presets cpu_small]  # whole step per rule
 
 Prints a table, then one JSON line (the last line).
 """
@@ -259,9 +260,9 @@ def print_rule(name, repeats, k=4):
   print(json.dumps(dict(preset=name, k=k, layers=rows, load_average=os.getloadavg()[0])))
 
 
-def bench_paths(name, repeats):
-  """The whole step with conv2d's rule vs all layers on one path (same process,
-  interleaved repeats)."""
+def bench_paths(name, repeats, limits):
+  """The whole step for several values of nets.MATMUL_MAX_PATCH (0: all layers
+  on the lax path; huge: all on the matmul path), same process, interleaved."""
   from scr_jax import nets
   cfg = config.get_config(name)
   m, q = structure.resolve(cfg)
@@ -269,7 +270,9 @@ def bench_paths(name, repeats):
   img = jax.random.uniform(jax.random.PRNGKey(2), (cfg.batch_size, cfg.image_size,
                                                    cfg.image_size, 3))
   runs = {}
-  for label, limit in (("rule", MAX_PATCH_DEFAULT), ("all lax", 0), ("all matmul", 1 << 40)):
+  for limit in limits:
+    label = {0: "all lax", 1 << 40: "all matmul"}.get(limit, f"patch<={limit}")
+    label += " (default)" if limit == MAX_PATCH_DEFAULT else ""
     nets.MATMUL_MAX_PATCH = limit
     net, state = train.init_state(cfg, jax.random.PRNGKey(0))
     step = jax.jit(train._train_step_fn(net, cfg, q))  # a fresh trace per setting
@@ -317,13 +320,15 @@ def main():
                  help="per-part timings of the step (first preset of --presets)")
   p.add_argument("--rule", action="store_true",
                  help="conv2d's per-layer rule: each layer on both paths (first preset)")
-  p.add_argument("--paths", action="store_true",
-                 help="whole step: the rule vs all-lax vs all-matmul (first preset)")
+  p.add_argument("--paths", nargs="?", const=f"0,{MAX_PATCH_DEFAULT},{1 << 40}",
+                 metavar="LIMITS", help="whole step per MATMUL_MAX_PATCH value "
+                 "(comma list; default: all lax, the rule, all matmul; first preset)")
   args = p.parse_args()
   if args.rule:
     return print_rule(args.presets.split(",")[0], args.repeats)
   if args.paths:
-    return bench_paths(args.presets.split(",")[0], args.repeats)
+    return bench_paths(args.presets.split(",")[0], args.repeats,
+                       [int(v) for v in args.paths.split(",")])
   if args.layers:
     return bench_layers(args.repeats)
   if args.profile:

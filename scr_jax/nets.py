@@ -53,13 +53,14 @@ def matmul_conv(x_BxHxWxC, k_KxKxCxO, stride: int, pad: int):
   return jnp.einsum("bhwn,no->bhwo", cols, k_KxKxCxO.reshape(kh * kw * c, o))
 
 
-# Per-layer rule (measured with experiments/bench_train.py --rule: fwd+bwd of
-# every layer on both paths, single and vmapped; README "conv2d"): im2col is as
-# fast as lax's conv while one image's patch matrix (Ho*Wo*kh*kw*C floats) is
-# small; above that, building the patches costs more memory traffic than
-# XLA:CPU's conv (which packs them in cache). bench_train.py --paths times the
-# whole step for this rule against all-lax (0) and all-matmul (huge).
-MATMUL_MAX_PATCH = 1 << 13
+# The rule, measured (README "conv2d"): experiments/bench_train.py --rule times
+# every layer on both paths (single and vmapped), --paths the whole step for
+# several thresholds. Building the patches costs more memory traffic than
+# XLA:CPU's own conv (which packs them in cache) except where they are a
+# reshape of the input (1x1 outputs: the 4x4 convs to the bottleneck); the
+# step with 1024 was as fast as all-lax (0 = `main`'s arithmetic), with 8192
+# 4-13% slower, with im2col everywhere 2.2x slower.
+MATMUL_MAX_PATCH = 1 << 10
 
 
 def uses_matmul(x_shape, k_shape, stride: int, pad: int) -> bool:
