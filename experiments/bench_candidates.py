@@ -32,7 +32,12 @@ def main(argv=None):
   ap.add_argument("--k", type=int, default=24)
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--matmul-max-patch", type=int,
+                  help="override nets.MATMUL_MAX_PATCH (0: every conv on the lax path)")
   args = ap.parse_args(argv)
+  if args.matmul_max_patch is not None:
+    from scr_jax import nets
+    nets.MATMUL_MAX_PATCH = args.matmul_max_patch
   cfg = config.get_config(args.preset)
   orders = [structure.ALL_ORDERS[i % 24] for i in range(args.k)]
   ms = jnp.asarray(np.stack([structure.dense_matrix(o) for o in orders]))
@@ -81,6 +86,7 @@ def main(argv=None):
   print(f"{'sequential':<12}{seq:>10.2f}{1e3 * seq / cand_steps:>22.1f}{compile_single:>12.1f}")
   print(f"{'vmapped':<12}{vm:>10.2f}{1e3 * vm / cand_steps:>22.1f}{compile_multi:>12.1f}")
   res = dict(preset=args.preset, k=args.k, steps=args.steps, platform=dev.platform,
+             compile_single_s=compile_single, compile_vmapped_s=compile_multi,
              sequential_s=seq, vmapped_s=vm,
              ms_per_candidate_step_sequential=1e3 * seq / cand_steps,
              ms_per_candidate_step_vmapped=1e3 * vm / cand_steps,

@@ -5,6 +5,9 @@ same run (same process, same machine state).
 
   python experiments/bench_train.py [--presets cpu_small,paper] [--repeats 5]
   python experiments/bench_train.py --layers   # per-layer: ours vs lax/flax convs
+  python experiments/bench_train.py --profile [--presets cpu_small]  # where a step's time goes
+  python experiments/bench_train.py --rule [--presets cpu_small]  # conv2d's per-layer rule
+  python experiments/bench_train.py --paths [0,1024,8192] [--presets cpu_small]  # whole step per rule
 
 Prints a table, then one JSON line (the last line).
 """
@@ -21,7 +24,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from scr_jax import config, structure, train  # noqa: E402
+from scr_jax import config, nets as _nets, structure, train  # noqa: E402
+
+MAX_PATCH_DEFAULT = _nets.MATMUL_MAX_PATCH
 
 
 def _median_time(fn, repeats):
@@ -112,15 +117,222 @@ def bench_layers(repeats, batch=64):
   print(json.dumps(dict(layers=[dict(layer=n, reference_s=a, ours_s=b) for n, a, b in rows])))
 
 
+def profile_preset(name, repeats):
+  """Times the parts of one train step as separately jitted functions (median of
+  `repeats` each, same process): nets (encoders, mix, decoders, factor heads,
+  confidence net), renderer (shading, warp, rasterizer, grid sample), loss, each
+  forward and forward+backward (backward = the difference), and the optimizer
+  update; then the whole step. Returns a list of (part, seconds) rows and the
+  whole step's seconds."""
+  from scr_jax import losses, model
+  cfg = config.get_config(name)
+  m, q = structure.resolve(cfg)
+  m = jnp.asarray(m)
+  nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+  params = state["params"]
+  img = jax.random.uniform(jax.random.PRNGKey(2), (cfg.batch_size, cfg.image_size,
+                                                   cfg.image_size, 3))
+  cam = model.camera(cfg)
+  perc = train.perceptual_for(cfg)
+
+  def nets_fwd(p, img):
+    f = model.factors(nets, p, img, m, cfg, q)
+    sig = nets.apply(p, img * 2 - 1, method=nets.confidence)
+    return f, sig
+
+  def render_fwd(f):
+    return model.render_factors(f, cam)
+
+  def loss_fwd(out, img):
+    return losses.total_loss(out, img, cfg, perc)[0]
+
+  f, sig = jax.jit(nets_fwd)(params, img)
+  out = jax.jit(render_fwd)(f)
+  full_out = dict(out, **f)
+  full_out["sigma_l1"], full_out["sigma_perc"] = sig
+
+  def with_vjp(fn):
+    """fwd+bwd: the vjp of fn in its first argument, applied to ones."""
+    def g(x, *rest):
+      y, pull = jax.vjp(lambda x: fn(x, *rest), x)
+      return pull(jax.tree_util.tree_map(jnp.ones_like, y))
+    return g
+
+  def timed(fn, *args):
+    j = jax.jit(fn)
+    jax.block_until_ready(j(*args))
+    return _median_time(lambda: j(*args), repeats)
+
+  # The renderer's input: the rendered factors only (u and m are not rendered).
+  fr = {k: v for k, v in f.items() if k not in ("u", "m")}
+  opt = train.make_optimizer(cfg)
+  grads = jax.tree_util.tree_map(lambda a: a * 1e-3, params)
+  upd = lambda g, s, p: optax_apply(opt, g, s, p)
+  rows = []
+  for part, fn, args in [("nets", nets_fwd, (params, img)), ("renderer", render_fwd, (fr,)),
+                         ("loss", loss_fwd, (full_out, img))]:
+    fwd = timed(fn, *args)
+    both = timed(with_vjp(fn), *args)
+    # backward = (fwd+bwd) - fwd: a small negative value is timing noise.
+    rows += [(f"{part} forward", fwd), (f"{part} backward", both - fwd)]
+  rows.append(("optimizer update", timed(upd, grads, state["opt_state"], params)))
+  step = train.make_train_step(nets, cfg, q)
+  holder = [jax.tree_util.tree_map(jnp.copy, state)]
+
+  def run():
+    holder[0], met = step(holder[0], img, m)
+    return met["loss"]
+  jax.block_until_ready(run())
+  whole = _median_time(run, repeats)
+  return rows, whole
+
+
+def conv_layers(cfg):
+  """(x_shape, k_shape, stride, pad) -> count of every conv2d call in the nets
+  (transposed convs: their phase convs), recorded while tracing init."""
+  from scr_jax import nets
+  seen = {}
+  orig = nets.uses_matmul
+
+  def record(x_shape, k_shape, stride, pad):
+    key = (tuple(x_shape), tuple(k_shape), stride, pad)
+    seen[key] = seen.get(key, 0) + 1
+    return orig(x_shape, k_shape, stride, pad)
+  nets.uses_matmul = record
+  try:
+    net = nets.make_nets(cfg)
+    jax.eval_shape(net.init, jax.random.PRNGKey(0),
+                   jnp.zeros((cfg.batch_size, cfg.image_size, cfg.image_size, 3)))
+  finally:
+    nets.uses_matmul = orig
+  return seen
+
+
+def bench_rule(name, repeats, k=4):
+  """Each distinct conv2d layer of the preset, fwd+bwd: the im2col matmul path
+  vs the lax path, single and vmapped over k candidate kernels (same process,
+  interleaved), against one image's patch-matrix size (the rule's variable)."""
+  from scr_jax import nets
+  cfg = config.get_config(name)
+  rows = []
+  for (xs, ks, s, p), count in sorted(conv_layers(cfg).items(), key=lambda kv: kv[0][0][1]):
+    x = jax.random.normal(jax.random.PRNGKey(0), xs)
+    kern = jax.random.normal(jax.random.PRNGKey(1), ks) * 0.1
+    xk = jnp.broadcast_to(x, (k,) + xs) + 0
+    kk = jnp.broadcast_to(kern, (k,) + ks) + 0
+    times = {}
+    for path, limit in (("matmul", 1 << 40), ("lax", 0)):
+      nets.MATMUL_MAX_PATCH = limit
+      loss = lambda kern, x: jnp.sum(jnp.tanh(nets.conv2d(x, kern, s, p)))
+      g1 = jax.jit(jax.grad(loss, (0, 1)))
+      gk = jax.jit(jax.vmap(jax.grad(loss, (0, 1))))
+      jax.block_until_ready((g1(kern, x), gk(kk, xk)))
+      times[path] = (g1, gk)
+    nets.MATMUL_MAX_PATCH = MAX_PATCH_DEFAULT
+    t = {key: [] for key in ("matmul", "lax")}
+    tk = {key: [] for key in ("matmul", "lax")}
+    for _ in range(repeats):  # interleaved: load changes hit both paths
+      for path, (g1, gk) in times.items():
+        t[path].append(_median_time(lambda: g1(kern, x), 1))
+        tk[path].append(_median_time(lambda: gk(kk, xk), 1))
+    med = lambda v: float(np.median(v))
+    _, h, w, c = xs
+    patch = nets._out_size(h, ks[0], s, p) * nets._out_size(w, ks[1], s, p) * ks[0] * ks[1] * c
+    rows.append(dict(layer=f"{h}px {c}->{ks[3]} k{ks[0]} s{s}", count=count, patch=patch,
+                     uses_matmul=nets.uses_matmul(xs, ks, s, p),
+                     lax_s=med(t["lax"]), matmul_s=med(t["matmul"]),
+                     lax_vmap_s=med(tk["lax"]), matmul_vmap_s=med(tk["matmul"])))
+    r = rows[-1]
+    print(f"{r['layer']:<22}{count:>3}{patch:>9}{'matmul' if r['uses_matmul'] else 'lax':>8}"
+          f"{r['lax_s'] * 1e3:>9.2f}{r['matmul_s'] * 1e3:>9.2f}{r['lax_s'] / r['matmul_s']:>7.2f}"
+          f"{r['lax_vmap_s'] / (k * r['lax_s']):>8.2f}{r['matmul_vmap_s'] / (k * r['matmul_s']):>8.2f}",
+          flush=True)
+  return rows
+
+
+def print_rule(name, repeats, k=4):
+  print(f"{name}, batch {config.get_config(name).batch_size}, fwd+bwd per layer, median of "
+        f"{repeats}; vmap columns: K={k} vmapped / (K x single) of the same path;"
+        f" rule: matmul iff patch <= {MAX_PATCH_DEFAULT}")
+  print(f"{'layer':<22}{'n':>3}{'patch':>9}{'uses':>8}{'lax ms':>9}{'mm ms':>9}{'lax/mm':>7}"
+        f"{'lax vK':>8}{'mm vK':>8}")
+  rows = bench_rule(name, repeats, k)
+  print(json.dumps(dict(preset=name, k=k, layers=rows, load_average=os.getloadavg()[0])))
+
+
+def bench_paths(name, repeats, limits):
+  """The whole step for several values of nets.MATMUL_MAX_PATCH (0: all layers
+  on the lax path; huge: all on the matmul path), same process, interleaved."""
+  from scr_jax import nets
+  cfg = config.get_config(name)
+  m, q = structure.resolve(cfg)
+  m = jnp.asarray(m)
+  img = jax.random.uniform(jax.random.PRNGKey(2), (cfg.batch_size, cfg.image_size,
+                                                   cfg.image_size, 3))
+  runs = {}
+  for limit in limits:
+    label = {0: "all lax", 1 << 40: "all matmul"}.get(limit, f"patch<={limit}")
+    label += " (default)" if limit == MAX_PATCH_DEFAULT else ""
+    nets.MATMUL_MAX_PATCH = limit
+    net, state = train.init_state(cfg, jax.random.PRNGKey(0))
+    step = jax.jit(train._train_step_fn(net, cfg, q))  # a fresh trace per setting
+    jax.block_until_ready(step(state, img, m))
+    runs[label] = (step, state)
+  nets.MATMUL_MAX_PATCH = MAX_PATCH_DEFAULT
+  ts = {label: [] for label in runs}
+  for _ in range(repeats):
+    for label, (step, state) in runs.items():
+      ts[label].append(_median_time(lambda: step(state, img, m)[1]["loss"], 1))
+  res = {label: float(np.median(v)) for label, v in ts.items()}
+  print(f"{name}: whole step, median of {repeats} interleaved: " +
+        ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in res.items()))
+  print(json.dumps(dict(preset=name, step_s=res, load_average=os.getloadavg()[0])))
+
+
+def optax_apply(opt, grads, opt_state, params):
+  import optax
+  updates, opt_state = opt.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def print_profile(name, repeats):
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
+        f"load {os.getloadavg()[0]:.1f}", flush=True)
+  rows, whole = profile_preset(name, repeats)
+  total = sum(t for _, t in rows)
+  print(f"\n{name}, median of {repeats} (each part jitted on its own)")
+  print(f"{'part':<22}{'ms':>10}{'share of sum':>14}")
+  for part, t in rows:
+    print(f"{part:<22}{t * 1e3:>10.1f}{t / total:>14.1%}")
+  print(f"{'sum of parts':<22}{total * 1e3:>10.1f}")
+  print(f"{'whole step (jitted)':<22}{whole * 1e3:>10.1f}{'':>4}sum / whole = {total / whole:.2f}")
+  print(json.dumps(dict(preset=name, repeats=repeats, parts={p: t for p, t in rows},
+                        sum_s=total, step_s=whole, load_average=os.getloadavg()[0])))
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--presets", default="cpu_small,paper")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--matmul-n", type=int, default=2048)
   p.add_argument("--layers", action="store_true", help="per-layer conv timings instead")
+  p.add_argument("--profile", action="store_true",
+                 help="per-part timings of the step (first preset of --presets)")
+  p.add_argument("--rule", action="store_true",
+                 help="conv2d's per-layer rule: each layer on both paths (first preset)")
+  p.add_argument("--paths", nargs="?", const=f"0,{MAX_PATCH_DEFAULT},{1 << 40}",
+                 metavar="LIMITS", help="whole step per MATMUL_MAX_PATCH value "
+                 "(comma list; default: all lax, the rule, all matmul; first preset)")
   args = p.parse_args()
+  if args.rule:
+    return print_rule(args.presets.split(",")[0], args.repeats)
+  if args.paths:
+    return bench_paths(args.presets.split(",")[0], args.repeats,
+                       [int(v) for v in args.paths.split(",")])
   if args.layers:
     return bench_layers(args.repeats)
+  if args.profile:
+    return print_profile(args.presets.split(",")[0], args.repeats)
   dev = jax.devices()[0]
   print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), "
         f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)

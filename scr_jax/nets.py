@@ -29,21 +29,119 @@ def lax_conv(x, k, stride, pad):
                                       dimension_numbers=_DN)
 
 
+def _out_size(n, k, stride, pad):
+  return (n + 2 * pad - k) // stride + 1
+
+
+def _patches(x_BxHxWxC, kh, kw, stride, pad):
+  """Shifted-slices im2col: B x Ho x Wo x (kh*kw*C), channels ordered (i, j, c)
+  like a HWIO kernel reshaped to (kh*kw*C) x O."""
+  _, h, w, _ = x_BxHxWxC.shape
+  ho, wo = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
+  xp = jnp.pad(x_BxHxWxC, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  span = lambda i, size: slice(i, i + stride * (size - 1) + 1, stride)
+  return jnp.concatenate([xp[:, span(i, ho), span(j, wo)] for i in range(kh)
+                          for j in range(kw)], axis=-1)
+
+
+def matmul_conv(x_BxHxWxC, k_KxKxCxO, stride: int, pad: int):
+  """The conv as im2col + one matmul (plain autodiff: slices, pads and dots).
+  Under `jax.vmap` over per-candidate kernels the dot gets a batch dimension
+  (a batched matmul), where lax's conv would become a grouped convolution."""
+  kh, kw, c, o = k_KxKxCxO.shape
+  cols = _patches(x_BxHxWxC, kh, kw, stride, pad)
+  return jnp.einsum("bhwn,no->bhwo", cols, k_KxKxCxO.reshape(kh * kw * c, o))
+
+
+# The rule, measured (README "conv2d"): experiments/bench_train.py --rule times
+# every layer on both paths (single and vmapped), --paths the whole step for
+# several thresholds. Building the patches costs more memory traffic than
+# XLA:CPU's own conv (which packs them in cache) except where they are a
+# reshape of the input (1x1 outputs: the 4x4 convs to the bottleneck); the
+# step with 1024 was as fast as all-lax (0 = `main`'s arithmetic), with 8192
+# 4-13% slower, with im2col everywhere 2.2x slower.
+MATMUL_MAX_PATCH = 1 << 10
+
+
+def uses_matmul(x_shape, k_shape, stride: int, pad: int) -> bool:
+  """True where `conv2d` computes the conv as an im2col matmul (`matmul_conv`)."""
+  kh, kw, c, _ = k_shape
+  ho, wo = _out_size(x_shape[1], kh, stride, pad), _out_size(x_shape[2], kw, stride, pad)
+  return ho * wo * kh * kw * c <= MATMUL_MAX_PATCH
+
+
 def _kernel_grad_im2col(x_BxHxWxC, dy_BxHoxWoxO, kh, kw, stride, pad):
   """dL/dk as patches^T @ dy, summed over batch chunks that bound the patch
   buffer (a Python loop, not a scan: XLA's cost analysis counts every chunk)."""
   b, ho, wo, o = dy_BxHoxWoxO.shape
   c = x_BxHxWxC.shape[-1]
-  xp = jnp.pad(x_BxHxWxC, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   n = int(max(1, min(b, _IM2COL_CHUNK_BYTES // (ho * wo * kh * kw * c * 4))))
-  span = lambda i, size: slice(i, i + stride * (size - 1) + 1, stride)
   dk = 0.0
   for s in range(0, b, n):
-    xc, dyc = xp[s:s + n], dy_BxHoxWoxO[s:s + n]
-    cols = jnp.concatenate([xc[:, span(i, ho), span(j, wo)] for i in range(kh)
-                            for j in range(kw)], axis=-1).reshape(-1, kh * kw * c)
-    dk = dk + cols.T @ dyc.reshape(-1, o)
+    cols = _patches(x_BxHxWxC[s:s + n], kh, kw, stride, pad).reshape(-1, kh * kw * c)
+    dk = dk + cols.T @ dy_BxHoxWoxO[s:s + n].reshape(-1, o)
   return dk.reshape(kh, kw, c, o)
+
+
+def _map_candidates(fn, axis_size, in_batched, *args):
+  """custom_vmap rule: one plain op per candidate, unrolled (a lax.map loop
+  was measured ~50x slower: XLA:CPU runs convs inside a while loop slowly)."""
+  pick = lambda i: [a[i] if b else a for a, b in zip(args, in_batched)]
+  return jnp.stack([fn(*pick(i)) for i in range(axis_size)]), True
+
+
+@functools.lru_cache(maxsize=None)
+def _lax_ops(x_shape, k_shape, stride, pad):
+  """The three bilinear ops of one lax conv layer, closed under reverse-mode
+  differentiation (any order) and each with a vmap rule that, on CPU, loops
+  over candidates instead of lowering to a grouped convolution (XLA:CPU expands
+  those into a K-times larger block-diagonal conv):
+    F(x, k)  = y            (the conv)
+    D(dy, k) = dL/dx        (its input gradient)
+    G(x, dy) = dL/dk        (its kernel gradient)
+  with vjps F: (D(c, k), G(x, c)); D: (F(c, k), G(c, dy)); G: (D(dy, c), F(x, c)).
+  Only the kernel gradient of layers with >= 32 output channels is computed
+  differently from lax's: as an im2col matmul (XLA:CPU runs lax's, a conv with a
+  huge window and a tiny output, slowly for those; bench_train.py --layers)."""
+  kh, kw, _, o = k_shape
+  conv = lambda x, k: lax_conv(x, k, stride, pad)
+
+  def f_impl(x, k):
+    return conv(x, k)
+
+  def d_impl(dy, k):
+    # (the batch may be folded candidates x images: take it from dy)
+    x0 = jnp.zeros((dy.shape[0],) + x_shape[1:], dy.dtype)
+    return jax.vjp(lambda x: conv(x, k), x0)[1](dy)[0]
+
+  def g_impl(x, dy):
+    if o >= 32:
+      return _kernel_grad_im2col(x, dy, kh, kw, stride, pad)
+    return jax.vjp(lambda k: conv(x, k), jnp.zeros(k_shape, x.dtype))[1](dy)[0]
+
+  ops = {}
+  for name, impl in (("F", f_impl), ("D", d_impl), ("G", g_impl)):
+    op = jax.custom_batching.custom_vmap(impl)
+    op.def_vmap(functools.partial(_fold_or_map, name, op))
+    ops[name] = jax.custom_vjp(op)
+  F, D, G = ops["F"], ops["D"], ops["G"]
+  F.defvjp(lambda x, k: (F(x, k), (x, k)), lambda r, c: (D(c, r[1]), G(r[0], c)))
+  D.defvjp(lambda dy, k: (D(dy, k), (dy, k)), lambda r, c: (F(c, r[1]), G(c, r[0])))
+  G.defvjp(lambda x, dy: (G(x, dy), (x, dy)), lambda r, c: (D(r[1], c), F(r[0], c)))
+  return F, D, G
+
+
+def _fold_or_map(name, op, axis_size, in_batched, a, b):
+  """F and D: a batched activation with a shared kernel folds into the batch
+  dimension (one plain conv); anything else loops over the candidates on CPU.
+  Elsewhere (GPU) lax's own batching (grouped convs) is kept."""
+  if jax.default_backend() != "cpu":
+    axes = tuple(0 if bat else None for bat in in_batched)
+    return jax.vmap(op.fun, in_axes=axes)(a, b), True
+  if name in ("F", "D") and in_batched[0] and not in_batched[1]:
+    y = op(a.reshape((-1,) + a.shape[2:]), b)
+    return y.reshape((axis_size, -1) + y.shape[1:]), True
+  return _map_candidates(op, axis_size, in_batched, a, b)
 
 
 # Output phase p (0: even, 1: odd pixels) of a stride-2 4-tap transposed conv
@@ -65,33 +163,24 @@ def deconv2x(x_BxHxWxC, k_4x4xCxO):
   return y.reshape(b, 2 * h, 2 * w, k_4x4xCxO.shape[-1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x_BxHxWxC, k_KxKxCxO, stride: int, pad: int):
-  """A plain NHWC conv (no bias) with lax's values and gradients; only the
-  kernel gradient of convs with >= 32 output channels is computed differently,
-  as an im2col matmul: XLA:CPU runs lax's (a conv with a huge window and a tiny
-  output) slowly for those layers; for narrow outputs lax's is the faster one.
-  Measured per layer with experiments/bench_train.py --layers."""
-  return lax_conv(x_BxHxWxC, k_KxKxCxO, stride, pad)
+  """A plain NHWC conv (no bias) with lax's values and gradients (all orders).
 
+  Small layers (`uses_matmul`) run as an im2col matmul, which `jax.vmap` over
+  per-candidate kernels turns into a batched matmul; larger ones run lax's conv,
+  whose vmap over candidate kernels loops over the candidates (`_lax_ops`).
 
-def _conv2d_fwd(x, k, stride, pad):
-  return lax_conv(x, k, stride, pad), (x, k)
-
-
-def _conv2d_bwd(stride, pad, res, dy):
-  x, k = res
-  # (The input gradient of stride-2 convs as `deconv2x` of dy with the flipped
-  # kernel was tried: no faster than lax's on XLA:CPU, much slower for 3 channels.)
-  dx = jax.vjp(lambda x: lax_conv(x, k, stride, pad), x)[1](dy)[0]
-  if k.shape[-1] >= 32:
-    dk = _kernel_grad_im2col(x, dy, k.shape[0], k.shape[1], stride, pad)
-  else:
-    dk = jax.vjp(lambda k: lax_conv(x, k, stride, pad), k)[1](dy)[0]
-  return dx, dk
-
-
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+  Args:
+    x_BxHxWxC: input activations.
+    k_KxKxCxO: kernel (HWIO).
+    stride, pad: ints; pad pixels on each side.
+  Returns:
+    B x Ho x Wo x O, Ho = (H + 2 pad - K) // stride + 1.
+  """
+  if uses_matmul(x_BxHxWxC.shape, k_KxKxCxO.shape, stride, pad):
+    return matmul_conv(x_BxHxWxC, k_KxKxCxO, stride, pad)
+  F, _, _ = _lax_ops(tuple(x_BxHxWxC.shape), tuple(k_KxKxCxO.shape), stride, pad)
+  return F(x_BxHxWxC, k_KxKxCxO)
 
 
 class Conv(nn.Module):
