@@ -137,9 +137,10 @@ def make_candidate_step(nets, cfg, q=None):
   over (params, opt_state, m_Kx4x4), the same image batch for all candidates.
   Returns step(state_K, img_BxSxSx3, m_Kx4x4) -> (state_K, metrics_K).
 
-  Fast on accelerators; on CPU the vmapped convolutions (per-candidate kernels)
-  lower to grouped convolutions that XLA:CPU runs slower than K plain ones
-  (measured in experiments/bench_candidates.py).
+  `nets.conv2d` batches per-candidate kernels as batched matmuls (small
+  layers) or one plain conv per candidate (on CPU), not as grouped convs, so
+  K candidates cost about K single steps (experiments/bench_candidates.py;
+  the unrolled candidate loop makes the first compile slow at large K).
   """
   step = jax.vmap(_train_step_fn(nets, cfg, q), in_axes=(_STACK_AXES, None, 0),
                   out_axes=(_STACK_AXES, 0))
