@@ -325,7 +325,7 @@ def test_bench_quality_end_to_end_and_resumable(tmp_path):
   assert r2.returncode == 0, r2.stderr[-3000:]
   assert "3 of 4 runs done, 1 to go" in r2.stderr
   with open(out / "default_s1" / "log.txt") as fh:
-    assert "resuming" in fh.read()
+    assert "already at step 2" in fh.read()  # the checkpoint is reused, not retrained
   with open(out / "default_s1" / "result.json") as fh:
     assert json.load(fh)["steps"] == 2
   # Other settings in the same folder are refused (one line).
