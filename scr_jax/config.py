@@ -73,6 +73,10 @@ class Config:
   # half. A free translation early on absorbs the yaw (a turned face is
   # explained as a shifted one and the yaw collapses; README, "Learning").
   trans_warmup_steps: int = 0
+  # Tilt warm-up (0 = Unsup3D): the same schedule for the view's pitch and
+  # roll, so that early on only the yaw (the pose that the flipped twin
+  # measures) can explain the input's asymmetry.
+  tilt_warmup_steps: int = 0
   vgg_weights: str = ""
   # Optimisation.
   batch_size: int = 32
@@ -191,4 +195,5 @@ def validate(cfg: Config) -> Config:
   need(cfg.conf_warmup_steps >= 0, "conf_warmup_steps", "must be >= 0")
   need(cfg.sym_warmup_steps >= 0, "sym_warmup_steps", "must be >= 0")
   need(cfg.trans_warmup_steps >= 0, "trans_warmup_steps", "must be >= 0")
+  need(cfg.tilt_warmup_steps >= 0, "tilt_warmup_steps", "must be >= 0")
   return cfg

@@ -42,13 +42,17 @@ def depth_from_raw(raw_BxSxS, cam: render.Camera, prior: float = 0.0):
   return d * (1 - border) + border * cam.border_depth
 
 
-def view_from_raw(raw_Bx6, cfg, trans=None):
+def view_from_raw(raw_Bx6, cfg, trans=None, tilt=None):
   """tanh outputs -> (rx, ry, rz in radians, tx, ty, tz).
 
   trans: None, or a scalar in [0, 1] scaling the translation ranges
     (`Config.trans_warmup_steps`).
+  tilt: None, or a scalar in [0, 1] scaling pitch rx and roll rz
+    (`Config.tilt_warmup_steps`).
   """
   rot = raw_Bx6[:, :3] * np.deg2rad(cfg.xyz_rotation_range)
+  if tilt is not None:
+    rot = rot * jnp.stack([tilt, jnp.ones_like(tilt), tilt])
   txy = raw_Bx6[:, 3:5] * cfg.xy_translation_range
   tz = raw_Bx6[:, 5:6] * cfg.z_translation_range
   t = jnp.concatenate([txy, tz], axis=1)
@@ -66,14 +70,14 @@ def symmetrize(x_BxSxS_, weight):
   return x_BxSxS_ + weight * 0.5 * (x_BxSxS_[:, :, ::-1] - x_BxSxS_)
 
 
-def factors(nets, params, img_BxSxSx3, m, cfg, q=None, sym=None, trans=None):
+def factors(nets, params, img_BxSxSx3, m, cfg, q=None, sym=None, trans=None, tilt=None):
   """Image in [0, 1] -> dict of factors (canonical depth, albedo, light, view),
   embeddings u_Bx4xd and the adjacency actually used (4x4 or Bx4x4).
 
   sym: None, or a scalar weight in [0, 1] that makes the canonical depth and
     albedo (partly) left-right symmetric (`Config.sym_warmup_steps`).
-  trans: None, or a scalar in [0, 1] scaling the view's translation
-    (`Config.trans_warmup_steps`).
+  trans, tilt: None, or scalars in [0, 1] scaling the view's translation and
+    its pitch / roll (`Config.trans_warmup_steps`, `Config.tilt_warmup_steps`).
   """
   x = img_BxSxSx3 * 2 - 1
   u = nets.apply(params, x, method=nets.encode)
@@ -88,7 +92,7 @@ def factors(nets, params, img_BxSxSx3, m, cfg, q=None, sym=None, trans=None):
   return dict(
       depth=depth, albedo=albedo,
       ambient=ambient, diffuse=diffuse, light_dxy=light_dxy,
-      view=view_from_raw(raw["V"], cfg, trans),
+      view=view_from_raw(raw["V"], cfg, trans, tilt),
       u=u, m=adj)
 
 
@@ -117,8 +121,8 @@ def render_factors(f, cam: render.Camera):
               recon_mask=covered.astype(jnp.float32), recon_im=recon_im)
 
 
-def forward(nets, params, img_BxSxSx3, m, cfg, q=None, sym=None, trans=None):
-  f = factors(nets, params, img_BxSxSx3, m, cfg, q, sym, trans)
+def forward(nets, params, img_BxSxSx3, m, cfg, q=None, sym=None, trans=None, tilt=None):
+  f = factors(nets, params, img_BxSxSx3, m, cfg, q, sym, trans, tilt)
   out = render_factors(f, camera(cfg))
   out.update(f)
   out["sigma_l1"], out["sigma_perc"] = nets.apply(params, img_BxSxSx3 * 2 - 1,

@@ -92,3 +92,17 @@ def test_translation_warmup_holds_the_view_translation_at_zero():
   np.testing.assert_allclose(held[:, 3:], 0.0)
   np.testing.assert_allclose(half[:, 3:], full[:, 3:] / 2, rtol=1e-6)
   np.testing.assert_allclose(full[0, 3:5], [0.08, -0.06], rtol=1e-6)
+
+
+def test_tilt_warmup_holds_pitch_and_roll_not_yaw():
+  cfg = _tiny(tilt_warmup_steps=10)
+  np.testing.assert_allclose(
+      [float(train.tilt_scale(cfg, jnp.int32(s))) for s in (0, 5, 8, 10)], [0, 0, 0.6, 1],
+      atol=1e-6)
+  assert train.tilt_scale(_tiny(), jnp.int32(0)) is None
+  raw = jnp.array([[0.5, -0.5, 0.25, 0.8, -0.6, 0.3]])
+  full = np.asarray(model.view_from_raw(raw, cfg))
+  held = np.asarray(model.view_from_raw(raw, cfg, tilt=jnp.float32(0.0)))
+  np.testing.assert_allclose(held[0, [0, 2]], 0.0)  # pitch, roll held
+  np.testing.assert_allclose(held[0, 1], full[0, 1])  # yaw free
+  np.testing.assert_allclose(held[0, 3:], full[0, 3:])  # translation untouched
