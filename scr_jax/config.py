@@ -77,6 +77,11 @@ class Config:
   # roll, so that early on only the yaw (the pose that the flipped twin
   # measures) can explain the input's asymmetry.
   tilt_warmup_steps: int = 0
+  # Depth warm-up (0 = Unsup3D): the depth net's output is scaled by the same
+  # schedule, so the view is first learned against the fixed convex prior
+  # shape (`depth_prior`), which settles the sign of the yaw before the shape
+  # is free to change (convex/concave ambiguity).
+  depth_warmup_steps: int = 0
   vgg_weights: str = ""
   # Optimisation.
   batch_size: int = 32
@@ -196,4 +201,5 @@ def validate(cfg: Config) -> Config:
   need(cfg.sym_warmup_steps >= 0, "sym_warmup_steps", "must be >= 0")
   need(cfg.trans_warmup_steps >= 0, "trans_warmup_steps", "must be >= 0")
   need(cfg.tilt_warmup_steps >= 0, "tilt_warmup_steps", "must be >= 0")
+  need(cfg.depth_warmup_steps >= 0, "depth_warmup_steps", "must be >= 0")
   return cfg

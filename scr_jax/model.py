@@ -28,10 +28,13 @@ def convex_prior(size: int) -> np.ndarray:
   return -np.sqrt(np.clip(1 - r2, 0, 1)).astype(np.float32)
 
 
-def depth_from_raw(raw_BxSxS, cam: render.Camera, prior: float = 0.0):
+def depth_from_raw(raw_BxSxS, cam: render.Camera, prior: float = 0.0, scale=None):
   """Unsup3D's depth head: remove the per-image mean, tanh, map to
   [min, max]; the 2 leftmost / rightmost columns get the border depth.
-  `prior` scales a fixed convex offset (see Config.depth_prior)."""
+  `prior` scales a fixed convex offset (see Config.depth_prior); `scale`
+  (None or a scalar in [0, 1]) scales the network's part (depth warm-up)."""
+  if scale is not None:
+    raw_BxSxS = raw_BxSxS * scale
   if prior:
     raw_BxSxS = raw_BxSxS + prior * convex_prior(raw_BxSxS.shape[-1])
   d = raw_BxSxS - jnp.mean(raw_BxSxS, axis=(1, 2), keepdims=True)
@@ -70,7 +73,8 @@ def symmetrize(x_BxSxS_, weight):
   return x_BxSxS_ + weight * 0.5 * (x_BxSxS_[:, :, ::-1] - x_BxSxS_)
 
 
-def factors(nets, params, img_BxSxSx3, m, cfg, q=None, sym=None, trans=None, tilt=None):
+def factors(nets, params, img_BxSxSx3, m, cfg, q=None, sym=None, trans=None, tilt=None,
+            dscale=None):
   """Image in [0, 1] -> dict of factors (canonical depth, albedo, light, view),
   embeddings u_Bx4xd and the adjacency actually used (4x4 or Bx4x4).
 
@@ -78,6 +82,8 @@ def factors(nets, params, img_BxSxSx3, m, cfg, q=None, sym=None, trans=None, til
     albedo (partly) left-right symmetric (`Config.sym_warmup_steps`).
   trans, tilt: None, or scalars in [0, 1] scaling the view's translation and
     its pitch / roll (`Config.trans_warmup_steps`, `Config.tilt_warmup_steps`).
+  dscale: None, or a scalar in [0, 1] scaling the depth net's output
+    (`Config.depth_warmup_steps`).
   """
   x = img_BxSxSx3 * 2 - 1
   u = nets.apply(params, x, method=nets.encode)
@@ -85,7 +91,7 @@ def factors(nets, params, img_BxSxSx3, m, cfg, q=None, sym=None, trans=None, til
   raw = nets.apply(params, structure.mix(u, adj), method=nets.decode)
   cam = camera(cfg)
   ambient, diffuse, light_dxy = light_from_raw(raw["L"])
-  depth = depth_from_raw(raw["D"][..., 0], cam, cfg.depth_prior)
+  depth = depth_from_raw(raw["D"][..., 0], cam, cfg.depth_prior, dscale)
   albedo = raw["A"]  # [-1, 1]
   if sym is not None:
     depth, albedo = symmetrize(depth, sym), symmetrize(albedo, sym)
@@ -121,8 +127,9 @@ def render_factors(f, cam: render.Camera):
               recon_mask=covered.astype(jnp.float32), recon_im=recon_im)
 
 
-def forward(nets, params, img_BxSxSx3, m, cfg, q=None, sym=None, trans=None, tilt=None):
-  f = factors(nets, params, img_BxSxSx3, m, cfg, q, sym, trans, tilt)
+def forward(nets, params, img_BxSxSx3, m, cfg, q=None, sym=None, trans=None, tilt=None,
+            dscale=None):
+  f = factors(nets, params, img_BxSxSx3, m, cfg, q, sym, trans, tilt, dscale)
   out = render_factors(f, camera(cfg))
   out.update(f)
   out["sigma_l1"], out["sigma_perc"] = nets.apply(params, img_BxSxSx3 * 2 - 1,

@@ -75,9 +75,15 @@ def tilt_scale(cfg, step):
   return None if w is None else 1.0 - w
 
 
+def depth_scale(cfg, step):
+  """Scale of the depth net's output at `step` (Config.depth_warmup_steps)."""
+  w = _warmup(cfg.depth_warmup_steps, step)
+  return None if w is None else 1.0 - w
+
+
 def loss_fn(params, nets, img, m, cfg, q=None, perceptual_fn=None, step=None):
   out = model.forward(nets, params, img, m, cfg, q, sym_weight(cfg, step),
-                      trans_scale(cfg, step), tilt_scale(cfg, step))
+                      trans_scale(cfg, step), tilt_scale(cfg, step), depth_scale(cfg, step))
   return losses.total_loss(out, img, cfg, perceptual_fn, step)
 
 

@@ -106,3 +106,17 @@ def test_tilt_warmup_holds_pitch_and_roll_not_yaw():
   np.testing.assert_allclose(held[0, [0, 2]], 0.0)  # pitch, roll held
   np.testing.assert_allclose(held[0, 1], full[0, 1])  # yaw free
   np.testing.assert_allclose(held[0, 3:], full[0, 3:])  # translation untouched
+
+
+def test_depth_warmup_starts_from_the_convex_prior():
+  cfg = _tiny(depth_warmup_steps=10, depth_prior=1.0)
+  cam = model.camera(cfg)
+  raw = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16))
+  prior_only = np.asarray(model.depth_from_raw(jnp.zeros((2, 16, 16)), cam, 1.0))
+  held = np.asarray(model.depth_from_raw(raw, cam, 1.0, train.depth_scale(cfg, jnp.int32(3))))
+  free = np.asarray(model.depth_from_raw(raw, cam, 1.0))
+  np.testing.assert_allclose(held, prior_only, atol=1e-6)  # the network is muted
+  assert np.abs(free - prior_only).max() > 1e-3
+  late = np.asarray(model.depth_from_raw(raw, cam, 1.0, train.depth_scale(cfg, jnp.int32(10))))
+  np.testing.assert_allclose(late, free, atol=1e-6)
+  assert train.depth_scale(_tiny(), jnp.int32(0)) is None
