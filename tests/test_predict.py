@@ -180,7 +180,8 @@ def test_outputs_never_overwrite_an_input(tmp_path, capfd, no_ckpt):
   f.write_text("x")
   code, err = _cli(capfd, "predict", "--workdir", no_ckpt, "--images", str(victim),
                    "--out", str(f))
-  assert code == 2 and "exists and is not a folder" in err[0]
+  # checked by the CLI's output-path check before the command runs
+  assert code == 2 and len(err) == 1 and "is a file, not a folder" in err[0], err
 
 
 def test_outputs_inside_the_input_folder_are_not_read_back(tmp_path, capfd, no_ckpt):
