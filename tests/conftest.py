@@ -10,3 +10,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+# User-report inputs (../shared/cases/user-reports beside the checkout, or
+# SCR_CASES_DIR); a test that needs a missing case is skipped, not failed.
+CASES = os.environ.get("SCR_CASES_DIR",
+                       os.path.join(ROOT, "..", "shared", "cases", "user-reports"))
+
+
+def user_case(name: str) -> str:
+  """Path of one user-report case folder (pytest.skip when absent)."""
+  import pytest
+  path = os.path.join(CASES, name)
+  if not os.path.isdir(path):
+    pytest.skip(f"user-report case {name} not found under {CASES}")
+  return path

@@ -333,15 +333,7 @@ def test_export_overwrite_replaces_old_files(tmp_path):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # User-report inputs (issue 12), beside the repository as ../shared; tests that
 # need them are skipped where they are absent.
-CASES = os.environ.get("SCR_CASES_DIR",
-                       os.path.join(ROOT, "..", "shared", "cases", "user-reports"))
-
-
-def _case(name):
-  path = os.path.join(CASES, name)
-  if not os.path.isdir(path):
-    pytest.skip(f"user-report case {name} not found under {CASES}")
-  return path
+from conftest import user_case as _case  # noqa: E402
 
 
 def _asym_rgb(h=6, w=10):

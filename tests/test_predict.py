@@ -23,15 +23,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import run  # noqa: E402
 
 S = 16
-CASES = os.environ.get("SCR_CASES_DIR",
-                       os.path.join(ROOT, "..", "shared", "cases", "user-reports"))
-
-
-def _case(name):
-  path = os.path.join(CASES, name)
-  if not os.path.isdir(path):
-    pytest.skip(f"user-report case {name} not found under {CASES}")
-  return path
+from conftest import user_case as _case  # noqa: E402
 
 
 def _cli(capfd, *argv):
