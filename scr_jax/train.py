@@ -18,9 +18,41 @@ from scr_jax import losses, model, nets as nets_lib
 from scr_jax.errors import NonFiniteError, UserError
 
 
+WARMUP_FIELDS = ("conf_warmup_steps", "sym_warmup_steps", "trans_warmup_steps",
+                 "tilt_warmup_steps", "depth_warmup_steps")
+
+
+def uses_warmups(cfg) -> bool:
+  return any(getattr(cfg, f) > 0 for f in WARMUP_FIELDS)
+
+
+def decay_where_trained(weight_decay: float) -> optax.GradientTransformation:
+  """Coupled L2 (g + wd * p) only on the elements whose loss gradient is not
+  exactly 0 this step.
+
+  Why: Adam normalises the update, so a parameter that the loss does not see
+  (a warm-up that scales a network's output by 0 cuts its gradient) would be
+  moved by about lr per step towards 0 by the weight decay alone: 300 steps
+  at lr 5e-4 erased the whole depth encoder (kernels down to 1e-14, its
+  embedding constant over images, canonical depth one template forever).
+  With this rule such a parameter stays where it is until the loss sees it.
+  """
+  def update(grads, state, params):
+    if params is None:
+      raise ValueError("decay_where_trained needs params")
+    return jax.tree_util.tree_map(
+        lambda g, p: g + weight_decay * p * (g != 0).astype(p.dtype), grads, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(cfg):
-  # Unsup3D: Adam with weight decay added to the gradient (coupled L2).
-  parts = [optax.add_decayed_weights(cfg.weight_decay), optax.adam(cfg.lr, b1=0.9, b2=0.999)]
+  # Unsup3D: Adam with weight decay added to the gradient (coupled L2). With
+  # warm-ups on, the decay skips the parameters a warm-up cuts off (see
+  # decay_where_trained); without them (paper) it is exactly Unsup3D's.
+  decay = (decay_where_trained(cfg.weight_decay) if uses_warmups(cfg)
+           else optax.add_decayed_weights(cfg.weight_decay))
+  parts = [decay, optax.adam(cfg.lr, b1=0.9, b2=0.999)]
   if cfg.lr_view_mult != 1.0:  # only then: the optimiser state keeps Unsup3D's shape
     is_view = lambda params: jax.tree_util.tree_map_with_path(
         lambda path, _: getattr(path[1], "key", None) in ("f1_V", "f2_V"), params)

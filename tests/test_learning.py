@@ -120,3 +120,49 @@ def test_depth_warmup_starts_from_the_convex_prior():
   late = np.asarray(model.depth_from_raw(raw, cam, 1.0, train.depth_scale(cfg, jnp.int32(10))))
   np.testing.assert_allclose(late, free, atol=1e-6)
   assert train.depth_scale(_tiny(), jnp.int32(0)) is None
+
+
+def _depth_leaves(params):
+  return {k: np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(
+      {n: params["params"][n] for n in ("f1_D", "f2_D")})}
+
+
+def test_depth_warmup_keeps_the_cut_off_depth_net_intact():
+  # The depth warm-up scales the depth net's output by 0, so its loss gradient
+  # is exactly 0; Adam + coupled weight decay used to shrink those weights by
+  # ~lr per step anyway (the depth encoder ended at 1e-14: one template face).
+  # With warm-ups the decay skips what the loss does not see.
+  cfg = _tiny(depth_warmup_steps=40, lr=1e-2, weight_decay=5e-2)
+  nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+  before = _depth_leaves(state["params"])
+  step = train.make_train_step(nets, cfg)
+  img = jax.random.uniform(jax.random.PRNGKey(1), (cfg.batch_size, 16, 16, 3))
+  m = jnp.zeros((4, 4))
+  for _ in range(5):  # steps 0..4: depth scale 0
+    state, metrics = step(state, img, m)
+  after = _depth_leaves(state["params"])
+  for k in before:
+    np.testing.assert_array_equal(after[k], before[k], err_msg=str(k))
+  # ...and the rest of the model did train (and decay) meanwhile
+  enc_v0 = np.asarray(train.init_state(cfg, jax.random.PRNGKey(0))[1]["params"]["params"]
+                      ["f1_V"]["Conv_0"]["kernel"])
+  assert np.abs(np.asarray(state["params"]["params"]["f1_V"]["Conv_0"]["kernel"]) - enc_v0).max() > 1e-3
+
+
+def test_decay_where_trained_is_coupled_l2_where_the_gradient_is_not_zero():
+  tx = train.decay_where_trained(0.5)
+  g = {"a": jnp.array([0.0, 1.0, -2.0])}
+  p = {"a": jnp.array([4.0, 4.0, 4.0])}
+  upd, _ = tx.update(g, tx.init(p), p)
+  np.testing.assert_allclose(np.asarray(upd["a"]), [0.0, 3.0, 0.0])
+
+
+def test_paper_optimizer_is_unsup3d_coupled_l2():
+  cfg = config.get_config("paper")
+  assert not train.uses_warmups(cfg)
+  tx = train.make_optimizer(cfg)
+  g = {"a": jnp.array([0.0, 1.0])}
+  p = {"a": jnp.array([4.0, 4.0])}
+  upd, _ = tx.update(g, tx.init(p), p)
+  # decay applies to the zero-gradient element too (Adam's first step: -lr sign)
+  np.testing.assert_allclose(np.asarray(upd["a"]), [-cfg.lr, -cfg.lr], rtol=1e-3)
