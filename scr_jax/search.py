@@ -243,9 +243,9 @@ def train_orders(cfg, workdir, train_data, val_data, orders, q=None, quiet=True)
       saved = json.load(fh)
     if saved.get("orders") == list(orders) and saved.get("steps") == cfg.steps:
       return saved["scores"]
-  ms = np.stack([structure.dense_matrix(o) for o in orders])
-  res = train.fit(cfg, workdir, train_data, None, m=ms, q=q, quiet=quiet)
-  scores = candidate_scores(cfg, res["nets"], res["state"]["params"], ms, q, val_data)
+  st = structure.candidates(orders, q)
+  res = train.fit(cfg, workdir, train_data, None, st, quiet=quiet)
+  scores = candidate_scores(cfg, res["nets"], res["state"]["params"], st.m, q, val_data)
   for o, sc in zip(orders, scores):
     sc["order"] = o
   _write_json(path, dict(orders=list(orders), steps=cfg.steps, scores=scores))

@@ -1,11 +1,10 @@
-"""Test setup: the repo root on sys.path, CPU, and a persistent compilation
-cache shared by all tests and their subprocesses (most test time is XLA
-compilation of the same small programs)."""
+"""Test setup: CPU, and a persistent compilation cache shared by all tests
+and their subprocesses (most test time is XLA compilation of the same small
+programs). scr_jax is installed (`pip install -e .`); pytest.ini puts the
+repo root on the path for the tests that drive `experiments/` scripts."""
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
