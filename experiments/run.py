@@ -368,13 +368,13 @@ def cmd_predict(args):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from scr_jax import checkpoint, data, export, model, visualize
+  from scr_jax import data, export, model, visualize
   if os.path.exists(args.out) and not os.path.isdir(args.out):
     raise UserError(f"--out {args.out}: exists and is not a folder")
   video_size = getattr(args, "video_size", 256)
   if video_size < 8 or video_size % 2:
     raise UserError(f"--video-size must be an even number >= 8, got {video_size}")
-  cfg = checkpoint.load_config(args.workdir)  # sizes and crop only; weights come later
+  cfg = workdir_lib.load_config(args.workdir)  # sizes and crop only; weights come later
   notes = {}
   kept, skipped, lines = _predict_inputs(args, cfg, notes)
   if not kept:

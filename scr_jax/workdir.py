@@ -91,6 +91,21 @@ def candidate_index(st: structure_lib.Structure, which) -> int:
   return labels.index(name)
 
 
+def load_config(workdir: str) -> Config:
+  """The config of the newest checkpoint's settings, without reading any
+  weights (sizes and crop before the inputs are read); W/config.json for a
+  workdir without checkpoints or settings.
+
+  Raises:
+    UserError: neither is there.
+  """
+  if os.path.isdir(workdir):
+    _, settings, _ = checkpoint.saved_run(workdir)
+    if settings is not None:
+      return checkpoint.settings_config(settings)
+  return checkpoint.load_config(workdir)
+
+
 def restore(workdir: str) -> Restored:
   """The newest checkpoint of a trained workdir, with the model built from the
   settings saved in that checkpoint (not from a config.json written later).
@@ -128,3 +143,32 @@ def restore(workdir: str) -> Restored:
   restored = checkpoint.restore_step(mngr, step, jax.eval_shape(like))
   return Restored(cfg=cfg, structure=st, params=restored["params"],
                   step=int(restored["step"]), nets=nets, settings=settings)
+
+
+def save(workdir: str, cfg: Config, structure: structure_lib.Structure, state: dict,
+         data=None, extra=None, describe: bool = True) -> dict:
+  """Writes a trained state as workdir W's checkpoint (step state["step"]),
+  for producers that train outside `train.fit` (search unroll, import-unsup3d):
+  afterwards `restore(W)` (eval, predict, diagnose, train --init-from) reads it.
+
+  state: {params, opt_state, step} with this config's network shapes (a
+    leading K axis when structure is a stack).
+  data: as `checkpoint.run_settings` (spec and/or a data fingerprint).
+  extra: more provenance merged into the saved settings (e.g. imported_from).
+  describe: also (re)write W/config.json; W/adjacency.json is always written.
+  A checkpoint already at that step (a rerun) is replaced.
+  Returns the saved settings.
+  """
+  settings = checkpoint.run_settings(cfg, structure, data)
+  settings.update(extra or {})
+  checkpoint.probe_writable(workdir)
+  mngr = checkpoint.manager(workdir, cfg.keep_checkpoints)
+  step = int(jax.device_get(state["step"]))
+  if step in mngr.all_steps():
+    mngr.delete(step)
+  checkpoint.save(mngr, state, settings)
+  if describe:
+    checkpoint.save_run_files(workdir, settings)
+  else:
+    checkpoint.save_adjacency(workdir, settings["structure"])
+  return settings
