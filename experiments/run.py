@@ -33,7 +33,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # config skip compilation (set JAX_COMPILATION_CACHE_DIR to move or share it).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
 
-from scr_jax.datasets import (  # noqa: E402  (data resolution: scr_jax/datasets.py)
+from scr_jax.datasets import (  # noqa: E402,F401  (data resolution, re-exported)
     BUILTIN_COUNTS, baselines_for, builtin_dir, ensure_builtin, load_split, load_train_data,
     resolve_data)
 from scr_jax import cliutil, runner, workdir as workdir_lib  # noqa: E402

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from scr_jax import checkpoint, config, datasets, structure, train, workdir as workdir_lib
 from scr_jax.cliutil import log as _log
 from scr_jax.errors import UserError

@@ -419,7 +419,7 @@ def import_checkpoint(path: str, workdir: str, cfg, log=print) -> dict:
   """
   import jax
   import jax.numpy as jnp
-  from scr_jax import structure, train, workdir as workdir_lib
+  from scr_jax import checkpoint, structure, train, workdir as workdir_lib
   if checkpoint.has_checkpoints(workdir):
     raise UserError(f"--workdir {workdir} already holds checkpoints; import into a new one")
   ckpt = load_pth(path)

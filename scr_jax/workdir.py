@@ -18,7 +18,6 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 
 from scr_jax import checkpoint, nets as nets_lib, structure as structure_lib, train
 from scr_jax.cliutil import log as _log
