@@ -7,10 +7,13 @@ MAX_SECONDS ?= 600
 
 .PHONY: run test setup clean
 
-$(VENV)/.installed: requirements.txt
+# The pinned packages, then scr_jax itself (editable: scripts and tests import
+# it without any sys.path edits).
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -r requirements.txt
+	$(VPY) -m pip install -q --no-deps -e .
 	touch $@
 
 setup: $(VENV)/.installed

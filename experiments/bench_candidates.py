@@ -12,12 +12,8 @@ Prints a table, then one JSON line (the last line) with vmap_over_sequential_rat
 """
 import argparse
 import json
-import os
 import sys
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -22,7 +22,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
@@ -241,12 +240,12 @@ def structure_case(base):
 # ----------------------------------------------------------------------------
 
 def _params(wd):
+  """(step, parameter leaves) of the workdir's newest checkpoint, read back
+  the way eval and predict read it (workdir.restore)."""
   import jax
-  from scr_jax import checkpoint, config, train
-  cfg = config.get_config("test_tiny")
-  _, like = train.init_state(cfg, jax.random.PRNGKey(cfg.seed))
-  got = checkpoint.restore_latest(checkpoint.manager(wd), like)
-  return int(got["step"]), [np.asarray(x) for x in jax.tree_util.tree_leaves(got["params"])]
+  from scr_jax import workdir
+  r = workdir.restore(wd)
+  return r.step, [np.asarray(x) for x in jax.tree_util.tree_leaves(r.params)]
 
 
 def _same(a, b):

@@ -31,11 +31,11 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
 
-import run as cli  # noqa: E402
-from scr_jax.errors import UserError  # noqa: E402
+from scr_jax import cliutil, datasets, runner  # noqa: E402  (after the environment)
+from scr_jax.errors import NonFiniteError, UserError  # noqa: E402
 
 # Table columns: (key in result.json, header, format, worst = max or min).
 COLUMNS = (
@@ -78,9 +78,7 @@ def _int_list(text, what, distinct=True):
 
 
 def _config(args, seed):
-  ns = argparse.Namespace(preset=args.preset, set=list(args.set), steps=args.steps, seed=seed,
-                          variant=None, order=None, q=None, structure=None)
-  return cli.make_config(ns)
+  return runner.make_config(args.preset, list(args.set), steps=args.steps, seed=seed)
 
 
 def _data_dir(args, variant, cfg):
@@ -93,7 +91,7 @@ def _data_dir(args, variant, cfg):
     if len(n) != 3 or min(n) < 1:
       raise UserError(f"--counts takes N_TRAIN,N_VAL,N_TEST (each >= 1), got {args.counts!r}")
     counts = dict(n_train=n[0], n_val=n[1], n_test=n[2])
-  return cli.ensure_builtin(size, 0, variant, counts, args.data_root)
+  return datasets.ensure_builtin(size, 0, variant, counts, args.data_root)
 
 
 # ----------------------------------------------------------------------------
@@ -102,16 +100,14 @@ def _data_dir(args, variant, cfg):
 
 def run_one(args):
   """Trains (or resumes) one (variant, seed) and writes its result.json."""
-  from scr_jax import diagnostics, structure, train
+  from scr_jax import diagnostics, train
   cfg = _config(args, args.seed)
-  targs = argparse.Namespace(preset=args.preset, data=args.data, workdir=args.workdir,
-                             set=list(args.set), steps=args.steps, seed=args.seed,
-                             variant=None, order=None, q=None, structure=None, candidates=None,
-                             resume=True, distributed=False, max_seconds=args.budget)
   t0 = time.time()
-  res = cli.cmd_train(targs)
-  test = cli.load_split(args.data, "test", cfg)
-  m, q = structure.resolve(cfg)
+  res = runner.train_run(cfg, args.workdir, args.data, max_seconds=args.budget)
+  if res["reason"] in ("SIGINT", "SIGTERM"):
+    sys.exit(130 if res["reason"] == "SIGINT" else 143)
+  test = datasets.load_split(args.data, "test", cfg)
+  m, q = res["structure"].m, res["structure"].q
   params = res["state"]["params"]
   summ, _, _ = train.evaluate(train.make_eval_fn(res["nets"], cfg, q), params, test, m, cfg)
   out = dict(variant=args.bench_variant, seed=args.seed, steps=res["step"],
@@ -148,7 +144,7 @@ def _baselines(args, variant, out):
   if got is None:
     cfg = _config(args, 0)
     root = _data_dir(args, variant, cfg)
-    test, trn = cli.load_split(root, "test", cfg), cli.load_split(root, "train", cfg)
+    test, trn = datasets.load_split(root, "test", cfg), datasets.load_split(root, "train", cfg)
     base = metrics.baseline_summaries(test["depth"], trn["depth"], model.camera(cfg),
                                       **metrics.template_kwargs(test, trn))
     got = {k: dict(side=v["side_mean"], mad=v["mad_mean"]) for k, v in base.items()}
@@ -377,7 +373,7 @@ def drive(args):
 
 
 def main():
-  p = cli._Parser(prog="bench_quality.py", description=__doc__.split("\n")[0])
+  p = cliutil.Parser(prog="bench_quality.py", description=__doc__.split("\n")[0])
   p.add_argument("--preset", default="cpu_small")
   p.add_argument("--seeds", default="0,1,2,3,4")
   p.add_argument("--variants", default="default,wide_pose,harsh_light,hires64,albedo_alt")
@@ -404,9 +400,9 @@ def main():
   try:
     run_one(args) if args.one else drive(args)
   except UserError as e:
-    cli._fail(e, 2)
-  except cli.NonFiniteError as e:
-    cli._fail(e, 3)
+    cliutil.fail(e, 2)
+  except NonFiniteError as e:
+    cliutil.fail(e, 3)
 
 
 if __name__ == "__main__":

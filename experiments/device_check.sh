@@ -31,6 +31,8 @@ mkdir -p "$OUT" || { echo "error: cannot create $OUT" >&2; exit 2; }
 OUT="$(cd "$OUT" && pwd)"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/scr_device_check.XXXXXX")"
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+# The device machine gets the tree without `pip install -e .`: scr_jax from ROOT.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$WORK/jax_cache}"
 
 if ! "$PY" -c "import tensorboardX" 2>/dev/null; then
@@ -78,7 +80,7 @@ uptime > "$WORK/load_before.txt" 2>/dev/null || true
   > "$OUT/env.txt" 2>&1
 # Data first, in the background (CPU work beside the GPU benchmarks).
 if [ "$DATA" = builtin ]; then
-  "$PY" -c "import sys; sys.path.insert(0, '$ROOT/experiments'); import run; run.ensure_builtin(64)" \
+  "$PY" -c "from scr_jax import datasets; datasets.ensure_builtin(64)" \
     > "$WORK/data.log" 2>&1 &
 else
   "$PY" "$ROOT/experiments/run.py" data --out "$DATA" "${DATA_ARGS[@]}" > "$WORK/data.log" 2>&1 &

@@ -28,117 +28,20 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Persistent XLA compile cache: reruns, resumes and repeated runs of one
 # config skip compilation (set JAX_COMPILATION_CACHE_DIR to move or share it).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
 
+from scr_jax.datasets import (  # noqa: E402,F401  (data resolution, re-exported)
+    BUILTIN_COUNTS, baselines_for, builtin_dir, ensure_builtin, load_split, load_train_data,
+    resolve_data)
+from scr_jax import cliutil, runner, workdir as workdir_lib  # noqa: E402
 from scr_jax.errors import NonFiniteError, UserError  # noqa: E402
-
-BUILTIN_COUNTS = dict(n_train=4000, n_val=500, n_test=500)
 
 
 def _log(msg):
   print(msg, file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------
-# Data resolution
-# ----------------------------------------------------------------------------
-
-def builtin_dir(size: int, seed: int = 0, variant: str = "default", data_root=None) -> str:
-  name = f"builtin_s{size}_seed{seed}" if variant == "default" else \
-      f"builtin_{variant}_s{size}_seed{seed}"
-  return os.path.join(data_root or os.path.join(ROOT, "data"), name)
-
-
-def ensure_builtin(size: int, seed: int = 0, variant: str = "default", counts=None,
-                   data_root=None) -> str:
-  """Generates the built-in synthetic dataset (of a named generator variant,
-  data.VARIANTS) once (synface layout + ground-truth sidecars) and reuses it
-  afterwards; data made before sidecars existed gets them added."""
-  from scr_jax import data
-  gen = data.get_variant(variant).gen
-  path = builtin_dir(size, seed, variant, data_root)
-  if not os.path.exists(os.path.join(path, "meta.json")):
-    _log(f"generating built-in synthetic faces ({variant}) at {size}x{size} into {path} (once)")
-    data.export_synface(path, size=size, seed=seed, overwrite=True, cfg=gen,
-                        **(counts or BUILTIN_COUNTS))
-  else:
-    data.write_missing_gt(path)
-  return path
-
-
-def resolve_data(spec: str, cfg) -> str:
-  """'builtin', 'builtin:VARIANT' (generated once, at the variant's export
-  size or the config's image size) or a folder path -> the folder."""
-  if spec == "builtin" or spec.startswith("builtin:"):
-    from scr_jax import data
-    name = spec.split(":", 1)[1] if ":" in spec else "default"
-    size = data.get_variant(name).export_size or cfg.image_size
-    return ensure_builtin(size, 0, name)
-  return spec
-
-
-def load_split(spec: str, split: str, cfg, need_depth: bool = True, with_gt: bool = True):
-  """`spec` = 'builtin[:VARIANT]' or a synface-layout folder; returns the data
-  dict, with d["gt"] (data.load_gt) when the split has a ground-truth sidecar
-  and with_gt."""
-  from scr_jax import data
-  root = resolve_data(spec, cfg)
-  if not os.path.isdir(root):
-    raise UserError(f"data folder {root} not found")
-  if not os.path.isdir(os.path.join(root, split)):
-    raise UserError(f"{root}: no '{split}' split folder")
-  if os.path.isdir(os.path.join(root, split, "depth")):
-    d = data.load_synface(root, split, cfg.image_size, cfg.crop or None)
-    if with_gt:
-      from scr_jax import model
-      try:  # a folder this generator exported before sidecars existed: add them
-        data.write_missing_gt(root)
-      except OSError as e:
-        _log(f"note: {root}: cannot add the ground-truth sidecars ({e.strerror}); "
-             "no diagnostics")
-      gt = data.load_gt(root, split, d["names"], cfg.image_size, cfg.crop or None,
-                        model.camera(cfg))
-      if gt is not None:
-        d["gt"] = gt
-    return d
-  if need_depth:
-    raise UserError(f"{root}/{split}: no depth/ folder, so no ground truth to evaluate against")
-  imgs = os.path.join(root, split, "image")
-  return data.load_image_folder(imgs if os.path.isdir(imgs) else os.path.join(root, split),
-                                cfg.image_size, cfg.crop or None)
-
-
-def baselines_for(spec: str, test: dict, cfg):
-  """metrics.baseline_summaries on `test` (a loaded split of `spec`): constant,
-  average GT depth and, when both splits carry the generator's ground truth,
-  the template baseline. None when `spec` has no train split with depth."""
-  from scr_jax import metrics, model
-  root = resolve_data(spec, cfg)
-  if not os.path.isdir(os.path.join(root, "train", "depth")):
-    return None
-  trn = load_split(spec, "train", cfg)
-  return metrics.baseline_summaries(test["depth"], trn["depth"], model.camera(cfg),
-                                    **metrics.template_kwargs(test, trn))
-
-
-def load_train_data(spec: str, cfg):
-  """Training images (ground truth optional) and, when present, val data."""
-  from scr_jax import data
-  root = resolve_data(spec, cfg)
-  if not os.path.exists(root):
-    raise UserError(f"data {root} not found")
-  if os.path.isdir(os.path.join(root, "train")):
-    train = load_split(root, "train", cfg, need_depth=False, with_gt=False)
-    val = None
-    if os.path.isdir(os.path.join(root, "val", "depth")):
-      val = load_split(root, "val", cfg)
-    return train, val
-  # a plain folder of images: train on all of them, no validation
-  return data.load_image_folder(root, cfg.image_size, cfg.crop or None), None
 
 
 # ----------------------------------------------------------------------------
@@ -173,103 +76,22 @@ def cmd_data(args):
 
 
 def make_config(args):
-  from scr_jax import config
-  cfg = config.get_config(args.preset)
-  sets = list(args.set or [])
-  for flag in ("steps", "seed", "variant", "order", "q", "structure"):
-    val = getattr(args, flag, None)
-    if val is not None:
-      sets.append(f"{flag}={val}")
-  cfg = config.override(cfg, sets)
-  if cfg.order and cfg.order.lower() != "random":
-    from scr_jax import structure
-    structure.check_order(cfg.order)
-  if cfg.lam_perc > 0 and not cfg.vgg_weights:
-    _log(f"note: preset {cfg.preset} wants the VGG16 perceptual loss but no vgg_weights file "
-         "was given (see third_party/README.md); training with lam_perc=0")
-    cfg = config.override(cfg, ["lam_perc=0"])
-  return cfg
+  """The config of --preset, --set and the flags that are shorthands for --set."""
+  return runner.make_config(args.preset, args.set, _log,
+                            **{f: getattr(args, f, None) for f in runner.CONFIG_FLAGS})
 
 
 def cmd_train(args):
-  import numpy as np
   cfg = make_config(args)
   if args.distributed:
     init_distributed()  # (main() did it already, before starting the backend)
-  from scr_jax import checkpoint, structure, train
-  m, q = structure.resolve(cfg)
-  _check_data_arg(args.data)
-  orders = None
-  if getattr(args, "candidates", None):
-    # K dense orderings trained together (vmapped), same batches and init.
-    spec = args.candidates
-    orders = (list(structure.ALL_ORDERS) if spec == "all24"
-              else [structure.check_order(o) for o in spec.split(",") if o])
-    if cfg.variant not in ("independent", "dense") or not orders:
-      raise UserError("--candidates takes all24 or a comma list of orderings (dense SCR)")
-    m = np.stack([structure.dense_matrix(o) for o in orders])
-  checkpoint.probe_writable(args.workdir)
-  restart = getattr(args, "restart", False)
-  resume = args.resume and not restart
-  info = dict(variant="dense" if orders else cfg.variant, orders=orders,
-              data=_data_spec(args.data, cfg))
-  # Before any data is read or generated and before anything is compiled:
-  # the requested settings against those of the workdir's newest checkpoint.
-  used = checkpoint.has_checkpoints(args.workdir)
-  if resume:
-    checkpoint.check_resume(args.workdir, checkpoint.run_settings(
-        cfg, m, q, variant=info["variant"], orders=orders, data=dict(spec=info["data"])))
-  elif used and not restart:
-    step, _, _ = checkpoint.saved_run(args.workdir)
-    raise UserError(f"{args.workdir} already holds a run (checkpoints up to step {step}); "
-                    "--no-resume would overwrite it: add --restart to set it aside and start "
-                    "over, or use another --workdir")
-  init_params = _init_params(args, cfg, resume, info)
-  if restart and used:
-    moved = checkpoint.set_aside(args.workdir)
-    _log(f"note: --restart: moved the previous run's checkpoints, config and logs to {moved}")
-  train_data, val_data = load_train_data(args.data, cfg)
-  if resume:  # the same data? (its content, now that it is read; nothing compiled yet)
-    info["fingerprint"] = checkpoint.data_fingerprint(train_data["images"])
-    checkpoint.check_resume(args.workdir, checkpoint.run_settings(
-        cfg, m, q, variant=info["variant"], orders=orders,
-        data=dict(info["fingerprint"], spec=info["data"])))
-  _log(f"train: preset {cfg.preset}, variant {cfg.variant}, {train_data['images'].shape[0]} "
-       f"images at {cfg.image_size}px, {cfg.steps} steps, batch {cfg.batch_size}")
-  res = train.fit(cfg, args.workdir, train_data, val_data, m=m, q=q, resume=resume,
-                  max_seconds=args.max_seconds, run_info=info, init_params=init_params)
-  if res["reason"] != "already trained":
-    _log(f"trained to step {res['step']} in {res['seconds']:.0f}s ({res['reason']})")
+  res = runner.train_run(cfg, args.workdir, args.data,
+                         candidates=getattr(args, "candidates", None), resume=args.resume,
+                         restart=getattr(args, "restart", False), max_seconds=args.max_seconds,
+                         init_from=getattr(args, "init_from", None), log=_log)
   if res["reason"] in ("SIGINT", "SIGTERM"):
     sys.exit(130 if res["reason"] == "SIGINT" else 143)
   return res
-
-
-def _init_params(args, cfg, resume, info):
-  """--init-from W0: the parameters of W0's newest checkpoint (e.g. an
-  `import-unsup3d` workdir) to start a new run from, with any structure;
-  checked against the config's network shapes before any data is read."""
-  from scr_jax import checkpoint
-  src = getattr(args, "init_from", None)
-  if not src:
-    return None
-  if resume and checkpoint.has_checkpoints(args.workdir):
-    _log(f"note: {args.workdir} already holds checkpoints: resuming from them, --init-from "
-         "is not used")
-    return None
-  r = _restore_run(src)
-  if r["orders"]:
-    raise UserError(f"--init-from {src} holds {len(r['orders'])} candidate structures; give a "
-                    "single-structure workdir")
-  shape = ("image_size", "embed_dim", "nf_encoder", "nf_ed", "nf_conf", "conf_zdim")
-  diff = [f"{f}: {getattr(r['cfg'], f)} -> {getattr(cfg, f)}" for f in shape
-          if getattr(r["cfg"], f) != getattr(cfg, f)]
-  if diff:
-    raise UserError(f"--init-from {src} has other network shapes ({'; '.join(diff)}); use its "
-                    f"preset ({r['cfg'].preset})")
-  info["init_from"] = dict(workdir=os.path.abspath(src), step=r["step"])
-  _log(f"note: starting from the parameters of {src} (step {r['step']}) with a fresh optimiser")
-  return r["params"]
 
 
 def cmd_import_unsup3d(args):
@@ -286,22 +108,6 @@ def cmd_import_unsup3d(args):
        f"`train --init-from {args.workdir} --workdir NEW ...`")
 
 
-def _data_spec(spec: str, cfg) -> str:
-  """The --data argument as saved with a run: 'builtin:SIZE' or an absolute path."""
-  return f"builtin:{cfg.image_size}" if spec == "builtin" else os.path.abspath(spec)
-
-
-def _check_data_arg(spec: str, flag: str = "--data"):
-  """A --data folder that is missing or is a file: one line, before any work."""
-  if spec == "builtin":
-    return
-  if not os.path.exists(spec):
-    raise UserError(f"{flag} {spec}: not found (give a data folder, or builtin)")
-  if not os.path.isdir(spec):
-    raise UserError(f"{flag} {spec} is a file, not a folder: give the folder that holds the "
-                    "images (or the root of a synface layout with train/ val/ test/)")
-
-
 def cmd_search(args):
   """Structure search: writes WORKDIR/structure.json (+ trace JSON and PNG)."""
   from scr_jax import checkpoint, config, search, structure
@@ -311,9 +117,8 @@ def cmd_search(args):
     if args.budget_steps < 1:
       raise UserError(f"--budget-steps must be >= 1, got {args.budget_steps}")
     cfg = config.override(cfg, [f"steps={args.budget_steps}"])
-  if cfg.lam_perc > 0 and not cfg.vgg_weights:
-    cfg = config.override(cfg, ["lam_perc=0"])
-  _check_data_arg(args.data)
+  cfg = config.without_missing_vgg(cfg)
+  runner.check_data_arg(args.data)
   on_cycle = "raise-threshold" if args.raise_threshold_to_dag else args.on_cycle
   if on_cycle == "refuse" and args.threshold is None:
     raise UserError("--on-cycle refuse needs an explicit --threshold (at the default 0.1 the "
@@ -376,77 +181,31 @@ def cmd_search(args):
 
 
 def cmd_reproduce(args):
-  """Tables 1-2, Figures 6 and 8, qualitative grid; resumable (see reproduce.py)."""
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import reproduce
+  """Tables 1-2, Figures 6 and 8, qualitative grid; resumable (scr_jax/reproduce.py)."""
+  from scr_jax import reproduce
   if args.report:
-    print(reproduce.partial_report(args.out, load_split))
+    print(reproduce.partial_report(args.out))
     return None
   command = "python experiments/run.py " + " ".join(sys.argv[1:])
   return reproduce.reproduce(args.out, preset=args.preset, seeds=args.seeds, data=args.data,
                              steps=args.steps, search_steps=args.search_steps,
                              fig6_steps=args.fig6_steps, sets=args.set or [],
-                             load_split=load_split, command=command)
-
-
-def _restore_run(workdir):
-  """The newest checkpoint of a trained workdir, with the model built from the
-  settings saved in that checkpoint (not from a config.json written later).
-  Returns dict(cfg, nets, params, m, q, step, orders). Workdirs made before
-  settings were saved per checkpoint fall back to config.json and
-  adjacency.json, with a note."""
-  import jax
-  import numpy as np
-  from scr_jax import checkpoint, train
-  from scr_jax import nets as nets_lib
-  if not os.path.isdir(workdir):
-    raise UserError(f"--workdir {workdir}: not found")
-  # (manager() creates W/checkpoints: only for a folder that has one already)
-  mngr = checkpoint.manager(workdir) if checkpoint.has_checkpoints(workdir) else None
-  step = checkpoint.latest_step(mngr) if mngr else None
-  if step is None:
-    raise UserError(f"{workdir} has no checkpoint yet (train first)")
-  settings = checkpoint.load_settings(workdir, step)
-  if settings is None:
-    settings = checkpoint.legacy_settings(workdir)
-    if settings is None:
-      raise UserError(f"{workdir}: checkpoint step {step} has no saved settings and there is no "
-                      "config.json + adjacency.json beside it; is it a training workdir?")
-    _log(f"note: checkpoint step {step} of {workdir} was saved without its settings (an older "
-         "workdir, or a save cut short); using its config.json and adjacency.json")
-  cfg = checkpoint.settings_config(settings)
-  st = settings["structure"]
-  nets = nets_lib.make_nets(cfg)
-  k = len(st["orders"]) if st.get("orders") else 0
-
-  def like():  # shapes only: initialising the paper nets eagerly takes ~30 s on CPU
-    state = train.init_state(cfg, jax.random.PRNGKey(cfg.seed))[1]
-    return train.stack_state(state, k) if k else state
-
-  restored = checkpoint.restore_step(mngr, step, jax.eval_shape(like))
-  return dict(cfg=cfg, nets=nets, params=restored["params"], m=np.asarray(st["M"], np.float32),
-              q=st.get("q"), step=int(restored["step"]), orders=st.get("orders"))
-
-
-def _restore(workdir):
-  """(cfg, nets, params, m, q, step) of a trained workdir (newest checkpoint)."""
-  r = _restore_run(workdir)
-  return r["cfg"], r["nets"], r["params"], r["m"], r["q"], r["step"]
+                             command=command)
 
 
 def cmd_eval(args):
   import numpy as np
   from scr_jax import train
-  _check_data_arg(args.data)
-  r = _restore_run(args.workdir)
-  cfg, params, m, step = r["cfg"], r["params"], r["m"], r["step"]
+  runner.check_data_arg(args.data)
+  r = workdir_lib.restore(args.workdir)
+  cfg, params, m, step = r.cfg, r.params, r.structure.m, r.step
   d = load_split(args.data, args.split, cfg)
-  eval_fn = train.make_eval_fn(r["nets"], cfg, r["q"])
-  if m.ndim == 3:  # a `train --candidates` workdir: one result per ordering
+  eval_fn = train.make_eval_fn(r.nets, cfg, r.structure.q)
+  if r.k:  # a candidates workdir (train --candidates, search evals, fig6): one result each
     if args.save_predictions:
       raise UserError("--save-predictions needs a single-structure workdir")
     rows = []
-    for i, order in enumerate(r["orders"]):
+    for i, order in enumerate(r.structure.orders or range(r.k)):
       res, _, _ = train.evaluate(eval_fn, train.unstack_params(params, i), d, m[i], cfg)
       rows.append(dict(res, order=order))
       _log(f"  {order}: SIDE {res['side_mean']:.3f}  MAD {res['mad_mean']:.2f}")
@@ -559,10 +318,10 @@ def cmd_diagnose(args):
     raise UserError(f"--rows must be >= 1, got {args.rows}")
   if args.limit is not None and args.limit < 1:
     raise UserError(f"--limit must be >= 1, got {args.limit}")
-  cfg, nets, params, m, q, step = _restore(args.workdir)
-  if m.ndim == 3:
-    raise UserError(f"{args.workdir} holds {m.shape[0]} candidate structures; diagnose needs "
-                    "a single-structure workdir")
+  r = workdir_lib.restore(args.workdir).single(args.workdir, "diagnose",
+                                                getattr(args, "candidate", None))
+  cfg, nets, params, step = r.cfg, r.nets, r.params, r.step
+  m, q = r.structure.m, r.structure.q
   d = load_split(args.data, args.split, cfg)
   if "gt" not in d:
     raise UserError(f"{args.data}: the {args.split} split has no usable ground-truth sidecar "
@@ -609,13 +368,13 @@ def cmd_predict(args):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from scr_jax import checkpoint, data, export, model, visualize
+  from scr_jax import data, export, model, visualize
   if os.path.exists(args.out) and not os.path.isdir(args.out):
     raise UserError(f"--out {args.out}: exists and is not a folder")
   video_size = getattr(args, "video_size", 256)
   if video_size < 8 or video_size % 2:
     raise UserError(f"--video-size must be an even number >= 8, got {video_size}")
-  cfg = checkpoint.load_config(args.workdir)  # sizes and crop only; weights come later
+  cfg = workdir_lib.load_config(args.workdir)  # sizes and crop only; weights come later
   notes = {}
   kept, skipped, lines = _predict_inputs(args, cfg, notes)
   if not kept:
@@ -625,10 +384,9 @@ def cmd_predict(args):
   for line in lines:
     _log(line)
   data._report(notes)
-  cfg, nets, params, m, q, _ = _restore(args.workdir)
-  if m.ndim == 3:
-    raise UserError(f"{args.workdir} holds {m.shape[0]} candidate structures; predict needs "
-                    "a single-structure workdir")
+  r = workdir_lib.restore(args.workdir).single(args.workdir, "predict",
+                                                getattr(args, "candidate", None))
+  cfg, nets, params, m, q = r.cfg, r.nets, r.params, r.structure.m, r.structure.q
   os.makedirs(args.out, exist_ok=True)
   cam = model.camera(cfg)
   fwd = jax.jit(lambda p, x: model.forward(nets, p, x, jnp.asarray(m), cfg, q))
@@ -680,8 +438,8 @@ def cmd_main(args):
   from scr_jax import diagnostics
   test = load_split("builtin", "test", cfg)
   if "gt" in test:
-    _, nets, params, m, q, _ = _restore(wd)
-    diag = diagnostics.evaluate(nets, params, test, m, cfg, q)
+    r = workdir_lib.restore(wd)
+    diag = diagnostics.evaluate(r.nets, r.params, test, r.structure.m, cfg, r.structure.q)
     with open(os.path.join(wd, "diagnose_test.json"), "w") as fh:
       json.dump(diag, fh, indent=1)
   rows = [("independent SCR (ours)", summ)] + list(base.items())
@@ -697,15 +455,8 @@ def cmd_main(args):
   print(f"\noutputs: {wd}/eval_test.json, {wd}/tb (tensorboard), {wd}/metrics.csv, {pred_dir}/")
 
 
-class _Parser(argparse.ArgumentParser):
-  """argparse with a one-line error (no usage dump); exit status 2."""
-
-  def error(self, message):
-    self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
-
-
 def build_parser():
-  p = _Parser(prog="run.py", description=__doc__.split("\n")[0])
+  p = cliutil.Parser(prog="run.py", description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="cmd", required=True)
 
   d = sub.add_parser("data", help="write the built-in synthetic data in synface layout")
@@ -766,6 +517,7 @@ def build_parser():
   dg.add_argument("--limit", type=int, help="use the first N images of the split")
   dg.add_argument("--rows", type=int, default=8, help="images in the picture grid")
   dg.add_argument("--out", help="output path without extension (default W/diagnose_SPLIT)")
+  dg.add_argument("--candidate", help="of a candidates workdir: the ordering (or index) to use")
   dg.set_defaults(fn=cmd_diagnose)
 
   pr = sub.add_parser("predict", help="depth, albedo, light, view, mesh and turn-tables for "
@@ -786,6 +538,7 @@ def build_parser():
                   help="read sub-folders of folder inputs (default: yes)")
   pr.add_argument("--video-size", type=int, default=256,
                   help="pixels per panel of the MP4 turn-table, even (default 256)")
+  pr.add_argument("--candidate", help="of a candidates workdir: the ordering (or index) to use")
   pr.set_defaults(fn=cmd_predict)
 
   se = sub.add_parser("search", help="learn the structure M (writes WORKDIR/structure.json)")
@@ -855,14 +608,6 @@ def build_parser():
   mn.add_argument("--set", action="append", metavar="KEY=VALUE")
   mn.set_defaults(fn=cmd_main)
   return p
-
-
-def _fail(err, code):
-  """One line, then exit; teardown noise (e.g. a tensorboard flush on a full
-  disk, printed from atexit or threads) goes to /dev/null."""
-  print(f"error: {err}", file=sys.stderr, flush=True)
-  sys.stderr = open(os.devnull, "w")
-  sys.exit(code)
 
 
 # Every path a command writes, checked before any model is loaded or data read:
@@ -984,13 +729,13 @@ def main(argv=None):
       check_jax_backend()
     args.fn(args)
   except UserError as e:
-    _fail(e, 2)
+    cliutil.fail(e, 2)
   except NonFiniteError as e:
-    _fail(e, 3)
+    cliutil.fail(e, 3)
   except OSError as e:  # the disk filled up / went read-only mid-run: one line too
     if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
       raise
-    _fail(f"{e.filename}: {e.strerror}" if e.filename else e.strerror, 2)
+    cliutil.fail(f"{e.filename}: {e.strerror}" if e.filename else e.strerror, 2)
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     sys.exit(130)

@@ -185,6 +185,14 @@ def save_adjacency(workdir: str, structure: dict):
   _write_json(os.path.join(workdir, "adjacency.json"), dict(factors=list(FACTORS), **structure))
 
 
+def save_run_files(workdir: str, settings: dict):
+  """W/config.json and W/adjacency.json of the run `settings` (`run_settings`)
+  describe: what people and `predict` read (evaluation reads the settings
+  saved in the checkpoint)."""
+  save_config(workdir, settings_config(settings))
+  save_adjacency(workdir, settings["structure"])
+
+
 def load_config(workdir: str) -> Config:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
@@ -211,25 +219,24 @@ def data_fingerprint(images_NxHxWx3) -> dict:
               hash=hashlib.blake2b(x.data, digest_size=12).hexdigest())
 
 
-def run_settings(cfg: Config, m, q=None, variant=None, orders=None, data=None) -> dict:
+def run_settings(cfg: Config, structure, data=None) -> dict:
   """The settings that decide what a run learns, as saved with each checkpoint.
 
   Args:
     cfg: the resolved config.
-    m: the adjacency trained, 4x4 (rows = parents) or Kx4x4 candidates.
-    q: dynamic SCR's attention (None otherwise).
-    variant: the structure variant trained (default cfg.variant).
-    orders: the K orderings of a candidate (`--candidates`) run, else None.
+    structure: the `structure.Structure` trained (M 4x4 or Kx4x4 candidates,
+      q, variant, candidate orderings).
     data: dict with any of `spec` (the --data argument, a path or 'builtin'),
       and the keys of `data_fingerprint`.
   Returns:
-    A JSON-able dict {config, structure, data}.
+    A JSON-able dict {config, structure, data}; the config's `variant` (and
+    `q`, for dynamic SCR) are those of the structure trained.
   """
-  return dict(config=json.loads(cfg.to_json()),
-              structure=dict(variant=variant or cfg.variant, q=q,
-                             M=np.asarray(m, np.float32).tolist(),
-                             orders=list(orders) if orders else None),
-              data=dict(data or {}))
+  conf = json.loads(cfg.to_json())
+  conf["variant"] = structure.variant
+  if structure.q:
+    conf["q"] = structure.q
+  return dict(config=conf, structure=structure.record(), data=dict(data or {}))
 
 
 def load_settings(mngr_or_workdir, step: int):

@@ -15,11 +15,12 @@ FACTORS = ("V", "D", "L", "A")
 
 # Fields a resumed run may change without changing what the weights learn
 # (logging, evaluation and checkpoint intervals, how far to train, the preset's
-# name, what to do on a non-finite step). `order` and `structure` only say
-# where the structure came from: the resolved M is compared instead. Any other
-# difference refuses a resume (checkpoint.check_resume).
+# name, what to do on a non-finite step). `order`, `structure`, `variant` and
+# `q` only say where the structure came from: the structure trained (M, q) is
+# compared instead. Any other difference refuses a resume (checkpoint.check_resume).
 HARMLESS_FIELDS = ("preset", "steps", "log_every", "eval_every", "ckpt_every",
-                   "keep_checkpoints", "num_eval_images", "on_nonfinite", "order", "structure")
+                   "keep_checkpoints", "num_eval_images", "on_nonfinite", "order", "structure",
+                   "variant", "q")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,4 +204,16 @@ def validate(cfg: Config) -> Config:
   need(cfg.trans_warmup_steps >= 0, "trans_warmup_steps", "must be >= 0")
   need(cfg.tilt_warmup_steps >= 0, "tilt_warmup_steps", "must be >= 0")
   need(cfg.depth_warmup_steps >= 0, "depth_warmup_steps", "must be >= 0")
+  return cfg
+
+
+def without_missing_vgg(cfg: Config, log=None) -> Config:
+  """The config with lam_perc=0 when it asks for the VGG16 perceptual loss but
+  names no weights file (the user brings it, see third_party/README.md);
+  `log(line)` is told once. Otherwise `cfg` unchanged."""
+  if cfg.lam_perc > 0 and not cfg.vgg_weights:
+    if log is not None:
+      log(f"note: preset {cfg.preset} wants the VGG16 perceptual loss but no vgg_weights file "
+          "was given (see third_party/README.md); training with lam_perc=0")
+    return override(cfg, ["lam_perc=0"])
   return cfg

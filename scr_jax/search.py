@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scr_jax import structure
+from scr_jax import checkpoint, structure, workdir as workdir_lib
 from scr_jax.errors import UserError
 
 # ----------------------------------------------------------------------------
@@ -243,9 +243,9 @@ def train_orders(cfg, workdir, train_data, val_data, orders, q=None, quiet=True)
       saved = json.load(fh)
     if saved.get("orders") == list(orders) and saved.get("steps") == cfg.steps:
       return saved["scores"]
-  ms = np.stack([structure.dense_matrix(o) for o in orders])
-  res = train.fit(cfg, workdir, train_data, None, m=ms, q=q, quiet=quiet)
-  scores = candidate_scores(cfg, res["nets"], res["state"]["params"], ms, q, val_data)
+  st = structure.candidates(orders, q)
+  res = train.fit(cfg, workdir, train_data, None, st, quiet=quiet)
+  scores = candidate_scores(cfg, res["nets"], res["state"]["params"], st.m, q, val_data)
   for o, sc in zip(orders, scores):
     sc["order"] = o
   _write_json(path, dict(orders=list(orders), steps=cfg.steps, scores=scores))
@@ -394,6 +394,17 @@ def search_unroll(cfg, workdir, train_data, val_data, masked_order=None, steps=5
                                m_continuous=res["m_effective"].round(5).tolist(),
                                threshold=tau, dropped_edges=trace["dropped_edges"],
                                trace="unroll_trace.json")
+  # The inner network as a workdir (eval / predict / diagnose read it): trained
+  # with the continuous M, so that M is what it records.
+  params = res["params"]
+  workdir_lib.save(
+      workdir, cfg, structure.Structure(m=res["m_effective"], variant="generic"),
+      dict(params=params, opt_state=train.make_optimizer(cfg).init(params),
+           step=jnp.asarray(steps * unroll_k, jnp.int32)),
+      data=checkpoint.data_fingerprint(imgs), describe=False,
+      extra=dict(trained_by=f"search {method}: the inner network after {steps} outer steps "
+                 f"of {unroll_k} inner step(s), with the continuous M (before thresholding); "
+                 "its optimiser state is a fresh one"))
   log(f"M after thresholding at {tau}: {int((m != 0).sum())} edge(s), order {s['order']} -> "
       f"{os.path.join(workdir, 'structure.json')}")
   return s, trace

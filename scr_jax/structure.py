@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 
+from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,6 +63,66 @@ def dynamic_matrix(u_Bx4xd, m_dense, q: str):
   else:
     raise UserError(f"unknown dynamic attention q={q!r} (sigmoid or cosine)")
   return att * m_dense
+
+
+@struct.dataclass
+class Structure:
+  """The causal structure a model is trained with, as one value.
+
+  m: 4x4 adjacency (rows = parents, columns = children, factor order
+    V, D, L, A) or, for K candidates trained together, a Kx4x4 stack. With q,
+    the dense mask that q(u) multiplies (dynamic SCR).
+  q: None, or dynamic SCR's attention ("sigmoid" | "cosine").
+  variant: "independent" | "dense" | "generic" | "dynamic" (what is recorded
+    with the run; not used by the numerics).
+  orders: the K candidates' labels (orderings, or "independent" for M = 0)
+    when m is a stack, else None.
+
+  `m` is the only array (a pytree leaf): a Structure goes through jit as an
+  argument, and `jax.vmap(..., in_axes=0)` over it maps the candidate axis.
+  """
+  m: jax.Array
+  q: str | None = struct.field(pytree_node=False, default=None)
+  variant: str = struct.field(pytree_node=False, default="independent")
+  orders: tuple | None = struct.field(pytree_node=False, default=None)
+
+  @property
+  def k(self) -> int:
+    """Number of candidates (0: a single structure)."""
+    return int(self.m.shape[0]) if self.m.ndim == 3 else 0
+
+  def adjacency(self, u_Bx4xd):
+    """The adjacency applied to a batch of embeddings: M (4x4, shared) or,
+    with q, q(u) * M per image (Bx4x4). A single structure only (under vmap
+    over candidates, each one is single)."""
+    return dynamic_matrix(u_Bx4xd, self.m, self.q) if self.q else self.m
+
+  def candidate(self, i: int) -> "Structure":
+    """Candidate i of a stack, as a single structure."""
+    m = self.m[i]
+    label = self.orders[i] if self.orders else None
+    variant = "independent" if label == "independent" else self.variant
+    return Structure(m=m, q=self.q, variant=variant)
+
+  def record(self) -> dict:
+    """JSON-able {variant, q, M, orders}, as saved with each checkpoint."""
+    return dict(variant=self.variant, q=self.q, M=np.asarray(self.m, np.float32).tolist(),
+                orders=list(self.orders) if self.orders else None)
+
+  @classmethod
+  def from_record(cls, rec: dict) -> "Structure":
+    """The inverse of `record` (a checkpoint's settings["structure"])."""
+    orders = rec.get("orders")
+    return cls(m=np.asarray(rec["M"], np.float32), q=rec.get("q"),
+               variant=rec.get("variant") or "independent",
+               orders=tuple(orders) if orders else None)
+
+
+def candidates(orders, q=None) -> Structure:
+  """K dense orderings (or "independent": M = 0) as one stacked Structure."""
+  ms = [np.zeros((4, 4), np.float32) if o == "independent" else dense_matrix(o) for o in orders]
+  return Structure(m=np.stack(ms), q=q, variant="dynamic" if q else "dense",
+                   orders=tuple(orders))
 
 
 def notears_h(m, c: float = 1.0):
@@ -121,6 +182,12 @@ def resolve(cfg):
   if "M" not in s:
     return dense_matrix(s["order"]), None
   return np.asarray(s["M"], np.float32), None
+
+
+def resolve_structure(cfg) -> Structure:
+  """`resolve(cfg)` as a Structure recording the configured variant."""
+  m, q = resolve(cfg)
+  return Structure(m=m, q=q, variant=cfg.variant)
 
 
 def load_structure(path: str) -> dict:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scr_jax import losses, model, nets as nets_lib
+from scr_jax import losses, model, nets as nets_lib, structure as structure_lib
 from scr_jax.errors import NonFiniteError, UserError
 
 
@@ -364,29 +364,34 @@ def place_candidates(state_K, m_Kx4x4, mesh):
   return replicate(state_K, mesh), replicate(m_Kx4x4, mesh), False
 
 
-def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
+def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
         resume: bool = True, quiet: bool = False, max_seconds=None, log=None,
         run_info=None, init_params=None):
   """Trains `cfg.steps` steps (or until `max_seconds`), resumable.
 
-  m: the adjacency (4x4) or, with q, the dense mask of dynamic SCR; a stack
-  Kx4x4 trains K candidate structures at once (vmapped, same batches, same
-  initial parameters), with state params/opt_state carrying the K axis.
+  structure: the `structure.Structure` to train (default: the config's,
+  `structure.resolve_structure(cfg)`); its M is the adjacency (4x4) or, with
+  q, the dense mask of dynamic SCR; a stack Kx4x4 (`structure.candidates`)
+  trains K candidate structures at once (vmapped, same batches, same initial
+  parameters), with state params/opt_state carrying the K axis.
   At each validation, SIDE / MAD on val_data and, when val_data carries the
   generator's ground truth (val_data["gt"], see data.load_gt), the
   diagnostics of scr_jax/diagnostics.py go to tensorboard and metrics.csv
   (prefix val/).
-  run_info: optional dict(variant=, orders=, data=the --data argument,
-  fingerprint=checkpoint.data_fingerprint(train images) if already computed),
-  saved with the settings (and `init_from`, when given, as provenance).
+  run_info: optional dict(data=the --data argument,
+  fingerprint=checkpoint.data_fingerprint(train images) if already computed,
+  init_from=provenance of init_params), saved with the settings.
   init_params: start from these parameters (e.g. a pretrained or imported
   model; same shapes as this config's) with a fresh optimiser, unless the
   workdir already holds a checkpoint to resume from.
-  Every checkpoint carries the run's settings (config, M, q, a fingerprint of
-  the training images; `checkpoint.run_settings`). A resume is compared with
+  Every checkpoint carries the run's settings (config, structure, a
+  fingerprint of the training images; `checkpoint.run_settings`), and
+  W/config.json + W/adjacency.json describe the run, so any workdir `fit`
+  makes is read back by `workdir.restore` (eval, predict, diagnose). A resume is compared with
   the newest checkpoint's settings before anything is compiled or written; a
   workdir already at `cfg.steps` is left untouched.
-  Returns a summary dict (steps done, last metrics, wall time, stop reason).
+  Returns a summary dict (step, start_step, seconds, reason, last metrics,
+  state, nets, structure).
 
   Raises:
     UserError: the resume would change settings that change what is learned,
@@ -399,14 +404,13 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
   mesh = data_mesh()
   if cfg.batch_size % len(jax.devices()):
     raise ValueError(f"batch_size {cfg.batch_size} must divide over {len(jax.devices())} devices")
-  m = jnp.zeros((4, 4), jnp.float32) if m is None else jnp.asarray(m, jnp.float32)
-  k = m.shape[0] if m.ndim == 3 else 0
+  st = structure_lib.resolve_structure(cfg) if structure is None else structure
+  m, q, k = jnp.asarray(st.m, jnp.float32), st.q, st.k
   info = dict(run_info or {})
   data_info = dict(info.get("fingerprint") or checkpoint.data_fingerprint(train_data["images"]))
   if info.get("data"):
     data_info["spec"] = info["data"]
-  settings = checkpoint.run_settings(cfg, np.asarray(m), q, variant=info.get("variant"),
-                                     orders=info.get("orders"), data=data_info)
+  settings = checkpoint.run_settings(cfg, st, data=data_info)
   if info.get("init_from"):
     settings["init_from"] = info["init_from"]
   note = None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -437,11 +441,10 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
       print(f"note: {workdir} is already at step {start} (steps={cfg.steps}); nothing trained, "
             "nothing written", file=sys.stderr, flush=True)
     return dict(step=start, start_step=start, seconds=0.0, reason="already trained", last={},
-                state=state, nets=nets)
+                state=state, nets=nets, structure=st)
   checkpoint.check_free_space(workdir, state, cfg.keep_checkpoints)
   if jax.process_index() == 0:
-    checkpoint.save_config(workdir, cfg)
-    checkpoint.save_adjacency(workdir, settings["structure"])
+    checkpoint.save_run_files(workdir, settings)
   barrier("fit-start")
   images = train_data["images"]
   put_batch = lambda x: shard_batch(x, mesh)
@@ -515,4 +518,4 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, m=None, q=None,
     print(f"{reason}: saved checkpoint at step {step} in {workdir}; rerun to resume",
           file=sys.stderr, flush=True)
   return dict(step=step, start_step=start, seconds=time.time() - t0, reason=reason,
-              last=last, state=state, nets=nets)
+              last=last, state=state, nets=nets, structure=st)

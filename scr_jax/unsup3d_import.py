@@ -419,7 +419,7 @@ def import_checkpoint(path: str, workdir: str, cfg, log=print) -> dict:
   """
   import jax
   import jax.numpy as jnp
-  from scr_jax import checkpoint, train
+  from scr_jax import checkpoint, structure, train, workdir as workdir_lib
   if checkpoint.has_checkpoints(workdir):
     raise UserError(f"--workdir {workdir} already holds checkpoints; import into a new one")
   ckpt = load_pth(path)
@@ -434,16 +434,12 @@ def import_checkpoint(path: str, workdir: str, cfg, log=print) -> dict:
   params = jax.tree_util.tree_map(jnp.asarray, params)
   opt = train.make_optimizer(cfg)
   state = dict(params=params, opt_state=opt.init(params), step=jnp.zeros((), jnp.int32))
-  settings = checkpoint.run_settings(cfg, np.zeros((4, 4), np.float32), None,
-                                     variant="independent")
   epoch = ckpt.get("epoch")
-  settings["imported_from"] = dict(file=os.path.abspath(path), sha256=file_sha256(path),
-                                   format="unsup3d",
-                                   epoch=epoch if isinstance(epoch, int) else None)
-  checkpoint.probe_writable(workdir)
-  checkpoint.save(checkpoint.manager(workdir, cfg.keep_checkpoints), state, settings)
-  checkpoint.save_config(workdir, cfg)
-  checkpoint.save_adjacency(workdir, settings["structure"])
+  imported = dict(file=os.path.abspath(path), sha256=file_sha256(path), format="unsup3d",
+                  epoch=epoch if isinstance(epoch, int) else None)
+  settings = workdir_lib.save(
+      workdir, cfg, structure.Structure(m=np.zeros((4, 4), np.float32), variant="independent"),
+      state, extra=dict(imported_from=imported))
   for note in notes:
     log(f"note: {note}")
   return settings

@@ -344,8 +344,7 @@ def test_tfds_carries_the_sidecar(tmp_path):
 
 
 def test_bench_table_median_worst_and_goals(tmp_path):
-  sys.path.insert(0, os.path.join(ROOT, "experiments"))
-  import bench_quality as B
+  from experiments import bench_quality as B
   out = str(tmp_path)
   B._write_json(os.path.join(out, "baselines_v.json"), {
       "constant null depth": dict(mad=40.0, side=1.3), "average GT depth": dict(mad=20.0, side=1.8),

@@ -15,15 +15,13 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from conftest import user_case as _case
+from experiments import run
 from scr_jax import data, detect, export
 from scr_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-import run  # noqa: E402
-
 S = 16
-from conftest import user_case as _case  # noqa: E402
 
 
 def _cli(capfd, *argv):
@@ -35,7 +33,7 @@ def _cli(capfd, *argv):
   except SystemExit as e:
     code = e.code
   finally:
-    sys.stderr = stderr  # run._fail silences stderr after its one line
+    sys.stderr = stderr  # cliutil.fail silences stderr after its one line
   return code, [x for x in capfd.readouterr().err.splitlines() if x.strip()]
 
 

@@ -218,16 +218,17 @@ def test_fit_api_refuses_resume_false_on_used_workdir(trained):
 def test_compare_settings_names_fields():
   cfg = config.get_config("test_tiny")
   m0 = np.zeros((4, 4), np.float32)
-  a = checkpoint.run_settings(cfg, m0, data=dict(spec="/a", n_images=3, image_shape=[4, 4, 3],
+  a = checkpoint.run_settings(cfg, structure.Structure(m=m0), data=dict(spec="/a", n_images=3, image_shape=[4, 4, 3],
                                                   hash="ab" * 12))
   b = checkpoint.run_settings(config.override(cfg, ["eval_every=7", "lam_flip=1.0"]),
-                              structure.dense_matrix("DVAL"),
+                              structure.Structure(m=structure.dense_matrix("DVAL"),
+                                                  variant="dense"),
                               data=dict(spec="/b", n_images=3, image_shape=[4, 4, 3],
                                         hash="ab" * 12))
   changed, harmless = checkpoint.compare_settings(a, b)
   assert [c[0] for c in changed] == ["lam_flip", "M"]
   assert changed[1][2] == "edges V->L,V->A,D->V,D->L,D->A,A->L"
-  assert [h[0] for h in harmless] == ["eval_every", "data path"]
+  assert [h[0] for h in harmless] == ["eval_every", "variant", "data path"]
   assert checkpoint.compare_settings(a, a) == ([], [])
 
 

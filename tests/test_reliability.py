@@ -360,13 +360,12 @@ def test_free_space_check(tmp_path, monkeypatch):
 def test_cli_disk_error_mid_run_is_one_line(monkeypatch, capsys):
   """ENOSPC / EROFS raised anywhere (logs, tensorboard) ends as one line, exit 2."""
   import errno
-  sys.path.insert(0, os.path.join(ROOT, "experiments"))
-  import run as cli
+  from experiments import run as cli
 
   def full(args):
     raise OSError(errno.ENOSPC, "No space left on device", "/w/metrics.csv")
   monkeypatch.setattr(cli, "cmd_train", full)
-  monkeypatch.setattr(sys, "stderr", sys.stderr)  # _fail silences stderr after its line
+  monkeypatch.setattr(sys, "stderr", sys.stderr)  # fail() silences stderr after its line
   with pytest.raises(SystemExit) as ex:
     cli.main(["train", "--workdir", "/w"])
   assert ex.value.code == 2

@@ -215,7 +215,6 @@ def test_sigkill_then_resume_cli(tiny_data, tmp_path):
 MULTI = r"""
 import os, sys, json
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=%d"
-sys.path.insert(0, %r)
 import jax, jax.numpy as jnp, numpy as np
 from scr_jax import config, data, train
 cfg = config.get_config("test_tiny")
@@ -240,7 +239,7 @@ def test_multi_device_matches_single(tiny_data):
   root = tiny_data[0]
   res = {}
   for n in (1, 4):
-    out = subprocess.run([sys.executable, "-c", MULTI % (n, ROOT, root)], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", MULTI % (n, root)], capture_output=True,
                          text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode == 0, out.stderr[-2000:]
     res[n] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -299,7 +298,6 @@ def test_depth_prior_starts_convex_and_min_sigma_floors_confidence():
 
 DIST = r"""
 import os, sys, json
-sys.path.insert(0, %r)
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address="127.0.0.1:%d", num_processes=2, process_id=%d)
@@ -332,14 +330,14 @@ def test_two_process_distributed_matches_single(tiny_data):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen([sys.executable, "-c", DIST % (ROOT, port, i, root)],
+  procs = [subprocess.Popen([sys.executable, "-c", DIST % (port, i, root)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
            for i in range(2)]
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-2000:]
   res = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
-  single = subprocess.run([sys.executable, "-c", MULTI % (1, ROOT, root)], capture_output=True,
+  single = subprocess.run([sys.executable, "-c", MULTI % (1, root)], capture_output=True,
                           text=True, timeout=300, env=env)
   assert single.returncode == 0, single.stderr[-2000:]
   ref = json.loads(single.stdout.strip().splitlines()[-1])

@@ -19,13 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scr_jax import checkpoint, config, data, nets
+from scr_jax import checkpoint, config, data, nets, workdir
 from scr_jax import unsup3d_import as ui
 from scr_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = [sys.executable, os.path.join(ROOT, "experiments", "run.py")]
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 
 def _cli(*args, timeout=900):
@@ -307,9 +306,8 @@ def test_import_cli_paper_shapes(tmp_path):
   s = checkpoint.load_settings(wd, 0)
   assert s["imported_from"]["sha256"] == ui.file_sha256(p) and s["imported_from"]["epoch"] == 30
   assert s["config"]["preset"] == "paper" and s["structure"]["variant"] == "independent"
-  import run as cli
-  r = cli._restore_run(wd)
-  prm = jax.device_get(r["params"])["params"]
+  r = workdir.restore(wd)
+  prm = jax.device_get(r.params)["params"]
   total = sum(int(np.prod(v.shape)) for n in layers for v in state[n].values())
   # ours (README: 37,316,480) less what our wider confidence head adds:
   # ConvTranspose_3 2nf->2nf (not nf), ConvTranspose_4 from 2nf, GroupNorm_2 on 2nf

@@ -1,4 +1,4 @@
-"""`run.py reproduce`: the paper's Table 1, Table 2, Figure 6, Figure 8 and the
+"""The driver of `run.py reproduce`: the paper's Table 1, Table 2, Figure 6, Figure 8 and the
 qualitative grids, from one command, resumably.
 
 Every unit of work (a search, a training run, an evaluation) writes its result
@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scr_jax import (checkpoint, config, metrics, model, render, search, structure, train,
-                     visualize)
+from scr_jax import (checkpoint, config, datasets, metrics, model, render, search, structure,
+                     train, visualize, workdir as workdir_lib)
 from scr_jax.errors import UserError
 
 TABLE2_ORDERS = ("DLVA", "DAVL", "DVAL")
@@ -68,20 +68,21 @@ class Reproduction:
 
   # -- structures ------------------------------------------------------------
   def structure_for(self, how, seed):
-    """(m, q, label) for a Table 1 row."""
+    """(Structure, label) for a Table 1 row."""
+    S = structure.Structure
     if how is None:
-      return np.zeros((4, 4), np.float32), None, "M = 0"
+      return S(m=np.zeros((4, 4), np.float32), variant="independent"), "M = 0"
     if how == "random":
       order = structure.random_order(seed)
-      return structure.dense_matrix(order), None, order
+      return S(m=structure.dense_matrix(order), variant="dense"), order
     if how in ("sigmoid", "cosine"):
       order = self.bo_order()
-      return structure.dense_matrix(order), how, order
+      return S(m=structure.dense_matrix(order), q=how, variant="dynamic"), order
     if how == "bo":
       order = self.bo_order()
-      return structure.dense_matrix(order), None, order
+      return S(m=structure.dense_matrix(order), variant="dense"), order
     m = self.unroll_m(masked=(how == "unroll-masked"))
-    return m, None, structure.order_of(m)
+    return S(m=m, variant="generic"), structure.order_of(m)
 
   def search_cfg(self):
     return config.override(self.cfg, [f"steps={self.search_steps}", "seed=0"])
@@ -107,17 +108,18 @@ class Reproduction:
     return np.asarray(s["M"], np.float32)
 
   # -- training + evaluation ---------------------------------------------------
-  def run(self, workdir, m, q, seed, cfg=None):
-    """Trains (resumably) and evaluates on the test split; returns the summary."""
+  def run(self, workdir, st, seed, cfg=None):
+    """Trains Structure `st` (resumably) and evaluates on the test split;
+    returns the summary."""
     res_path = os.path.join(workdir, "test.json")
     done = _done(res_path)
     if done:
       return done
     cfg = config.override(cfg or self.cfg, [f"seed={seed}"])
     _log(f"== train {os.path.relpath(workdir, self.out)} ({cfg.steps} steps)")
-    r = train.fit(cfg, workdir, self.train_data, self.val, m=m, q=q, quiet=True)
-    eval_fn = train.make_eval_fn(r["nets"], cfg, q)
-    summ, _, _ = train.evaluate(eval_fn, r["state"]["params"], self.test, jnp.asarray(m), cfg)
+    r = train.fit(cfg, workdir, self.train_data, self.val, st, quiet=True)
+    eval_fn = train.make_eval_fn(r["nets"], cfg, st.q)
+    summ, _, _ = train.evaluate(eval_fn, r["state"]["params"], self.test, jnp.asarray(st.m), cfg)
     summ.update(steps=r["step"], seconds=r["seconds"])
     _save(res_path, summ)
     _log(f"   test SIDE {summ['side_mean']:.3f}  MAD {summ['mad_mean']:.2f}")
@@ -181,9 +183,9 @@ class Reproduction:
     for name, variant, how in SCR_ROWS:
       per_seed = []
       for s in self.seeds:
-        m, q, label = self.structure_for(how, s)
+        st, label = self.structure_for(how, s)
         key = name.split(" (")[0].replace(" ", "-") + (f"-{how}" if how else "")
-        per_seed.append(self.run(os.path.join(self.out, "runs", f"{key}_s{s}"), m, q, s))
+        per_seed.append(self.run(os.path.join(self.out, "runs", f"{key}_s{s}"), st, s))
         labels.setdefault(name, set()).add(label)
       rows[name] = per_seed
     return rows, {k: sorted(v) for k, v in labels.items()}
@@ -192,14 +194,16 @@ class Reproduction:
     rows = {}
     for order in TABLE2_ORDERS:
       dense = structure.dense_matrix(order)
+      S = structure.Structure
       base = os.path.join(self.out, "table2")
-      rows[(order, "dense")] = self.run(os.path.join(base, f"dense_{order}"), dense, None, 0)
+      rows[(order, "dense")] = self.run(os.path.join(base, f"dense_{order}"),
+                                        S(m=dense, variant="dense"), 0)
       m6 = self.unroll_m(masked=True, order=order)
-      rows[(order, "generic (Eq. 6)")] = self.run(os.path.join(base, f"generic6_{order}"), m6,
-                                                  None, 0)
+      rows[(order, "generic (Eq. 6)")] = self.run(os.path.join(base, f"generic6_{order}"),
+                                                  S(m=m6, variant="generic"), 0)
       for q in ("sigmoid", "cosine"):
         rows[(order, f"dynamic ({q})")] = self.run(os.path.join(base, f"dynamic-{q}_{order}"),
-                                                   dense, q, 0)
+                                                   S(m=dense, q=q, variant="dynamic"), 0)
     return rows
 
   def fig6(self):
@@ -210,11 +214,12 @@ class Reproduction:
     if done:
       return done
     orders = list(structure.ALL_ORDERS) + ["independent"]
-    ms = np.stack([structure.dense_matrix(o) for o in orders[:-1]] + [np.zeros((4, 4))])
+    st = structure.candidates(orders)
+    ms = st.m
     cfg = config.override(self.cfg, [f"steps={self.fig6_steps}", "seed=0",
                                      f"eval_every={10 ** 9}"])
     _log(f"== fig6: 24 orderings + independent, vmapped, {cfg.steps} steps")
-    r = train.fit(cfg, os.path.join(self.out, "fig6"), self.train_data, None, m=ms, quiet=True)
+    r = train.fit(cfg, os.path.join(self.out, "fig6"), self.train_data, None, st, quiet=True)
     eval_fn = train.make_eval_fn(r["nets"], cfg)
     res = {}
     for i, o in enumerate(orders):
@@ -228,11 +233,10 @@ class Reproduction:
     """Rows: per variant and image, input | canonical normals | shading at yaws."""
     rows = []
     img = jnp.asarray(self.test["images"][:n_images])
-    for name, (wd, m, q) in workdirs.items():
-      cfg = checkpoint.load_config(wd)
-      nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
-      params = checkpoint.restore_latest(checkpoint.manager(wd), state)["params"]
-      out = jax.jit(lambda p, x: model.forward(nets, p, x, jnp.asarray(m), cfg, q))(params, img)
+    for name, wd in workdirs.items():
+      r = workdir_lib.restore(wd)
+      nets, cfg, m, q = r.nets, r.cfg, r.structure.m, r.structure.q
+      out = jax.jit(lambda p, x: model.forward(nets, p, x, jnp.asarray(m), cfg, q))(r.params, img)
       for i in range(n_images):
         depth = out["canon_depth"][i]
         shading = render.shade(out["canon_normal"][i], 0.3, 0.7, jnp.asarray([-0.4, -0.3]))
@@ -307,16 +311,13 @@ def read_curves(workdir):
 
 
 def reproduce(out, preset="cpu_small", seeds=3, data="builtin", steps=None, search_steps=None,
-              fig6_steps=None, sets=(), load_split=None, command=""):
+              fig6_steps=None, sets=(), command=""):
   t0 = time.time()
   if seeds < 1:
     raise UserError(f"--seeds must be >= 1, got {seeds}")
   cfg = config.get_config(preset)
   cfg = config.override(cfg, list(sets) + ([f"steps={steps}"] if steps else []))
-  if cfg.lam_perc > 0 and not cfg.vgg_weights:
-    _log(f"note: preset {preset} wants the VGG16 perceptual loss but no vgg_weights file; "
-         "lam_perc=0")
-    cfg = config.override(cfg, ["lam_perc=0"])
+  cfg = config.without_missing_vgg(cfg, _log)
   if not any(s.split("=", 1)[0].strip() == "eval_every" for s in sets):
     # Figure 8's curves need validation points along the way, not just at the end.
     cfg = config.override(cfg, [f"eval_every={max(cfg.steps // 10, 1)}"])
@@ -333,7 +334,7 @@ def reproduce(out, preset="cpu_small", seeds=3, data="builtin", steps=None, sear
   _save(os.path.join(out, "settings.json"), settings)
   checkpoint.save_config(out, cfg)
   rep = Reproduction(out, cfg, data, list(range(seeds)), search_steps, fig6_steps, True,
-                     lambda split: load_split(data, split, cfg))
+                     lambda split: datasets.load_split(data, split, cfg))
   t1, labels = rep.table1()
   t2 = rep.table2()
   f6 = rep.fig6()
@@ -346,8 +347,7 @@ def reproduce(out, preset="cpu_small", seeds=3, data="builtin", steps=None, sear
   qual = {}
   for name, variant, how in SCR_ROWS:
     key = name.split(" (")[0].replace(" ", "-") + (f"-{how}" if how else "")
-    m, q, _ = rep.structure_for(how, 0)
-    qual[name] = (os.path.join(out, "runs", f"{key}_s0"), m, q)
+    qual[name] = os.path.join(out, "runs", f"{key}_s0")
   rep.qualitative(qual, os.path.join(out, "qualitative.png"))
   wall = time.time() - t0
   summary = write_results(out, cfg, settings, t1, labels, t2, f6, wall, command)
@@ -437,7 +437,7 @@ def write_results(out, cfg, settings, t1, labels, t2, f6, wall, command):
   return summary
 
 
-def partial_report(out, load_split=None):
+def partial_report(out, with_baselines: bool = True):
   """Table 1 from the runs finished so far (for a reproduction still running or
   interrupted): writes OUT/results_partial.md and returns its text."""
   import glob
@@ -457,9 +457,10 @@ def partial_report(out, load_split=None):
     mm, ms = _mean_std([p["mad_mean"] for p in per])
     lines.append(f"| {name} | {len(per)} | {sm:.3f} ± {ss:.3f} | {mm:.2f} ± {ms:.2f} | "
                  + ", ".join(f"{p['mad_mean']:.2f}" for p in per) + " |")
-  if load_split is not None:  # the reference predictions (+ template), same test split
+  if with_baselines:  # the reference predictions (+ template), same test split
     cfg = checkpoint.load_config(out)
-    test, trn = load_split(settings["data"], "test", cfg), load_split(settings["data"], "train", cfg)
+    test = datasets.load_split(settings["data"], "test", cfg)
+    trn = datasets.load_split(settings["data"], "train", cfg)
     for name, b in metrics.baseline_summaries(test["depth"], trn["depth"], model.camera(cfg),
                                               **metrics.template_kwargs(test, trn)).items():
       lines.append(f"| {name} | - | {b['side_mean']:.3f} ± {b['side_std']:.3f} (images) | "
