@@ -418,18 +418,10 @@ def list_images(folder: str, recursive: bool = True, notes=None, exclude=()) -> 
   return sorted(found, key=lambda p: os.path.relpath(p, folder))
 
 
-def load_synface(root: str, split: str = "train", image_size=64, crop=None,
-                 limit=None) -> dict:
-  """Reads DIR/{split}/{image,depth}/*_{image,depth}.png.
-
-  Optional centre crop to `crop` px (None: the largest centred square, a no-op
-  for square images) then bilinear resize to image_size (None: keep), images
-  and metric depth alike. Returns dict: images float32 NxHxWx3 in [0, 1],
-  depth float32 NxHxW (metric z), names ["NNNNNN", ...] (sorted). Images go
-  through `read_image` (EXIF orientation, transparency on the training
-  background); depth PNGs may be 16-bit grayscale, 8-bit gray or RGB with
-  equal channels (a colour-mapped RGB depth raises UserError).
-  """
+def synface_pairs(root: str, split: str, notes=None):
+  """The (name, image path, depth path) triples of DIR/{split}/{image,depth},
+  sorted by name; every file without its twin is a one-line UserError, and
+  files that are not *_image.png / *_depth.png are recorded in `notes`."""
   if not os.path.isdir(root):
     raise UserError(f"{root}: synface folder not found")
   img_dir = os.path.join(root, split, "image")
@@ -450,23 +442,56 @@ def load_synface(root: str, split: str = "train", image_size=64, crop=None,
     if name not in imgs:
       raise UserError(f"{os.path.join(dep_dir, deps[name])}: no image twin "
                       f"(expected {os.path.join(img_dir, name + '_image.png')})")
-  names = sorted(imgs)[:limit]
-  images, depths, notes = [], [], {}
-  _note_ignored(notes, img_dir, ["_image.png"])
-  _note_ignored(notes, dep_dir, ["_depth.png"])
-  for name in names:
-    ip, dp = os.path.join(img_dir, imgs[name]), os.path.join(dep_dir, deps[name])
-    im = read_image(ip, notes)
-    z = read_depth_png(dp, notes)
-    if im.shape[:2] != z.shape:
-      raise UserError(f"{dp}: depth is {z.shape[1]}x{z.shape[0]} but its image "
-                      f"{ip} is {im.shape[1]}x{im.shape[0]}")
-    _note_size(notes, ip, im.shape, image_size, crop)
-    images.append(crop_resize(im, image_size, crop, ip))
-    # Resize in metric units, not PNG values (the same here: the map is affine).
-    depths.append(crop_resize(z, image_size, crop, dp))
+  if notes is not None:
+    _note_ignored(notes, img_dir, ["_image.png"])
+    _note_ignored(notes, dep_dir, ["_depth.png"])
+  return [(n, os.path.join(img_dir, imgs[n]), os.path.join(dep_dir, deps[n]))
+          for n in sorted(imgs)]
+
+
+def read_synface_pair(ip: str, dp: str, image_size, crop, notes=None):
+  """One synface sample: (image float32 SxSx3 in [0, 1], metric depth SxS),
+  both centre-cropped and resized alike (depth in metric units)."""
+  notes = {} if notes is None else notes
+  im = read_image(ip, notes)
+  z = read_depth_png(dp, notes)
+  if im.shape[:2] != z.shape:
+    raise UserError(f"{dp}: depth is {z.shape[1]}x{z.shape[0]} but its image "
+                    f"{ip} is {im.shape[1]}x{im.shape[0]}")
+  _note_size(notes, ip, im.shape, image_size, crop)
+  # Resize in metric units, not PNG values (the same here: the map is affine).
+  return crop_resize(im, image_size, crop, ip), crop_resize(z, image_size, crop, dp)
+
+
+def read_folder_image(path: str, image_size, crop, notes=None) -> np.ndarray:
+  """One image of an image folder, centre-cropped and resized (float32 SxSx3)."""
+  notes = {} if notes is None else notes
+  img = read_image(path, notes)
+  _note_size(notes, path, img.shape, image_size, crop)
+  return crop_resize(img, image_size, crop, path)
+
+
+def load_synface(root: str, split: str = "train", image_size=64, crop=None,
+                 limit=None) -> dict:
+  """Reads DIR/{split}/{image,depth}/*_{image,depth}.png.
+
+  Optional centre crop to `crop` px (None: the largest centred square, a no-op
+  for square images) then bilinear resize to image_size (None: keep), images
+  and metric depth alike. Returns dict: images float32 NxHxWx3 in [0, 1],
+  depth float32 NxHxW (metric z), names ["NNNNNN", ...] (sorted). Images go
+  through `read_image` (EXIF orientation, transparency on the training
+  background); depth PNGs may be 16-bit grayscale, 8-bit gray or RGB with
+  equal channels (a colour-mapped RGB depth raises UserError).
+  """
+  notes = {}
+  pairs = synface_pairs(root, split, notes)[:limit]
+  images, depths = [], []
+  for _, ip, dp in pairs:
+    im, z = read_synface_pair(ip, dp, image_size, crop, notes)
+    images.append(im)
+    depths.append(z)
   _report(notes)
-  return dict(images=np.stack(images), depth=np.stack(depths), names=names)
+  return dict(images=np.stack(images), depth=np.stack(depths), names=[p[0] for p in pairs])
 
 
 def load_image_folder(dir_or_files, image_size=64, crop=None, limit=None,
@@ -499,11 +524,7 @@ def load_image_folder(dir_or_files, image_size=64, crop=None, limit=None,
       raise UserError("load_image_folder: empty file list")
     names = [os.path.splitext(os.path.basename(f))[0] for f in files]
   files, names = files[:limit], names[:limit]
-  images = []
-  for f in files:
-    img = read_image(f, notes)
-    _note_size(notes, f, img.shape, image_size, crop)
-    images.append(crop_resize(img, image_size, crop, f))
+  images = [read_folder_image(f, image_size, crop, notes) for f in files]
   _report(notes)
   return dict(images=np.stack(images), names=names, files=files)
 
