@@ -3,6 +3,7 @@
 
   python experiments/run.py data --out DIR [--n-train N --n-val N --n-test N --size S --seed K]
       [--variant default|wide_pose|harsh_light|hires64|albedo_alt]
+  python experiments/run.py prepare --data DIR --out DS [--image-size 64 --crop N --workers K]
   python experiments/run.py train --preset cpu_small --data DIR|builtin[:VARIANT] --workdir W [--steps N]
       [--seed K] [--variant independent|dense|generic|dynamic] [--order DVAL] [--q sigmoid]
       [--structure FILE] [--set key=value ...] [--no-resume --restart] [--init-from W0]
@@ -36,109 +37,17 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cach
 
 from scr_jax.errors import NonFiniteError, UserError  # noqa: E402
 
-BUILTIN_COUNTS = dict(n_train=4000, n_val=500, n_test=500)
-
-
 def _log(msg):
   print(msg, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------
-# Data resolution
+# Data resolution: scr_jax.dataset (names kept for scripts that call them here)
 # ----------------------------------------------------------------------------
 
-def builtin_dir(size: int, seed: int = 0, variant: str = "default", data_root=None) -> str:
-  name = f"builtin_s{size}_seed{seed}" if variant == "default" else \
-      f"builtin_{variant}_s{size}_seed{seed}"
-  return os.path.join(data_root or os.path.join(ROOT, "data"), name)
-
-
-def ensure_builtin(size: int, seed: int = 0, variant: str = "default", counts=None,
-                   data_root=None) -> str:
-  """Generates the built-in synthetic dataset (of a named generator variant,
-  data.VARIANTS) once (synface layout + ground-truth sidecars) and reuses it
-  afterwards; data made before sidecars existed gets them added."""
-  from scr_jax import data
-  gen = data.get_variant(variant).gen
-  path = builtin_dir(size, seed, variant, data_root)
-  if not os.path.exists(os.path.join(path, "meta.json")):
-    _log(f"generating built-in synthetic faces ({variant}) at {size}x{size} into {path} (once)")
-    data.export_synface(path, size=size, seed=seed, overwrite=True, cfg=gen,
-                        **(counts or BUILTIN_COUNTS))
-  else:
-    data.write_missing_gt(path)
-  return path
-
-
-def resolve_data(spec: str, cfg) -> str:
-  """'builtin', 'builtin:VARIANT' (generated once, at the variant's export
-  size or the config's image size) or a folder path -> the folder."""
-  if spec == "builtin" or spec.startswith("builtin:"):
-    from scr_jax import data
-    name = spec.split(":", 1)[1] if ":" in spec else "default"
-    size = data.get_variant(name).export_size or cfg.image_size
-    return ensure_builtin(size, 0, name)
-  return spec
-
-
-def load_split(spec: str, split: str, cfg, need_depth: bool = True, with_gt: bool = True):
-  """`spec` = 'builtin[:VARIANT]' or a synface-layout folder; returns the data
-  dict, with d["gt"] (data.load_gt) when the split has a ground-truth sidecar
-  and with_gt."""
-  from scr_jax import data
-  root = resolve_data(spec, cfg)
-  if not os.path.isdir(root):
-    raise UserError(f"data folder {root} not found")
-  if not os.path.isdir(os.path.join(root, split)):
-    raise UserError(f"{root}: no '{split}' split folder")
-  if os.path.isdir(os.path.join(root, split, "depth")):
-    d = data.load_synface(root, split, cfg.image_size, cfg.crop or None)
-    if with_gt:
-      from scr_jax import model
-      try:  # a folder this generator exported before sidecars existed: add them
-        data.write_missing_gt(root)
-      except OSError as e:
-        _log(f"note: {root}: cannot add the ground-truth sidecars ({e.strerror}); "
-             "no diagnostics")
-      gt = data.load_gt(root, split, d["names"], cfg.image_size, cfg.crop or None,
-                        model.camera(cfg))
-      if gt is not None:
-        d["gt"] = gt
-    return d
-  if need_depth:
-    raise UserError(f"{root}/{split}: no depth/ folder, so no ground truth to evaluate against")
-  imgs = os.path.join(root, split, "image")
-  return data.load_image_folder(imgs if os.path.isdir(imgs) else os.path.join(root, split),
-                                cfg.image_size, cfg.crop or None)
-
-
-def baselines_for(spec: str, test: dict, cfg):
-  """metrics.baseline_summaries on `test` (a loaded split of `spec`): constant,
-  average GT depth and, when both splits carry the generator's ground truth,
-  the template baseline. None when `spec` has no train split with depth."""
-  from scr_jax import metrics, model
-  root = resolve_data(spec, cfg)
-  if not os.path.isdir(os.path.join(root, "train", "depth")):
-    return None
-  trn = load_split(spec, "train", cfg)
-  return metrics.baseline_summaries(test["depth"], trn["depth"], model.camera(cfg),
-                                    **metrics.template_kwargs(test, trn))
-
-
-def load_train_data(spec: str, cfg):
-  """Training images (ground truth optional) and, when present, val data."""
-  from scr_jax import data
-  root = resolve_data(spec, cfg)
-  if not os.path.exists(root):
-    raise UserError(f"data {root} not found")
-  if os.path.isdir(os.path.join(root, "train")):
-    train = load_split(root, "train", cfg, need_depth=False, with_gt=False)
-    val = None
-    if os.path.isdir(os.path.join(root, "val", "depth")):
-      val = load_split(root, "val", cfg)
-    return train, val
-  # a plain folder of images: train on all of them, no validation
-  return data.load_image_folder(root, cfg.image_size, cfg.crop or None), None
+from scr_jax.dataset import (  # noqa: E402
+    BUILTIN_COUNTS, baselines_for, builtin_dir, ensure_builtin, load_split,
+    load_train_data, resolve_data)
 
 
 # ----------------------------------------------------------------------------
@@ -170,6 +79,18 @@ def cmd_data(args):
     data.preview_grid(d["images"], d["depth"], prev)
     _log(f"preview: {prev}")
   print(json.dumps(meta, indent=1, default=str))
+
+
+def cmd_prepare(args):
+  from scr_jax import config, dataset, prepare
+  src = args.data
+  if src == "builtin" or src.startswith("builtin:"):
+    cfg = config.override(config.get_config("cpu_small"), [f"image_size={args.image_size}"])
+    src = dataset.resolve_data(src, cfg)
+  _check_data_arg(src)
+  man = prepare.prepare(src, args.out, args.image_size, args.crop, args.workers,
+                        overwrite=args.overwrite)
+  print(json.dumps(man, indent=1))
 
 
 def make_config(args):
@@ -228,13 +149,14 @@ def cmd_train(args):
   if restart and used:
     moved = checkpoint.set_aside(args.workdir)
     _log(f"note: --restart: moved the previous run's checkpoints, config and logs to {moved}")
-  train_data, val_data = load_train_data(args.data, cfg)
+  from scr_jax import dataset
+  train_data, val_data = load_train_data(args.data, cfg, args.cache, args.workers)
   if resume:  # the same data? (its content, now that it is read; nothing compiled yet)
-    info["fingerprint"] = checkpoint.data_fingerprint(train_data["images"])
+    info["fingerprint"] = dataset.fingerprint(train_data)
     checkpoint.check_resume(args.workdir, checkpoint.run_settings(
         cfg, m, q, variant=info["variant"], orders=orders,
         data=dict(info["fingerprint"], spec=info["data"])))
-  _log(f"train: preset {cfg.preset}, variant {cfg.variant}, {train_data['images'].shape[0]} "
+  _log(f"train: preset {cfg.preset}, variant {cfg.variant}, {dataset.num_images(train_data)} "
        f"images at {cfg.image_size}px, {cfg.steps} steps, batch {cfg.batch_size}")
   res = train.fit(cfg, args.workdir, train_data, val_data, m=m, q=q, resume=resume,
                   max_seconds=args.max_seconds, run_info=info, init_params=init_params)
@@ -343,9 +265,13 @@ def cmd_search(args):
       _log(f"note: {args.workdir} holds a search with other settings that do not change "
            "its result: " + "; ".join(f"{n}: {o} -> {v}" for n, o, v in harmless))
   checkpoint.save_config(args.workdir, cfg)
-  train_data, val_data = load_train_data(args.data, cfg)
-  if val_data is None:
+  # Search trains many short runs on one in-memory copy of the split.
+  from scr_jax import dataset
+  if not dataset.open_prepared(args.data, cfg, args.cache).has_depth("val"):
     raise UserError(f"search needs a val split in {args.data}")
+  train_data = load_split(args.data, "train", cfg, need_depth=False, with_gt=False,
+                          cache=args.cache)
+  val_data = load_split(args.data, "val", cfg, cache=args.cache)
   _log(f"search --method {args.method}: preset {cfg.preset}, {train_data['images'].shape[0]} "
        f"train / {val_data['images'].shape[0]} val images")
   t0 = time.time()
@@ -440,7 +366,7 @@ def cmd_eval(args):
   _check_data_arg(args.data)
   r = _restore_run(args.workdir)
   cfg, params, m, step = r["cfg"], r["params"], r["m"], r["step"]
-  d = load_split(args.data, args.split, cfg)
+  d = load_split(args.data, args.split, cfg, cache=args.cache)
   eval_fn = train.make_eval_fn(r["nets"], cfg, r["q"])
   if m.ndim == 3:  # a `train --candidates` workdir: one result per ordering
     if args.save_predictions:
@@ -721,6 +647,18 @@ def build_parser():
   d.add_argument("--overwrite", action="store_true")
   d.set_defaults(fn=cmd_data)
 
+  pr = sub.add_parser("prepare", help="decode a folder once into a prepared (TFDS "
+                      "array_record) dataset that train / eval / search / reproduce stream")
+  pr.add_argument("--data", required=True, help="synface folder, folder with split "
+                  "sub-folders, folder of images, or builtin[:VARIANT]")
+  pr.add_argument("--out", required=True)
+  pr.add_argument("--image-size", type=int, default=64)
+  pr.add_argument("--crop", type=int, help="centre crop (source px) before resizing "
+                  "(default: the largest centred square)")
+  pr.add_argument("--workers", type=int, help="decoding processes (default: CPU count, max 8)")
+  pr.add_argument("--overwrite", action="store_true")
+  pr.set_defaults(fn=cmd_prepare)
+
   def train_args(t):
     t.add_argument("--preset", default="cpu_small")
     t.add_argument("--data", default="builtin")
@@ -743,6 +681,9 @@ def build_parser():
     t.add_argument("--distributed", action="store_true",
                    help="jax.distributed.initialize() from the environment (multi-host)")
     t.add_argument("--max-seconds", type=float, help="stop (and checkpoint) after this wall time")
+    t.add_argument("--cache", metavar="DIR", help="where a raw --data folder is prepared on "
+                   "first use (default: DIR.prepared/ beside it)")
+    t.add_argument("--workers", type=int, help="processes decoding a raw folder on first use")
 
   t = sub.add_parser("train", help="train a model")
   train_args(t)
@@ -756,6 +697,7 @@ def build_parser():
   e.add_argument("--split", default="test")
   e.add_argument("--out")
   e.add_argument("--save-predictions")
+  e.add_argument("--cache", metavar="DIR", help="where a raw --data folder is prepared")
   e.set_defaults(fn=cmd_eval)
 
   dg = sub.add_parser("diagnose", help="what each factor learned, against the generator's "
@@ -869,6 +811,7 @@ def _fail(err, code):
 # command -> (argument attribute, flag, "dir" | "file" | "npz").
 _OUTPUTS = {
     "data": [("out", "--out", "dir")],
+    "prepare": [("out", "--out", "dir")],
     "train": [("workdir", "--workdir", "dir")],
     "eval": [("out", "--out", "file"), ("save_predictions", "--save-predictions", "npz")],
     "predict": [("out", "--out", "dir")],
