@@ -141,11 +141,28 @@ def open_prepared(spec: str, cfg, cache=None, workers=None) -> Prepared:
     man = None  # a cache folder named by the user, last used for another source
   why = None if man is None else prepare.source_changed(man)
   if man is None or why:
-    _log(f"note: preparing {root} once into {out} ({cfg.image_size} px"
-         f"{f', crop {crop}' if crop else ''}): later runs read it from there"
-         + (f"; {why}" if why else ""))
-    man = prepare.prepare(root, out, cfg.image_size, crop, workers, overwrite=True)
+    import jax  # the process index only
+    if jax.process_index() != 0:  # multi-host: process 0 prepares, the others wait
+      return Prepared(out, _wait_for_prepared(out, root))
+    note = (f"note: prepared {root} once into {out} ({cfg.image_size} px"
+            f"{f', crop {crop}' if crop else ''}): later runs read it from there"
+            + (f"; {why}" if why else ""))
+    man = prepare.prepare(root, out, cfg.image_size, crop, workers, overwrite=True, note=note,
+                          out_flag="the prepared cache (name another with --cache DIR)")
   return Prepared(out, man)
+
+
+def _wait_for_prepared(out: str, root: str, timeout_s: float = 6 * 3600) -> dict:
+  """The manifest process 0 writes for `root` into `out` (polled)."""
+  import time
+  t0 = time.time()
+  while time.time() - t0 < timeout_s:
+    man = prepare.read_manifest(out) if os.path.isdir(out) else None
+    if (man is not None and man["source"] == os.path.abspath(root)
+        and prepare.source_changed(man) is None):
+      return man
+    time.sleep(2.0)
+  raise UserError(f"{out}: process 0 did not finish preparing {root} in {timeout_s:.0f}s")
 
 
 # ----------------------------------------------------------------------------

@@ -184,8 +184,8 @@ class _Progress:
   """'[prepare] train: 1200/10000 (12%) 850 img/s, ETA 10s': live on a
   terminal, every 10 s in logs, and a final line."""
 
-  def __init__(self, split: str, total: int, quiet: bool):
-    self.split, self.total, self.quiet = split, total, quiet
+  def __init__(self, split: str, total: int, quiet: bool, summary: bool = True):
+    self.split, self.total, self.quiet, self.summary = split, total, quiet, summary
     self.t0 = self.last = time.time()
     self.tty = sys.stderr.isatty()
 
@@ -205,7 +205,9 @@ class _Progress:
           file=sys.stderr, flush=True)
 
   def finish(self, done: int):
-    if not self.quiet:
+    if self.tty and not self.quiet and not self.summary:
+      print("\r\033[K", end="", file=sys.stderr, flush=True)  # clear the live line
+    if not self.quiet and self.summary:
       print(f"{chr(13) if self.tty else ''}[prepare] {self.split}: {done} images in "
             f"{time.time() - self.t0:.1f}s ({done / max(time.time() - self.t0, 1e-9):.0f} "
             "img/s)", file=sys.stderr, flush=True)
@@ -236,6 +238,7 @@ class _Plan:
   workers: int
   quiet: bool
   notes: dict
+  summary: bool = True
 
 
 def _builder_class(tfds):
@@ -269,7 +272,8 @@ def _builder_class(tfds):
     def _generate_examples(self, split):
       p = self.plan
       items = p.splits[split]
-      bar, zero = _Progress(split, len(items), p.quiet), np.zeros((p.size,) * 2, np.uint16)
+      bar = _Progress(split, len(items), p.quiet, p.summary)
+      zero = np.zeros((p.size,) * 2, np.uint16)
       for i, (name, u8, u16, notes) in enumerate(_decoded(items, p.size, p.crop, p.workers)):
         for k, v in notes.items():
           p.notes.setdefault(k, []).extend(v)
@@ -286,7 +290,8 @@ def tfds_dir(out: str, man: dict) -> str:
 
 
 def prepare(src: str, out: str, image_size: int = 64, crop=None, workers=None,
-            quiet: bool = False, overwrite: bool = False) -> dict:
+            quiet: bool = False, overwrite: bool = False, note=None,
+            out_flag: str = "--out") -> dict:
   """Decodes `src` once into the prepared dataset `out`; returns its manifest.
 
   Args:
@@ -298,6 +303,9 @@ def prepare(src: str, out: str, image_size: int = 64, crop=None, workers=None,
       largest centred square).
     workers: decoding processes (None: the CPU count, at most 8, or inline
       below 2,000 images, where starting processes costs more; 1: inline).
+    note: instead of the per-split summary lines, this line once the dataset
+      is written (so a bad source's one-line error stands alone).
+    out_flag: how errors about `out` name it.
   Raises:
     UserError: bad source, unreadable file (the first one, one line), `out`
       not ours or not writable.
@@ -308,14 +316,16 @@ def prepare(src: str, out: str, image_size: int = 64, crop=None, workers=None,
   crop = None if not crop else int(crop)
   src, out = os.path.abspath(src), os.path.abspath(out)
   if out == src or out.startswith(src + os.sep):
-    raise UserError(f"--out {out} is inside the source folder {src}: it would be read as data")
+    raise UserError(f"{out_flag} {out} is inside the source folder {src}: it would be read "
+                    "as data")
   listing = scan(src)
   digest, n_files, total = source_hash(src, listing)
   if os.path.isdir(out) and os.listdir(out):
     if read_manifest(out) is None and not os.path.isdir(os.path.join(out, "tfds")):
-      raise UserError(f"--out {out} is not empty and not a prepared dataset; give another --out")
+      raise UserError(f"{out_flag} {out} is not empty and not a prepared dataset; give "
+                      "another folder")
     if read_manifest(out) is not None and not overwrite:
-      raise UserError(f"--out {out} already holds a prepared dataset (replace it with "
+      raise UserError(f"{out_flag} {out} already holds a prepared dataset (replace it with "
                       "--overwrite, or give another --out)")
   with contextlib.suppress(FileNotFoundError):
     os.remove(os.path.join(out, MANIFEST))
@@ -323,14 +333,15 @@ def prepare(src: str, out: str, image_size: int = 64, crop=None, workers=None,
   try:
     os.makedirs(out, exist_ok=True)
   except OSError as e:
-    raise UserError(f"--out {out}: cannot create it ({e.strerror})") from None
+    raise UserError(f"{out_flag} {out}: cannot create it ({e.strerror})") from None
   if workers is None:
     small = sum(len(v) for v in listing["splits"].values()) < 2000
     workers = 1 if small else min(os.cpu_count() or 1, 8)
   workers = max(int(workers), 1)
   tfds = _tfds()
   cls = _builder_class(tfds)
-  plan = _Plan(int(image_size), listing["splits"], crop, workers, quiet, dict(listing["notes"]))
+  plan = _Plan(int(image_size), listing["splits"], crop, workers, quiet, dict(listing["notes"]),
+               summary=note is None)
   config = f"s{int(image_size)}_c{crop or 'full'}"
   builder = cls.__new__(cls)
   builder.plan = plan
@@ -355,7 +366,9 @@ def prepare(src: str, out: str, image_size: int = 64, crop=None, workers=None,
   with open(tmp, "w") as fh:
     json.dump(man, fh, indent=1)
   os.replace(tmp, os.path.join(out, MANIFEST))
-  if not quiet:
+  if note and not quiet:
+    print(f"{note} ({man['seconds']:.1f}s)", file=sys.stderr, flush=True)
+  elif not quiet:
     counts = ", ".join(f"{s} {v['n']}" for s, v in man["splits"].items())
     print(f"[prepare] {counts} images at {image_size}px in {man['seconds']:.1f}s -> {out}",
           file=sys.stderr, flush=True)

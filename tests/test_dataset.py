@@ -62,10 +62,10 @@ def test_changed_source_is_detected_not_reused(synface, tmp_path, capfd):
   cfg = _cfg()
   prep = dataset.open_prepared(src, cfg)  # first use: prepared into the cache beside it
   assert prep.path == dataset.cache_dir(src, 16) and os.path.isdir(prep.path)
-  assert "preparing" in capfd.readouterr().err
+  assert "prepared" in capfd.readouterr().err
   again = dataset.open_prepared(src, cfg)  # reused, no note
   assert again.manifest["created_at"] == prep.manifest["created_at"]
-  assert "preparing" not in capfd.readouterr().err
+  assert "prepared" not in capfd.readouterr().err
   assert prepare.source_changed(prep.manifest) is None
   # One image replaced by another (same name, other pixels and size).
   path = os.path.join(src, "train", "image", "000001_image.png")
