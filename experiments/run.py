@@ -267,7 +267,7 @@ def cmd_search(args):
   checkpoint.save_config(args.workdir, cfg)
   # Search trains many short runs on one in-memory copy of the split.
   from scr_jax import dataset
-  if not dataset.open_prepared(args.data, cfg, args.cache).has_depth("val"):
+  if not dataset.has_depth(args.data, cfg, "val", args.cache):
     raise UserError(f"search needs a val split in {args.data}")
   train_data = load_split(args.data, "train", cfg, need_depth=False, with_gt=False,
                           cache=args.cache)

@@ -20,6 +20,7 @@ Imports `prepare`, `synthetic` and `folders`; nothing of theirs imports it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import sys
@@ -74,6 +75,31 @@ def resolve_data(spec: str, cfg) -> str:
     size = synthetic.get_variant(name).export_size or cfg.image_size
     return ensure_builtin(size, 0, name)
   return spec
+
+
+@functools.lru_cache(maxsize=None)
+def missing_packages():
+  """None when prepared datasets work here (tensorflow-datasets, array_record
+  and grain import), else why not. Without them (the GPU check's machine has
+  neither) `load_split` / `load_train_data` read the folder straight into
+  memory with the same readers, and `Batches` yields the same batches
+  without grain."""
+  try:
+    import array_record.python.array_record_data_source  # noqa: F401
+    import grain  # noqa: F401
+    import tensorflow_datasets  # noqa: F401
+  except ImportError as e:
+    _log(f"note: prepared datasets need tensorflow-datasets, array_record and grain ({e}); "
+         "reading data folders straight into memory instead")
+    return str(e)
+  return None
+
+
+def has_depth(spec: str, cfg, split: str, cache=None) -> bool:
+  """Whether `split` of `--data spec` has ground-truth depth."""
+  if missing_packages():
+    return os.path.isdir(os.path.join(resolve_data(spec, cfg), split, "depth"))
+  return open_prepared(spec, cfg, cache).has_depth(split)
 
 
 def cache_dir(src: str, image_size: int, crop=None, cache=None) -> str:
@@ -211,26 +237,52 @@ def load_split(spec: str, split: str, cfg, need_depth: bool = True, with_gt: boo
   """A split of `--data spec` in memory: images float32 NxSxSx3 in [0, 1],
   depth float32 NxSxS metric (when the split has depth), names; with d["gt"]
   (synthetic.load_gt) when the source has a ground-truth sidecar and with_gt."""
-  prep = open_prepared(spec, cfg, cache)
-  where = prep.source if os.path.isdir(prep.source) else prep.path
-  if not prep.has_split(split):
-    raise UserError(f"{where}: no '{split}' split folder")
-  if need_depth and not prep.has_depth(split):
-    raise UserError(f"{where}/{split}: no depth/ folder, so no ground truth to evaluate against")
-  d = read_split(prep, split, prep.has_depth(split))
-  d["images"] = d["images"].astype(np.float32) / 255.0
-  if with_gt and prep.has_depth(split) and os.path.isdir(prep.source):
+  if missing_packages():
+    d, source = _read_folder(resolve_data(spec, cfg), split, cfg, need_depth)
+  else:
+    prep = open_prepared(spec, cfg, cache)
+    source = prep.source
+    where = prep.source if os.path.isdir(prep.source) else prep.path
+    if not prep.has_split(split):
+      raise UserError(f"{where}: no '{split}' split folder")
+    if need_depth and not prep.has_depth(split):
+      raise UserError(f"{where}/{split}: no depth/ folder, so no ground truth to evaluate "
+                      "against")
+    d = read_split(prep, split, prep.has_depth(split))
+    d["images"] = d["images"].astype(np.float32) / 255.0
+  if with_gt and "depth" in d and os.path.isdir(source):
     from scr_jax import model  # the camera of the config
     try:  # a folder this generator exported before sidecars existed: add them
-      synthetic.write_missing_gt(prep.source)
+      synthetic.write_missing_gt(source)
     except OSError as e:
-      _log(f"note: {prep.source}: cannot add the ground-truth sidecars ({e.strerror}); "
+      _log(f"note: {source}: cannot add the ground-truth sidecars ({e.strerror}); "
            "no diagnostics")
-    gt = synthetic.load_gt(prep.source, split, d["names"], cfg.image_size, cfg.crop or None,
+    gt = synthetic.load_gt(source, split, d["names"], cfg.image_size, cfg.crop or None,
                            model.camera(cfg))
     if gt is not None:
       d["gt"] = gt
   return d
+
+
+def _read_folder(root: str, split: str, cfg, need_depth: bool):
+  """(split arrays, source) read with the folder readers, no prepared copy
+  (only where the prepared-dataset packages are missing)."""
+  crop = cfg.crop or None
+  if not os.path.isdir(root):
+    raise UserError(f"data folder {root} not found")
+  if not os.path.isdir(os.path.join(root, "train")):  # a plain folder: all of it is train
+    if split != "train":
+      raise UserError(f"{root}: no '{split}' split folder")
+    return folders.load_image_folder(root, cfg.image_size, crop), root
+  if not os.path.isdir(os.path.join(root, split)):
+    raise UserError(f"{root}: no '{split}' split folder")
+  if os.path.isdir(os.path.join(root, split, "depth")):
+    return folders.load_synface(root, split, cfg.image_size, crop), root
+  if need_depth:
+    raise UserError(f"{root}/{split}: no depth/ folder, so no ground truth to evaluate against")
+  imgs = os.path.join(root, split, "image")
+  return folders.load_image_folder(imgs if os.path.isdir(imgs) else os.path.join(root, split),
+                                   cfg.image_size, crop), root
 
 
 def baselines_for(spec: str, test: dict, cfg):
@@ -238,8 +290,7 @@ def baselines_for(spec: str, test: dict, cfg):
   average GT depth and, when both splits carry the generator's ground truth,
   the template baseline. None when `spec` has no train split with depth."""
   from scr_jax import metrics, model
-  prep = open_prepared(spec, cfg)
-  if not prep.has_depth("train"):
+  if not has_depth(spec, cfg, "train"):
     return None
   trn = load_split(spec, "train", cfg)
   return metrics.baseline_summaries(test["depth"], trn["depth"], model.camera(cfg),
@@ -271,7 +322,12 @@ def train_split(prep: Prepared, split: str = "train") -> TrainSplit:
 
 
 def load_train_data(spec: str, cfg, cache=None, workers=None):
-  """(TrainSplit of the training images, val split arrays or None)."""
+  """(the training images: a TrainSplit, or arrays where prepared datasets are
+  unavailable; the val split as arrays, or None when it has no depth)."""
+  if missing_packages():
+    root = resolve_data(spec, cfg)
+    train = load_split(root, "train", cfg, need_depth=False, with_gt=False)
+    return train, (load_split(root, "val", cfg) if has_depth(root, cfg, "val") else None)
   prep = open_prepared(spec, cfg, cache, workers)
   if not prep.has_split("train"):
     raise UserError(f"{prep.source}: no 'train' split")
@@ -352,9 +408,34 @@ class _StepBatch:
     return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
 
 
+class _StepIter:
+  """grain's iterator protocol over map(range(start, stop)) in-process, for
+  machines without grain (in-memory data only)."""
+
+  def __init__(self, fn, start: int, stop: int):
+    self.fn, self.next, self.stop = fn, start, stop
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self.next >= self.stop:
+      raise StopIteration
+    self.next += 1
+    return self.fn(self.next - 1)
+
+  def get_state(self) -> dict:
+    return dict(next=self.next)
+
+  def set_state(self, state: dict):
+    self.next = int(state["next"])
+
+
 def _grain():
   """grain, with absl flags marked parsed (grain reads its flags' defaults;
-  the CLI never parses absl flags)."""
+  the CLI never parses absl flags); None where it is not installed."""
+  if missing_packages():
+    return None
   from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
@@ -379,16 +460,22 @@ class Batches:
       raise UserError(f"batch_size {batch_size} must divide over {shard[1]} processes")
     streamed = isinstance(train_data, TrainSplit) and train_data.images is None
     self.workers = (2 if streamed else 0) if workers is None else int(workers)
+    if grain is None:
+      self.workers = -1  # marks the state as the in-process iterator's
     if state is not None and (state.get("workers") != self.workers
                               or state.get("next_step") != start):
       state = None  # another worker count (or an old checkpoint): the same batches anyway
     self.start = start if state is None else int(state["start"])
     self.step = start
-    ds = grain.MapDataset.range(self.start, max(steps, self.start)).map(
-        _StepBatch(train_data, batch_size, seed, tuple(shard)))
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
-    if self.workers:
-      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
+    fn = _StepBatch(train_data, batch_size, seed, tuple(shard))
+    stop = max(steps, self.start)
+    if grain is None:
+      it = _StepIter(fn, self.start, stop)
+    else:
+      ds = grain.MapDataset.range(self.start, stop).map(fn)
+      it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+      if self.workers:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
     self._it = iter(it)
     if state is not None:
       self._it.set_state(state["grain"])

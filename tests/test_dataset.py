@@ -153,3 +153,29 @@ def test_batches_shard_by_process(synface, tmp_path):
     np.testing.assert_array_equal(np.concatenate([next(p) for p in parts]), x)
   for it in [full] + parts:
     it.close()
+
+
+def test_without_grain_the_same_batches_and_arrays(synface, tmp_path, monkeypatch):
+  # The GPU check's machine has neither grain nor TFDS: folders are read
+  # straight into memory and batched in-process, with the same values.
+  cfg = _cfg()
+  with_grain, val = dataset.load_train_data(synface, cfg, cache=str(tmp_path / "cache"))
+  test = dataset.load_split(synface, "test", cfg, cache=str(tmp_path / "cache"))
+  monkeypatch.setattr(dataset, "missing_packages", lambda: "blocked")
+  plain, val2 = dataset.load_train_data(synface, cfg)
+  assert isinstance(plain, dict) and not os.path.exists(dataset.cache_dir(synface, 16))
+  np.testing.assert_array_equal(dataset.load_split(synface, "test", cfg)["depth"], test["depth"])
+  np.testing.assert_array_equal(val2["images"], val["images"])
+  assert dataset.fingerprint(plain) == dataset.fingerprint(with_grain)
+  a = dataset.Batches(plain, 4, 1, 0, 6)
+  run = list(a)
+  b = dataset.Batches(plain, 4, 1, 0, 6)
+  next(b), next(b)
+  c = dataset.Batches(plain, 4, 1, 2, 6, state=b.state())
+  monkeypatch.undo()
+  g = dataset.Batches(with_grain, 4, 1, 0, 6)
+  for x, y in zip(run, g):
+    np.testing.assert_array_equal(x, y)
+  g.close()
+  for x, y in zip(c, run[2:]):
+    np.testing.assert_array_equal(x, y)
