@@ -150,12 +150,15 @@ def cmd_train(args):
     moved = checkpoint.set_aside(args.workdir)
     _log(f"note: --restart: moved the previous run's checkpoints, config and logs to {moved}")
   from scr_jax import dataset
-  train_data, val_data = load_train_data(args.data, cfg, args.cache, args.workers)
+  notes = []  # a first-use prepare's note: said once the resume is known to go ahead
+  train_data, val_data = load_train_data(args.data, cfg, args.cache, args.workers, notes)
   if resume:  # the same data? (its content, now that it is read; nothing compiled yet)
     info["fingerprint"] = dataset.fingerprint(train_data)
     checkpoint.check_resume(args.workdir, checkpoint.run_settings(
         cfg, m, q, variant=info["variant"], orders=orders,
         data=dict(info["fingerprint"], spec=info["data"])))
+  for note in notes:
+    _log(note)
   _log(f"train: preset {cfg.preset}, variant {cfg.variant}, {dataset.num_images(train_data)} "
        f"images at {cfg.image_size}px, {cfg.steps} steps, batch {cfg.batch_size}")
   res = train.fit(cfg, args.workdir, train_data, val_data, m=m, q=q, resume=resume,
@@ -734,6 +737,7 @@ def build_parser():
   se.add_argument("--method", required=True, choices=("bo", "exhaustive", "unroll", "unroll-masked"))
   se.add_argument("--preset", default="cpu_small")
   se.add_argument("--data", default="builtin")
+  se.add_argument("--cache", metavar="DIR", help="where a raw --data folder is prepared")
   se.add_argument("--workdir", required=True)
   se.add_argument("--seed", type=int, default=0)
   se.add_argument("--budget-steps", type=int,

@@ -137,12 +137,13 @@ class Prepared:
     return builder.as_data_source(split)
 
 
-def open_prepared(spec: str, cfg, cache=None, workers=None) -> Prepared:
+def open_prepared(spec: str, cfg, cache=None, workers=None, notes=None) -> Prepared:
   """The prepared dataset for `--data spec` at cfg.image_size / cfg.crop.
 
   A prepared dataset is checked against its source (when the source is still
   there); a raw folder is prepared into its cache (`cache_dir`) on first use,
-  with a note, and prepared again when its files changed.
+  with a note (printed, or appended to the list `notes` for the caller to
+  print once its own checks passed), and prepared again when its files changed.
   Raises:
     UserError: missing folder, bad file, a prepared dataset at another size
       or crop, or one whose source changed since.
@@ -170,11 +171,15 @@ def open_prepared(spec: str, cfg, cache=None, workers=None) -> Prepared:
     import jax  # the process index only
     if jax.process_index() != 0:  # multi-host: process 0 prepares, the others wait
       return Prepared(out, _wait_for_prepared(out, root))
-    note = (f"note: prepared {root} once into {out} ({cfg.image_size} px"
-            f"{f', crop {crop}' if crop else ''}): later runs read it from there"
-            + (f"; {why}" if why else ""))
-    man = prepare.prepare(root, out, cfg.image_size, crop, workers, overwrite=True, note=note,
+    man = prepare.prepare(root, out, cfg.image_size, crop, workers, overwrite=True, summary=False,
                           out_flag="the prepared cache (name another with --cache DIR)")
+    note = (f"note: prepared {root} once into {out} ({cfg.image_size} px"
+            f"{f', crop {crop}' if crop else ''}, {man['seconds']:.1f}s): later runs read it "
+            "from there" + (f"; {why}" if why else ""))
+    if notes is None:
+      _log(note)
+    else:
+      notes.append(note)
   return Prepared(out, man)
 
 
@@ -321,14 +326,15 @@ def train_split(prep: Prepared, split: str = "train") -> TrainSplit:
   return ts
 
 
-def load_train_data(spec: str, cfg, cache=None, workers=None):
+def load_train_data(spec: str, cfg, cache=None, workers=None, notes=None):
   """(the training images: a TrainSplit, or arrays where prepared datasets are
-  unavailable; the val split as arrays, or None when it has no depth)."""
+  unavailable; the val split as arrays, or None when it has no depth).
+  notes: see `open_prepared`."""
   if missing_packages():
     root = resolve_data(spec, cfg)
     train = load_split(root, "train", cfg, need_depth=False, with_gt=False)
     return train, (load_split(root, "val", cfg) if has_depth(root, cfg, "val") else None)
-  prep = open_prepared(spec, cfg, cache, workers)
+  prep = open_prepared(spec, cfg, cache, workers, notes)
   if not prep.has_split("train"):
     raise UserError(f"{prep.source}: no 'train' split")
   val = load_split(spec, "val", cfg, cache=cache) if prep.has_depth("val") else None

@@ -290,7 +290,7 @@ def tfds_dir(out: str, man: dict) -> str:
 
 
 def prepare(src: str, out: str, image_size: int = 64, crop=None, workers=None,
-            quiet: bool = False, overwrite: bool = False, note=None,
+            quiet: bool = False, overwrite: bool = False, summary: bool = True,
             out_flag: str = "--out") -> dict:
   """Decodes `src` once into the prepared dataset `out`; returns its manifest.
 
@@ -303,8 +303,8 @@ def prepare(src: str, out: str, image_size: int = 64, crop=None, workers=None,
       largest centred square).
     workers: decoding processes (None: the CPU count, at most 8, or inline
       below 2,000 images, where starting processes costs more; 1: inline).
-    note: instead of the per-split summary lines, this line once the dataset
-      is written (so a bad source's one-line error stands alone).
+    summary: False: no per-split and closing summary lines (the caller says
+      what happened; a bad source's one-line error stands alone).
     out_flag: how errors about `out` name it.
   Raises:
     UserError: bad source, unreadable file (the first one, one line), `out`
@@ -341,7 +341,7 @@ def prepare(src: str, out: str, image_size: int = 64, crop=None, workers=None,
   tfds = _tfds()
   cls = _builder_class(tfds)
   plan = _Plan(int(image_size), listing["splits"], crop, workers, quiet, dict(listing["notes"]),
-               summary=note is None)
+               summary=summary)
   config = f"s{int(image_size)}_c{crop or 'full'}"
   builder = cls.__new__(cls)
   builder.plan = plan
@@ -366,9 +366,7 @@ def prepare(src: str, out: str, image_size: int = 64, crop=None, workers=None,
   with open(tmp, "w") as fh:
     json.dump(man, fh, indent=1)
   os.replace(tmp, os.path.join(out, MANIFEST))
-  if note and not quiet:
-    print(f"{note} ({man['seconds']:.1f}s)", file=sys.stderr, flush=True)
-  elif not quiet:
+  if not quiet and summary:
     counts = ", ".join(f"{s} {v['n']}" for s, v in man["splits"].items())
     print(f"[prepare] {counts} images at {image_size}px in {man['seconds']:.1f}s -> {out}",
           file=sys.stderr, flush=True)
