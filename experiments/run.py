@@ -658,7 +658,7 @@ def build_parser():
   pr.add_argument("--image-size", type=int, default=64)
   pr.add_argument("--crop", type=int, help="centre crop (source px) before resizing "
                   "(default: the largest centred square)")
-  pr.add_argument("--workers", type=int, help="decoding processes (default: CPU count, max 8)")
+  pr.add_argument("--workers", type=int, help="decoding threads (default: CPU count, max 8)")
   pr.add_argument("--overwrite", action="store_true")
   pr.set_defaults(fn=cmd_prepare)
 
@@ -686,7 +686,7 @@ def build_parser():
     t.add_argument("--max-seconds", type=float, help="stop (and checkpoint) after this wall time")
     t.add_argument("--cache", metavar="DIR", help="where a raw --data folder is prepared on "
                    "first use (default: DIR.prepared/ beside it)")
-    t.add_argument("--workers", type=int, help="processes decoding a raw folder on first use")
+    t.add_argument("--workers", type=int, help="threads decoding a raw folder on first use")
 
   t = sub.add_parser("train", help="train a model")
   train_args(t)

@@ -1,7 +1,7 @@
 """Prepare: a folder of images or a synface folder -> a TFDS array_record dataset.
 
 `prepare(src, out, image_size, crop, workers)` decodes every file once (in
-parallel worker processes, through the same readers as everything else:
+parallel decoding threads, through the same readers as everything else:
 `folders.read_image`, `folders.read_depth_png`, `folders.crop_resize`) and
 writes a TFDS dataset in array_record format under `out/tfds/`:
   image uint8 SxSx3, depth uint16 SxS (Unsup3D's PNG value v * 65535; zeros
@@ -29,7 +29,6 @@ import hashlib
 import io
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import sys
@@ -160,20 +159,21 @@ def _decode_chunk(items, image_size, crop):
   return [_decode(it, image_size, crop) for it in items]
 
 
-def _decoded(items, image_size, crop, workers: int, chunk: int = 64):
-  """Decoded items in order; with workers > 1, in a process pool with a
-  bounded number of chunks in flight (memory stays flat at any N)."""
+def _decoded(items, image_size, crop, workers: int, chunk: int = 16):
+  """Decoded items in order; with workers > 1, in a thread pool with a bounded
+  number of chunks in flight (memory stays flat at any N). Threads, not
+  processes: Pillow's decoders and resampling and numpy release the GIL, and a
+  thread pool needs no `if __name__ == "__main__"` guard in the caller's
+  script nor a fresh interpreter per worker (measured on 2 busy cores: 2
+  threads 412 img/s, 2 spawned processes 370, inline 351; 178x218 JPEG -> 64 px)."""
   if workers <= 1:
     for it in items:
       yield _decode(it, image_size, crop)
     return
-  # spawn: the parent may already run JAX threads, which fork would copy.
-  ctx = multiprocessing.get_context("spawn")
-  with futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+  with futures.ThreadPoolExecutor(workers, thread_name_prefix="prepare") as pool:
     pending = collections.deque()
-    chunks = (items[i:i + chunk] for i in range(0, len(items), chunk))
-    for c in chunks:
-      pending.append(pool.submit(_decode_chunk, c, image_size, crop))
+    for i in range(0, len(items), chunk):
+      pending.append(pool.submit(_decode_chunk, items[i:i + chunk], image_size, crop))
       if len(pending) >= 4 * workers:
         yield from pending.popleft().result()
     while pending:
@@ -301,8 +301,7 @@ def prepare(src: str, out: str, image_size: int = 64, crop=None, workers=None,
     image_size: side of the stored square images (px).
     crop: centre square crop in source pixels before resizing (None: the
       largest centred square).
-    workers: decoding processes (None: the CPU count, at most 8, or inline
-      below 2,000 images, where starting processes costs more; 1: inline).
+    workers: decoding threads (None: the CPU count, at most 8; 1: inline).
     summary: False: no per-split and closing summary lines (the caller says
       what happened; a bad source's one-line error stands alone).
     out_flag: how errors about `out` name it.
@@ -334,10 +333,7 @@ def prepare(src: str, out: str, image_size: int = 64, crop=None, workers=None,
     os.makedirs(out, exist_ok=True)
   except OSError as e:
     raise UserError(f"{out_flag} {out}: cannot create it ({e.strerror})") from None
-  if workers is None:
-    small = sum(len(v) for v in listing["splits"].values()) < 2000
-    workers = 1 if small else min(os.cpu_count() or 1, 8)
-  workers = max(int(workers), 1)
+  workers = min(os.cpu_count() or 1, 8) if workers is None else max(int(workers), 1)
   tfds = _tfds()
   cls = _builder_class(tfds)
   plan = _Plan(int(image_size), listing["splits"], crop, workers, quiet, dict(listing["notes"]),
