@@ -6,10 +6,13 @@
 
 1. Writes N synthetic 178x218 JPEGs (CelebA's aligned-crop size; smooth random
    colour fields plus noise, seeded by index) into DIR/jpg_N (kept for reruns).
-2. Times `run.py prepare --data DIR/jpg_N --out DIR/ds_N --image-size 64`.
+2. Times `run.py prepare --data DIR/jpg_N --out DIR/ds_N --image-size 64 --crop C`
+   (C: the preset's crop, 170 for paper).
 3. Times `run.py train --preset PRESET --data DIR/ds_N --steps 20`: seconds to
-   the data being ready ("train: ..." line) and to the first step logged, and
-   the peak RSS of the largest process of that run (ru_maxrss of the children).
+   the data being ready ("train: ..." line) and to the first step logged, the
+   train process's peak RSS when its data is ready (VmHWM, before anything is
+   compiled), and the peak RSS of the largest process of the whole run
+   (ru_maxrss of the children: XLA's compile of the model dominates it).
 4. The input pipeline alone (`dataset.Batches`, streamed from array_record,
    batch 64 at 64 px) in images/s with 1, 2 and 4 grain worker processes.
 Prints a table, then one JSON line (the last line).
@@ -18,7 +21,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -49,7 +51,7 @@ def _write_jpegs(args):
 
 def make_jpegs(folder: str, n: int, procs: int) -> float:
   """N JPEGs in folder/NNN/NNNNNN.jpg (skipped when already complete)."""
-  done = os.path.join(folder, ".complete")
+  done = folder + ".complete"  # beside it: prepare would note a hidden file inside
   if os.path.exists(done):
     return 0.0
   t = time.time()
@@ -62,9 +64,10 @@ def make_jpegs(folder: str, n: int, procs: int) -> float:
   return time.time() - t
 
 
-def timed_prepare(src: str, out: str, size: int, workers) -> float:
+def timed_prepare(src: str, out: str, size: int, crop, workers) -> float:
   cmd = [sys.executable, RUN, "prepare", "--data", src, "--out", out, "--image-size",
-         str(size), "--overwrite"] + (["--workers", str(workers)] if workers else [])
+         str(size), "--overwrite"] + (["--workers", str(workers)] if workers else []) + (
+             ["--crop", str(crop)] if crop else [])
   t = time.time()
   res = subprocess.run(cmd, capture_output=True, text=True)
   if res.returncode:
@@ -74,17 +77,19 @@ def timed_prepare(src: str, out: str, size: int, workers) -> float:
 
 _WRAP = """
 import resource, subprocess, sys, time
-t0 = time.time(); ready = first = None
+t0 = time.time(); ready = first = None; rss_ready = 0.0
 p = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 for line in p.stdout:
   if ready is None and line.startswith("train: "):
     ready = time.time() - t0
+    with open(f"/proc/{p.pid}/status") as fh:  # peak so far: data read, nothing compiled
+      rss_ready = [int(x.split()[1]) for x in fh if x.startswith("VmHWM")][0] / 2**20
   if first is None and line.startswith("step "):
     first = time.time() - t0
   sys.stderr.write(line)
 p.wait()
 rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-print(f"RESULT {p.returncode} {ready} {first} {time.time() - t0} {rss}")
+print(f"RESULT {p.returncode} {ready} {first} {time.time() - t0} {rss} {rss_ready}")
 """
 
 
@@ -96,11 +101,12 @@ def timed_train(ds: str, preset: str, steps: int, workdir: str) -> dict:
   line = [x for x in res.stdout.splitlines() if x.startswith("RESULT")]
   if not line:
     sys.exit(f"train failed: {res.stderr.strip()[-800:]}")
-  rc, ready, first, total, rss = line[-1].split()[1:]
+  rc, ready, first, total, rss, rss_ready = line[-1].split()[1:]
   if rc != "0":
     sys.exit(f"train failed ({rc}): {res.stderr.strip()[-800:]}")
   num = lambda v: None if v == "None" else round(float(v), 1)
   return dict(data_ready_s=num(ready), first_step_s=num(first), total_s=num(total),
+              peak_rss_at_data_ready_gb=round(float(rss_ready), 2),
               peak_rss_gb=round(float(rss), 2))
 
 
@@ -125,6 +131,8 @@ def main():
   p.add_argument("--n", type=int, default=200000)
   p.add_argument("--dir", default="/tmp/scr_bench_data")
   p.add_argument("--size", type=int, default=64)
+  p.add_argument("--crop", type=int, help="centre crop before resizing (default: the "
+                 "preset's, 170 for paper)")
   p.add_argument("--workers", default="1,2,4", help="grain worker counts to time")
   p.add_argument("--prepare-workers", type=int, help="decoding processes (default: prepare's)")
   p.add_argument("--preset", default="paper")
@@ -132,10 +140,12 @@ def main():
   p.add_argument("--skip-train", action="store_true")
   args = p.parse_args()
   src = os.path.join(args.dir, f"jpg_{args.n}")
-  ds = os.path.join(args.dir, f"ds_{args.n}_s{args.size}")
-  out = dict(n=args.n, size=args.size, cpus=os.cpu_count())
+  from scr_jax import config
+  crop = config.get_config(args.preset).crop if args.crop is None else args.crop
+  ds = os.path.join(args.dir, f"ds_{args.n}_s{args.size}_c{crop or 'full'}")
+  out = dict(n=args.n, size=args.size, crop=crop, cpus=os.cpu_count())
   out["make_jpegs_s"] = round(make_jpegs(src, args.n, os.cpu_count() or 1), 1)
-  out["prepare_s"] = round(timed_prepare(src, ds, args.size, args.prepare_workers), 1)
+  out["prepare_s"] = round(timed_prepare(src, ds, args.size, crop, args.prepare_workers), 1)
   out["prepare_img_s"] = round(args.n / out["prepare_s"])
   print(f"N={args.n}: prepare {out['prepare_s']} s ({out['prepare_img_s']} img/s)", flush=True)
   if not args.skip_train:

@@ -163,10 +163,13 @@ def open_prepared(spec: str, cfg, cache=None, workers=None, notes=None) -> Prepa
       raise UserError(f"{root}: {why}; run prepare again (or give the source folder as --data)")
     return Prepared(root, man)
   out = cache_dir(root, cfg.image_size, crop, cache)
-  man = prepare.read_manifest(out) if os.path.isdir(out) else None
-  if man is not None and man["source"] != os.path.abspath(root):
+  man = prepare.read_manifest(out, current=False) if os.path.isdir(out) else None
+  if man is not None and man.get("source") != os.path.abspath(root):
     man = None  # a cache folder named by the user, last used for another source
-  why = None if man is None else prepare.source_changed(man)
+  why = None
+  if man is not None:
+    why = ("prepared by another version" if man.get("format") != prepare.FORMAT
+           else prepare.source_changed(man))
   if man is None or why:
     import jax  # the process index only
     if jax.process_index() != 0:  # multi-host: process 0 prepares, the others wait

@@ -4,8 +4,8 @@
 parallel decoding threads, through the same readers as everything else:
 `folders.read_image`, `folders.read_depth_png`, `folders.crop_resize`) and
 writes a TFDS dataset in array_record format under `out/tfds/`:
-  image uint8 SxSx3, depth uint16 SxS (Unsup3D's PNG value v * 65535; zeros
-  where a split has no depth), name (text).
+  image uint8 SxSx3, name (text) and, when any split has depth, depth uint16
+  SxS (Unsup3D's PNG value v * 65535; zeros in a split without), as raw bytes.
 `out/manifest.json` is written last (its presence means the dataset is
 complete) and records the source folder, its layout, the file count and bytes,
 size and crop, and `source_hash`, a hash of the relative paths, sizes and
@@ -41,7 +41,7 @@ from scr_jax.errors import UserError
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
-FORMAT = "scr_prepared/1"
+FORMAT = "scr_prepared/2"
 NAME = "scr_prepared"
 VERSION = "1.0.0"
 
@@ -102,8 +102,11 @@ def source_hash(src: str, listing: dict) -> tuple:
   return h.hexdigest(), n, total
 
 
-def read_manifest(out: str):
-  """The manifest of a prepared dataset folder, or None when there is none."""
+def read_manifest(out: str, current: bool = True):
+  """The manifest of a prepared dataset folder, or None when there is none.
+
+  current=True: a manifest of another format version is a UserError
+  (prepare again); current=False returns it as it is."""
   path = os.path.join(out, MANIFEST)
   if not os.path.isfile(path):
     return None
@@ -112,7 +115,7 @@ def read_manifest(out: str):
       man = json.load(fh)
   except (OSError, ValueError) as e:
     raise UserError(f"{path}: unreadable manifest ({type(e).__name__}); prepare again") from None
-  if man.get("format") != FORMAT:
+  if current and man.get("format") != FORMAT:
     raise UserError(f"{path}: not a prepared dataset of this version ({man.get('format')!r}, "
                     f"want {FORMAT!r}); prepare again")
   return man
@@ -240,6 +243,11 @@ class _Plan:
   notes: dict
   summary: bool = True
 
+  @property
+  def with_depth(self) -> bool:
+    """Depth is stored when any split has it (zeros in the others)."""
+    return any(v and v[0][2] is not None for v in self.splits.values())
+
 
 def _builder_class(tfds):
   """The GeneratorBasedBuilder (defined on first use: TFDS is imported lazily)."""
@@ -253,15 +261,16 @@ def _builder_class(tfds):
     plan: _Plan = None
 
     def _info(self):
-      s = self.plan.size
+      s, raw = self.plan.size, tfds.features.Encoding.BYTES
       return tfds.core.DatasetInfo(
           builder=self,
           description="scr_jax.prepare: uint8 images, uint16 depth PNG values, names.",
-          features=tfds.features.FeaturesDict({
-              "image": tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8),
-              "depth": tfds.features.Tensor(shape=(s, s), dtype=np.uint16),
-              "name": tfds.features.Text(),
-          }),
+          features=tfds.features.FeaturesDict(dict(
+              # Raw bytes, not TFDS's default int64 varints: 2.5x faster to read.
+              image=tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8, encoding=raw),
+              name=tfds.features.Text(),
+              **({"depth": tfds.features.Tensor(shape=(s, s), dtype=np.uint16, encoding=raw)}
+                 if self.plan.with_depth else {}))),
           disable_shuffling=True,  # record i is file i of the sorted listing
       )
 
@@ -277,7 +286,10 @@ def _builder_class(tfds):
       for i, (name, u8, u16, notes) in enumerate(_decoded(items, p.size, p.crop, p.workers)):
         for k, v in notes.items():
           p.notes.setdefault(k, []).extend(v)
-        yield f"{i:09d}", dict(image=u8, depth=zero if u16 is None else u16, name=name)
+        ex = dict(image=u8, name=name)
+        if p.with_depth:
+          ex["depth"] = zero if u16 is None else u16
+        yield f"{i:09d}", ex
         bar.update(i + 1)
       bar.finish(len(items))
 
@@ -320,10 +332,10 @@ def prepare(src: str, out: str, image_size: int = 64, crop=None, workers=None,
   listing = scan(src)
   digest, n_files, total = source_hash(src, listing)
   if os.path.isdir(out) and os.listdir(out):
-    if read_manifest(out) is None and not os.path.isdir(os.path.join(out, "tfds")):
+    if read_manifest(out, False) is None and not os.path.isdir(os.path.join(out, "tfds")):
       raise UserError(f"{out_flag} {out} is not empty and not a prepared dataset; give "
                       "another folder")
-    if read_manifest(out) is not None and not overwrite:
+    if read_manifest(out, False) is not None and not overwrite:
       raise UserError(f"{out_flag} {out} already holds a prepared dataset (replace it with "
                       "--overwrite, or give another --out)")
   with contextlib.suppress(FileNotFoundError):
