@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
 
-from scr_jax import cliutil, datasets, runner  # noqa: E402  (after the environment)
+from scr_jax import cliutil, dataset, runner  # noqa: E402  (after the environment)
 from scr_jax.errors import NonFiniteError, UserError  # noqa: E402
 
 # Table columns: (key in result.json, header, format, worst = max or min).
@@ -91,7 +91,7 @@ def _data_dir(args, variant, cfg):
     if len(n) != 3 or min(n) < 1:
       raise UserError(f"--counts takes N_TRAIN,N_VAL,N_TEST (each >= 1), got {args.counts!r}")
     counts = dict(n_train=n[0], n_val=n[1], n_test=n[2])
-  return datasets.ensure_builtin(size, 0, variant, counts, args.data_root)
+  return dataset.ensure_builtin(size, 0, variant, counts, args.data_root)
 
 
 # ----------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def run_one(args):
   res = runner.train_run(cfg, args.workdir, args.data, max_seconds=args.budget)
   if res["reason"] in ("SIGINT", "SIGTERM"):
     sys.exit(130 if res["reason"] == "SIGINT" else 143)
-  test = datasets.load_split(args.data, "test", cfg)
+  test = dataset.load_split(args.data, "test", cfg)
   m, q = res["structure"].m, res["structure"].q
   params = res["state"]["params"]
   summ, _, _ = train.evaluate(train.make_eval_fn(res["nets"], cfg, q), params, test, m, cfg)
@@ -144,7 +144,7 @@ def _baselines(args, variant, out):
   if got is None:
     cfg = _config(args, 0)
     root = _data_dir(args, variant, cfg)
-    test, trn = datasets.load_split(root, "test", cfg), datasets.load_split(root, "train", cfg)
+    test, trn = dataset.load_split(root, "test", cfg), dataset.load_split(root, "train", cfg)
     base = metrics.baseline_summaries(test["depth"], trn["depth"], model.camera(cfg),
                                       **metrics.template_kwargs(test, trn))
     got = {k: dict(side=v["side_mean"], mad=v["mad_mean"]) for k, v in base.items()}

@@ -3,6 +3,7 @@
 
   python experiments/run.py data --out DIR [--n-train N --n-val N --n-test N --size S --seed K]
       [--variant default|wide_pose|harsh_light|hires64|albedo_alt]
+  python experiments/run.py prepare --data DIR --out DS [--image-size 64 --crop N --workers K]
   python experiments/run.py train --preset cpu_small --data DIR|builtin[:VARIANT] --workdir W [--steps N]
       [--seed K] [--variant independent|dense|generic|dynamic] [--order DVAL] [--q sigmoid]
       [--structure FILE] [--set key=value ...] [--no-resume --restart] [--init-from W0]
@@ -33,7 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # config skip compilation (set JAX_COMPILATION_CACHE_DIR to move or share it).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
 
-from scr_jax.datasets import (  # noqa: E402,F401  (data resolution, re-exported)
+from scr_jax.dataset import (  # noqa: E402,F401  (data resolution, re-exported)
     BUILTIN_COUNTS, baselines_for, builtin_dir, ensure_builtin, load_split, load_train_data,
     resolve_data)
 from scr_jax import cliutil, runner, workdir as workdir_lib  # noqa: E402
@@ -75,6 +76,18 @@ def cmd_data(args):
   print(json.dumps(meta, indent=1, default=str))
 
 
+def cmd_prepare(args):
+  from scr_jax import config, dataset, prepare
+  src = args.data
+  if src == "builtin" or src.startswith("builtin:"):
+    cfg = config.override(config.get_config("cpu_small"), [f"image_size={args.image_size}"])
+    src = dataset.resolve_data(src, cfg)
+  runner.check_data_arg(src)
+  man = prepare.prepare(src, args.out, args.image_size, args.crop, args.workers,
+                        overwrite=args.overwrite)
+  print(json.dumps(man, indent=1))
+
+
 def make_config(args):
   """The config of --preset, --set and the flags that are shorthands for --set."""
   return runner.make_config(args.preset, args.set, _log,
@@ -88,7 +101,9 @@ def cmd_train(args):
   res = runner.train_run(cfg, args.workdir, args.data,
                          candidates=getattr(args, "candidates", None), resume=args.resume,
                          restart=getattr(args, "restart", False), max_seconds=args.max_seconds,
-                         init_from=getattr(args, "init_from", None), log=_log)
+                         init_from=getattr(args, "init_from", None), log=_log,
+                         cache=getattr(args, "cache", None),
+                         workers=getattr(args, "workers", None))
   if res["reason"] in ("SIGINT", "SIGTERM"):
     sys.exit(130 if res["reason"] == "SIGINT" else 143)
   return res
@@ -148,9 +163,13 @@ def cmd_search(args):
       _log(f"note: {args.workdir} holds a search with other settings that do not change "
            "its result: " + "; ".join(f"{n}: {o} -> {v}" for n, o, v in harmless))
   checkpoint.save_config(args.workdir, cfg)
-  train_data, val_data = load_train_data(args.data, cfg)
-  if val_data is None:
+  # Search trains many short runs on one in-memory copy of the split.
+  from scr_jax import dataset
+  if not dataset.has_depth(args.data, cfg, "val", args.cache):
     raise UserError(f"search needs a val split in {args.data}")
+  train_data = load_split(args.data, "train", cfg, need_depth=False, with_gt=False,
+                          cache=args.cache)
+  val_data = load_split(args.data, "val", cfg, cache=args.cache)
   _log(f"search --method {args.method}: preset {cfg.preset}, {train_data['images'].shape[0]} "
        f"train / {val_data['images'].shape[0]} val images")
   t0 = time.time()
@@ -199,7 +218,7 @@ def cmd_eval(args):
   runner.check_data_arg(args.data)
   r = workdir_lib.restore(args.workdir)
   cfg, params, m, step = r.cfg, r.params, r.structure.m, r.step
-  d = load_split(args.data, args.split, cfg)
+  d = load_split(args.data, args.split, cfg, cache=args.cache)
   eval_fn = train.make_eval_fn(r.nets, cfg, r.structure.q)
   if r.k:  # a candidates workdir (train --candidates, search evals, fig6): one result each
     if args.save_predictions:
@@ -472,6 +491,18 @@ def build_parser():
   d.add_argument("--overwrite", action="store_true")
   d.set_defaults(fn=cmd_data)
 
+  pr = sub.add_parser("prepare", help="decode a folder once into a prepared (TFDS "
+                      "array_record) dataset that train / eval / search / reproduce stream")
+  pr.add_argument("--data", required=True, help="synface folder, folder with split "
+                  "sub-folders, folder of images, or builtin[:VARIANT]")
+  pr.add_argument("--out", required=True)
+  pr.add_argument("--image-size", type=int, default=64)
+  pr.add_argument("--crop", type=int, help="centre crop (source px) before resizing "
+                  "(default: the largest centred square)")
+  pr.add_argument("--workers", type=int, help="decoding threads (default: CPU count, max 8)")
+  pr.add_argument("--overwrite", action="store_true")
+  pr.set_defaults(fn=cmd_prepare)
+
   def train_args(t):
     t.add_argument("--preset", default="cpu_small")
     t.add_argument("--data", default="builtin")
@@ -494,6 +525,9 @@ def build_parser():
     t.add_argument("--distributed", action="store_true",
                    help="jax.distributed.initialize() from the environment (multi-host)")
     t.add_argument("--max-seconds", type=float, help="stop (and checkpoint) after this wall time")
+    t.add_argument("--cache", metavar="DIR", help="where a raw --data folder is prepared on "
+                   "first use (default: DIR.prepared/ beside it)")
+    t.add_argument("--workers", type=int, help="threads decoding a raw folder on first use")
 
   t = sub.add_parser("train", help="train a model")
   train_args(t)
@@ -507,6 +541,7 @@ def build_parser():
   e.add_argument("--split", default="test")
   e.add_argument("--out")
   e.add_argument("--save-predictions")
+  e.add_argument("--cache", metavar="DIR", help="where a raw --data folder is prepared")
   e.set_defaults(fn=cmd_eval)
 
   dg = sub.add_parser("diagnose", help="what each factor learned, against the generator's "
@@ -545,6 +580,7 @@ def build_parser():
   se.add_argument("--method", required=True, choices=("bo", "exhaustive", "unroll", "unroll-masked"))
   se.add_argument("--preset", default="cpu_small")
   se.add_argument("--data", default="builtin")
+  se.add_argument("--cache", metavar="DIR", help="where a raw --data folder is prepared")
   se.add_argument("--workdir", required=True)
   se.add_argument("--seed", type=int, default=0)
   se.add_argument("--budget-steps", type=int,
@@ -614,6 +650,7 @@ def build_parser():
 # command -> (argument attribute, flag, "dir" | "file" | "npz").
 _OUTPUTS = {
     "data": [("out", "--out", "dir")],
+    "prepare": [("out", "--out", "dir")],
     "train": [("workdir", "--workdir", "dir")],
     "eval": [("out", "--out", "file"), ("save_predictions", "--save-predictions", "npz")],
     "predict": [("out", "--out", "dir")],

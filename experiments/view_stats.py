@@ -18,7 +18,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cach
 
 import numpy as np  # noqa: E402
 
-from scr_jax import cliutil, datasets, diagnostics, workdir  # noqa: E402
+from scr_jax import cliutil, dataset, diagnostics, workdir  # noqa: E402
 from scr_jax.errors import UserError  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def main():
       r = workdir.restore(wd)
       if r.k:
         raise UserError(f"{wd} is a candidates workdir; give a single-structure one")
-      test = datasets.load_split(args.data, "test", r.cfg)
+      test = dataset.load_split(args.data, "test", r.cfg)
       if "gt" not in test:
         raise UserError(f"{args.data}: the test split has no ground-truth sidecar")
     except (UserError, FileNotFoundError) as e:

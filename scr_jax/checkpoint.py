@@ -30,6 +30,7 @@ from scr_jax.errors import UserError
 
 _COMMIT_FILE = "commit_success.txt"  # orbax's atomicity_types.COMMIT_SUCCESS_FILE
 SETTINGS_FILE = "scr_settings.json"
+DATA_STATE_FILE = "data_state.json"  # the training batches' iterator state (dataset.Batches)
 
 
 def probe_writable(workdir: str):
@@ -70,9 +71,11 @@ def check_free_space(workdir: str, state: dict, keep: int):
                     f"checkpoints need about {need / 2**20:.1f} MiB")
 
 
-def save(mngr: ocp.CheckpointManager, state: dict, settings: dict | None = None):
-  """Saves `state` as step state["step"]; with `settings` (from `run_settings`),
-  writes them into the step folder once orbax has committed it. Returns the step.
+def save(mngr: ocp.CheckpointManager, state: dict, settings: dict | None = None,
+         data_state: dict | None = None):
+  """Saves `state` as step state["step"]; with `settings` (from `run_settings`)
+  and `data_state` (`dataset.Batches.state()`), writes them into the step
+  folder once orbax has committed it. Returns the step.
 
   Raises:
     UserError: the write failed (disk full, read-only...): one line naming the
@@ -103,7 +106,21 @@ def save(mngr: ocp.CheckpointManager, state: dict, settings: dict | None = None)
                 dict(settings, step=step,
                      saved_at=datetime.datetime.now(datetime.timezone.utc).isoformat(
                          timespec="seconds")))
+  if data_state is not None and jax.process_index() == 0:
+    _write_json(os.path.join(os.fspath(mngr.directory), str(step), DATA_STATE_FILE), data_state)
   return step
+
+
+def load_data_state(mngr: ocp.CheckpointManager, step: int):
+  """The data iterator state saved with checkpoint `step` (None: none saved,
+  e.g. a checkpoint older than it; the batches are a function of the step, so
+  the loader then starts fresh at `step`)."""
+  path = os.path.join(os.fspath(mngr.directory), str(step), DATA_STATE_FILE)
+  try:
+    with open(path) as fh:
+      return json.load(fh)
+  except (OSError, ValueError):
+    return None
 
 
 def _write_json(path: str, obj):

@@ -30,7 +30,7 @@ One folder per input, OUT/<stem>/, with `stem` unique over the inputs
   turn.mp4        larger turn-table, [textured | shape], rendered at
                   `video_size` px per panel (MPEG-4 part 2, OpenCV 'mp4v')
 
-The 16-bit depth PNGs are readable by `data.read_depth_png`.
+The 16-bit depth PNGs are readable by `folders.read_depth_png`.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from scr_jax import data, render, visualize
+from scr_jax import folders, render, visualize
 from scr_jax.errors import UserError
 
 # Files each input gets (relative to OUT/<stem>/), in writing order.
@@ -119,7 +119,7 @@ def check_outputs(out_dir: str, stems, inputs):
 
 def save_depth_png16(path, z_HxW):
   """Metric depth -> 16-bit grayscale PNG in Unsup3D's mapping (see DEPTH_PNG)."""
-  v = data.depth_to_png_value(z_HxW)
+  v = folders.depth_to_png_value(z_HxW)
   Image.fromarray(np.round(v * 65535).astype(np.uint16)).save(path)
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scr_jax import (checkpoint, config, datasets, metrics, model, render, search, structure,
+from scr_jax import (checkpoint, config, dataset, metrics, model, render, search, structure,
                      train, visualize, workdir as workdir_lib)
 from scr_jax.errors import UserError
 
@@ -334,7 +334,7 @@ def reproduce(out, preset="cpu_small", seeds=3, data="builtin", steps=None, sear
   _save(os.path.join(out, "settings.json"), settings)
   checkpoint.save_config(out, cfg)
   rep = Reproduction(out, cfg, data, list(range(seeds)), search_steps, fig6_steps, True,
-                     lambda split: datasets.load_split(data, split, cfg))
+                     lambda split: dataset.load_split(data, split, cfg))
   t1, labels = rep.table1()
   t2 = rep.table2()
   f6 = rep.fig6()
@@ -459,8 +459,8 @@ def partial_report(out, with_baselines: bool = True):
                  + ", ".join(f"{p['mad_mean']:.2f}" for p in per) + " |")
   if with_baselines:  # the reference predictions (+ template), same test split
     cfg = checkpoint.load_config(out)
-    test = datasets.load_split(settings["data"], "test", cfg)
-    trn = datasets.load_split(settings["data"], "train", cfg)
+    test = dataset.load_split(settings["data"], "test", cfg)
+    trn = dataset.load_split(settings["data"], "train", cfg)
     for name, b in metrics.baseline_summaries(test["depth"], trn["depth"], model.camera(cfg),
                                               **metrics.template_kwargs(test, trn)).items():
       lines.append(f"| {name} | - | {b['side_mean']:.3f} ± {b['side_std']:.3f} (images) | "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from scr_jax import checkpoint, config, datasets, structure, train, workdir as workdir_lib
+from scr_jax import checkpoint, config, dataset, structure, train, workdir as workdir_lib
 from scr_jax.cliutil import log as _log
 from scr_jax.errors import UserError
 
@@ -82,7 +82,8 @@ def init_params_from(src, cfg, workdir: str, resume: bool, info: dict, log=_log)
 
 
 def train_run(cfg, workdir: str, data: str = "builtin", *, candidates=None, resume=True,
-              restart=False, max_seconds=None, init_from=None, log=_log) -> dict:
+              restart=False, max_seconds=None, init_from=None, log=_log, cache=None,
+              workers=None) -> dict:
   """Trains cfg's structure (or the `candidates` orderings together) on the
   --data argument `data` in `workdir`, resumably; what `run.py train` does.
 
@@ -115,12 +116,15 @@ def train_run(cfg, workdir: str, data: str = "builtin", *, candidates=None, resu
   if restart and used:
     moved = checkpoint.set_aside(workdir)
     log(f"note: --restart: moved the previous run's checkpoints, config and logs to {moved}")
-  train_data, val_data = datasets.load_train_data(data, cfg)
+  notes = []  # a first-use prepare's note: said once the resume is known to go ahead
+  train_data, val_data = dataset.load_train_data(data, cfg, cache, workers, notes)
   if resume:  # the same data? (its content, now that it is read; nothing compiled yet)
-    info["fingerprint"] = checkpoint.data_fingerprint(train_data["images"])
+    info["fingerprint"] = dataset.fingerprint(train_data)
     checkpoint.check_resume(workdir, checkpoint.run_settings(
         cfg, st, data=dict(info["fingerprint"], spec=info["data"])))
-  log(f"train: preset {cfg.preset}, variant {st.variant}, {train_data['images'].shape[0]} "
+  for note in notes:
+    log(note)
+  log(f"train: preset {cfg.preset}, variant {st.variant}, {dataset.num_images(train_data)} "
       f"images at {cfg.image_size}px, {cfg.steps} steps, batch {cfg.batch_size}")
   res = train.fit(cfg, workdir, train_data, val_data, st, resume=resume,
                   max_seconds=max_seconds, run_info=info, init_params=init_params)

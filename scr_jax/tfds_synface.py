@@ -10,7 +10,8 @@ decoding is numpy/PIL. Two TF-only paths are avoided on purpose:
 `as_dataset` (tf.data) is never used.
 
 This module imports tensorflow_datasets at import time; `scr_jax.data`
-imports it lazily, so training from folders never needs TFDS.
+imports it lazily. It imports the generator (`synthetic`) and the readers
+(`folders`), never the other way round.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from scr_jax import data
+from scr_jax import folders, synthetic
 from scr_jax.errors import UserError
 
 NAME = "scr_synface"
@@ -52,21 +53,21 @@ class SynFaceConfig(tfds.core.BuilderConfig):
   n_val: int = 100
   n_test: int = 100
   seed: int = 0
-  gen: dict = dataclasses.field(default_factory=lambda: data.GenConfig().to_json())
+  gen: dict = dataclasses.field(default_factory=lambda: synthetic.GenConfig().to_json())
 
 
-def config_name(size, n_train, n_val, n_test, seed, cfg=data.GenConfig()) -> str:
+def config_name(size, n_train, n_val, n_test, seed, cfg=synthetic.GenConfig()) -> str:
   """Deterministic config name, e.g. 's64_n800-100-100_seed0' (+ '_g<hash>'
   when the generator parameters differ from the defaults)."""
   name = f"s{size}_n{n_train}-{n_val}-{n_test}_seed{seed}"
-  if cfg != data.GenConfig():
+  if cfg != synthetic.GenConfig():
     blob = json.dumps(cfg.to_json(), sort_keys=True).encode()
     name += "_g" + hashlib.sha1(blob).hexdigest()[:8]
   return name
 
 
 def make_config(size=64, n_train=800, n_val=100, n_test=100, seed=0,
-                cfg: data.GenConfig = data.GenConfig()) -> SynFaceConfig:
+                cfg: synthetic.GenConfig = synthetic.GenConfig()) -> SynFaceConfig:
   return SynFaceConfig(
       name=config_name(size, n_train, n_val, n_test, seed, cfg),
       version=VERSION, size=size, n_train=n_train, n_val=n_val, n_test=n_test,
@@ -91,7 +92,7 @@ class SynFace(tfds.core.GeneratorBasedBuilder):
     return tfds.core.DatasetInfo(
         builder=self,
         description=("Procedural, roughly left-right symmetric face-like height "
-                     "fields rendered from random views and lights (scr_jax.data)."),
+                     "fields rendered from random views and lights (scr_jax.synthetic)."),
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(c.size, c.size, 3)),
             "depth": tfds.features.Tensor(shape=(c.size, c.size), dtype=np.float32),
@@ -110,14 +111,14 @@ class SynFace(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split, n):
     c = self.builder_config
-    cfg = data.GenConfig.from_json(c.gen)
-    for batch in data.iter_split(n, c.size, c.seed, split, cfg):
+    cfg = synthetic.GenConfig.from_json(c.gen)
+    for batch in synthetic.iter_split(n, c.size, c.seed, split, cfg):
       for img, z, name in zip(batch["images"], batch["depth"], batch["names"]):
         yield name, dict(image=_png(img), depth=z, name=name)
 
 
-def build_tfds(data_dir: str, size: int = 64, n_train: int = 800, n_val: int = 100,
-               n_test: int = 100, seed: int = 0, cfg: data.GenConfig = data.GenConfig(),
+def _build(data_dir: str, size: int = 64, n_train: int = 800, n_val: int = 100,
+               n_test: int = 100, seed: int = 0, cfg: synthetic.GenConfig = synthetic.GenConfig(),
                quiet: bool = True) -> SynFace:
   """Generates (once; reused when present) and returns the prepared builder.
 
@@ -159,7 +160,7 @@ def _find_prepared(data_dir: str, config: str | None) -> str:
   return os.path.join(root, config, VERSION)
 
 
-def load_tfds(data_dir_or_builder, split: str = "train", image_size=None, crop=None,
+def _load(data_dir_or_builder, split: str = "train", image_size=None, crop=None,
               config: str | None = None, limit=None) -> dict:
   """Reads a split with `as_data_source` (no TensorFlow), like `load_synface`.
 
@@ -188,6 +189,33 @@ def load_tfds(data_dir_or_builder, split: str = "train", image_size=None, crop=N
     raise UserError(f"{builder.data_dir}: split '{split}' is empty")
   if image_size is not None or crop is not None:
     where = f"{builder.data_dir}[{split}]"
-    images = [data.crop_resize(x, image_size, crop, where) for x in images]
-    depths = [data.crop_resize(x, image_size, crop, where) for x in depths]
+    images = [folders.crop_resize(x, image_size, crop, where) for x in images]
+    depths = [folders.crop_resize(x, image_size, crop, where) for x in depths]
   return dict(images=np.stack(images), depth=np.stack(depths), names=names)
+
+
+def build_tfds(data_dir: str, size: int = 64, n_train: int = 800, n_val: int = 100,
+               n_test: int = 100, seed: int = 0, **kw) -> SynFace:
+  """Generates (once; reused when present) and returns the prepared builder;
+  also writes the ground-truth sidecars as <builder.data_dir>/{split}/gt.npz
+  (see `synthetic.load_gt`). Data lands in data_dir/scr_synface/<config>/1.0.0/."""
+  builder = _build(data_dir, size, n_train, n_val, n_test, seed, **kw)
+  cfg = kw.get("cfg", synthetic.GenConfig())
+  for split, n in dict(train=n_train, val=n_val, test=n_test).items():
+    path = os.path.join(builder.data_dir, split, synthetic.GT_FILE)
+    if n and not os.path.exists(path):
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      synthetic._save_gt(path, synthetic.canonical_gt(n, size, seed, split, cfg))
+  return builder
+
+
+def load_tfds(data_dir, split: str = "train", image_size=None, crop=None, **kw) -> dict:
+  """`_load` plus d["gt"] (`synthetic.load_gt`) when the prepared dataset has
+  a ground-truth sidecar for the split."""
+  d = _load(data_dir, split, image_size, crop, **kw)
+  root = (data_dir.data_dir if hasattr(data_dir, "data_dir")
+          else _find_prepared(data_dir, kw.get("config")))
+  gt = synthetic.load_gt(root, split, d["names"], image_size, crop)
+  if gt is not None:
+    d["gt"] = gt
+  return d

@@ -5,6 +5,7 @@ dict of arrays (params, opt_state, step) so it checkpoints as a plain pytree.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import sys
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scr_jax import losses, model, nets as nets_lib, structure as structure_lib
+from scr_jax import dataset, losses, model, nets as nets_lib, structure as structure_lib
 from scr_jax.errors import NonFiniteError, UserError
 
 
@@ -218,15 +219,8 @@ def val_loss(fn, params, images_NxSxSx3, m, batch_size: int, limit=None):
 # The loop: data order, sharding, checkpoints, logging, signals.
 # ----------------------------------------------------------------------------
 
-def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
-  """Indices of the batch for `step`: a fresh permutation per epoch, derived
-  from (seed, epoch) only, so a resumed run sees exactly the same batches."""
-  per_epoch = max(n // batch_size, 1)
-  epoch, k = divmod(step, per_epoch)
-  perm = np.random.default_rng([seed, epoch]).permutation(n)
-  if n < batch_size:  # tiny datasets: sample with wrap-around
-    perm = np.resize(perm, batch_size)
-  return perm[k * batch_size:(k + 1) * batch_size]
+# The data order (a pure function of seed and step) lives with the loader.
+batch_indices = dataset.batch_indices
 
 
 def data_mesh():
@@ -244,6 +238,15 @@ def shard_batch(x, mesh):
   per = x.shape[0] // jax.process_count()
   local = x[jax.process_index() * per:(jax.process_index() + 1) * per]
   return jax.make_array_from_process_local_data(sharding, local)
+
+
+def shard_local_batch(x_local, mesh):
+  """Puts this process's rows of a global batch (dataset.Batches with
+  shard=(process index, process count)) on the mesh, split along the batch axis."""
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  if jax.process_count() == 1:
+    return jax.device_put(x_local, sharding)
+  return jax.make_array_from_process_local_data(sharding, x_local)
 
 
 def replicate(tree, mesh):
@@ -407,7 +410,7 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
   st = structure_lib.resolve_structure(cfg) if structure is None else structure
   m, q, k = jnp.asarray(st.m, jnp.float32), st.q, st.k
   info = dict(run_info or {})
-  data_info = dict(info.get("fingerprint") or checkpoint.data_fingerprint(train_data["images"]))
+  data_info = dict(info.get("fingerprint") or dataset.fingerprint(train_data))
   if info.get("data"):
     data_info["spec"] = info["data"]
   settings = checkpoint.run_settings(cfg, st, data=data_info)
@@ -446,30 +449,33 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
   if jax.process_index() == 0:
     checkpoint.save_run_files(workdir, settings)
   barrier("fit-start")
-  images = train_data["images"]
-  put_batch = lambda x: shard_batch(x, mesh)
+  put_batch = lambda x: shard_local_batch(x, mesh)
+  shard = (jax.process_index(), jax.process_count())
   if k:
     state, m, by_candidate = place_candidates(state, m, mesh)
-    if by_candidate:
-      put_batch = lambda x: replicate(x, mesh)
+    if by_candidate:  # every device needs the whole batch
+      put_batch, shard = (lambda x: replicate(x, mesh)), (0, 1)
     step_fn = make_candidate_step(nets, cfg, q)
   else:
     state = replicate(state, mesh)
     m = replicate(m, mesh)
     step_fn = make_train_step(nets, cfg, q)
-  step_fn = compile_in_step(
-      step_fn, state, put_batch(images[batch_indices(images.shape[0], cfg.batch_size, cfg.seed, 0)]), m)
+  # The batches of steps [start, steps): grain, its state saved with each checkpoint.
+  batches = dataset.Batches(train_data, cfg.batch_size, cfg.seed, start, cfg.steps, shard=shard,
+                            state=checkpoint.load_data_state(mngr, start) if start else None)
+  first = next(batches)
+  step_fn = compile_in_step(step_fn, state, put_batch(first), m)
   eval_fn = make_eval_fn(nets, cfg, q) if val_data is not None else None
   log = log or runlog.RunLog(workdir, cfg.steps, cfg.batch_size * max(k, 1), quiet=quiet)
   t0 = time.time()
   reason, last = "done", {}
   if start and not quiet:
     print(f"resuming {workdir} from step {start}", flush=True)
-  with _Signals() as sig:
+  with _Signals() as sig, contextlib.closing(batches):
     step = start
     while step < cfg.steps:
-      idx = batch_indices(images.shape[0], cfg.batch_size, cfg.seed, step)
-      state, met = step_fn(state, put_batch(images[idx]), m)
+      x, first = (first if first is not None else next(batches)), None
+      state, met = step_fn(state, put_batch(x), m)
       step += 1
       if not bool(np.all(jax.device_get(met["finite"]))):
         if cfg.on_nonfinite == "stop":
@@ -505,14 +511,14 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
             print(f"  val @ {step}{who}: SIDE {summ['side_mean']:.3f} x1e-2  "
                   f"MAD {summ['mad_mean']:.2f} deg{line}", file=sys.stderr, flush=True)
       if step % cfg.ckpt_every == 0:
-        checkpoint.save(mngr, state, settings)
+        checkpoint.save(mngr, state, settings, batches.state())
       # Several processes must leave the loop at the same step (collectives).
       over = max_seconds is not None and time.time() - t0 > max_seconds
       if any_process(bool(sig.received) or over):
         reason = sig.received or ("time budget" if over else "stop on another process")
         break
   if mngr.latest_step() != step:
-    checkpoint.save(mngr, state, settings)
+    checkpoint.save(mngr, state, settings, batches.state())
   log.close()
   if reason in ("SIGINT", "SIGTERM") and not quiet:
     print(f"{reason}: saved checkpoint at step {step} in {workdir}; rerun to resume",

@@ -12,7 +12,7 @@ from PIL import Image
 import pytest
 
 from experiments import run
-from scr_jax import config, datasets, export, reproduce, structure, train, workdir
+from scr_jax import config, dataset, export, reproduce, structure, train, workdir
 
 STEPS = ["--steps", "2"]
 
@@ -114,7 +114,7 @@ def test_reproduce_runs(capfd, tmp_path, tiny_synface, image):
   (`train.fit` on `structure.candidates` with 'independent'), at K = 2."""
   cfg = config.override(config.get_config("test_tiny"), ["steps=2"])
   rep = reproduce.Reproduction(str(tmp_path), cfg, tiny_synface, [0], 1, 2, True,
-                               lambda split: datasets.load_split(tiny_synface, split, cfg))
+                               lambda split: dataset.load_split(tiny_synface, split, cfg))
   wd = str(tmp_path / "runs" / "dense")
   rep.run(wd, structure.Structure(m=structure.dense_matrix("DAVL"), variant="dense"), 0)
   r = workdir.restore(wd)
