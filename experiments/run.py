@@ -341,11 +341,15 @@ def cmd_diagnose(args):
                                                 getattr(args, "candidate", None))
   cfg, nets, params, step = r.cfg, r.nets, r.params, r.step
   m, q = r.structure.m, r.structure.q
+  from scr_jax import dataset
+  gt_error = UserError(f"{args.data}: the {args.split} split has no usable ground-truth sidecar "
+                       f"({args.split}/{data.GT_FILE}); diagnostics need data from this "
+                       "generator (run.py data, or --data builtin[:VARIANT])")
+  if not dataset.has_ground_truth(args.data, args.split, cfg):  # before preparing anything
+    raise gt_error
   d = load_split(args.data, args.split, cfg)
   if "gt" not in d:
-    raise UserError(f"{args.data}: the {args.split} split has no usable ground-truth sidecar "
-                    f"({args.split}/{data.GT_FILE}); diagnostics need data from this "
-                    "generator (run.py data, or --data builtin[:VARIANT])")
+    raise gt_error
   n = len(d["images"]) if args.limit is None else min(args.limit, len(d["images"]))
   d = dict(images=d["images"][:n], depth=d["depth"][:n], names=d["names"][:n],
            gt={k: v[:n] for k, v in d["gt"].items()})

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import sys
 
@@ -238,6 +239,23 @@ def read_split(prep: Prepared, split: str, with_depth: bool, chunk: int = 1024) 
   if with_depth:
     out["depth"] = np.concatenate(deps)
   return out
+
+
+def has_ground_truth(spec: str, split: str, cfg) -> bool:
+  """Whether `--data spec` can give `split` the generator's ground truth (a
+  `{split}/gt.npz` sidecar, or the generator's meta.json to rebuild it from);
+  cheap: reads no images and prepares nothing. A prepared dataset is judged
+  by the source folder its manifest names."""
+  src = resolve_data(spec, cfg)
+  man = os.path.join(src, "manifest.json")
+  if os.path.isfile(man):
+    try:
+      with open(man) as fh:
+        src = json.load(fh).get("source", src)
+    except (OSError, ValueError):
+      return False
+  return (os.path.isfile(os.path.join(src, split, synthetic.GT_FILE))
+          or os.path.isfile(os.path.join(src, "meta.json")))
 
 
 def load_split(spec: str, split: str, cfg, need_depth: bool = True, with_gt: bool = True,
