@@ -444,20 +444,26 @@ def cmd_main(args):
   root = ensure_builtin(cfg.image_size)
   d = data.load_synface(root, "train", None, None, limit=8)
   data.preview_grid(d["images"], d["depth"], os.path.join(root, "preview.png"))
-  targs = argparse.Namespace(preset="cpu_small", data="builtin", workdir=wd, set=args.set,
-                             steps=args.steps, seed=None, variant=None, order=None, q=None,
-                             structure=None, candidates=None, resume=True, restart=False,
-                             distributed=False, max_seconds=args.max_seconds)
-  cmd_train(targs)
-  summ = cmd_eval(argparse.Namespace(workdir=wd, data="builtin", split="test",
-                                     out=os.path.join(wd, "eval_test.json"),
-                                     save_predictions=os.path.join(wd, "pred_test.npz")))
+  # The sub-commands' own parser fills every flag's default (a hand-built
+  # Namespace missed flags added later, e.g. --cache).
+  parse = build_parser().parse_args
+  targv = ["train", "--preset", "cpu_small", "--data", "builtin", "--workdir", wd]
+  if args.steps is not None:
+    targv += ["--steps", str(args.steps)]
+  if args.max_seconds is not None:
+    targv += ["--max-seconds", str(args.max_seconds)]
+  for kv in args.set or []:
+    targv += ["--set", kv]
+  cmd_train(parse(targv))
+  summ = cmd_eval(parse(["eval", "--workdir", wd, "--data", "builtin", "--split", "test",
+                         "--out", os.path.join(wd, "eval_test.json"),
+                         "--save-predictions", os.path.join(wd, "pred_test.npz")]))
   base = summ.pop("baselines")  # constant, average GT, template: the same test split
   pred_dir = os.path.join(wd, "predict")
   test_imgs = os.path.join(root, "test", "image")
   picks = sorted(os.listdir(test_imgs))[:4]
-  cmd_predict(argparse.Namespace(workdir=wd, images=[os.path.join(test_imgs, p) for p in picks],
-                                 out=pred_dir))
+  cmd_predict(parse(["predict", "--workdir", wd, "--out", pred_dir, "--images",
+                     *[os.path.join(test_imgs, p) for p in picks]]))
   from scr_jax import diagnostics
   test = load_split("builtin", "test", cfg)
   if "gt" in test:
