@@ -1,8 +1,9 @@
 """The SCR forward pass: image -> embeddings -> (structure) -> factors -> render.
 
-`forward(nets, params, img_BxSxSx3, m, cfg)` is a pure function; M is an
-argument (4x4 shared, Bx4x4 per image, or the dense mask of dynamic SCR with
-`q`), so any structure — and a vmap over a stack of M — uses this one path.
+`forward(nets, params, img_BxSxSx3, structure, cfg)` is a pure function; the
+causal structure is an argument (a single `structure.Structure`: M 4x4, or the
+dense mask of dynamic SCR with q, whose `adjacency(u)` gives M per image), so
+any structure — and a vmap over a stack of them — uses this one path.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import render, structure
+from scr_jax import render, structure as structure_lib
 
 
 def camera(cfg) -> render.Camera:
@@ -73,10 +74,12 @@ def symmetrize(x_BxSxS_, weight):
   return x_BxSxS_ + weight * 0.5 * (x_BxSxS_[:, :, ::-1] - x_BxSxS_)
 
 
-def factors(nets, params, img_BxSxSx3, m, cfg, q=None, sym=None, trans=None, tilt=None,
+def factors(nets, params, img_BxSxSx3, structure, cfg, sym=None, trans=None, tilt=None,
             dscale=None):
   """Image in [0, 1] -> dict of factors (canonical depth, albedo, light, view),
   embeddings u_Bx4xd and the adjacency actually used (4x4 or Bx4x4).
+
+  structure: a single `structure.Structure` (m 4x4; vmap over a stack).
 
   sym: None, or a scalar weight in [0, 1] that makes the canonical depth and
     albedo (partly) left-right symmetric (`Config.sym_warmup_steps`).
@@ -87,8 +90,8 @@ def factors(nets, params, img_BxSxSx3, m, cfg, q=None, sym=None, trans=None, til
   """
   x = img_BxSxSx3 * 2 - 1
   u = nets.apply(params, x, method=nets.encode)
-  adj = structure.dynamic_matrix(u, m, q) if q else m
-  raw = nets.apply(params, structure.mix(u, adj), method=nets.decode)
+  adj = structure.adjacency(u)
+  raw = nets.apply(params, structure_lib.mix(u, adj), method=nets.decode)
   cam = camera(cfg)
   ambient, diffuse, light_dxy = light_from_raw(raw["L"])
   depth = depth_from_raw(raw["D"][..., 0], cam, cfg.depth_prior, dscale)
@@ -127,9 +130,9 @@ def render_factors(f, cam: render.Camera):
               recon_mask=covered.astype(jnp.float32), recon_im=recon_im)
 
 
-def forward(nets, params, img_BxSxSx3, m, cfg, q=None, sym=None, trans=None, tilt=None,
+def forward(nets, params, img_BxSxSx3, structure, cfg, sym=None, trans=None, tilt=None,
             dscale=None):
-  f = factors(nets, params, img_BxSxSx3, m, cfg, q, sym, trans, tilt, dscale)
+  f = factors(nets, params, img_BxSxSx3, structure, cfg, sym, trans, tilt, dscale)
   out = render_factors(f, camera(cfg))
   out.update(f)
   out["sigma_l1"], out["sigma_perc"] = nets.apply(params, img_BxSxSx3 * 2 - 1,

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scr_jax import (checkpoint, config, datasets, metrics, model, render, search, structure,
-                     train, visualize, workdir as workdir_lib)
+from scr_jax import (checkpoint, config, datasets, evaluator, metrics, model, render, search,
+                     structure, train, train_step, visualize, workdir as workdir_lib)
+from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.errors import UserError
 
 TABLE2_ORDERS = ("DLVA", "DAVL", "DVAL")
@@ -118,8 +119,8 @@ class Reproduction:
     cfg = config.override(cfg or self.cfg, [f"seed={seed}"])
     _log(f"== train {os.path.relpath(workdir, self.out)} ({cfg.steps} steps)")
     r = train.fit(cfg, workdir, self.train_data, self.val, st, quiet=True)
-    eval_fn = train.make_eval_fn(r["nets"], cfg, st.q)
-    summ, _, _ = train.evaluate(eval_fn, r["state"]["params"], self.test, jnp.asarray(st.m), cfg)
+    summ, _, _ = Evaluator(r["nets"], cfg).evaluate(r["state"]["params"], self.test,
+                                                    r["structure"])
     summ.update(steps=r["step"], seconds=r["seconds"])
     _save(res_path, summ)
     _log(f"   test SIDE {summ['side_mean']:.3f}  MAD {summ['mad_mean']:.2f}")
@@ -134,8 +135,8 @@ class Reproduction:
       return _done(res_path)
     cfg = self.cfg
     _log(f"== train runs/supervised_s{seed} ({cfg.steps} steps)")
-    nets, state = train.init_state(cfg, jax.random.PRNGKey(seed))
-    opt = train.make_optimizer(cfg)
+    nets, state = train_step.init_state(cfg, jax.random.PRNGKey(seed))
+    opt = train_step.make_optimizer(cfg)
     params = state["params"]
     far = cfg.max_depth
 
@@ -161,12 +162,9 @@ class Reproduction:
       idx = train.batch_indices(imgs.shape[0], cfg.batch_size, seed, i)
       params, opt_state = step(params, opt_state, jnp.asarray(imgs[idx]), jnp.asarray(gts[idx]))
     pred_fn = jax.jit(predict)
-    per = []
-    for i in range(0, self.test["images"].shape[0], cfg.batch_size):
-      img = jnp.asarray(self.test["images"][i:i + cfg.batch_size])
-      gt = jnp.asarray(self.test["depth"][i:i + cfg.batch_size])
-      per.append(metrics.evaluate_depth(pred_fn(params, img), jnp.ones_like(gt), gt, self.cam))
-    summ = metrics.summarize(per)
+    pred = Evaluator(nets, cfg).map(lambda img: pred_fn(params, img), self.test["images"])
+    summ = evaluator.depth_summary(pred, np.ones_like(pred), self.test["depth"], self.cam,
+                                   cfg.batch_size)
     summ.update(steps=cfg.steps, seconds=time.time() - t0)
     _save(res_path, summ)
     return summ
@@ -215,16 +213,14 @@ class Reproduction:
       return done
     orders = list(structure.ALL_ORDERS) + ["independent"]
     st = structure.candidates(orders)
-    ms = st.m
     cfg = config.override(self.cfg, [f"steps={self.fig6_steps}", "seed=0",
                                      f"eval_every={10 ** 9}"])
     _log(f"== fig6: 24 orderings + independent, vmapped, {cfg.steps} steps")
     r = train.fit(cfg, os.path.join(self.out, "fig6"), self.train_data, None, st, quiet=True)
-    eval_fn = train.make_eval_fn(r["nets"], cfg)
+    ev = Evaluator(r["nets"], cfg)
     res = {}
-    for i, o in enumerate(orders):
-      summ, _, _ = train.evaluate(eval_fn, train.unstack_params(r["state"]["params"], i),
-                                  self.test, jnp.asarray(ms[i]), cfg)
+    for o, (params_i, st_i) in zip(orders, each_candidate(r["state"]["params"], st)):
+      summ, _, _ = ev.evaluate(params_i, self.test, st_i)
       res[o] = dict(side=summ["side_mean"], mad=summ["mad_mean"])
     _save(path, res)
     return res
@@ -235,8 +231,9 @@ class Reproduction:
     img = jnp.asarray(self.test["images"][:n_images])
     for name, wd in workdirs.items():
       r = workdir_lib.restore(wd)
-      nets, cfg, m, q = r.nets, r.cfg, r.structure.m, r.structure.q
-      out = jax.jit(lambda p, x: model.forward(nets, p, x, jnp.asarray(m), cfg, q))(r.params, img)
+      nets, cfg = r.nets, r.cfg
+      out = structure.jit(lambda p, x, s: model.forward(nets, p, x, s, cfg))(
+          r.params, img, r.structure)
       for i in range(n_images):
         depth = out["canon_depth"][i]
         shading = render.shade(out["canon_normal"][i], 0.3, 0.7, jnp.asarray([-0.4, -0.3]))

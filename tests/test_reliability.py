@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from scr_jax import checkpoint, config, data, losses, model, structure, train
+from scr_jax import checkpoint, config, data, losses, model, parallel, structure, train, train_step
 from scr_jax.errors import NonFiniteError, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -396,7 +396,7 @@ def test_nonfinite_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
     train.fit(cfg, wd, bad, quiet=True)
   msg = str(err.value)
   assert "step 3" in msg and "step 2" in msg and "\n" not in msg, msg
-  _, like = train.init_state(cfg, jax.random.PRNGKey(cfg.seed))
+  _, like = train_step.init_state(cfg, jax.random.PRNGKey(cfg.seed))
   kept = checkpoint.restore_latest(checkpoint.manager(wd), like)
   assert int(kept["step"]) == 2
   ref = train.fit(dataclasses.replace(cfg, steps=2), str(tmp_path / "ref2"), tr, quiet=True)
@@ -420,13 +420,13 @@ def test_renderer_degenerate_inputs_finite_values_and_gradients():
   cam = model.camera(cfg)
   # 1. a training step (random init) on black, white and half-black images,
   # called as fit calls it (the same compiled step as the test above)
-  nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
   imgs = np.zeros((cfg.batch_size, S, S, 3), np.float32)
   imgs[1], imgs[2, :, : S // 2] = 1.0, 1.0
-  mesh = train.data_mesh()
-  new, met = train.make_train_step(nets, cfg)(
-      train.replicate(state, mesh), train.shard_batch(imgs, mesh),
-      train.replicate(jnp.zeros((4, 4), jnp.float32), mesh))
+  mesh = parallel.data_mesh()
+  new, met = train_step.make_train_step(nets, cfg)(
+      parallel.replicate(state, mesh), parallel.shard_batch(imgs, mesh),
+      parallel.replicate(structure.Structure(m=jnp.zeros((4, 4), jnp.float32)), mesh))
   assert bool(met["finite"]) and np.isfinite(float(met["loss"]))
   assert np.isfinite(float(met["grad_norm"])) and float(met["grad_norm"]) > 0
   assert all(np.isfinite(x).all() for x in _leaves(new["params"]))

@@ -14,7 +14,7 @@ import numpy as np
 import flax.linen as nn
 import pytest
 
-from scr_jax import config, data, losses, model, nets as nets_lib, structure, train
+from scr_jax import config, data, losses, model, nets as nets_lib, parallel, structure, train, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = [sys.executable, os.path.join(ROOT, "experiments", "run.py")]
@@ -130,9 +130,9 @@ def test_structure_enters_as_data(tiny_data):
   """Every variant runs the same params; M changes the output only when it has
   edges; a batch of per-image M works too."""
   _, tr, _, cfg = tiny_data
-  nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
   img = jnp.asarray(tr["images"][:4])
-  fwd = jax.jit(lambda p, m: model.factors(nets, p, img, m, cfg)["albedo"])
+  fwd = jax.jit(lambda p, m: model.factors(nets, p, img, structure.Structure(m=m), cfg)["albedo"])
   zero = fwd(state["params"], jnp.zeros((4, 4)))
   dense = fwd(state["params"], jnp.asarray(structure.dense_matrix("DVAL")))
   per_image = fwd(state["params"], jnp.broadcast_to(jnp.asarray(structure.dense_matrix("DVAL")), (4, 4, 4)))
@@ -150,17 +150,17 @@ def test_tiny_training_lowers_loss(tiny_data, tmp_path):
   _, tr, va, cfg = tiny_data
   cfg = dataclasses.replace(cfg, steps=40, lr=1e-3, log_every=40, eval_every=1000,
                             ckpt_every=1000)
-  nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
-  step = train.make_train_step(nets, cfg)
-  m = jnp.zeros((4, 4))
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
+  step = train_step.make_train_step(nets, cfg)
+  m = structure.Structure(m=jnp.zeros((4, 4)))
   idx = train.batch_indices(24, cfg.batch_size, 0, 0)
   fixed = jnp.asarray(tr["images"][idx])
-  before = float(train.loss_fn(state["params"], nets, fixed, m, cfg)[0])
+  before = float(train_step.loss_fn(state["params"], nets, fixed, m, cfg)[0])
   for i in range(cfg.steps):
     img = jnp.asarray(tr["images"][train.batch_indices(24, cfg.batch_size, 0, i)])
     state, met = step(state, img, m)
     assert bool(met["finite"])
-  after = float(train.loss_fn(state["params"], nets, fixed, m, cfg)[0])
+  after = float(train_step.loss_fn(state["params"], nets, fixed, m, cfg)[0])
   assert after < before - 0.05, (before, after)
 
 
@@ -206,7 +206,7 @@ def test_sigkill_then_resume_cli(tiny_data, tmp_path):
   full = train.fit(dataclasses.replace(cfg, steps=steps, ckpt_every=2, eval_every=1000),
                    str(tmp_path / "ref"), tr, quiet=True)
   from scr_jax import checkpoint
-  nets, like = train.init_state(cfg, jax.random.PRNGKey(cfg.seed))
+  nets, like = train_step.init_state(cfg, jax.random.PRNGKey(cfg.seed))
   got = checkpoint.restore_latest(checkpoint.manager(wd_kill), like)
   assert int(got["step"]) == steps
   assert _params_close(full["state"]["params"], got["params"])
@@ -216,19 +216,19 @@ MULTI = r"""
 import os, sys, json
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=%d"
 import jax, jax.numpy as jnp, numpy as np
-from scr_jax import config, data, train
+from scr_jax import config, data, parallel, structure, train, train_step
 cfg = config.get_config("test_tiny")
 d = data.load_synface(%r, "train", 16)
-nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
-mesh = train.data_mesh()
-train.barrier("start")  # the processes' compile times differ by more than gloo's 30 s
-state = train.replicate(state, mesh)
-m = train.replicate(jnp.zeros((4, 4)), mesh)
-img0 = train.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, 0)], mesh)
-step = train.compile_in_step(train.make_train_step(nets, cfg), state, img0, m)
+nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
+mesh = parallel.data_mesh()
+parallel.barrier("start")  # the processes' compile times differ by more than gloo's 30 s
+state = parallel.replicate(state, mesh)
+m = parallel.replicate(structure.Structure(m=jnp.zeros((4, 4))), mesh)
+img0 = parallel.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, 0)], mesh)
+step = parallel.compile_in_step(train_step.make_train_step(nets, cfg), state, img0, m)
 losses = []
 for i in range(3):
-  img = train.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, i)], mesh)
+  img = parallel.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, i)], mesh)
   state, met = step(state, img, m)
   losses.append(float(met["loss"]))
 print(json.dumps(dict(n=len(jax.devices()), losses=losses)))
@@ -302,19 +302,19 @@ import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address="127.0.0.1:%d", num_processes=2, process_id=%d)
 import jax.numpy as jnp
-from scr_jax import config, data, train
+from scr_jax import config, data, parallel, structure, train, train_step
 cfg = config.get_config("test_tiny")
 d = data.load_synface(%r, "train", 16)
-nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
-mesh = train.data_mesh()
-train.barrier("start")  # the processes' compile times differ by more than gloo's 30 s
-state = train.replicate(state, mesh)
-m = train.replicate(jnp.zeros((4, 4)), mesh)
-img0 = train.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, 0)], mesh)
-step = train.compile_in_step(train.make_train_step(nets, cfg), state, img0, m)
+nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
+mesh = parallel.data_mesh()
+parallel.barrier("start")  # the processes' compile times differ by more than gloo's 30 s
+state = parallel.replicate(state, mesh)
+m = parallel.replicate(structure.Structure(m=jnp.zeros((4, 4))), mesh)
+img0 = parallel.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, 0)], mesh)
+step = parallel.compile_in_step(train_step.make_train_step(nets, cfg), state, img0, m)
 losses = []
 for i in range(3):
-  img = train.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, i)], mesh)
+  img = parallel.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, i)], mesh)
   state, met = step(state, img, m)
   losses.append(float(met["loss"]))
 print(json.dumps(dict(n=jax.process_count(), losses=losses)))
@@ -349,13 +349,13 @@ def test_two_process_distributed_matches_single(tiny_data):
 def test_lr_view_mult_scales_only_the_view_updates():
   base = config.get_config("test_tiny")
   img = jax.random.uniform(jax.random.PRNGKey(5), (4, 16, 16, 3))
-  m = jnp.zeros((4, 4))
+  m = structure.Structure(m=jnp.zeros((4, 4)))
   deltas = []
   for mult in (1.0, 3.0):
     cfg = config.override(base, [f"lr_view_mult={mult}"])
-    nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+    nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
     before = jax.tree_util.tree_map(np.asarray, state["params"])
-    new, _ = train.make_train_step(nets, cfg)(state, img, m)
+    new, _ = train_step.make_train_step(nets, cfg)(state, img, m)
     deltas.append(jax.tree_util.tree_map(lambda a, b: np.asarray(a) - b, new["params"], before))
   for name in deltas[0]["params"]:
     want = 3.0 if name in ("f1_V", "f2_V") else 1.0
