@@ -133,19 +133,19 @@ def profile_preset(name, repeats):
 
   def nets_fwd(p, img):
     f = model.factors(nets, p, img, st, cfg)
-    sig = nets.apply(p, img * 2 - 1, method=nets.confidence)
+    sig = nets.apply(p, model.to_model_range(img), method=nets.confidence)
     return f, sig
 
   def render_fwd(f):
     return model.render_factors(f, cam)
 
-  def loss_fwd(out, img):
-    return losses.total_loss(out, img, cfg, perc)[0]
+  def loss_fwd(out):
+    return losses.total_loss(out, cfg, perc)[0]
 
   f, sig = jax.jit(nets_fwd)(params, img)
-  out = jax.jit(render_fwd)(f)
-  full_out = dict(out, **f)
-  full_out["sigma_l1"], full_out["sigma_perc"] = sig
+  orig, flip = jax.jit(render_fwd)(f)
+  full_out = model.ForwardOutput(factors=f, orig=orig, flip=flip, sigma_l1_BxSxSx2=sig[0],
+                                 sigma_perc_BxTxTx2=sig[1], input_BxSxSx3=model.to_model_range(img))
 
   def with_vjp(fn):
     """fwd+bwd: the vjp of fn in its first argument, applied to ones."""
@@ -159,14 +159,14 @@ def profile_preset(name, repeats):
     jax.block_until_ready(j(*args))
     return _median_time(lambda: j(*args), repeats)
 
-  # The renderer's input: the rendered factors only (u and m are not rendered).
-  fr = {k: v for k, v in f.items() if k not in ("u", "m")}
+  # The renderer's input: the rendered factors only (u and M are not rendered).
+  fr = f.replace(u_Bx4xd=None, adjacency=None)
   opt = train_step.make_optimizer(cfg)
   grads = jax.tree_util.tree_map(lambda a: a * 1e-3, params)
   upd = lambda g, s, p: optax_apply(opt, g, s, p)
   rows = []
   for part, fn, args in [("nets", nets_fwd, (params, img)), ("renderer", render_fwd, (fr,)),
-                         ("loss", loss_fwd, (full_out, img))]:
+                         ("loss", loss_fwd, (full_out,))]:
     fwd = timed(fn, *args)
     both = timed(with_vjp(fn), *args)
     # backward = (fwd+bwd) - fwd: a small negative value is timing noise.

@@ -393,14 +393,16 @@ def cmd_predict(args):
   written = []
   for (path, img, src), stem in zip(kept, stems):
     out = fwd(params, jnp.asarray(img[None]), st)
-    one = {k: np.asarray(v[0]) for k, v in out.items()
-           if k in ("canon_depth", "canon_normal", "recon_depth", "recon_mask", "ambient",
-                    "diffuse", "light_dxy", "view")}
-    one.update(input=img, recon=np.asarray(out["recon_im"][0]) / 2 + 0.5,
-               canon_im=np.clip(np.asarray(out["canon_im"][0]) / 2 + 0.5, 0, 1),
-               canon_albedo=np.clip(np.asarray(out["albedo"][0]) / 2 + 0.5, 0, 1))
-    gif = visualize.turntable(out["canon_depth"][0], out["canon_im"][0] / 2 + 0.5, cam,
-                              textured=False)
+    o, f = out.orig, out.factors
+    one = dict(canon_depth=o.canon_depth_BxSxS, canon_normal=o.canon_normal_BxSxSx3,
+               recon_depth=o.recon_depth_BxSxS, recon_mask=o.recon_mask_BxSxS,
+               ambient=f.ambient_B, diffuse=f.diffuse_B, light_dxy=f.light_dxy_Bx2,
+               view=f.view_Bx6, recon=o.recon_image(),
+               canon_im=jnp.clip(o.canon_image(), 0, 1),
+               canon_albedo=jnp.clip(model.to_unit_range(f.albedo_BxSxSx3), 0, 1))
+    one = {k: np.asarray(v[0]) for k, v in one.items()}
+    one["input"] = img
+    gif = visualize.turntable(o.canon_depth_BxSxS[0], o.canon_image()[0], cam, textured=False)
     written += export.write_prediction(args.out, stem, one, cam, src, video_size=video_size,
                                        gif_frames=np.asarray(gif))
   expected = len(export.FILES) * len(kept)

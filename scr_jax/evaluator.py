@@ -30,8 +30,7 @@ def make_eval_fn(nets, cfg):
   mask), a single structure."""
   def fn(params, img, structure):
     out = model.forward(nets, params, img, structure, cfg)
-    b = img.shape[0]
-    return out["recon_depth"][:b], out["recon_mask"][:b]
+    return out.orig.recon_depth_BxSxS, out.orig.recon_mask_BxSxS
   return structure_lib.jit(fn)
 
 
@@ -43,11 +42,11 @@ def make_factors_fn(nets, cfg):
 
   def fn(params, img, structure):
     f = model.factors(nets, params, img, structure, cfg)
-    _, normal, shading = model.shade_canonical(f["depth"], f["albedo"], f["ambient"],
-                                               f["diffuse"], f["light_dxy"], cam)
-    light = jnp.concatenate([f["ambient"][:, None], f["diffuse"][:, None], f["light_dxy"]], 1)
-    return dict(view=f["view"], light=light, canon_depth=f["depth"],
-                canon_albedo=f["albedo"] / 2 + 0.5, canon_normal=normal,
+    _, normal, shading = model.shade_canonical(f.depth_BxSxS, f.albedo_BxSxSx3, f.ambient_B,
+                                               f.diffuse_B, f.light_dxy_Bx2, cam)
+    light = jnp.concatenate([f.ambient_B[:, None], f.diffuse_B[:, None], f.light_dxy_Bx2], 1)
+    return dict(view=f.view_Bx6, light=light, canon_depth=f.depth_BxSxS,
+                canon_albedo=model.to_unit_range(f.albedo_BxSxSx3), canon_normal=normal,
                 canon_shading=shading)
   return structure_lib.jit(fn)
 

@@ -17,7 +17,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from scr_jax import (checkpoint, config, datasets, evaluator, metrics, model, render, search,
                      structure, train, train_step, visualize, workdir as workdir_lib)
@@ -136,31 +135,28 @@ class Reproduction:
     cfg = self.cfg
     _log(f"== train runs/supervised_s{seed} ({cfg.steps} steps)")
     nets, state = train_step.init_state(cfg, jax.random.PRNGKey(seed))
-    opt = train_step.make_optimizer(cfg)
-    params = state["params"]
     far = cfg.max_depth
 
     def predict(p, img):
-      u = nets.apply(p, img * 2 - 1, method=nets.encode)
+      u = nets.apply(p, model.to_model_range(img), method=nets.encode)
       raw = nets.apply(p, u, method=nets.decode)
       return model.depth_from_raw(raw["D"][..., 0], self.cam, cfg.depth_prior)
 
-    def loss(p, img, gt):
+    def l1_on_object(p, batch, structure, step):  # the structure plays no part
+      img, gt = batch
       fg = (gt < far - 1e-3).astype(jnp.float32)
-      return jnp.sum(jnp.abs(predict(p, img) - gt) * fg) / jnp.maximum(jnp.sum(fg), 1.0)
+      loss = jnp.sum(jnp.abs(predict(p, img) - gt) * fg) / jnp.maximum(jnp.sum(fg), 1.0)
+      return loss, dict(loss=loss)
 
-    @jax.jit
-    def step(p, s, img, gt):
-      g = jax.grad(loss)(p, img, gt)
-      u, s = opt.update(g, s, p)
-      return optax.apply_updates(p, u), s
-
-    opt_state = state["opt_state"]
+    # The same train step as SCR (optimiser, non-finite rule), another objective.
+    step = train_step.make_train_step(nets, cfg, l1_on_object)
+    none = structure.Structure(m=jnp.zeros((4, 4), jnp.float32))
     imgs, gts = self.train_data["images"], self.train_data["depth"]
     t0 = time.time()
     for i in range(cfg.steps):
       idx = train.batch_indices(imgs.shape[0], cfg.batch_size, seed, i)
-      params, opt_state = step(params, opt_state, jnp.asarray(imgs[idx]), jnp.asarray(gts[idx]))
+      state, _ = step(state, (jnp.asarray(imgs[idx]), jnp.asarray(gts[idx])), none)
+    params = state["params"]
     pred_fn = jax.jit(predict)
     pred = Evaluator(nets, cfg).map(lambda img: pred_fn(params, img), self.test["images"])
     summ = evaluator.depth_summary(pred, np.ones_like(pred), self.test["depth"], self.cam,
@@ -228,21 +224,20 @@ class Reproduction:
   def qualitative(self, workdirs, path, n_images=3, yaws=(-40, 0, 40)):
     """Rows: per variant and image, input | canonical normals | shading at yaws."""
     rows = []
-    img = jnp.asarray(self.test["images"][:n_images])
     for name, wd in workdirs.items():
       r = workdir_lib.restore(wd)
-      nets, cfg = r.nets, r.cfg
-      out = structure.jit(lambda p, x, s: model.forward(nets, p, x, s, cfg))(
-          r.params, img, r.structure)
+      pred = Evaluator(r.nets, r.cfg).factors(r.params, self.test["images"][:n_images],
+                                              r.structure)
       for i in range(n_images):
-        depth = out["canon_depth"][i]
-        shading = render.shade(out["canon_normal"][i], 0.3, 0.7, jnp.asarray([-0.4, -0.3]))
+        depth = jnp.asarray(pred["canon_depth"][i])
+        shading = render.shade(jnp.asarray(pred["canon_normal"][i]), 0.3, 0.7,
+                               jnp.asarray([-0.4, -0.3]))
         shading = jnp.repeat(shading[..., None], 3, -1) * 0.85
         frames = [np.clip(np.asarray(render.render_view(
             depth, shading, jnp.zeros(6).at[1].set(np.deg2rad(yaw)), self.cam)["image"]), 0, 1)
                   for yaw in yaws]
         rows.append([np.asarray(self.test["images"][i]),
-                     np.asarray(visualize.normal_to_rgb(out["canon_normal"][i]))] + frames)
+                     np.asarray(visualize.normal_to_rgb(pred["canon_normal"][i]))] + frames)
     grid = visualize.grid(rows)
     visualize.save_png(path, grid, 3)
     return path

@@ -119,7 +119,7 @@ def loss_fn(params, nets, img, structure, cfg, perceptual_fn=None, step=None):
   structure; `step` (None outside training) sets the warm-up scales."""
   out = model.forward(nets, params, img, structure, cfg, sym_weight(cfg, step),
                       trans_scale(cfg, step), tilt_scale(cfg, step), depth_scale(cfg, step))
-  return losses.total_loss(out, img, cfg, perceptual_fn, step)
+  return losses.total_loss(out, cfg, perceptual_fn, step)
 
 
 def perceptual_for(cfg):
@@ -130,14 +130,23 @@ def perceptual_for(cfg):
   return None
 
 
-def _train_step_fn(nets, cfg):
-  """The un-jitted step(state, img_BxSxSx3, structure) -> (state, metrics)."""
-  opt = make_optimizer(cfg)
-  perc = perceptual_for(cfg)
+def _train_step_fn(nets, cfg, objective=None):
+  """The un-jitted step(state, batch, structure) -> (state, metrics).
 
-  def step(state, img, structure):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], nets, img, structure, cfg, perc, state["step"])
+  objective: None (SCR: batch = img_BxSxSx3, `loss_fn` with the perceptual
+    loss the config asks for), or any objective(params, batch, structure,
+    step) -> (loss, metrics dict with "loss") trained by the same optimiser and
+    non-finite rule (e.g. reproduce's supervised baseline, batch = (img, depth)).
+  """
+  opt = make_optimizer(cfg)
+  if objective is None:
+    perc = perceptual_for(cfg)
+    objective = lambda p, img, structure, step: loss_fn(p, nets, img, structure, cfg, perc,
+                                                        step)
+
+  def step(state, batch, structure):
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
+        state["params"], batch, structure, state["step"])
     updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     gnorm = optax.global_norm(grads)
@@ -156,10 +165,11 @@ def _train_step_fn(nets, cfg):
 
 
 @functools.lru_cache(maxsize=16)  # same (nets, cfg) -> same jitted fn, no recompile
-def make_train_step(nets, cfg):
-  """Returns train_step(state, img_BxSxSx3, structure) -> (state, metrics),
-  jitted (`structure.jit`: one compile per q and M shape, whatever the labels)."""
-  return structure_lib.jit(_train_step_fn(nets, cfg), donate_argnums=0)
+def make_train_step(nets, cfg, objective=None):
+  """Returns train_step(state, batch, structure) -> (state, metrics), jitted
+  (`structure.jit`: one compile per q and M shape, whatever the labels);
+  batch = img_BxSxSx3 in [0, 1] for SCR (objective None, see `_train_step_fn`)."""
+  return structure_lib.jit(_train_step_fn(nets, cfg, objective), donate_argnums=0)
 
 
 # Stacked candidates: params and optimiser state carry a leading K axis, the

@@ -34,28 +34,31 @@ def test_symmetrize_makes_canonical_maps_mirror_symmetric():
   free = model.factors(nets, state["params"], img, m, cfg)
   full = model.factors(nets, state["params"], img, m, cfg, sym=1.0)
   half = model.factors(nets, state["params"], img, m, cfg, sym=0.5)
-  for k in ("depth", "albedo"):
-    a = np.asarray(full[k])
+  for k in ("depth_BxSxS", "albedo_BxSxSx3"):
+    a = np.asarray(getattr(full, k))
     np.testing.assert_allclose(a, a[:, :, ::-1], atol=1e-6)
-    f = np.asarray(free[k])
+    f = np.asarray(getattr(free, k))
     assert np.abs(f - f[:, :, ::-1]).max() > 1e-4  # the free maps are not symmetric
-    np.testing.assert_allclose(np.asarray(half[k]), (f + a) / 2, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(model.factors(
-        nets, state["params"], img, m, cfg, sym=0.0)[k]), f, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(getattr(half, k)), (f + a) / 2, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(getattr(model.factors(
+        nets, state["params"], img, m, cfg, sym=0.0), k)), f, atol=1e-6)
   # view and light are untouched
-  np.testing.assert_allclose(np.asarray(full["view"]), np.asarray(free["view"]))
+  np.testing.assert_allclose(np.asarray(full.view_Bx6), np.asarray(free.view_Bx6))
 
 
 def test_confidence_warmup_replaces_sigma_until_its_step():
   cfg = _tiny(conf_warmup_steps=5)
   img = jnp.full((1, 4, 4, 3), 0.75)  # target 0.5 in [-1, 1]
-  out = dict(recon_mask=jnp.ones((2, 4, 4)), recon_im=jnp.zeros((2, 4, 4, 3)),
-             sigma_l1=jnp.full((1, 4, 4, 2), 0.25))
+  half = model.Rendering(*([None] * 5), recon_mask_BxSxS=jnp.ones((1, 4, 4)),
+                         recon_im_BxSxSx3=jnp.zeros((1, 4, 4, 3)))
+  out = model.ForwardOutput(factors=None, orig=half, flip=half,
+                            sigma_l1_BxSxSx2=jnp.full((1, 4, 4, 2), 0.25),
+                            sigma_perc_BxTxTx2=None, input_BxSxSx3=model.to_model_range(img))
   l1_sigma1 = 0.5 * np.sqrt(2.0)  # |0 - 0.5| sqrt(2) / 1 + log 1
   l1_pred = 0.5 * np.sqrt(2.0) / 0.25 + np.log(0.25)
-  during, _ = losses.total_loss(out, img, cfg, step=jnp.int32(4))
-  after, _ = losses.total_loss(out, img, cfg, step=jnp.int32(5))
-  evaluation, _ = losses.total_loss(out, img, cfg)
+  during, _ = losses.total_loss(out, cfg, step=jnp.int32(4))
+  after, _ = losses.total_loss(out, cfg, step=jnp.int32(5))
+  evaluation, _ = losses.total_loss(out, cfg)
   np.testing.assert_allclose(float(during), (1 + cfg.lam_flip) * l1_sigma1, rtol=1e-5)
   np.testing.assert_allclose(float(after), (1 + cfg.lam_flip) * l1_pred, rtol=1e-5)
   np.testing.assert_allclose(float(evaluation), float(after), rtol=1e-6)
