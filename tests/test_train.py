@@ -360,9 +360,12 @@ def test_perceptual_loss_with_a_converted_file(tmp_path):
   np.testing.assert_allclose(float(perceptual.confidence_loss(f, f, mask, sigma)), np.log(0.5),
                              rtol=1e-5)
   fn = perceptual.make_perceptual_fn(vgg)
-  out = dict(recon_im=jnp.concatenate([img * 2 - 1, jnp.zeros_like(img)]),
-             sigma_perc=jnp.full((2, 4, 4, 2), 0.5))
-  lp, lp_flip = fn(out, img, mask)
+  render = lambda x: model.Rendering(*([None] * 6), recon_im_BxSxSx3=x)
+  out = model.ForwardOutput(factors=None, orig=render(img * 2 - 1),
+                            flip=render(jnp.zeros_like(img)), sigma_l1_BxSxSx2=None,
+                            sigma_perc_BxTxTx2=jnp.full((2, 4, 4, 2), 0.5),
+                            input_BxSxSx3=model.to_model_range(img))
+  lp, lp_flip = fn(out, mask)
   np.testing.assert_allclose(float(lp), np.log(0.5), rtol=1e-5)
   assert float(lp_flip) > float(lp) + 1e-3
   bad = str(tmp_path / "bad.npz")
@@ -382,9 +385,12 @@ def test_depth_prior_starts_convex_and_min_sigma_floors_confidence():
   # a floor on sigma bounds the loss from below where reconstruction is perfect
   cfg = dataclasses.replace(config.get_config("test_tiny"), min_sigma=0.05)
   img = jnp.zeros((1, 4, 4, 3))
-  out = dict(recon_mask=jnp.ones((2, 4, 4)), recon_im=jnp.full((2, 4, 4, 3), -1.0),
-             sigma_l1=jnp.zeros((1, 4, 4, 2)))
-  loss, _ = losses.total_loss(out, img, cfg)
+  half = model.Rendering(*([None] * 5), recon_mask_BxSxS=jnp.ones((1, 4, 4)),
+                         recon_im_BxSxSx3=jnp.full((1, 4, 4, 3), -1.0))
+  out = model.ForwardOutput(factors=None, orig=half, flip=half,
+                            sigma_l1_BxSxSx2=jnp.zeros((1, 4, 4, 2)), sigma_perc_BxTxTx2=None,
+                            input_BxSxSx3=model.to_model_range(img))
+  loss, _ = losses.total_loss(out, cfg)
   np.testing.assert_allclose(float(loss), (1 + cfg.lam_flip) * np.log(0.05), rtol=1e-4)
 
 
