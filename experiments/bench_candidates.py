@@ -5,8 +5,8 @@ versus K sequential single runs, with the same number of steps, in one process.
   python experiments/bench_candidates.py [--preset cpu_small] [--k 24] [--steps 3] [--repeats 3]
 
 Both sides run the same compiled programs every repeat (compile excluded):
-  vmapped:    `steps` calls of train.make_candidate_step on K stacked states;
-  sequential: K x `steps` calls of train.make_train_step, one candidate at a time.
+  vmapped:    `steps` calls of train_step.make_candidate_step on K stacked states;
+  sequential: K x `steps` calls of train_step.make_train_step, one candidate at a time.
 Prints a table, then one JSON line (the last line) with vmap_over_sequential_ratio
 (< 1 means the vmapped run is cheaper).
 """
@@ -19,7 +19,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from scr_jax import config, structure, train  # noqa: E402
+from scr_jax import config, structure, train_step  # noqa: E402
 
 
 def main(argv=None):
@@ -36,27 +36,31 @@ def main(argv=None):
     nets.MATMUL_MAX_PATCH = args.matmul_max_patch
   cfg = config.get_config(args.preset)
   orders = [structure.ALL_ORDERS[i % 24] for i in range(args.k)]
-  ms = jnp.asarray(np.stack([structure.dense_matrix(o) for o in orders]))
-  nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+  ms = structure.candidates(orders)
+  ms = ms.replace(m=jnp.asarray(ms.m))
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
   imgs = jax.random.uniform(jax.random.PRNGKey(1), (args.steps, cfg.batch_size,
                                                     cfg.image_size, cfg.image_size, 3))
-  single = train.make_train_step(nets, cfg)
-  multi = train.make_candidate_step(nets, cfg)
+  single = train_step.make_train_step(nets, cfg)
+  multi = train_step.make_candidate_step(nets, cfg)
 
   t = time.perf_counter()
-  single_c = single.lower(state, imgs[0], ms[0]).compile()
+  single_c = single.lower(state, imgs[0], ms.candidate(0)).compile()
   compile_single = time.perf_counter() - t
-  stacked = train.stack_state(state, args.k)
+  stacked = train_step.stack_state(state, args.k)
   t = time.perf_counter()
   multi_c = multi.lower(stacked, imgs[0], ms).compile()
+  ms = ms.bare()
   compile_multi = time.perf_counter() - t
+
+  cands = [ms.candidate(k).bare() for k in range(args.k)]  # as the compiled step takes them
 
   def run_seq():
     # Fresh copies each repeat: the step donates its input state.
     for k in range(args.k):
       st = jax.tree_util.tree_map(jnp.copy, state)
       for s in range(args.steps):
-        st, met = single_c(st, imgs[s], ms[k])
+        st, met = single_c(st, imgs[s], cands[k])
       jax.block_until_ready(st)
 
   def run_vmap():

@@ -390,23 +390,27 @@ def renderer_case():
   depths = [np.full((S, S), cam.min_depth), np.full((S, S), cam.max_depth), alt]
   combos = [(d, v) for d in depths for v in views]
   n = len(combos)
-  f = dict(depth=jnp.asarray(np.stack([d for d, _ in combos]), jnp.float32),
-           albedo=jnp.asarray(np.resize([-1.0, 1.0], (n, S, S, 3)), jnp.float32),
-           ambient=jnp.asarray(np.resize([0.0, 1.0], n), jnp.float32),
-           diffuse=jnp.asarray(np.resize([1.0, 0.0], n), jnp.float32),
-           light_dxy=jnp.asarray(np.resize([[1.0, -1.0], [-1.0, 1.0]], (n, 2)), jnp.float32),
-           view=jnp.asarray(np.stack([v for _, v in combos]), jnp.float32))
+  f = model.Factors(
+      depth_BxSxS=jnp.asarray(np.stack([d for d, _ in combos]), jnp.float32),
+      albedo_BxSxSx3=jnp.asarray(np.resize([-1.0, 1.0], (n, S, S, 3)), jnp.float32),
+      ambient_B=jnp.asarray(np.resize([0.0, 1.0], n), jnp.float32),
+      diffuse_B=jnp.asarray(np.resize([1.0, 0.0], n), jnp.float32),
+      light_dxy_Bx2=jnp.asarray(np.resize([[1.0, -1.0], [-1.0, 1.0]], (n, 2)), jnp.float32),
+      view_Bx6=jnp.asarray(np.stack([v for _, v in combos]), jnp.float32))
 
   def objective(f, target):
-    out = model.render_factors(f, cam)
-    out["sigma_l1"] = jnp.zeros((n, S, S, 2))
-    return losses.total_loss(out, target, cfg)[0] + jnp.mean(out["recon_depth"])
+    orig, flip = model.render_factors(f, cam)
+    out = model.ForwardOutput(factors=f, orig=orig, flip=flip,
+                              sigma_l1_BxSxSx2=jnp.zeros((n, S, S, 2)),
+                              sigma_perc_BxTxTx2=None, input_BxSxSx3=model.to_model_range(target))
+    return (losses.total_loss(out, cfg)[0] + jnp.mean(orig.recon_depth_BxSxS)
+            + jnp.mean(flip.recon_depth_BxSxS))
 
   bad, fn = 0, jax.jit(jax.value_and_grad(objective))
   for target in (jnp.zeros((n, S, S, 3)), jnp.ones((n, S, S, 3))):  # all background / all white
     val, g = fn(f, target)
     bad += int(not np.isfinite(float(val)))
-    bad += sum(int(not np.isfinite(np.asarray(x)).all()) for x in g.values())
+    bad += sum(int(not np.isfinite(np.asarray(x)).all()) for x in jax.tree_util.tree_leaves(g))
   row("numeric: renderer at depth clamp limits, +-60 deg views, black/white targets",
       "finite values and gradients", f"{2 * n} renders, {bad} non-finite outputs", bad == 0)
 

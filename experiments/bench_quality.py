@@ -100,22 +100,23 @@ def _data_dir(args, variant, cfg):
 
 def run_one(args):
   """Trains (or resumes) one (variant, seed) and writes its result.json."""
-  from scr_jax import diagnostics, train
+  from scr_jax import diagnostics
+  from scr_jax.evaluator import Evaluator
   cfg = _config(args, args.seed)
   t0 = time.time()
   res = runner.train_run(cfg, args.workdir, args.data, max_seconds=args.budget)
   if res["reason"] in ("SIGINT", "SIGTERM"):
     sys.exit(130 if res["reason"] == "SIGINT" else 143)
   test = dataset.load_split(args.data, "test", cfg)
-  m, q = res["structure"].m, res["structure"].q
+  st = res["structure"]
   params = res["state"]["params"]
-  summ, _, _ = train.evaluate(train.make_eval_fn(res["nets"], cfg, q), params, test, m, cfg)
+  summ, _, _ = Evaluator(res["nets"], cfg).evaluate(params, test, st)
   out = dict(variant=args.bench_variant, seed=args.seed, steps=res["step"],
              train_seconds=res["seconds"], wall_seconds=time.time() - t0,
              side=summ["side_mean"], mad=summ["mad_mean"], mad_unsup3d=summ["mad_unsup3d_mean"],
              n_test=summ["n"], status="done", stop=res["reason"])
   if "gt" in test:
-    out.update(diagnostics.evaluate(res["nets"], params, test, m, cfg, q))
+    out.update(diagnostics.evaluate(res["nets"], params, test, st, cfg))
   _write_json(os.path.join(args.workdir, "result.json"), out)
 
 

@@ -20,7 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from scr_jax import config, nets as _nets, structure, train  # noqa: E402
+from scr_jax import config, nets as _nets, structure, train_step  # noqa: E402
 
 MAX_PATCH_DEFAULT = _nets.MATMUL_MAX_PATCH
 
@@ -47,14 +47,14 @@ def matmul_rate(n=2048, repeats=5):
 def bench_preset(name, repeats, variant="independent"):
   cfg = config.override(config.get_config(name), [f"variant={variant}"] +
                         (["order=DVAL"] if variant != "independent" else []))
-  m, q = structure.resolve(cfg)
-  nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
-  step = train.make_train_step(nets, cfg, q)
+  st = structure.resolve_structure(cfg)
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
+  step = train_step.make_train_step(nets, cfg)
   img = jax.random.uniform(jax.random.PRNGKey(2), (cfg.batch_size, cfg.image_size,
                                                    cfg.image_size, 3))
-  m = jnp.asarray(m)
+  st = st.replace(m=jnp.asarray(st.m))
   t0 = time.perf_counter()
-  compiled = step.lower(state, img, m).compile()
+  compiled = step.lower(state, img, st).compile()
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -62,7 +62,7 @@ def bench_preset(name, repeats, variant="independent"):
   holder = [state]
 
   def run():
-    holder[0], met = step(holder[0], img, m)
+    holder[0], met = step(holder[0], img, st)
     return met["loss"]
 
   jax.block_until_ready(run())  # warm-up (also the first donated step)
@@ -122,30 +122,30 @@ def profile_preset(name, repeats):
   whole step's seconds."""
   from scr_jax import losses, model
   cfg = config.get_config(name)
-  m, q = structure.resolve(cfg)
-  m = jnp.asarray(m)
-  nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+  st = structure.resolve_structure(cfg)
+  st = st.replace(m=jnp.asarray(st.m))
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
   params = state["params"]
   img = jax.random.uniform(jax.random.PRNGKey(2), (cfg.batch_size, cfg.image_size,
                                                    cfg.image_size, 3))
   cam = model.camera(cfg)
-  perc = train.perceptual_for(cfg)
+  perc = train_step.perceptual_for(cfg)
 
   def nets_fwd(p, img):
-    f = model.factors(nets, p, img, m, cfg, q)
-    sig = nets.apply(p, img * 2 - 1, method=nets.confidence)
+    f = model.factors(nets, p, img, st, cfg)
+    sig = nets.apply(p, model.to_model_range(img), method=nets.confidence)
     return f, sig
 
   def render_fwd(f):
     return model.render_factors(f, cam)
 
-  def loss_fwd(out, img):
-    return losses.total_loss(out, img, cfg, perc)[0]
+  def loss_fwd(out):
+    return losses.total_loss(out, cfg, perc)[0]
 
   f, sig = jax.jit(nets_fwd)(params, img)
-  out = jax.jit(render_fwd)(f)
-  full_out = dict(out, **f)
-  full_out["sigma_l1"], full_out["sigma_perc"] = sig
+  orig, flip = jax.jit(render_fwd)(f)
+  full_out = model.ForwardOutput(factors=f, orig=orig, flip=flip, sigma_l1_BxSxSx2=sig[0],
+                                 sigma_perc_BxTxTx2=sig[1], input_BxSxSx3=model.to_model_range(img))
 
   def with_vjp(fn):
     """fwd+bwd: the vjp of fn in its first argument, applied to ones."""
@@ -159,24 +159,24 @@ def profile_preset(name, repeats):
     jax.block_until_ready(j(*args))
     return _median_time(lambda: j(*args), repeats)
 
-  # The renderer's input: the rendered factors only (u and m are not rendered).
-  fr = {k: v for k, v in f.items() if k not in ("u", "m")}
-  opt = train.make_optimizer(cfg)
+  # The renderer's input: the rendered factors only (u and M are not rendered).
+  fr = f.replace(u_Bx4xd=None, adjacency=None)
+  opt = train_step.make_optimizer(cfg)
   grads = jax.tree_util.tree_map(lambda a: a * 1e-3, params)
   upd = lambda g, s, p: optax_apply(opt, g, s, p)
   rows = []
   for part, fn, args in [("nets", nets_fwd, (params, img)), ("renderer", render_fwd, (fr,)),
-                         ("loss", loss_fwd, (full_out, img))]:
+                         ("loss", loss_fwd, (full_out,))]:
     fwd = timed(fn, *args)
     both = timed(with_vjp(fn), *args)
     # backward = (fwd+bwd) - fwd: a small negative value is timing noise.
     rows += [(f"{part} forward", fwd), (f"{part} backward", both - fwd)]
   rows.append(("optimizer update", timed(upd, grads, state["opt_state"], params)))
-  step = train.make_train_step(nets, cfg, q)
+  step = train_step.make_train_step(nets, cfg)
   holder = [jax.tree_util.tree_map(jnp.copy, state)]
 
   def run():
-    holder[0], met = step(holder[0], img, m)
+    holder[0], met = step(holder[0], img, st)
     return met["loss"]
   jax.block_until_ready(run())
   whole = _median_time(run, repeats)
@@ -261,8 +261,8 @@ def bench_paths(name, repeats, limits):
   on the lax path; huge: all on the matmul path), same process, interleaved."""
   from scr_jax import nets
   cfg = config.get_config(name)
-  m, q = structure.resolve(cfg)
-  m = jnp.asarray(m)
+  st = structure.resolve_structure(cfg)
+  st = st.replace(m=jnp.asarray(st.m))
   img = jax.random.uniform(jax.random.PRNGKey(2), (cfg.batch_size, cfg.image_size,
                                                    cfg.image_size, 3))
   runs = {}
@@ -270,15 +270,15 @@ def bench_paths(name, repeats, limits):
     label = {0: "all lax", 1 << 40: "all matmul"}.get(limit, f"patch<={limit}")
     label += " (default)" if limit == MAX_PATCH_DEFAULT else ""
     nets.MATMUL_MAX_PATCH = limit
-    net, state = train.init_state(cfg, jax.random.PRNGKey(0))
-    step = jax.jit(train._train_step_fn(net, cfg, q))  # a fresh trace per setting
-    jax.block_until_ready(step(state, img, m))
+    net, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
+    step = jax.jit(train_step._train_step_fn(net, cfg))  # a fresh trace per setting
+    jax.block_until_ready(step(state, img, st))
     runs[label] = (step, state)
   nets.MATMUL_MAX_PATCH = MAX_PATCH_DEFAULT
   ts = {label: [] for label in runs}
   for _ in range(repeats):
     for label, (step, state) in runs.items():
-      ts[label].append(_median_time(lambda: step(state, img, m)[1]["loss"], 1))
+      ts[label].append(_median_time(lambda: step(state, img, st)[1]["loss"], 1))
   res = {label: float(np.median(v)) for label, v in ts.items()}
   print(f"{name}: whole step, median of {repeats} interleaved: " +
         ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in res.items()))

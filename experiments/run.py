@@ -214,23 +214,23 @@ def cmd_reproduce(args):
 
 def cmd_eval(args):
   import numpy as np
-  from scr_jax import train
+  from scr_jax.evaluator import Evaluator, each_candidate
   runner.check_data_arg(args.data)
   r = workdir_lib.restore(args.workdir)
-  cfg, params, m, step = r.cfg, r.params, r.structure.m, r.step
+  cfg, params, st, step = r.cfg, r.params, r.structure, r.step
   d = load_split(args.data, args.split, cfg, cache=args.cache)
-  eval_fn = train.make_eval_fn(r.nets, cfg, r.structure.q)
+  ev = Evaluator(r.nets, cfg)
   if r.k:  # a candidates workdir (train --candidates, search evals, fig6): one result each
     if args.save_predictions:
       raise UserError("--save-predictions needs a single-structure workdir")
     rows = []
-    for i, order in enumerate(r.structure.orders or range(r.k)):
-      res, _, _ = train.evaluate(eval_fn, train.unstack_params(params, i), d, m[i], cfg)
+    for order, (params_i, st_i) in zip(st.orders or range(r.k), each_candidate(params, st)):
+      res, _, _ = ev.evaluate(params_i, d, st_i)
       rows.append(dict(res, order=order))
       _log(f"  {order}: SIDE {res['side_mean']:.3f}  MAD {res['mad_mean']:.2f}")
     summ = dict(candidates=rows)
   else:
-    summ, pred, valid = train.evaluate(eval_fn, params, d, m, cfg)
+    summ, pred, valid = ev.evaluate(params, d, st)
     base = baselines_for(args.data, d, cfg)
     if base is not None:  # the reference predictions on the same images
       summ["baselines"] = base
@@ -332,15 +332,15 @@ def _predict_inputs(args, cfg, notes):
 def cmd_diagnose(args):
   """What each factor learned (scr_jax/diagnostics.py) on a split with the
   generator's ground truth; prints them, writes JSON and a picture grid."""
-  from scr_jax import data, diagnostics, model, train
+  from scr_jax import data, diagnostics, model
+  from scr_jax.evaluator import Evaluator
   if args.rows < 1:
     raise UserError(f"--rows must be >= 1, got {args.rows}")
   if args.limit is not None and args.limit < 1:
     raise UserError(f"--limit must be >= 1, got {args.limit}")
   r = workdir_lib.restore(args.workdir).single(args.workdir, "diagnose",
                                                 getattr(args, "candidate", None))
-  cfg, nets, params, step = r.cfg, r.nets, r.params, r.step
-  m, q = r.structure.m, r.structure.q
+  cfg, nets, params, step, st = r.cfg, r.nets, r.params, r.step, r.structure
   from scr_jax import dataset
   gt_error = UserError(f"{args.data}: the {args.split} split has no usable ground-truth sidecar "
                        f"({args.split}/{data.GT_FILE}); diagnostics need data from this "
@@ -353,9 +353,10 @@ def cmd_diagnose(args):
   n = len(d["images"]) if args.limit is None else min(args.limit, len(d["images"]))
   d = dict(images=d["images"][:n], depth=d["depth"][:n], names=d["names"][:n],
            gt={k: v[:n] for k, v in d["gt"].items()})
-  pred = diagnostics.predict_factors(nets, params, d["images"], m, cfg, q)
+  ev = Evaluator(nets, cfg)
+  pred = ev.factors(params, d["images"], st)
   diag = diagnostics.diagnose(pred, d["gt"])
-  summ, _, _ = train.evaluate(train.make_eval_fn(nets, cfg, q), params, d, m, cfg)
+  summ, _, _ = ev.evaluate(params, d, st)
   out = dict(diag, side=summ["side_mean"], mad=summ["mad_mean"],
              mad_unsup3d=summ["mad_unsup3d_mean"], n=n, split=args.split, step=step,
              workdir=args.workdir, data=args.data)
@@ -388,10 +389,9 @@ def cmd_predict(args):
   """Per input: pictures, depth as numbers, albedo, light and view, a textured
   mesh and turn-tables in OUT/<stem>/ (see scr_jax/export.py). Every input is
   read and every output name checked before the model is loaded."""
-  import jax
   import jax.numpy as jnp
   import numpy as np
-  from scr_jax import data, export, model, visualize
+  from scr_jax import data, export, model, structure, visualize
   if os.path.exists(args.out) and not os.path.isdir(args.out):
     raise UserError(f"--out {args.out}: exists and is not a folder")
   video_size = getattr(args, "video_size", 256)
@@ -409,21 +409,23 @@ def cmd_predict(args):
   data._report(notes)
   r = workdir_lib.restore(args.workdir).single(args.workdir, "predict",
                                                 getattr(args, "candidate", None))
-  cfg, nets, params, m, q = r.cfg, r.nets, r.params, r.structure.m, r.structure.q
+  cfg, nets, params, st = r.cfg, r.nets, r.params, r.structure
   os.makedirs(args.out, exist_ok=True)
   cam = model.camera(cfg)
-  fwd = jax.jit(lambda p, x: model.forward(nets, p, x, jnp.asarray(m), cfg, q))
+  fwd = structure.jit(lambda p, x, s: model.forward(nets, p, x, s, cfg))
   written = []
   for (path, img, src), stem in zip(kept, stems):
-    out = fwd(params, jnp.asarray(img[None]))
-    one = {k: np.asarray(v[0]) for k, v in out.items()
-           if k in ("canon_depth", "canon_normal", "recon_depth", "recon_mask", "ambient",
-                    "diffuse", "light_dxy", "view")}
-    one.update(input=img, recon=np.asarray(out["recon_im"][0]) / 2 + 0.5,
-               canon_im=np.clip(np.asarray(out["canon_im"][0]) / 2 + 0.5, 0, 1),
-               canon_albedo=np.clip(np.asarray(out["albedo"][0]) / 2 + 0.5, 0, 1))
-    gif = visualize.turntable(out["canon_depth"][0], out["canon_im"][0] / 2 + 0.5, cam,
-                              textured=False)
+    out = fwd(params, jnp.asarray(img[None]), st)
+    o, f = out.orig, out.factors
+    one = dict(canon_depth=o.canon_depth_BxSxS, canon_normal=o.canon_normal_BxSxSx3,
+               recon_depth=o.recon_depth_BxSxS, recon_mask=o.recon_mask_BxSxS,
+               ambient=f.ambient_B, diffuse=f.diffuse_B, light_dxy=f.light_dxy_Bx2,
+               view=f.view_Bx6, recon=o.recon_image(),
+               canon_im=jnp.clip(o.canon_image(), 0, 1),
+               canon_albedo=jnp.clip(model.to_unit_range(f.albedo_BxSxSx3), 0, 1))
+    one = {k: np.asarray(v[0]) for k, v in one.items()}
+    one["input"] = img
+    gif = visualize.turntable(o.canon_depth_BxSxS[0], o.canon_image()[0], cam, textured=False)
     written += export.write_prediction(args.out, stem, one, cam, src, video_size=video_size,
                                        gif_frames=np.asarray(gif))
   expected = len(export.FILES) * len(kept)
@@ -468,7 +470,7 @@ def cmd_main(args):
   test = load_split("builtin", "test", cfg)
   if "gt" in test:
     r = workdir_lib.restore(wd)
-    diag = diagnostics.evaluate(r.nets, r.params, test, r.structure.m, cfg, r.structure.q)
+    diag = diagnostics.evaluate(r.nets, r.params, test, r.structure, cfg)
     with open(os.path.join(wd, "diagnose_test.json"), "w") as fh:
       json.dump(diag, fh, indent=1)
   rows = [("independent SCR (ours)", summ)] + list(base.items())

@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 
 from scr_jax import cliutil, dataset, diagnostics, workdir  # noqa: E402
 from scr_jax.errors import UserError  # noqa: E402
+from scr_jax.evaluator import Evaluator  # noqa: E402
 
 
 def main():
@@ -37,8 +38,7 @@ def main():
         raise UserError(f"{args.data}: the test split has no ground-truth sidecar")
     except (UserError, FileNotFoundError) as e:
       cliutil.fail(f"{wd}: {e}", 2)
-    pred = diagnostics.predict_factors(r.nets, r.params, test["images"], r.structure.m, r.cfg,
-                                       r.structure.q)["view"]
+    pred = Evaluator(r.nets, r.cfg).factors(r.params, test["images"], r.structure)["view"]
     true = test["gt"]["view"]
     d = diagnostics.view_errors(pred, true)
     yaw_p, yaw_t = np.rad2deg(pred[:, 1]), np.rad2deg(true[:, 1])

@@ -4,7 +4,7 @@ The built-in generator stores every sample's view, light, canonical depth and
 albedo beside the images (`{split}/gt.npz`, see `data.GT_CONVENTION`); the
 functions here compare the model's factors with them. They are pure numpy
 functions of arrays (prediction and truth in the same conventions), plus
-`predict_factors` / `evaluate` that run a model and `picture_grid`.
+`evaluate` (the model run by `evaluator.Evaluator.factors`) and `picture_grid`.
 
 Conventions (the generator's and the model's are the same: `model.view_from_raw`,
 `model.light_from_raw`, `render.py`):
@@ -25,13 +25,13 @@ mind; the view, depth sign and shape spread have no such ambiguity.
 """
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from scr_jax import model, render
+from scr_jax.evaluator import Evaluator
 
 # Relief regions in normalised image coordinates (u, v in [-1, 1] across the
 # frame): the centre disc (nose, the front of the head) against a ring over
@@ -207,45 +207,11 @@ def headline(diag: dict) -> str:
 # Running a model
 # ----------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=16)
-def make_factors_fn(nets, cfg, q=None):
-  """(params, img_BxSxSx3, m) -> the model's factors (no rendering), jitted."""
-  cam = model.camera(cfg)
-
-  def fn(params, img, m):
-    f = model.factors(nets, params, img, m, cfg, q)
-    _, normal, shading = model.shade_canonical(f["depth"], f["albedo"], f["ambient"],
-                                               f["diffuse"], f["light_dxy"], cam)
-    light = jnp.concatenate([f["ambient"][:, None], f["diffuse"][:, None], f["light_dxy"]], 1)
-    return dict(view=f["view"], light=light, canon_depth=f["depth"],
-                canon_albedo=f["albedo"] / 2 + 0.5, canon_normal=normal,
-                canon_shading=shading)
-  return jax.jit(fn)
-
-
-def predict_factors(nets, params, images_NxSxSx3, m, cfg, q=None, batch_size=None) -> dict:
-  """The model's factors for an array of images (batches of cfg.batch_size,
-  the last one padded). Returns numpy: view Nx6, light Nx4, canon_depth NxSxS,
-  canon_albedo NxSxSx3 in [0, 1], canon_normal NxSxSx3, canon_shading NxSxS."""
-  fn = make_factors_fn(nets, cfg, q)
-  bs = batch_size or cfg.batch_size
-  n = images_NxSxSx3.shape[0]
-  parts = []
-  for i in range(0, n, bs):
-    chunk = np.asarray(images_NxSxSx3[i:i + bs])
-    pad = bs - chunk.shape[0]
-    if pad:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)], 0)
-    out = jax.device_get(fn(params, jnp.asarray(chunk), jnp.asarray(m)))
-    parts.append({k: np.asarray(v)[:bs - pad] for k, v in out.items()})
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def evaluate(nets, params, data: dict, m, cfg, q=None, limit=None) -> dict:
+def evaluate(nets, params, data: dict, structure, cfg, limit=None) -> dict:
   """`diagnose` of the model on a split that carries `data["gt"]` (its first
   `limit` images). Returns the flat dict of floats."""
   n = len(data["images"]) if limit is None else min(limit, len(data["images"]))
-  pred = predict_factors(nets, params, data["images"][:n], m, cfg, q)
+  pred = Evaluator(nets, cfg).factors(params, data["images"][:n], structure)
   gt = {k: np.asarray(v)[:n] for k, v in data["gt"].items()}
   return diagnose(pred, gt)
 
@@ -268,7 +234,7 @@ def picture_grid(images_NxSxSx3, pred: dict, gt: dict, cam: render.Camera, path:
   of the canonical depth (grey, bright = near, stretched per tile over the
   face region), normals (RGB), albedo, shading (grey, same scale for both).
 
-  pred: `predict_factors` output; gt: view, light, canon_depth, canon_albedo
+  pred: `Evaluator.factors` output; gt: view, light, canon_depth, canon_albedo
   (and canon_mask). Returns path.
   """
   from scr_jax import visualize

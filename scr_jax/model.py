@@ -1,18 +1,20 @@
 """The SCR forward pass: image -> embeddings -> (structure) -> factors -> render.
 
-`forward(nets, params, img_BxSxSx3, m, cfg)` is a pure function; M is an
-argument (4x4 shared, Bx4x4 per image, or the dense mask of dynamic SCR with
-`q`), so any structure — and a vmap over a stack of M — uses this one path.
+`forward(nets, params, img_BxSxSx3, structure, cfg)` is a pure function; the
+causal structure is an argument (a single `structure.Structure`: M 4x4, or the
+dense mask of dynamic SCR with q, whose `adjacency(u)` gives M per image), so
+any structure — and a vmap over a stack of them — uses this one path.
 """
 from __future__ import annotations
 
 import functools
 
+from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import render, structure
+from scr_jax import render, structure as structure_lib
 
 
 def camera(cfg) -> render.Camera:
@@ -73,10 +75,98 @@ def symmetrize(x_BxSxS_, weight):
   return x_BxSxS_ + weight * 0.5 * (x_BxSxS_[:, :, ::-1] - x_BxSxS_)
 
 
-def factors(nets, params, img_BxSxSx3, m, cfg, q=None, sym=None, trans=None, tilt=None,
-            dscale=None):
-  """Image in [0, 1] -> dict of factors (canonical depth, albedo, light, view),
-  embeddings u_Bx4xd and the adjacency actually used (4x4 or Bx4x4).
+def to_model_range(img_BxSxSx3):
+  """Images in [0, 1] (every public boundary) -> [-1, 1] (inside the model,
+  as Unsup3D): the one place the input is converted."""
+  return img_BxSxSx3 * 2 - 1
+
+
+def to_unit_range(x_BxSxSx3):
+  """The model's [-1, 1] images (canonical / reconstructed images, albedo) ->
+  [0, 1], for everything outside the model."""
+  return x_BxSxSx3 / 2 + 0.5
+
+
+@struct.dataclass
+class Factors:
+  """What the decoders predict for a batch of B images (before rendering).
+
+  depth_BxSxS: canonical depth (metric z, border columns at the border depth).
+  albedo_BxSxSx3: canonical albedo in [-1, 1] (`to_unit_range` for [0, 1]).
+  ambient_B, diffuse_B: light intensities in [0, 1].
+  light_dxy_Bx2: light direction, normalize([dx, dy, 1]).
+  view_Bx6: (rx, ry, rz in radians, tx, ty, tz).
+  u_Bx4xd: the factors' embeddings (V, D, L, A); None for factors that do
+    not come from the networks (e.g. ground truth fed to `render_factors`).
+  adjacency: the M applied (4x4, or Bx4x4 per image for dynamic SCR); None
+    as u.
+  """
+  depth_BxSxS: jax.Array
+  albedo_BxSxSx3: jax.Array
+  ambient_B: jax.Array
+  diffuse_B: jax.Array
+  light_dxy_Bx2: jax.Array
+  view_Bx6: jax.Array
+  u_Bx4xd: jax.Array | None = None
+  adjacency: jax.Array | None = None
+
+
+@struct.dataclass
+class Rendering:
+  """One rendering of a batch of factors: the original, or its flipped twin
+  (canonical depth and albedo mirrored left-right, view and light shared).
+
+  canon_depth_BxSxS: the canonical depth rendered (mirrored for the twin).
+  canon_im_BxSxSx3: shaded canonical image in [-1, 1] (`canon_image()`: [0, 1]).
+  canon_normal_BxSxSx3: unit normals (camera frame).
+  canon_shading_BxSxS: ambient + diffuse * max(0, n.l).
+  recon_depth_BxSxS: depth of the canonical mesh seen in the predicted view.
+  recon_mask_BxSxS: 1 where that mesh covers the pixel, else 0.
+  recon_im_BxSxSx3: the reconstructed input in [-1, 1] (`recon_image()`: [0, 1]).
+  """
+  canon_depth_BxSxS: jax.Array
+  canon_im_BxSxSx3: jax.Array
+  canon_normal_BxSxSx3: jax.Array
+  canon_shading_BxSxS: jax.Array
+  recon_depth_BxSxS: jax.Array
+  recon_mask_BxSxS: jax.Array
+  recon_im_BxSxSx3: jax.Array
+
+  def canon_image(self):
+    """The shaded canonical image in [0, 1] (not clipped)."""
+    return to_unit_range(self.canon_im_BxSxSx3)
+
+  def recon_image(self):
+    """The reconstructed input in [0, 1] (not clipped)."""
+    return to_unit_range(self.recon_im_BxSxSx3)
+
+
+@struct.dataclass
+class ForwardOutput:
+  """`forward`'s result for a batch of B images.
+
+  factors: the predicted `Factors`.
+  orig, flip: the `Rendering` of the factors and of their flipped twin.
+  sigma_l1_BxSxSx2: confidence of the photometric loss (channel 0: orig,
+    1: flip), softplus, before Config.min_sigma is added.
+  sigma_perc_BxTxTx2: the same for the perceptual loss (T = S / 4).
+  input_BxSxSx3: the input image in the model's range [-1, 1]: what the
+    reconstructions are compared with (`to_model_range`, done once).
+  """
+  factors: Factors
+  orig: Rendering
+  flip: Rendering
+  sigma_l1_BxSxSx2: jax.Array
+  sigma_perc_BxTxTx2: jax.Array
+  input_BxSxSx3: jax.Array
+
+
+def factors(nets, params, img_BxSxSx3, structure, cfg, sym=None, trans=None, tilt=None,
+            dscale=None) -> Factors:
+  """Image in [0, 1] -> `Factors` (canonical depth, albedo, light, view,
+  embeddings u_Bx4xd and the adjacency actually used, 4x4 or Bx4x4).
+
+  structure: a single `structure.Structure` (m 4x4; vmap over a stack).
 
   sym: None, or a scalar weight in [0, 1] that makes the canonical depth and
     albedo (partly) left-right symmetric (`Config.sym_warmup_steps`).
@@ -85,53 +175,59 @@ def factors(nets, params, img_BxSxSx3, m, cfg, q=None, sym=None, trans=None, til
   dscale: None, or a scalar in [0, 1] scaling the depth net's output
     (`Config.depth_warmup_steps`).
   """
-  x = img_BxSxSx3 * 2 - 1
-  u = nets.apply(params, x, method=nets.encode)
-  adj = structure.dynamic_matrix(u, m, q) if q else m
-  raw = nets.apply(params, structure.mix(u, adj), method=nets.decode)
+  return _factors(nets, params, to_model_range(img_BxSxSx3), structure, cfg, sym, trans, tilt,
+                  dscale)
+
+
+def _factors(nets, params, x_BxSxSx3, structure, cfg, sym, trans, tilt, dscale) -> Factors:
+  """`factors` of an input already in [-1, 1]."""
+  u = nets.apply(params, x_BxSxSx3, method=nets.encode)
+  adj = structure.adjacency(u)
+  raw = nets.apply(params, structure_lib.mix(u, adj), method=nets.decode)
   cam = camera(cfg)
   ambient, diffuse, light_dxy = light_from_raw(raw["L"])
   depth = depth_from_raw(raw["D"][..., 0], cam, cfg.depth_prior, dscale)
   albedo = raw["A"]  # [-1, 1]
   if sym is not None:
     depth, albedo = symmetrize(depth, sym), symmetrize(albedo, sym)
-  return dict(
-      depth=depth, albedo=albedo,
-      ambient=ambient, diffuse=diffuse, light_dxy=light_dxy,
-      view=view_from_raw(raw["V"], cfg, trans, tilt),
-      u=u, m=adj)
+  return Factors(depth_BxSxS=depth, albedo_BxSxSx3=albedo, ambient_B=ambient,
+                 diffuse_B=diffuse, light_dxy_Bx2=light_dxy,
+                 view_Bx6=view_from_raw(raw["V"], cfg, trans, tilt), u_Bx4xd=u, adjacency=adj)
 
 
 def shade_canonical(depth_BxSxS, albedo_BxSxSx3, ambient, diffuse, light_dxy, cam):
-  """Canonical image in [-1, 1] and its normals / shading."""
+  """Canonical image in [-1, 1] (albedo in [-1, 1]) and its normals / shading."""
   normal = jax.vmap(functools.partial(render.depth_to_normals, cam=cam))(depth_BxSxS)
   shading = jax.vmap(render.shade)(normal, ambient, diffuse, light_dxy)
-  image = (albedo_BxSxSx3 / 2 + 0.5) * shading[..., None] * 2 - 1
+  image = to_model_range(to_unit_range(albedo_BxSxSx3) * shading[..., None])
   return image, normal, shading
 
 
-def render_factors(f, cam: render.Camera):
+def render_factors(f: Factors, cam: render.Camera) -> tuple[Rendering, Rendering]:
   """Renders the original and the flipped twin (canonical depth and albedo
-  flipped horizontally; view and light shared). Leading axis 2B: [orig; flip]."""
-  depth = jnp.concatenate([f["depth"], f["depth"][:, :, ::-1]], 0)
-  albedo = jnp.concatenate([f["albedo"], f["albedo"][:, :, ::-1]], 0)
+  flipped horizontally; view and light shared). Returns (orig, flip); both are
+  rendered as one batch of 2B."""
+  depth = jnp.concatenate([f.depth_BxSxS, f.depth_BxSxS[:, :, ::-1]], 0)
+  albedo = jnp.concatenate([f.albedo_BxSxSx3, f.albedo_BxSxSx3[:, :, ::-1]], 0)
   dup = lambda a: jnp.concatenate([a, a], 0)
   canon_im, normal, shading = shade_canonical(
-      depth, albedo, dup(f["ambient"]), dup(f["diffuse"]), dup(f["light_dxy"]), cam)
-  view = dup(f["view"])
+      depth, albedo, dup(f.ambient_B), dup(f.diffuse_B), dup(f.light_dxy_Bx2), cam)
+  view = dup(f.view_Bx6)
   recon_depth, covered = render.warp_depth_batch(depth, view, cam)
   grid = jax.vmap(functools.partial(render.inverse_warp_grid, cam=cam))(recon_depth, view)
   recon_im = jax.vmap(render.grid_sample)(canon_im, grid)
-  return dict(canon_depth=depth, canon_im=canon_im, canon_normal=normal,
-              canon_shading=shading, recon_depth=recon_depth,
-              recon_mask=covered.astype(jnp.float32), recon_im=recon_im)
+  both = (depth, canon_im, normal, shading, recon_depth, covered.astype(jnp.float32), recon_im)
+  b = f.depth_BxSxS.shape[0]
+  return Rendering(*(a[:b] for a in both)), Rendering(*(a[b:] for a in both))
 
 
-def forward(nets, params, img_BxSxSx3, m, cfg, q=None, sym=None, trans=None, tilt=None,
-            dscale=None):
-  f = factors(nets, params, img_BxSxSx3, m, cfg, q, sym, trans, tilt, dscale)
-  out = render_factors(f, camera(cfg))
-  out.update(f)
-  out["sigma_l1"], out["sigma_perc"] = nets.apply(params, img_BxSxSx3 * 2 - 1,
-                                                  method=nets.confidence)
-  return out
+def forward(nets, params, img_BxSxSx3, structure, cfg, sym=None, trans=None, tilt=None,
+            dscale=None) -> ForwardOutput:
+  """Image in [0, 1] -> `ForwardOutput` (factors, the original and flipped
+  renderings, confidence maps). Arguments as `factors`."""
+  x = to_model_range(img_BxSxSx3)
+  f = _factors(nets, params, x, structure, cfg, sym, trans, tilt, dscale)
+  orig, flip = render_factors(f, camera(cfg))
+  sigma_l1, sigma_perc = nets.apply(params, x, method=nets.confidence)
+  return ForwardOutput(factors=f, orig=orig, flip=flip, sigma_l1_BxSxSx2=sigma_l1,
+                       sigma_perc_BxTxTx2=sigma_perc, input_BxSxSx3=x)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scr_jax import model
 from scr_jax.errors import UserError
 
 LAYERS = ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3")
@@ -33,7 +34,7 @@ def load_vgg(path: str) -> dict:
 
 def features(vgg: dict, img_BxHxWx3):
   """relu3_3 features of images in [-1, 1] (ImageNet-normalised inside)."""
-  x = ((img_BxHxWx3 / 2 + 0.5) - _MEAN) / _STD
+  x = (model.to_unit_range(img_BxHxWx3) - _MEAN) / _STD
   for i, name in enumerate(LAYERS):
     k, b = vgg[name]
     x = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
@@ -57,12 +58,15 @@ def confidence_loss(f1, f2, mask_BxHxW, sigma_BxhxW):
 
 
 def make_perceptual_fn(vgg: dict):
-  """(out, img, mask_both) -> (Lp, Lp_flip) for losses.total_loss."""
-  def fn(out, img, mask):
-    b = img.shape[0]
-    target = jax.lax.stop_gradient(features(vgg, img * 2 - 1))
-    recon = features(vgg, out["recon_im"])
-    sig = out["sigma_perc"]
+  """(out, mask_both_BxSxS) -> (Lp, Lp_flip) for losses.total_loss; out is a
+  `model.ForwardOutput` (images in [-1, 1] inside it)."""
+  def fn(out, mask):
+    b = out.input_BxSxSx3.shape[0]
+    target = jax.lax.stop_gradient(features(vgg, out.input_BxSxSx3))
+    # the two reconstructions as one batch of 2B, as they were rendered
+    recon = features(vgg, jnp.concatenate([out.orig.recon_im_BxSxSx3,
+                                           out.flip.recon_im_BxSxSx3], 0))
+    sig = out.sigma_perc_BxTxTx2
     return (confidence_loss(recon[:b], target, mask, sig[..., 0]),
             confidence_loss(recon[b:], target, mask, sig[..., 1]))
   return fn

@@ -17,10 +17,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from scr_jax import (checkpoint, config, dataset, metrics, model, render, search, structure,
-                     train, visualize, workdir as workdir_lib)
+from scr_jax import (checkpoint, config, dataset, evaluator, metrics, model, render, search,
+                     structure, train, train_step, visualize, workdir as workdir_lib)
+from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.errors import UserError
 
 TABLE2_ORDERS = ("DLVA", "DAVL", "DVAL")
@@ -118,8 +118,8 @@ class Reproduction:
     cfg = config.override(cfg or self.cfg, [f"seed={seed}"])
     _log(f"== train {os.path.relpath(workdir, self.out)} ({cfg.steps} steps)")
     r = train.fit(cfg, workdir, self.train_data, self.val, st, quiet=True)
-    eval_fn = train.make_eval_fn(r["nets"], cfg, st.q)
-    summ, _, _ = train.evaluate(eval_fn, r["state"]["params"], self.test, jnp.asarray(st.m), cfg)
+    summ, _, _ = Evaluator(r["nets"], cfg).evaluate(r["state"]["params"], self.test,
+                                                    r["structure"])
     summ.update(steps=r["step"], seconds=r["seconds"])
     _save(res_path, summ)
     _log(f"   test SIDE {summ['side_mean']:.3f}  MAD {summ['mad_mean']:.2f}")
@@ -134,39 +134,33 @@ class Reproduction:
       return _done(res_path)
     cfg = self.cfg
     _log(f"== train runs/supervised_s{seed} ({cfg.steps} steps)")
-    nets, state = train.init_state(cfg, jax.random.PRNGKey(seed))
-    opt = train.make_optimizer(cfg)
-    params = state["params"]
+    nets, state = train_step.init_state(cfg, jax.random.PRNGKey(seed))
     far = cfg.max_depth
 
     def predict(p, img):
-      u = nets.apply(p, img * 2 - 1, method=nets.encode)
+      u = nets.apply(p, model.to_model_range(img), method=nets.encode)
       raw = nets.apply(p, u, method=nets.decode)
       return model.depth_from_raw(raw["D"][..., 0], self.cam, cfg.depth_prior)
 
-    def loss(p, img, gt):
+    def l1_on_object(p, batch, structure, step):  # the structure plays no part
+      img, gt = batch
       fg = (gt < far - 1e-3).astype(jnp.float32)
-      return jnp.sum(jnp.abs(predict(p, img) - gt) * fg) / jnp.maximum(jnp.sum(fg), 1.0)
+      loss = jnp.sum(jnp.abs(predict(p, img) - gt) * fg) / jnp.maximum(jnp.sum(fg), 1.0)
+      return loss, dict(loss=loss)
 
-    @jax.jit
-    def step(p, s, img, gt):
-      g = jax.grad(loss)(p, img, gt)
-      u, s = opt.update(g, s, p)
-      return optax.apply_updates(p, u), s
-
-    opt_state = state["opt_state"]
+    # The same train step as SCR (optimiser, non-finite rule), another objective.
+    step = train_step.make_train_step(nets, cfg, l1_on_object)
+    none = structure.Structure(m=jnp.zeros((4, 4), jnp.float32))
     imgs, gts = self.train_data["images"], self.train_data["depth"]
     t0 = time.time()
     for i in range(cfg.steps):
       idx = train.batch_indices(imgs.shape[0], cfg.batch_size, seed, i)
-      params, opt_state = step(params, opt_state, jnp.asarray(imgs[idx]), jnp.asarray(gts[idx]))
+      state, _ = step(state, (jnp.asarray(imgs[idx]), jnp.asarray(gts[idx])), none)
+    params = state["params"]
     pred_fn = jax.jit(predict)
-    per = []
-    for i in range(0, self.test["images"].shape[0], cfg.batch_size):
-      img = jnp.asarray(self.test["images"][i:i + cfg.batch_size])
-      gt = jnp.asarray(self.test["depth"][i:i + cfg.batch_size])
-      per.append(metrics.evaluate_depth(pred_fn(params, img), jnp.ones_like(gt), gt, self.cam))
-    summ = metrics.summarize(per)
+    pred = Evaluator(nets, cfg).map(lambda img: pred_fn(params, img), self.test["images"])
+    summ = evaluator.depth_summary(pred, np.ones_like(pred), self.test["depth"], self.cam,
+                                   cfg.batch_size)
     summ.update(steps=cfg.steps, seconds=time.time() - t0)
     _save(res_path, summ)
     return summ
@@ -215,16 +209,14 @@ class Reproduction:
       return done
     orders = list(structure.ALL_ORDERS) + ["independent"]
     st = structure.candidates(orders)
-    ms = st.m
     cfg = config.override(self.cfg, [f"steps={self.fig6_steps}", "seed=0",
                                      f"eval_every={10 ** 9}"])
     _log(f"== fig6: 24 orderings + independent, vmapped, {cfg.steps} steps")
     r = train.fit(cfg, os.path.join(self.out, "fig6"), self.train_data, None, st, quiet=True)
-    eval_fn = train.make_eval_fn(r["nets"], cfg)
+    ev = Evaluator(r["nets"], cfg)
     res = {}
-    for i, o in enumerate(orders):
-      summ, _, _ = train.evaluate(eval_fn, train.unstack_params(r["state"]["params"], i),
-                                  self.test, jnp.asarray(ms[i]), cfg)
+    for o, (params_i, st_i) in zip(orders, each_candidate(r["state"]["params"], st)):
+      summ, _, _ = ev.evaluate(params_i, self.test, st_i)
       res[o] = dict(side=summ["side_mean"], mad=summ["mad_mean"])
     _save(path, res)
     return res
@@ -232,20 +224,20 @@ class Reproduction:
   def qualitative(self, workdirs, path, n_images=3, yaws=(-40, 0, 40)):
     """Rows: per variant and image, input | canonical normals | shading at yaws."""
     rows = []
-    img = jnp.asarray(self.test["images"][:n_images])
     for name, wd in workdirs.items():
       r = workdir_lib.restore(wd)
-      nets, cfg, m, q = r.nets, r.cfg, r.structure.m, r.structure.q
-      out = jax.jit(lambda p, x: model.forward(nets, p, x, jnp.asarray(m), cfg, q))(r.params, img)
+      pred = Evaluator(r.nets, r.cfg).factors(r.params, self.test["images"][:n_images],
+                                              r.structure)
       for i in range(n_images):
-        depth = out["canon_depth"][i]
-        shading = render.shade(out["canon_normal"][i], 0.3, 0.7, jnp.asarray([-0.4, -0.3]))
+        depth = jnp.asarray(pred["canon_depth"][i])
+        shading = render.shade(jnp.asarray(pred["canon_normal"][i]), 0.3, 0.7,
+                               jnp.asarray([-0.4, -0.3]))
         shading = jnp.repeat(shading[..., None], 3, -1) * 0.85
         frames = [np.clip(np.asarray(render.render_view(
             depth, shading, jnp.zeros(6).at[1].set(np.deg2rad(yaw)), self.cam)["image"]), 0, 1)
                   for yaw in yaws]
         rows.append([np.asarray(self.test["images"][i]),
-                     np.asarray(visualize.normal_to_rgb(out["canon_normal"][i]))] + frames)
+                     np.asarray(visualize.normal_to_rgb(pred["canon_normal"][i]))] + frames)
     grid = visualize.grid(rows)
     visualize.save_png(path, grid, 3)
     return path

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scr_jax import checkpoint, structure, workdir as workdir_lib
+from scr_jax import checkpoint, evaluator, structure, train, train_step, workdir as workdir_lib
 from scr_jax.errors import UserError
 
 # ----------------------------------------------------------------------------
@@ -213,20 +213,18 @@ ON_CYCLE = ("drop-weakest", "raise-threshold", "refuse")
 # ----------------------------------------------------------------------------
 
 
-def candidate_scores(cfg, nets, params_K, ms_Kx4x4, q, val_data, limit=None):
-  """Per candidate: validation loss, and SIDE/MAD when val depth exists."""
-  from scr_jax import train
+def candidate_scores(cfg, nets, params_K, structure_K, val_data, limit=None):
+  """Per candidate of structure_K (m Kx4x4): validation loss, and SIDE/MAD
+  when val depth exists."""
   limit = limit or cfg.num_eval_images
-  ms = jnp.asarray(ms_Kx4x4, jnp.float32)
-  vl = train.val_loss(train.make_val_loss_fn(nets, cfg, q, stacked=True), params_K,
-                      val_data["images"], ms, cfg.batch_size, limit)
-  eval_fn = train.make_eval_fn(nets, cfg, q)
+  st = structure_K.replace(m=jnp.asarray(structure_K.m, jnp.float32))
+  ev = evaluator.Evaluator(nets, cfg)
+  vl = ev.val_loss(params_K, val_data["images"], st, limit)
   out = []
-  for i in range(ms.shape[0]):
+  for i, (params_i, st_i) in enumerate(evaluator.each_candidate(params_K, st)):
     row = dict(val_loss=float(vl[i]))
     if val_data.get("depth") is not None:
-      summ, _, _ = train.evaluate(eval_fn, train.unstack_params(params_K, i), val_data, ms[i],
-                                  cfg, limit=limit)
+      summ, _, _ = ev.evaluate(params_i, val_data, st_i, limit=limit)
       row.update(val_side=summ["side_mean"], val_mad=summ["mad_mean"])
     out.append(row)
   return out
@@ -236,7 +234,6 @@ def train_orders(cfg, workdir, train_data, val_data, orders, q=None, quiet=True)
   """Trains the dense orderings `orders` together (vmapped, same batches and
   initial parameters) for cfg.steps; resumable (a finished round is read back
   from workdir/scores.json). Returns the per-candidate scores."""
-  from scr_jax import train
   path = os.path.join(workdir, "scores.json")
   if os.path.exists(path):
     with open(path) as fh:
@@ -245,7 +242,7 @@ def train_orders(cfg, workdir, train_data, val_data, orders, q=None, quiet=True)
       return saved["scores"]
   st = structure.candidates(orders, q)
   res = train.fit(cfg, workdir, train_data, None, st, quiet=quiet)
-  scores = candidate_scores(cfg, res["nets"], res["state"]["params"], st.m, q, val_data)
+  scores = candidate_scores(cfg, res["nets"], res["state"]["params"], st, val_data)
   for o, sc in zip(orders, scores):
     sc["order"] = o
   _write_json(path, dict(orders=list(orders), steps=cfg.steps, scores=scores))
@@ -341,19 +338,18 @@ def search_unroll(cfg, workdir, train_data, val_data, masked_order=None, steps=5
   Raises:
     UserError: on_cycle is unknown, or "refuse" and a cycle remains.
   """
-  from scr_jax import train
   on_cycle = "raise-threshold" if raise_to_dag else on_cycle
   if on_cycle not in ON_CYCLE:
     raise UserError(f"--on-cycle must be one of {', '.join(ON_CYCLE)}, got {on_cycle!r}")
   os.makedirs(workdir, exist_ok=True)
-  nets, state = train.init_state(cfg, jax.random.PRNGKey(cfg.seed))
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(cfg.seed))
   mask = (structure.dense_matrix(masked_order) if masked_order
           else 1.0 - np.eye(4, dtype=np.float32))
   imgs, vimgs = train_data["images"], val_data["images"]
   bs = cfg.batch_size
 
   def train_loss(p, img, m):
-    return train.loss_fn(p, nets, img, m, cfg)[0]
+    return train_step.loss_fn(p, nets, img, structure.Structure(m=m), cfg)[0]
 
   def batches_fn(t):
     idx = [train.batch_indices(imgs.shape[0], bs, cfg.seed, t * unroll_k + j)
@@ -399,7 +395,7 @@ def search_unroll(cfg, workdir, train_data, val_data, masked_order=None, steps=5
   params = res["params"]
   workdir_lib.save(
       workdir, cfg, structure.Structure(m=res["m_effective"], variant="generic"),
-      dict(params=params, opt_state=train.make_optimizer(cfg).init(params),
+      dict(params=params, opt_state=train_step.make_optimizer(cfg).init(params),
            step=jnp.asarray(steps * unroll_k, jnp.int32)),
       data=checkpoint.data_fingerprint(imgs), describe=False,
       extra=dict(trained_by=f"search {method}: the inner network after {steps} outer steps "

@@ -79,11 +79,12 @@ class Structure:
     when m is a stack, else None.
 
   `m` is the only array (a pytree leaf): a Structure goes through jit as an
-  argument, and `jax.vmap(..., in_axes=0)` over it maps the candidate axis.
+  argument (`structure.jit` drops the labels there), and
+  `jax.vmap(..., in_axes=0)` over it maps the candidate axis.
   """
   m: jax.Array
   q: str | None = struct.field(pytree_node=False, default=None)
-  variant: str = struct.field(pytree_node=False, default="independent")
+  variant: str | None = struct.field(pytree_node=False, default="independent")
   orders: tuple | None = struct.field(pytree_node=False, default=None)
 
   @property
@@ -96,6 +97,13 @@ class Structure:
     with q, q(u) * M per image (Bx4x4). A single structure only (under vmap
     over candidates, each one is single)."""
     return dynamic_matrix(u_Bx4xd, self.m, self.q) if self.q else self.m
+
+  def bare(self) -> "Structure":
+    """This structure without its labels (variant None, orders None): only
+    what the numerics read (m, q). Labels are static pytree fields, so two
+    structures that differ only in labels would compile twice; `jit` strips
+    them at the boundary."""
+    return Structure(m=self.m, q=self.q, variant=None, orders=None)
 
   def candidate(self, i: int) -> "Structure":
     """Candidate i of a stack, as a single structure."""
@@ -116,6 +124,29 @@ class Structure:
     return cls(m=np.asarray(rec["M"], np.float32), q=rec.get("q"),
                variant=rec.get("variant") or "independent",
                orders=tuple(orders) if orders else None)
+
+
+def bare_args(args) -> tuple:
+  """`args` with every Structure replaced by its `bare()` self."""
+  return tuple(a.bare() if isinstance(a, Structure) else a for a in args)
+
+
+class jit:  # noqa: N801  (used like jax.jit)
+  """`jax.jit(fn, **jit_kwargs)` for functions that take a Structure as a
+  positional argument: the Structure enters without its labels (`bare`), so
+  every structure with the same q and m shape reuses one compiled program
+  (labels are static pytree fields and would otherwise force a re-trace).
+  `lower(*args)` strips the same way (ahead-of-time compilation)."""
+
+  def __init__(self, fn, **jit_kwargs):
+    self._jitted = jax.jit(fn, **jit_kwargs)
+    self.__name__ = getattr(fn, "__name__", "fn")
+
+  def __call__(self, *args):
+    return self._jitted(*bare_args(args))
+
+  def lower(self, *args):
+    return self._jitted.lower(*bare_args(args))
 
 
 def candidates(orders, q=None) -> Structure:

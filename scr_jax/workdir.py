@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 
-from scr_jax import checkpoint, nets as nets_lib, structure as structure_lib, train
+from scr_jax import checkpoint, nets as nets_lib, structure as structure_lib, train_step
 from scr_jax.cliutil import log as _log
 from scr_jax.config import Config
 from scr_jax.errors import UserError
@@ -52,7 +52,7 @@ class Restored:
     """One candidate of a candidates workdir (index, or its ordering label)."""
     i = candidate_index(self.structure, which)
     return dataclasses.replace(self, structure=self.structure.candidate(i),
-                               params=train.unstack_params(self.params, i))
+                               params=train_step.unstack_params(self.params, i))
 
   def single(self, workdir: str, what: str, which=None) -> "Restored":
     """This model as a single structure: itself, or the candidate `which`.
@@ -136,8 +136,8 @@ def restore(workdir: str) -> Restored:
   k = st.k
 
   def like():  # shapes only: initialising the paper nets eagerly takes ~30 s on CPU
-    state = train.init_state(cfg, jax.random.PRNGKey(cfg.seed))[1]
-    return train.stack_state(state, k) if k else state
+    state = train_step.init_state(cfg, jax.random.PRNGKey(cfg.seed))[1]
+    return train_step.stack_state(state, k) if k else state
 
   restored = checkpoint.restore_step(mngr, step, jax.eval_shape(like))
   return Restored(cfg=cfg, structure=st, params=restored["params"],

@@ -92,15 +92,16 @@ def test_generator_conventions_are_the_models():
   g = data.generate_split(4, 32, seed=7, split="test", with_canonical=True,
                           cfg=data.get_variant("wide_pose").gen)
   light = jnp.asarray(g["lights"])
-  f = dict(depth=jnp.asarray(g["canon_depth"]), albedo=jnp.asarray(g["canon_albedo"] * 2 - 1),
-           ambient=light[:, 0], diffuse=light[:, 1], light_dxy=light[:, 2:4],
-           view=jnp.asarray(g["views"]))
-  out = model.render_factors(f, data.GenConfig().camera(32))
+  f = model.Factors(depth_BxSxS=jnp.asarray(g["canon_depth"]),
+                    albedo_BxSxSx3=model.to_model_range(jnp.asarray(g["canon_albedo"])),
+                    ambient_B=light[:, 0], diffuse_B=light[:, 1], light_dxy_Bx2=light[:, 2:4],
+                    view_Bx6=jnp.asarray(g["views"]))
+  out, _ = model.render_factors(f, data.GenConfig().camera(32))
   inside = np.asarray(metrics.erode(g["mask"])) > 0
   assert inside.sum() > 1000
-  rec = np.clip(np.asarray(out["recon_im"][:4]) / 2 + 0.5, 0, 1)
+  rec = np.clip(np.asarray(out.recon_image()), 0, 1)
   assert np.abs(rec - g["images"] / 255.0)[inside].max() < 0.6 / 255
-  assert np.abs(np.asarray(out["recon_depth"][:4]) - g["depth"])[inside].max() < 1e-5
+  assert np.abs(np.asarray(out.recon_depth_BxSxS) - g["depth"])[inside].max() < 1e-5
 
 
 # ----------------------------------------------------------------------------

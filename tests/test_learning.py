@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import config, losses, model, train
+from scr_jax import config, losses, model, structure, train_step
 
 
 def _tiny(**kw):
@@ -15,47 +15,50 @@ def _tiny(**kw):
 
 def test_sym_weight_schedule():
   cfg = _tiny(sym_warmup_steps=10)
-  got = [float(train.sym_weight(cfg, jnp.int32(s))) for s in (0, 4, 5, 6, 8, 10, 50)]
+  got = [float(train_step.sym_weight(cfg, jnp.int32(s))) for s in (0, 4, 5, 6, 8, 10, 50)]
   np.testing.assert_allclose(got, [1, 1, 1, 0.8, 0.4, 0, 0], atol=1e-6)
-  assert train.sym_weight(cfg, None) is None  # evaluation: never symmetrised
-  assert train.sym_weight(_tiny(), jnp.int32(0)) is None  # off by default
+  assert train_step.sym_weight(cfg, None) is None  # evaluation: never symmetrised
+  assert train_step.sym_weight(_tiny(), jnp.int32(0)) is None  # off by default
 
 
 def test_symmetrize_makes_canonical_maps_mirror_symmetric():
   cfg = _tiny()
-  nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
   # init_state zeroes the depth head (flat start): give it random weights so
   # the free depth is not symmetric to begin with
   p = state["params"]["params"]["f2_D"]
   last = max((k for k in p if k.startswith("Conv_")), key=lambda k: int(k.split("_")[1]))
   p[last]["kernel"] = 0.1 * jax.random.normal(jax.random.PRNGKey(3), p[last]["kernel"].shape)
   img = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3))
-  m = jnp.zeros((4, 4))
+  m = structure.Structure(m=jnp.zeros((4, 4)))
   free = model.factors(nets, state["params"], img, m, cfg)
   full = model.factors(nets, state["params"], img, m, cfg, sym=1.0)
   half = model.factors(nets, state["params"], img, m, cfg, sym=0.5)
-  for k in ("depth", "albedo"):
-    a = np.asarray(full[k])
+  for k in ("depth_BxSxS", "albedo_BxSxSx3"):
+    a = np.asarray(getattr(full, k))
     np.testing.assert_allclose(a, a[:, :, ::-1], atol=1e-6)
-    f = np.asarray(free[k])
+    f = np.asarray(getattr(free, k))
     assert np.abs(f - f[:, :, ::-1]).max() > 1e-4  # the free maps are not symmetric
-    np.testing.assert_allclose(np.asarray(half[k]), (f + a) / 2, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(model.factors(
-        nets, state["params"], img, m, cfg, sym=0.0)[k]), f, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(getattr(half, k)), (f + a) / 2, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(getattr(model.factors(
+        nets, state["params"], img, m, cfg, sym=0.0), k)), f, atol=1e-6)
   # view and light are untouched
-  np.testing.assert_allclose(np.asarray(full["view"]), np.asarray(free["view"]))
+  np.testing.assert_allclose(np.asarray(full.view_Bx6), np.asarray(free.view_Bx6))
 
 
 def test_confidence_warmup_replaces_sigma_until_its_step():
   cfg = _tiny(conf_warmup_steps=5)
   img = jnp.full((1, 4, 4, 3), 0.75)  # target 0.5 in [-1, 1]
-  out = dict(recon_mask=jnp.ones((2, 4, 4)), recon_im=jnp.zeros((2, 4, 4, 3)),
-             sigma_l1=jnp.full((1, 4, 4, 2), 0.25))
+  half = model.Rendering(*([None] * 5), recon_mask_BxSxS=jnp.ones((1, 4, 4)),
+                         recon_im_BxSxSx3=jnp.zeros((1, 4, 4, 3)))
+  out = model.ForwardOutput(factors=None, orig=half, flip=half,
+                            sigma_l1_BxSxSx2=jnp.full((1, 4, 4, 2), 0.25),
+                            sigma_perc_BxTxTx2=None, input_BxSxSx3=model.to_model_range(img))
   l1_sigma1 = 0.5 * np.sqrt(2.0)  # |0 - 0.5| sqrt(2) / 1 + log 1
   l1_pred = 0.5 * np.sqrt(2.0) / 0.25 + np.log(0.25)
-  during, _ = losses.total_loss(out, img, cfg, step=jnp.int32(4))
-  after, _ = losses.total_loss(out, img, cfg, step=jnp.int32(5))
-  evaluation, _ = losses.total_loss(out, img, cfg)
+  during, _ = losses.total_loss(out, cfg, step=jnp.int32(4))
+  after, _ = losses.total_loss(out, cfg, step=jnp.int32(5))
+  evaluation, _ = losses.total_loss(out, cfg)
   np.testing.assert_allclose(float(during), (1 + cfg.lam_flip) * l1_sigma1, rtol=1e-5)
   np.testing.assert_allclose(float(after), (1 + cfg.lam_flip) * l1_pred, rtol=1e-5)
   np.testing.assert_allclose(float(evaluation), float(after), rtol=1e-6)
@@ -65,15 +68,15 @@ def test_train_step_uses_the_state_step_for_warmups():
   """The same params and batch give different losses inside and after the
   symmetry warm-up: the jitted step reads the step from the state."""
   cfg = _tiny(sym_warmup_steps=4)
-  nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
   img = jax.random.uniform(jax.random.PRNGKey(2), (4, 16, 16, 3))
-  step_fn = train.make_train_step(nets, cfg)
+  step_fn = train_step.make_train_step(nets, cfg)
   copy = lambda s: jax.tree_util.tree_map(jnp.array, s)
-  _, met0 = step_fn(copy(state), img, jnp.zeros((4, 4)))
+  _, met0 = step_fn(copy(state), img, structure.Structure(m=jnp.zeros((4, 4))))
   late = dict(copy(state), step=jnp.int32(100))
-  _, met1 = step_fn(late, img, jnp.zeros((4, 4)))
-  want0 = train.loss_fn(state["params"], nets, img, jnp.zeros((4, 4)), cfg, step=jnp.int32(0))[0]
-  want1 = train.loss_fn(state["params"], nets, img, jnp.zeros((4, 4)), cfg)[0]
+  _, met1 = step_fn(late, img, structure.Structure(m=jnp.zeros((4, 4))))
+  want0 = train_step.loss_fn(state["params"], nets, img, structure.Structure(m=jnp.zeros((4, 4))), cfg, step=jnp.int32(0))[0]
+  want1 = train_step.loss_fn(state["params"], nets, img, structure.Structure(m=jnp.zeros((4, 4))), cfg)[0]
   np.testing.assert_allclose(float(met0["loss"]), float(want0), rtol=1e-5)
   np.testing.assert_allclose(float(met1["loss"]), float(want1), rtol=1e-5)
   assert abs(float(want0) - float(want1)) > 1e-6
@@ -81,9 +84,9 @@ def test_train_step_uses_the_state_step_for_warmups():
 
 def test_translation_warmup_holds_the_view_translation_at_zero():
   cfg = _tiny(trans_warmup_steps=10, xy_translation_range=0.1)
-  got = [float(train.trans_scale(cfg, jnp.int32(s))) for s in (0, 5, 6, 8, 10, 50)]
+  got = [float(train_step.trans_scale(cfg, jnp.int32(s))) for s in (0, 5, 6, 8, 10, 50)]
   np.testing.assert_allclose(got, [0, 0, 0.2, 0.6, 1, 1], atol=1e-6)
-  assert train.trans_scale(cfg, None) is None and train.trans_scale(_tiny(), jnp.int32(0)) is None
+  assert train_step.trans_scale(cfg, None) is None and train_step.trans_scale(_tiny(), jnp.int32(0)) is None
   raw = jnp.array([[0.5, -0.5, 0.25, 0.8, -0.6, 0.3]])
   full = np.asarray(model.view_from_raw(raw, cfg))
   held = np.asarray(model.view_from_raw(raw, cfg, trans=0.0))
@@ -97,9 +100,9 @@ def test_translation_warmup_holds_the_view_translation_at_zero():
 def test_tilt_warmup_holds_pitch_and_roll_not_yaw():
   cfg = _tiny(tilt_warmup_steps=10)
   np.testing.assert_allclose(
-      [float(train.tilt_scale(cfg, jnp.int32(s))) for s in (0, 5, 8, 10)], [0, 0, 0.6, 1],
+      [float(train_step.tilt_scale(cfg, jnp.int32(s))) for s in (0, 5, 8, 10)], [0, 0, 0.6, 1],
       atol=1e-6)
-  assert train.tilt_scale(_tiny(), jnp.int32(0)) is None
+  assert train_step.tilt_scale(_tiny(), jnp.int32(0)) is None
   raw = jnp.array([[0.5, -0.5, 0.25, 0.8, -0.6, 0.3]])
   full = np.asarray(model.view_from_raw(raw, cfg))
   held = np.asarray(model.view_from_raw(raw, cfg, tilt=jnp.float32(0.0)))
@@ -113,13 +116,13 @@ def test_depth_warmup_starts_from_the_convex_prior():
   cam = model.camera(cfg)
   raw = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16))
   prior_only = np.asarray(model.depth_from_raw(jnp.zeros((2, 16, 16)), cam, 1.0))
-  held = np.asarray(model.depth_from_raw(raw, cam, 1.0, train.depth_scale(cfg, jnp.int32(3))))
+  held = np.asarray(model.depth_from_raw(raw, cam, 1.0, train_step.depth_scale(cfg, jnp.int32(3))))
   free = np.asarray(model.depth_from_raw(raw, cam, 1.0))
   np.testing.assert_allclose(held, prior_only, atol=1e-6)  # the network is muted
   assert np.abs(free - prior_only).max() > 1e-3
-  late = np.asarray(model.depth_from_raw(raw, cam, 1.0, train.depth_scale(cfg, jnp.int32(10))))
+  late = np.asarray(model.depth_from_raw(raw, cam, 1.0, train_step.depth_scale(cfg, jnp.int32(10))))
   np.testing.assert_allclose(late, free, atol=1e-6)
-  assert train.depth_scale(_tiny(), jnp.int32(0)) is None
+  assert train_step.depth_scale(_tiny(), jnp.int32(0)) is None
 
 
 def _depth_leaves(params):
@@ -133,24 +136,24 @@ def test_depth_warmup_keeps_the_cut_off_depth_net_intact():
   # ~lr per step anyway (the depth encoder ended at 1e-14: one template face).
   # With warm-ups the decay skips what the loss does not see.
   cfg = _tiny(depth_warmup_steps=40, lr=1e-2, weight_decay=5e-2)
-  nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
   before = _depth_leaves(state["params"])
-  step = train.make_train_step(nets, cfg)
+  step = train_step.make_train_step(nets, cfg)
   img = jax.random.uniform(jax.random.PRNGKey(1), (cfg.batch_size, 16, 16, 3))
-  m = jnp.zeros((4, 4))
+  m = structure.Structure(m=jnp.zeros((4, 4)))
   for _ in range(5):  # steps 0..4: depth scale 0
     state, metrics = step(state, img, m)
   after = _depth_leaves(state["params"])
   for k in before:
     np.testing.assert_array_equal(after[k], before[k], err_msg=str(k))
   # ...and the rest of the model did train (and decay) meanwhile
-  enc_v0 = np.asarray(train.init_state(cfg, jax.random.PRNGKey(0))[1]["params"]["params"]
+  enc_v0 = np.asarray(train_step.init_state(cfg, jax.random.PRNGKey(0))[1]["params"]["params"]
                       ["f1_V"]["Conv_0"]["kernel"])
   assert np.abs(np.asarray(state["params"]["params"]["f1_V"]["Conv_0"]["kernel"]) - enc_v0).max() > 1e-3
 
 
 def test_decay_where_trained_is_coupled_l2_where_the_gradient_is_not_zero():
-  tx = train.decay_where_trained(0.5)
+  tx = train_step.decay_where_trained(0.5)
   g = {"a": jnp.array([0.0, 1.0, -2.0])}
   p = {"a": jnp.array([4.0, 4.0, 4.0])}
   upd, _ = tx.update(g, tx.init(p), p)
@@ -159,8 +162,8 @@ def test_decay_where_trained_is_coupled_l2_where_the_gradient_is_not_zero():
 
 def test_paper_optimizer_is_unsup3d_coupled_l2():
   cfg = config.get_config("paper")
-  assert not train.uses_warmups(cfg)
-  tx = train.make_optimizer(cfg)
+  assert not train_step.uses_warmups(cfg)
+  tx = train_step.make_optimizer(cfg)
   g = {"a": jnp.array([0.0, 1.0])}
   p = {"a": jnp.array([4.0, 4.0])}
   upd, _ = tx.update(g, tx.init(p), p)

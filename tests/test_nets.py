@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scr_jax import config, nets as nets_lib, structure, train
+from scr_jax import config, nets as nets_lib, structure, train_step
 
 PATHS = {"matmul": 1 << 30, "lax": 0}  # nets.MATMUL_MAX_PATCH forcing each path
 
@@ -117,13 +117,13 @@ def test_train_step_equals_the_step_with_flax_convs(monkeypatch):
   initial state and batch give the same loss and updated parameters as the
   same step built from flax's nn.Conv / nn.ConvTranspose (same parameter tree)."""
   cfg = dataclasses.replace(config.get_config("cpu_small"), batch_size=2)
-  m, q = structure.resolve(cfg)
-  nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+  st = structure.resolve_structure(cfg)
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
   img = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
   used = set()
   orig = nets_lib.uses_matmul
   monkeypatch.setattr(nets_lib, "uses_matmul", lambda *a: used.add(orig(*a)) or orig(*a))
-  ours, met = jax.jit(train._train_step_fn(nets, cfg, q))(state, img, jnp.asarray(m))
+  ours, met = jax.jit(train_step._train_step_fn(nets, cfg))(state, img, st)
   assert used == {True, False}  # both paths took part
   monkeypatch.setattr(nets_lib, "_conv", lambda feat, k, s, p: nn.Conv(
       feat, (k, k), (s, s), padding=p, use_bias=False))
@@ -132,11 +132,11 @@ def test_train_step_equals_the_step_with_flax_convs(monkeypatch):
   flax_nets = nets_lib.make_nets(cfg)
   p_flax = flax_nets.init(jax.random.PRNGKey(0), img[:1])
   assert jax.tree_util.tree_structure(p_flax) == jax.tree_util.tree_structure(state["params"])
-  ref, met_ref = jax.jit(train._train_step_fn(flax_nets, cfg, q))(state, img, jnp.asarray(m))
+  ref, met_ref = jax.jit(train_step._train_step_fn(flax_nets, cfg))(state, img, st)
   np.testing.assert_allclose(met["loss"], met_ref["loss"], rtol=1e-5)
   np.testing.assert_allclose(met["grad_norm"], met_ref["grad_norm"], rtol=1e-5)
   # Each parameter array's gradient, relative to its largest entry.
-  grad = lambda net: jax.jit(jax.grad(lambda p: train.loss_fn(p, net, img, jnp.asarray(m), cfg, q)[0]))
+  grad = lambda net: jax.jit(jax.grad(lambda p: train_step.loss_fn(p, net, img, st, cfg)[0]))
   g_ours = jax.tree_util.tree_leaves(grad(nets)(state["params"]))
   g_ref = jax.tree_util.tree_leaves(grad(flax_nets)(state["params"]))
   for a, b in zip(g_ours, g_ref):

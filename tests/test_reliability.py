@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from scr_jax import checkpoint, config, data, losses, model, structure, train
+from scr_jax import checkpoint, config, data, losses, model, parallel, structure, train, train_step
 from scr_jax.errors import NonFiniteError, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -396,7 +396,7 @@ def test_nonfinite_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
     train.fit(cfg, wd, bad, quiet=True)
   msg = str(err.value)
   assert "step 3" in msg and "step 2" in msg and "\n" not in msg, msg
-  _, like = train.init_state(cfg, jax.random.PRNGKey(cfg.seed))
+  _, like = train_step.init_state(cfg, jax.random.PRNGKey(cfg.seed))
   kept = checkpoint.restore_latest(checkpoint.manager(wd), like)
   assert int(kept["step"]) == 2
   ref = train.fit(dataclasses.replace(cfg, steps=2), str(tmp_path / "ref2"), tr, quiet=True)
@@ -420,13 +420,13 @@ def test_renderer_degenerate_inputs_finite_values_and_gradients():
   cam = model.camera(cfg)
   # 1. a training step (random init) on black, white and half-black images,
   # called as fit calls it (the same compiled step as the test above)
-  nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
   imgs = np.zeros((cfg.batch_size, S, S, 3), np.float32)
   imgs[1], imgs[2, :, : S // 2] = 1.0, 1.0
-  mesh = train.data_mesh()
-  new, met = train.make_train_step(nets, cfg)(
-      train.replicate(state, mesh), train.shard_batch(imgs, mesh),
-      train.replicate(jnp.zeros((4, 4), jnp.float32), mesh))
+  mesh = parallel.data_mesh()
+  new, met = train_step.make_train_step(nets, cfg)(
+      parallel.replicate(state, mesh), parallel.shard_batch(imgs, mesh),
+      parallel.replicate(structure.Structure(m=jnp.zeros((4, 4), jnp.float32)), mesh))
   assert bool(met["finite"]) and np.isfinite(float(met["loss"]))
   assert np.isfinite(float(met["grad_norm"])) and float(met["grad_norm"]) > 0
   assert all(np.isfinite(x).all() for x in _leaves(new["params"]))
@@ -438,23 +438,28 @@ def test_renderer_degenerate_inputs_finite_values_and_gradients():
   depths = [np.full((S, S), cam.min_depth), np.full((S, S), cam.max_depth), alt]
   combos = [(d, v) for d in depths for v in views]
   n = len(combos)
-  f = dict(depth=jnp.asarray(np.stack([d for d, _ in combos]), jnp.float32),
-           albedo=jnp.asarray(np.resize([-1.0, 1.0], (n, S, S, 3)), jnp.float32),
-           ambient=jnp.asarray(np.resize([0.0, 1.0], n), jnp.float32),
-           diffuse=jnp.asarray(np.resize([1.0, 0.0], n), jnp.float32),
-           light_dxy=jnp.asarray(np.resize([[1.0, -1.0], [-1.0, 1.0]], (n, 2)), jnp.float32),
-           view=jnp.asarray(np.stack([v for _, v in combos]), jnp.float32))
+  f = model.Factors(
+      depth_BxSxS=jnp.asarray(np.stack([d for d, _ in combos]), jnp.float32),
+      albedo_BxSxSx3=jnp.asarray(np.resize([-1.0, 1.0], (n, S, S, 3)), jnp.float32),
+      ambient_B=jnp.asarray(np.resize([0.0, 1.0], n), jnp.float32),
+      diffuse_B=jnp.asarray(np.resize([1.0, 0.0], n), jnp.float32),
+      light_dxy_Bx2=jnp.asarray(np.resize([[1.0, -1.0], [-1.0, 1.0]], (n, 2)), jnp.float32),
+      view_Bx6=jnp.asarray(np.stack([v for _, v in combos]), jnp.float32))
   target = jnp.zeros((n, S, S, 3))
 
   def objective(f):
-    out = model.render_factors(f, cam)
-    out["sigma_l1"] = jnp.full((n, S, S, 2), 0.0)
-    loss, _ = losses.total_loss(out, target, dataclasses.replace(cfg, min_sigma=0.05))
-    return loss + jnp.mean(out["recon_depth"]) + jnp.mean(out["canon_normal"])
+    orig, flip = model.render_factors(f, cam)
+    out = model.ForwardOutput(factors=f, orig=orig, flip=flip,
+                              sigma_l1_BxSxSx2=jnp.full((n, S, S, 2), 0.0),
+                              sigma_perc_BxTxTx2=None, input_BxSxSx3=model.to_model_range(target))
+    loss, _ = losses.total_loss(out, dataclasses.replace(cfg, min_sigma=0.05))
+    both = lambda k: jnp.concatenate([getattr(orig, k), getattr(flip, k)], 0)
+    return loss + jnp.mean(both("recon_depth_BxSxS")) + jnp.mean(both("canon_normal_BxSxSx3"))
 
   val, g = jax.jit(jax.value_and_grad(objective))(f)
   assert np.isfinite(float(val))
-  for k, x in g.items():
+  for k, x in zip(("depth", "albedo", "ambient", "diffuse", "light_dxy", "view"),
+                  jax.tree_util.tree_leaves(g)):
     assert np.isfinite(np.asarray(x)).all(), k
 
 

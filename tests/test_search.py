@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from scr_jax import config, data, search, structure, train
+from scr_jax import config, data, search, structure, train, train_step
 from scr_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,7 +198,7 @@ def test_parameter_parity_across_variants(tmp_path):
                          ("generic", [f"structure={tmp_path / 'g.json'}"])]:
     cfg = config.override(base, [f"variant={variant}"] + extra)
     structure.resolve(cfg)
-    _, state = train.init_state(cfg, jax.random.PRNGKey(0))
+    _, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
     counts[variant] = _count(state["params"])
   assert s["order"] == "DLVA"
   assert len(set(counts.values())) == 1, counts
@@ -206,21 +206,21 @@ def test_parameter_parity_across_variants(tmp_path):
 
 def test_vmapped_candidates_equal_separate_runs():
   cfg = config.get_config("test_tiny")
-  nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
-  ms = jnp.asarray(np.stack([structure.dense_matrix("DVAL"), np.zeros((4, 4), np.float32)]))
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
+  ms = structure.candidates(["DVAL", "independent"])
   img = jax.random.uniform(jax.random.PRNGKey(1), (cfg.batch_size, 16, 16, 3)) * 2 - 1
-  multi = train.make_candidate_step(nets, cfg)
-  single = train.make_train_step(nets, cfg)
-  st_k = train.stack_state(state, 2)
+  multi = train_step.make_candidate_step(nets, cfg)
+  single = train_step.make_train_step(nets, cfg)
+  st_k = train_step.stack_state(state, 2)
   for _ in range(2):
     st_k, met_k = multi(st_k, img, ms)
   for i in range(2):
     st = jax.tree_util.tree_map(jnp.copy, state)
     for _ in range(2):
-      st, met = single(st, img, ms[i])
+      st, met = single(st, img, ms.candidate(i))
     assert float(met["loss"]) == pytest.approx(float(met_k["loss"][i]), rel=1e-4)
     for a, b in zip(jax.tree_util.tree_leaves(st["params"]),
-                    jax.tree_util.tree_leaves(train.unstack_params(st_k["params"], i))):
+                    jax.tree_util.tree_leaves(train_step.unstack_params(st_k["params"], i))):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-3)
   # The two structures really train differently.
   d = [float(jnp.max(jnp.abs(a[0] - a[1]))) for a in jax.tree_util.tree_leaves(st_k["params"])]

@@ -14,7 +14,7 @@ import numpy as np
 import flax.linen as nn
 import pytest
 
-from scr_jax import config, data, losses, model, nets as nets_lib, structure, train
+from scr_jax import config, data, losses, model, nets as nets_lib, parallel, structure, train, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = [sys.executable, os.path.join(ROOT, "experiments", "run.py")]
@@ -47,17 +47,19 @@ def test_flip_twin_of_symmetric_factors_is_identical():
   depth = np.concatenate([half, half[:, :, ::-1]], 2)
   alb_half = rng.uniform(-1, 1, (2, 16, 8, 3)).astype(np.float32)
   albedo = np.concatenate([alb_half, alb_half[:, :, ::-1]], 2)
-  f = dict(depth=jnp.asarray(depth), albedo=jnp.asarray(albedo), ambient=jnp.full(2, 0.5),
-           diffuse=jnp.full(2, 0.5), light_dxy=jnp.asarray([[0.0, 0.0], [0.0, 0.3]]),
-           view=jnp.asarray([[0, 0.3, 0, 0, 0, 0], [0.1, -0.2, 0, 0, 0, 0]], jnp.float32))
-  out = jax.jit(model.render_factors, static_argnums=1)(f, cam)
-  np.testing.assert_allclose(out["recon_im"][:2], out["recon_im"][2:], atol=1e-5)
+  f = model.Factors(depth_BxSxS=jnp.asarray(depth), albedo_BxSxSx3=jnp.asarray(albedo),
+                    ambient_B=jnp.full(2, 0.5), diffuse_B=jnp.full(2, 0.5),
+                    light_dxy_Bx2=jnp.asarray([[0.0, 0.0], [0.0, 0.3]]),
+                    view_Bx6=jnp.asarray([[0, 0.3, 0, 0, 0, 0], [0.1, -0.2, 0, 0, 0, 0]],
+                                         jnp.float32))
+  orig, flip = jax.jit(model.render_factors, static_argnums=1)(f, cam)
+  np.testing.assert_allclose(orig.recon_im_BxSxSx3, flip.recon_im_BxSxSx3, atol=1e-5)
   # an asymmetric depth makes the twins differ
-  f2 = dict(f, depth=jnp.asarray(depth) + jnp.linspace(0, 0.05, 16)[None, None])
-  out2 = jax.jit(model.render_factors, static_argnums=1)(f2, cam)
-  assert float(jnp.abs(out2["recon_im"][:2] - out2["recon_im"][2:]).max()) > 1e-3
+  f2 = f.replace(depth_BxSxS=jnp.asarray(depth) + jnp.linspace(0, 0.05, 16)[None, None])
+  orig2, flip2 = jax.jit(model.render_factors, static_argnums=1)(f2, cam)
+  assert float(jnp.abs(orig2.recon_im_BxSxSx3 - flip2.recon_im_BxSxSx3).max()) > 1e-3
   # the flipped canonical depth is the mirror image
-  np.testing.assert_array_equal(out2["canon_depth"][2:], out2["canon_depth"][:2, :, ::-1])
+  np.testing.assert_array_equal(flip2.canon_depth_BxSxS, orig2.canon_depth_BxSxS[:, :, ::-1])
 
 
 def test_depth_head_range_and_border():
@@ -126,13 +128,103 @@ def test_conv_equals_flax_first_and_second_order(cin, cout, k, stride, pad):
   np.testing.assert_allclose(meta(ours), meta(ref), rtol=1e-3, atol=1e-3)
 
 
+def test_forward_contract():
+  """model.forward's typed output: every field's shape, its range, the input
+  converted once ([0, 1] -> [-1, 1]), the flipped twin's canonical depth the
+  mirror image of the original's, and the same values with and without jit."""
+  cfg = config.get_config("test_tiny")
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
+  b, s = 3, cfg.image_size
+  img = jax.random.uniform(jax.random.PRNGKey(4), (b, s, s, 3))
+  st = structure.Structure(m=jnp.asarray(structure.dense_matrix("DVAL")), q="cosine")
+  out = model.forward(nets, state["params"], img, st, cfg)
+  f = out.factors
+  want = dict(depth_BxSxS=(b, s, s), albedo_BxSxSx3=(b, s, s, 3), ambient_B=(b,),
+              diffuse_B=(b,), light_dxy_Bx2=(b, 2), view_Bx6=(b, 6),
+              u_Bx4xd=(b, 4, cfg.embed_dim), adjacency=(b, 4, 4))
+  assert {k: getattr(f, k).shape for k in want} == want
+  for r in (out.orig, out.flip):
+    assert r.canon_depth_BxSxS.shape == r.recon_depth_BxSxS.shape == (b, s, s)
+    assert r.canon_shading_BxSxS.shape == r.recon_mask_BxSxS.shape == (b, s, s)
+    for a in (r.canon_im_BxSxSx3, r.canon_normal_BxSxSx3, r.recon_im_BxSxSx3):
+      assert a.shape == (b, s, s, 3)
+    assert set(np.unique(np.asarray(r.recon_mask_BxSxS))) <= {0.0, 1.0}
+    np.testing.assert_allclose(np.linalg.norm(r.canon_normal_BxSxSx3, axis=-1), 1.0, atol=1e-5)
+  assert out.sigma_l1_BxSxSx2.shape == (b, s, s, 2)
+  assert out.sigma_perc_BxTxTx2.shape == (b, s // 4, s // 4, 2)
+  assert float(out.sigma_l1_BxSxSx2.min()) > 0 and float(out.sigma_perc_BxTxTx2.min()) > 0
+  np.testing.assert_array_equal(out.input_BxSxSx3, img * 2 - 1)
+  np.testing.assert_allclose(model.to_unit_range(out.input_BxSxSx3), img, atol=1e-6)
+  assert float(jnp.abs(f.albedo_BxSxSx3).max()) <= 1.0
+  for a in (f.ambient_B, f.diffuse_B):
+    assert 0.0 <= float(a.min()) and float(a.max()) <= 1.0
+  assert cfg.min_depth <= float(f.depth_BxSxS.min()) and float(f.depth_BxSxS.max()) <= cfg.max_depth
+  np.testing.assert_array_equal(out.flip.canon_depth_BxSxS, out.orig.canon_depth_BxSxS[:, :, ::-1])
+  np.testing.assert_array_equal(out.orig.canon_depth_BxSxS, f.depth_BxSxS)
+  # the dynamic adjacency: q(u) * M_dense, zero where M_dense is
+  assert float(jnp.abs(f.adjacency * (1 - st.m)).max()) == 0.0
+  jitted = structure.jit(lambda p, x, s_: model.forward(nets, p, x, s_, cfg))(
+      state["params"], img, st)
+  for a, j in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(jitted)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(j), rtol=1e-4, atol=1e-5)
+
+
+def test_train_step_takes_another_objective():
+  """make_train_step(nets, cfg, objective): the same step (optimiser, step
+  counter) on another loss and batch, e.g. reproduce's supervised baseline;
+  equal to the optimiser applied by hand."""
+  import optax
+  cfg = config.get_config("test_tiny")
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
+  img = jax.random.uniform(jax.random.PRNGKey(1), (cfg.batch_size, 16, 16, 3))
+  gt = jnp.full((cfg.batch_size, 16, 16), 1.02)
+  st = structure.Structure(m=jnp.zeros((4, 4)))
+
+  def objective(p, batch, structure_, step):
+    x, z = batch
+    loss = jnp.mean(jnp.abs(model.factors(nets, p, x, structure_, cfg).depth_BxSxS - z))
+    return loss, dict(loss=loss)
+
+  opt = train_step.make_optimizer(cfg)
+  p, s = state["params"], state["opt_state"]
+  for _ in range(2):
+    g = jax.grad(lambda q: objective(q, (img, gt), st, None)[0])(p)
+    u, s = opt.update(g, s, p)
+    p = optax.apply_updates(p, u)
+  step = train_step.make_train_step(nets, cfg, objective)
+  new = jax.tree_util.tree_map(jnp.copy, state)
+  for _ in range(2):
+    new, met = step(new, (img, gt), st)
+  assert int(new["step"]) == 2 and bool(met["finite"])
+  for a, b in zip(jax.tree_util.tree_leaves(new["params"]), jax.tree_util.tree_leaves(p)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+      jax.tree_util.tree_leaves(new["params"]),
+      jax.tree_util.tree_leaves(state["params"]))) > 1e-6  # it did train
+
+
+def test_structure_labels_do_not_recompile():
+  """structure.jit: structures that differ only in labels (variant, orders)
+  share one compiled program; q is part of the program."""
+  traces = []
+  fn = structure.jit(lambda s_: traces.append(s_.variant) or s_.m * 2)
+  m = jnp.ones((4, 4))
+  fn(structure.Structure(m=m, variant="dense"))
+  fn(structure.Structure(m=m, variant="generic"))
+  fn(structure.candidates(["DVAL", "VDLA"]).candidate(1))
+  assert traces == [None]  # traced once, without labels
+  fn(structure.Structure(m=m, q="cosine"))
+  assert len(traces) == 2
+
+
 def test_structure_enters_as_data(tiny_data):
   """Every variant runs the same params; M changes the output only when it has
   edges; a batch of per-image M works too."""
   _, tr, _, cfg = tiny_data
-  nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
   img = jnp.asarray(tr["images"][:4])
-  fwd = jax.jit(lambda p, m: model.factors(nets, p, img, m, cfg)["albedo"])
+  fwd = jax.jit(lambda p, m: model.factors(nets, p, img, structure.Structure(m=m),
+                                           cfg).albedo_BxSxSx3)
   zero = fwd(state["params"], jnp.zeros((4, 4)))
   dense = fwd(state["params"], jnp.asarray(structure.dense_matrix("DVAL")))
   per_image = fwd(state["params"], jnp.broadcast_to(jnp.asarray(structure.dense_matrix("DVAL")), (4, 4, 4)))
@@ -150,17 +242,17 @@ def test_tiny_training_lowers_loss(tiny_data, tmp_path):
   _, tr, va, cfg = tiny_data
   cfg = dataclasses.replace(cfg, steps=40, lr=1e-3, log_every=40, eval_every=1000,
                             ckpt_every=1000)
-  nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
-  step = train.make_train_step(nets, cfg)
-  m = jnp.zeros((4, 4))
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
+  step = train_step.make_train_step(nets, cfg)
+  m = structure.Structure(m=jnp.zeros((4, 4)))
   idx = train.batch_indices(24, cfg.batch_size, 0, 0)
   fixed = jnp.asarray(tr["images"][idx])
-  before = float(train.loss_fn(state["params"], nets, fixed, m, cfg)[0])
+  before = float(train_step.loss_fn(state["params"], nets, fixed, m, cfg)[0])
   for i in range(cfg.steps):
     img = jnp.asarray(tr["images"][train.batch_indices(24, cfg.batch_size, 0, i)])
     state, met = step(state, img, m)
     assert bool(met["finite"])
-  after = float(train.loss_fn(state["params"], nets, fixed, m, cfg)[0])
+  after = float(train_step.loss_fn(state["params"], nets, fixed, m, cfg)[0])
   assert after < before - 0.05, (before, after)
 
 
@@ -206,7 +298,7 @@ def test_sigkill_then_resume_cli(tiny_data, tmp_path):
   full = train.fit(dataclasses.replace(cfg, steps=steps, ckpt_every=2, eval_every=1000),
                    str(tmp_path / "ref"), tr, quiet=True)
   from scr_jax import checkpoint
-  nets, like = train.init_state(cfg, jax.random.PRNGKey(cfg.seed))
+  nets, like = train_step.init_state(cfg, jax.random.PRNGKey(cfg.seed))
   got = checkpoint.restore_latest(checkpoint.manager(wd_kill), like)
   assert int(got["step"]) == steps
   assert _params_close(full["state"]["params"], got["params"])
@@ -216,19 +308,19 @@ MULTI = r"""
 import os, sys, json
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=%d"
 import jax, jax.numpy as jnp, numpy as np
-from scr_jax import config, data, train
+from scr_jax import config, data, parallel, structure, train, train_step
 cfg = config.get_config("test_tiny")
 d = data.load_synface(%r, "train", 16)
-nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
-mesh = train.data_mesh()
-train.barrier("start")  # the processes' compile times differ by more than gloo's 30 s
-state = train.replicate(state, mesh)
-m = train.replicate(jnp.zeros((4, 4)), mesh)
-img0 = train.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, 0)], mesh)
-step = train.compile_in_step(train.make_train_step(nets, cfg), state, img0, m)
+nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
+mesh = parallel.data_mesh()
+parallel.barrier("start")  # the processes' compile times differ by more than gloo's 30 s
+state = parallel.replicate(state, mesh)
+m = parallel.replicate(structure.Structure(m=jnp.zeros((4, 4))), mesh)
+img0 = parallel.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, 0)], mesh)
+step = parallel.compile_in_step(train_step.make_train_step(nets, cfg), state, img0, m)
 losses = []
 for i in range(3):
-  img = train.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, i)], mesh)
+  img = parallel.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, i)], mesh)
   state, met = step(state, img, m)
   losses.append(float(met["loss"]))
 print(json.dumps(dict(n=len(jax.devices()), losses=losses)))
@@ -268,9 +360,12 @@ def test_perceptual_loss_with_a_converted_file(tmp_path):
   np.testing.assert_allclose(float(perceptual.confidence_loss(f, f, mask, sigma)), np.log(0.5),
                              rtol=1e-5)
   fn = perceptual.make_perceptual_fn(vgg)
-  out = dict(recon_im=jnp.concatenate([img * 2 - 1, jnp.zeros_like(img)]),
-             sigma_perc=jnp.full((2, 4, 4, 2), 0.5))
-  lp, lp_flip = fn(out, img, mask)
+  render = lambda x: model.Rendering(*([None] * 6), recon_im_BxSxSx3=x)
+  out = model.ForwardOutput(factors=None, orig=render(img * 2 - 1),
+                            flip=render(jnp.zeros_like(img)), sigma_l1_BxSxSx2=None,
+                            sigma_perc_BxTxTx2=jnp.full((2, 4, 4, 2), 0.5),
+                            input_BxSxSx3=model.to_model_range(img))
+  lp, lp_flip = fn(out, mask)
   np.testing.assert_allclose(float(lp), np.log(0.5), rtol=1e-5)
   assert float(lp_flip) > float(lp) + 1e-3
   bad = str(tmp_path / "bad.npz")
@@ -290,9 +385,12 @@ def test_depth_prior_starts_convex_and_min_sigma_floors_confidence():
   # a floor on sigma bounds the loss from below where reconstruction is perfect
   cfg = dataclasses.replace(config.get_config("test_tiny"), min_sigma=0.05)
   img = jnp.zeros((1, 4, 4, 3))
-  out = dict(recon_mask=jnp.ones((2, 4, 4)), recon_im=jnp.full((2, 4, 4, 3), -1.0),
-             sigma_l1=jnp.zeros((1, 4, 4, 2)))
-  loss, _ = losses.total_loss(out, img, cfg)
+  half = model.Rendering(*([None] * 5), recon_mask_BxSxS=jnp.ones((1, 4, 4)),
+                         recon_im_BxSxSx3=jnp.full((1, 4, 4, 3), -1.0))
+  out = model.ForwardOutput(factors=None, orig=half, flip=half,
+                            sigma_l1_BxSxSx2=jnp.zeros((1, 4, 4, 2)), sigma_perc_BxTxTx2=None,
+                            input_BxSxSx3=model.to_model_range(img))
+  loss, _ = losses.total_loss(out, cfg)
   np.testing.assert_allclose(float(loss), (1 + cfg.lam_flip) * np.log(0.05), rtol=1e-4)
 
 
@@ -302,19 +400,19 @@ import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address="127.0.0.1:%d", num_processes=2, process_id=%d)
 import jax.numpy as jnp
-from scr_jax import config, data, train
+from scr_jax import config, data, parallel, structure, train, train_step
 cfg = config.get_config("test_tiny")
 d = data.load_synface(%r, "train", 16)
-nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
-mesh = train.data_mesh()
-train.barrier("start")  # the processes' compile times differ by more than gloo's 30 s
-state = train.replicate(state, mesh)
-m = train.replicate(jnp.zeros((4, 4)), mesh)
-img0 = train.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, 0)], mesh)
-step = train.compile_in_step(train.make_train_step(nets, cfg), state, img0, m)
+nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
+mesh = parallel.data_mesh()
+parallel.barrier("start")  # the processes' compile times differ by more than gloo's 30 s
+state = parallel.replicate(state, mesh)
+m = parallel.replicate(structure.Structure(m=jnp.zeros((4, 4))), mesh)
+img0 = parallel.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, 0)], mesh)
+step = parallel.compile_in_step(train_step.make_train_step(nets, cfg), state, img0, m)
 losses = []
 for i in range(3):
-  img = train.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, i)], mesh)
+  img = parallel.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, i)], mesh)
   state, met = step(state, img, m)
   losses.append(float(met["loss"]))
 print(json.dumps(dict(n=jax.process_count(), losses=losses)))
@@ -349,13 +447,13 @@ def test_two_process_distributed_matches_single(tiny_data):
 def test_lr_view_mult_scales_only_the_view_updates():
   base = config.get_config("test_tiny")
   img = jax.random.uniform(jax.random.PRNGKey(5), (4, 16, 16, 3))
-  m = jnp.zeros((4, 4))
+  m = structure.Structure(m=jnp.zeros((4, 4)))
   deltas = []
   for mult in (1.0, 3.0):
     cfg = config.override(base, [f"lr_view_mult={mult}"])
-    nets, state = train.init_state(cfg, jax.random.PRNGKey(0))
+    nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
     before = jax.tree_util.tree_map(np.asarray, state["params"])
-    new, _ = train.make_train_step(nets, cfg)(state, img, m)
+    new, _ = train_step.make_train_step(nets, cfg)(state, img, m)
     deltas.append(jax.tree_util.tree_map(lambda a, b: np.asarray(a) - b, new["params"], before))
   for name in deltas[0]["params"]:
     want = 3.0 if name in ("f1_V", "f2_V") else 1.0

@@ -122,6 +122,11 @@ def test_reproduce_runs(capfd, tmp_path, tiny_synface, image):
   with open(os.path.join(wd, "adjacency.json")) as fh:
     assert json.load(fh)["variant"] == "dense"
   _eval_and_predict(capfd, tmp_path, wd, tiny_synface, image)
+  # the supervised baseline (through the same train step) and the qualitative grid
+  sup = rep.supervised(0)
+  assert sup["steps"] == 2 and sup["n"] == 8 and np.isfinite(sup["mad_mean"])
+  grid = rep.qualitative({"dense": wd}, str(tmp_path / "qualitative.png"), n_images=2)
+  assert os.path.getsize(grid) > 0
   wd6 = str(tmp_path / "fig6")
   train.fit(cfg, wd6, rep.train_data, None, structure.candidates(["DVAL", "independent"]),
             quiet=True)

@@ -1,0 +1,93 @@
+"""Parallelism: the device mesh, batch sharding, candidate placement and the
+multi-host helpers (barrier, any_process, ahead-of-time compile).
+
+One data-parallel axis ("data") over all devices, local and, after
+jax.distributed, remote. Every process holds the same global batch and
+contributes its slice (`shard_batch`), or loads only its own rows
+(`shard_local_batch`, as `fit` does); K candidates are sharded over devices
+when K divides evenly (`place_candidates`).
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from scr_jax import structure as structure_lib
+
+
+def data_mesh():
+  """1-D mesh over all devices (local and, after jax.distributed, remote)."""
+  return jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+
+
+def shard_batch(x, mesh):
+  """Puts a global host batch on the mesh, split along the batch axis. With
+  several processes (multi-host), every process holds the same global batch
+  (same seed, same indices) and contributes its own contiguous slice."""
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  per = x.shape[0] // jax.process_count()
+  local = x[jax.process_index() * per:(jax.process_index() + 1) * per]
+  return jax.make_array_from_process_local_data(sharding, local)
+
+
+def shard_local_batch(x_local, mesh):
+  """Puts this process's rows of a global batch (dataset.Batches with
+  shard=(process index, process count)) on the mesh, split along the batch axis."""
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  if jax.process_count() == 1:
+    return jax.device_put(x_local, sharding)
+  return jax.make_array_from_process_local_data(sharding, x_local)
+
+
+def replicate(tree, mesh):
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.device_put(tree, sharding)
+
+
+def place_candidates(state_K, structure_K, mesh):
+  """Shards the candidate axis over the devices when it divides evenly (each
+  device trains whole candidates, the batch is replicated); otherwise keeps
+  candidates replicated and the batch sharded (data parallel). Returns
+  (state_K, structure_K, by_candidate)."""
+  k, ndev = structure_K.k, len(mesh.devices.flat)
+  if ndev > 1 and k % ndev == 0:
+    cand = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    put = lambda x: jax.device_put(x, cand)
+    state_K = dict(params=jax.tree_util.tree_map(put, state_K["params"]),
+                   opt_state=jax.tree_util.tree_map(put, state_K["opt_state"]),
+                   step=replicate(state_K["step"], mesh))
+    return state_K, put(structure_K), True
+  return replicate(state_K, mesh), replicate(structure_K, mesh), False
+
+
+def barrier(name: str, timeout_s: float = 1800.0):
+  """Waits until every process reaches `name` (no-op with one process).
+
+  Uses the coordination service, whose timeout we choose, rather than a
+  collective: the CPU (gloo) collective context gives up after 30 s, and
+  processes that compile at different speeds drift apart by more than that.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the client has no public accessor
+  distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
+def any_process(flag: bool) -> bool:
+  """True if `flag` is true on any process, so all processes stop together."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+
+
+def compile_in_step(fn, *args):
+  """With several processes, compiles `fn` ahead of time and waits for all
+  processes before the first collective runs; otherwise returns `fn`."""
+  if jax.process_count() == 1:
+    return fn
+  compiled = fn.lower(*args).compile()
+  barrier(f"compiled-{getattr(fn, '__name__', 'fn')}")
+  return lambda *a: compiled(*structure_lib.bare_args(a))

@@ -1,0 +1,222 @@
+"""The training step: loss, warm-up scales, optimiser, and the jitted step.
+
+`make_train_step(nets, cfg)` gives train_step(state, img_BxSxSx3, structure)
+-> (state, metrics), pure; state is a dict of arrays {params, opt_state,
+step} so it checkpoints as a plain pytree; structure is a single
+`structure.Structure`. K candidate structures (a Structure with a K axis,
+params / opt_state with a leading K axis, `stack_state`) train in one step
+vmapped by `over_candidates`, the one place the candidate axis is mapped
+(`make_candidate_step`, `make_val_loss_fn(stacked=True)`).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from scr_jax import losses, model, nets as nets_lib, structure as structure_lib
+
+
+WARMUP_FIELDS = ("conf_warmup_steps", "sym_warmup_steps", "trans_warmup_steps",
+                 "tilt_warmup_steps", "depth_warmup_steps")
+
+
+def uses_warmups(cfg) -> bool:
+  return any(getattr(cfg, f) > 0 for f in WARMUP_FIELDS)
+
+
+def decay_where_trained(weight_decay: float) -> optax.GradientTransformation:
+  """Coupled L2 (g + wd * p) only on the elements whose loss gradient is not
+  exactly 0 this step.
+
+  Why: Adam normalises the update, so a parameter that the loss does not see
+  (a warm-up that scales a network's output by 0 cuts its gradient) would be
+  moved by about lr per step towards 0 by the weight decay alone: 300 steps
+  at lr 5e-4 erased the whole depth encoder (kernels down to 1e-14, its
+  embedding constant over images, canonical depth one template forever).
+  With this rule such a parameter stays where it is until the loss sees it.
+  """
+  def update(grads, state, params):
+    if params is None:
+      raise ValueError("decay_where_trained needs params")
+    return jax.tree_util.tree_map(
+        lambda g, p: g + weight_decay * p * (g != 0).astype(p.dtype), grads, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg):
+  # Unsup3D: Adam with weight decay added to the gradient (coupled L2). With
+  # warm-ups on, the decay skips the parameters a warm-up cuts off (see
+  # decay_where_trained); without them (paper) it is exactly Unsup3D's.
+  decay = (decay_where_trained(cfg.weight_decay) if uses_warmups(cfg)
+           else optax.add_decayed_weights(cfg.weight_decay))
+  parts = [decay, optax.adam(cfg.lr, b1=0.9, b2=0.999)]
+  if cfg.lr_view_mult != 1.0:  # only then: the optimiser state keeps Unsup3D's shape
+    is_view = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[1], "key", None) in ("f1_V", "f2_V"), params)
+    parts.append(optax.masked(optax.scale(cfg.lr_view_mult), is_view))
+  return optax.chain(*parts)
+
+
+def init_state(cfg, rng):
+  """Returns (nets module, state dict)."""
+  nets = nets_lib.make_nets(cfg)
+  x = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
+  params = nets.init(rng, x)
+  params = _flat_initial_depth(params)
+  opt = make_optimizer(cfg)
+  state = dict(params=params, opt_state=opt.init(params), step=jnp.zeros((), jnp.int32))
+  return nets, state
+
+
+def _flat_initial_depth(params):
+  """Zero the depth decoder's last conv: training starts from a flat canonical
+  depth, so early random views do not stretch the mesh into huge faces."""
+  p = jax.tree_util.tree_map(lambda x: x, params)  # copy the containers
+  dec = p["params"]["f2_D"]
+  last = sorted((k for k in dec if k.startswith("Conv_")), key=lambda k: int(k.split("_")[1]))[-1]
+  dec[last]["kernel"] = jnp.zeros_like(dec[last]["kernel"])
+  return p
+
+
+def _warmup(n: int, step):
+  """1 for the first half of an n-step warm-up, then linearly down to 0;
+  None when off (n = 0) or outside training (step None)."""
+  if step is None or n <= 0:
+    return None
+  return jnp.clip((n - step) / (n / 2), 0.0, 1.0)
+
+
+def sym_weight(cfg, step):
+  """Weight of the symmetry warm-up at `step` (Config.sym_warmup_steps)."""
+  return _warmup(cfg.sym_warmup_steps, step)
+
+
+def trans_scale(cfg, step):
+  """Scale of the view translation at `step` (Config.trans_warmup_steps):
+  0 during the first half of the warm-up, then up to 1; None when off."""
+  w = _warmup(cfg.trans_warmup_steps, step)
+  return None if w is None else 1.0 - w
+
+
+def tilt_scale(cfg, step):
+  """Scale of the view's pitch and roll at `step` (Config.tilt_warmup_steps)."""
+  w = _warmup(cfg.tilt_warmup_steps, step)
+  return None if w is None else 1.0 - w
+
+
+def depth_scale(cfg, step):
+  """Scale of the depth net's output at `step` (Config.depth_warmup_steps)."""
+  w = _warmup(cfg.depth_warmup_steps, step)
+  return None if w is None else 1.0 - w
+
+
+def loss_fn(params, nets, img, structure, cfg, perceptual_fn=None, step=None):
+  """(total loss, metrics) of one batch img_BxSxSx3 in [0, 1] under a single
+  structure; `step` (None outside training) sets the warm-up scales."""
+  out = model.forward(nets, params, img, structure, cfg, sym_weight(cfg, step),
+                      trans_scale(cfg, step), tilt_scale(cfg, step), depth_scale(cfg, step))
+  return losses.total_loss(out, cfg, perceptual_fn, step)
+
+
+def perceptual_for(cfg):
+  """The perceptual-loss function when the config asks for one (else None)."""
+  if cfg.lam_perc > 0 and cfg.vgg_weights:
+    from scr_jax import perceptual
+    return perceptual.make_perceptual_fn(perceptual.load_vgg(cfg.vgg_weights))
+  return None
+
+
+def _train_step_fn(nets, cfg, objective=None):
+  """The un-jitted step(state, batch, structure) -> (state, metrics).
+
+  objective: None (SCR: batch = img_BxSxSx3, `loss_fn` with the perceptual
+    loss the config asks for), or any objective(params, batch, structure,
+    step) -> (loss, metrics dict with "loss") trained by the same optimiser and
+    non-finite rule (e.g. reproduce's supervised baseline, batch = (img, depth)).
+  """
+  opt = make_optimizer(cfg)
+  if objective is None:
+    perc = perceptual_for(cfg)
+    objective = lambda p, img, structure, step: loss_fn(p, nets, img, structure, cfg, perc,
+                                                        step)
+
+  def step(state, batch, structure):
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
+        state["params"], batch, structure, state["step"])
+    updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    gnorm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    # A non-finite step leaves params and optimiser state untouched; the host
+    # then stops (keeping the last good checkpoint) or skips the batch.
+    keep = lambda new, old: jax.tree_util.tree_map(
+        lambda a, b: jnp.where(finite, a, b), new, old)
+    metrics = dict(metrics, grad_norm=gnorm, finite=finite)
+    new = dict(params=keep(params, state["params"]),
+               opt_state=keep(opt_state, state["opt_state"]),
+               step=state["step"] + 1)
+    return new, metrics
+
+  return step
+
+
+@functools.lru_cache(maxsize=16)  # same (nets, cfg) -> same jitted fn, no recompile
+def make_train_step(nets, cfg, objective=None):
+  """Returns train_step(state, batch, structure) -> (state, metrics), jitted
+  (`structure.jit`: one compile per q and M shape, whatever the labels);
+  batch = img_BxSxSx3 in [0, 1] for SCR (objective None, see `_train_step_fn`)."""
+  return structure_lib.jit(_train_step_fn(nets, cfg, objective), donate_argnums=0)
+
+
+# Stacked candidates: params and optimiser state carry a leading K axis, the
+# step counter stays a scalar (all candidates advance together).
+_STACK_AXES = dict(params=0, opt_state=0, step=None)
+
+
+def over_candidates(fn, state_axes=0, out_axes=0):
+  """The one place the candidate axis is mapped: fn(state_or_params, img,
+  structure) -> fn over K candidates, vmapped over the state's K axis
+  (`state_axes`, a vmap in_axes spec) and the Structure's (m Kx4x4), the
+  image batch shared by all candidates."""
+  return jax.vmap(fn, in_axes=(state_axes, None, 0), out_axes=out_axes)
+
+
+def stack_state(state, k: int):
+  """K copies of one initial state (same init: candidates differ only in M)."""
+  tile = lambda x: jnp.broadcast_to(x, (k,) + x.shape)
+  return dict(params=jax.tree_util.tree_map(tile, state["params"]),
+              opt_state=jax.tree_util.tree_map(tile, state["opt_state"]),
+              step=jnp.array(state["step"]))  # a copy: the step donates its input
+
+
+def unstack_params(params_K, i: int):
+  return jax.tree_util.tree_map(lambda x: x[i], params_K)
+
+
+@functools.lru_cache(maxsize=16)
+def make_candidate_step(nets, cfg):
+  """K candidate structures in one compiled step: jax.vmap of the train step
+  over (params, opt_state, structure m Kx4x4), the same image batch for all
+  candidates. Returns step(state_K, img_BxSxSx3, structure_K) -> (state_K,
+  metrics_K).
+
+  `nets.conv2d` batches per-candidate kernels as batched matmuls (small
+  layers) or one plain conv per candidate (on CPU), not as grouped convs, so
+  K candidates cost about K single steps (experiments/bench_candidates.py;
+  the unrolled candidate loop makes the first compile slow at large K).
+  """
+  step = over_candidates(_train_step_fn(nets, cfg), _STACK_AXES, (_STACK_AXES, 0))
+  return structure_lib.jit(step, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=16)
+def make_val_loss_fn(nets, cfg, stacked=False):
+  """(params, img, structure) -> photometric loss (the objective of structure
+  search); with stacked=True, over K candidates (params_K, structure_K)."""
+  def fn(params, img, structure):
+    return loss_fn(params, nets, img, structure, cfg)[0]
+  return structure_lib.jit(over_candidates(fn) if stacked else fn)
