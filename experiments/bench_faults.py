@@ -381,22 +381,13 @@ def nonfinite_cases(base, data_dir):
 def renderer_case():
   import jax
   import jax.numpy as jnp
-  from scr_jax import config, losses, model
+  from scr_jax import config, losses, model, render_reference
   cfg = dataclasses.replace(config.get_config("test_tiny"), min_sigma=0.05)
   cam = model.camera(cfg)
   rot = np.deg2rad(cfg.xyz_rotation_range)
   views = [np.zeros(6), [rot, rot, rot, 0.1, 0.1, 0], [-rot, -rot, -rot, -0.1, -0.1, 0]]
-  alt = np.where(np.add.outer(np.arange(S), np.arange(S)) % 2, cam.min_depth, cam.max_depth)
-  depths = [np.full((S, S), cam.min_depth), np.full((S, S), cam.max_depth), alt]
-  combos = [(d, v) for d in depths for v in views]
-  n = len(combos)
-  f = model.Factors(
-      depth_BxSxS=jnp.asarray(np.stack([d for d, _ in combos]), jnp.float32),
-      albedo_BxSxSx3=jnp.asarray(np.resize([-1.0, 1.0], (n, S, S, 3)), jnp.float32),
-      ambient_B=jnp.asarray(np.resize([0.0, 1.0], n), jnp.float32),
-      diffuse_B=jnp.asarray(np.resize([1.0, 0.0], n), jnp.float32),
-      light_dxy_Bx2=jnp.asarray(np.resize([[1.0, -1.0], [-1.0, 1.0]], (n, 2)), jnp.float32),
-      view_Bx6=jnp.asarray(np.stack([v for _, v in combos]), jnp.float32))
+  f = render_reference.limit_factors(cam, views)
+  n = f.depth_BxSxS.shape[0]
 
   def objective(f, target):
     orig, flip = model.render_factors(f, cam)

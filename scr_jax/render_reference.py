@@ -94,3 +94,26 @@ def warp_depth_reference(canon_depth_HxW, view_6, cam: render.Camera, face_valid
   covered = ids >= 0
   z = np.clip(np.where(covered, z, cam.far), cam.near, cam.far)
   return z, covered
+
+
+def limit_factors(cam, views):
+  """Factors at the limits the heads can emit, for fault checks (tests and
+  experiments/bench_faults.py): every combination of three canonical depths
+  (all min_depth, all max_depth, a min/max checkerboard) with `views`
+  (list of 6-vectors: rx, ry, rz in radians, tx, ty, tz), and extreme
+  albedo (-1 / 1), ambient / diffuse (0 / 1) and light directions (+-1).
+  Returns a model.Factors with B = 3 * len(views) and S = cam.width."""
+  from scr_jax import model  # only here: model is not needed by the references above
+  s = cam.width
+  alt = np.where(np.add.outer(np.arange(s), np.arange(s)) % 2, cam.min_depth, cam.max_depth)
+  depths = [np.full((s, s), cam.min_depth), np.full((s, s), cam.max_depth), alt]
+  combos = [(d, v) for d in depths for v in views]
+  n = len(combos)
+  return model.Factors(
+      depth_BxSxS=jnp.asarray(np.stack([d for d, _ in combos]), jnp.float32),
+      albedo_BxSxSx3=jnp.asarray(np.resize([-1.0, 1.0], (n, s, s, 3)), jnp.float32),
+      ambient_B=jnp.asarray(np.resize([0.0, 1.0], n), jnp.float32),
+      diffuse_B=jnp.asarray(np.resize([1.0, 0.0], n), jnp.float32),
+      light_dxy_Bx2=jnp.asarray(np.resize([[1.0, -1.0], [-1.0, 1.0]], (n, 2)), jnp.float32),
+      view_Bx6=jnp.asarray(np.stack([np.asarray(v, np.float64) for _, v in combos]),
+                           jnp.float32))

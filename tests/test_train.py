@@ -304,10 +304,10 @@ def test_sigkill_then_resume_cli(tiny_data, tmp_path):
   assert _params_close(full["state"]["params"], got["params"])
 
 
-MULTI = r"""
-import os, sys, json
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=%d"
-import jax, jax.numpy as jnp, numpy as np
+# Three steps of test_tiny on the built-in batches (shared by the two scripts
+# below; %r = the data folder, %s = what "n" reports).
+_THREE_STEPS = r"""
+import jax.numpy as jnp
 from scr_jax import config, data, parallel, structure, train, train_step
 cfg = config.get_config("test_tiny")
 d = data.load_synface(%r, "train", 16)
@@ -323,8 +323,14 @@ for i in range(3):
   img = parallel.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, i)], mesh)
   state, met = step(state, img, m)
   losses.append(float(met["loss"]))
-print(json.dumps(dict(n=len(jax.devices()), losses=losses)))
+print(json.dumps(dict(n=%s, losses=losses)))
 """
+
+MULTI = r"""
+import os, sys, json
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=%d"
+import jax
+""" + _THREE_STEPS.replace("%s", "len(jax.devices())")
 
 
 def test_multi_device_matches_single(tiny_data):
@@ -399,24 +405,7 @@ import os, sys, json
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address="127.0.0.1:%d", num_processes=2, process_id=%d)
-import jax.numpy as jnp
-from scr_jax import config, data, parallel, structure, train, train_step
-cfg = config.get_config("test_tiny")
-d = data.load_synface(%r, "train", 16)
-nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
-mesh = parallel.data_mesh()
-parallel.barrier("start")  # the processes' compile times differ by more than gloo's 30 s
-state = parallel.replicate(state, mesh)
-m = parallel.replicate(structure.Structure(m=jnp.zeros((4, 4))), mesh)
-img0 = parallel.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, 0)], mesh)
-step = parallel.compile_in_step(train_step.make_train_step(nets, cfg), state, img0, m)
-losses = []
-for i in range(3):
-  img = parallel.shard_batch(d["images"][train.batch_indices(24, cfg.batch_size, 0, i)], mesh)
-  state, met = step(state, img, m)
-  losses.append(float(met["loss"]))
-print(json.dumps(dict(n=jax.process_count(), losses=losses)))
-"""
+""" + _THREE_STEPS.replace("%s", "jax.process_count()")
 
 
 def test_two_process_distributed_matches_single(tiny_data):
