@@ -59,12 +59,14 @@ def ensure_builtin(size: int, seed: int = 0, variant: str = "default", counts=No
   prepares it like any folder (`open_prepared`)."""
   gen = synthetic.get_variant(variant).gen
   path = builtin_dir(size, seed, variant, data_root)
-  if not os.path.exists(os.path.join(path, "meta.json")):
-    _log(f"generating built-in synthetic faces ({variant}) at {size}x{size} into {path} (once)")
-    synthetic.export_synface(path, size=size, seed=seed, overwrite=True, cfg=gen,
-                             **(counts or BUILTIN_COUNTS))
-  else:
-    synthetic.write_missing_gt(path)
+  with prepare.exclusive(path):  # two runs started at once: one generates
+    if not os.path.exists(os.path.join(path, "meta.json")):
+      _log(f"generating built-in synthetic faces ({variant}) at {size}x{size} into {path} "
+           "(once)")
+      synthetic.export_synface(path, size=size, seed=seed, overwrite=True, cfg=gen,
+                               **(counts or BUILTIN_COUNTS))
+    else:
+      synthetic.write_missing_gt(path)
   return path
 
 
@@ -164,27 +166,37 @@ def open_prepared(spec: str, cfg, cache=None, workers=None, notes=None) -> Prepa
       raise UserError(f"{root}: {why}; run prepare again (or give the source folder as --data)")
     return Prepared(root, man)
   out = cache_dir(root, cfg.image_size, crop, cache)
-  man = prepare.read_manifest(out, current=False) if os.path.isdir(out) else None
-  if man is not None and man.get("source") != os.path.abspath(root):
-    man = None  # a cache folder named by the user, last used for another source
-  why = None
-  if man is not None:
-    why = ("prepared by another version" if man.get("format") != prepare.FORMAT
-           else prepare.source_changed(man))
-  if man is None or why:
-    import jax  # the process index only
-    if jax.process_index() != 0:  # multi-host: process 0 prepares, the others wait
-      return Prepared(out, _wait_for_prepared(out, root))
-    man = prepare.prepare(root, out, cfg.image_size, crop, workers, overwrite=True, summary=False,
-                          out_flag="the prepared cache (name another with --cache DIR)")
-    note = (f"note: prepared {root} once into {out} ({cfg.image_size} px"
-            f"{f', crop {crop}' if crop else ''}, {man['seconds']:.1f}s): later runs read it "
-            "from there" + (f"; {why}" if why else ""))
-    if notes is None:
-      _log(note)
-    else:
-      notes.append(note)
+  import jax  # the process index only
+  if jax.process_index() != 0:  # multi-host: process 0 prepares, the others wait
+    return Prepared(out, _wait_for_prepared(out, root))
+  # Two runs started at once on one raw folder (a seed sweep, `--jobs 2`) would
+  # both write the same cache: the second waits here, then finds it prepared.
+  with prepare.exclusive(out):
+    man, why = _cached_manifest(out, root)
+    if why is not None:
+      man = prepare.prepare(root, out, cfg.image_size, crop, workers, overwrite=True,
+                            summary=False,
+                            out_flag="the prepared cache (name another with --cache DIR)")
+      note = (f"note: prepared {root} once into {out} ({cfg.image_size} px"
+              f"{f', crop {crop}' if crop else ''}, {man['seconds']:.1f}s): later runs read "
+              "it from there" + (f"; {why}" if why else ""))
+      if notes is None:
+        _log(note)
+      else:
+        notes.append(note)
   return Prepared(out, man)
+
+
+def _cached_manifest(out: str, root: str):
+  """(manifest, None) when the cache `out` holds a current preparation of
+  `root`; (None, why) otherwise, why = "" when there is none at all."""
+  man = prepare.read_manifest(out, current=False) if os.path.isdir(out) else None
+  if man is None or man.get("source") != os.path.abspath(root):
+    return None, ""  # none, or a cache folder named by the user, last used for another source
+  if man.get("format") != prepare.FORMAT:
+    return None, "prepared by another version"
+  why = prepare.source_changed(man)
+  return (None, why) if why else (man, None)
 
 
 def _wait_for_prepared(out: str, root: str, timeout_s: float = 6 * 3600) -> dict:

@@ -25,6 +25,7 @@ import concurrent.futures as futures
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import io
 import json
@@ -295,6 +296,24 @@ def _builder_class(tfds):
 
   _builder_class.cls = Prepared
   return Prepared
+
+
+@contextlib.contextmanager
+def exclusive(out: str):
+  """Holds an exclusive lock on `out` (the file `out`.lock beside it) for the
+  block: one process prepares a folder while others block, then see its
+  manifest. Where the lock file cannot be made (a read-only place) it runs
+  unlocked and `prepare` reports the real error."""
+  path = os.path.abspath(out).rstrip(os.sep) + ".lock"
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fh = open(path, "a")
+  except OSError:
+    yield
+    return
+  with fh:
+    fcntl.flock(fh, fcntl.LOCK_EX)  # released when fh closes
+    yield
 
 
 def tfds_dir(out: str, man: dict) -> str:

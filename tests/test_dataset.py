@@ -179,3 +179,23 @@ def test_without_grain_the_same_batches_and_arrays(synface, tmp_path, monkeypatc
   g.close()
   for x, y in zip(c, run[2:]):
     np.testing.assert_array_equal(x, y)
+
+
+def test_two_runs_at_once_prepare_one_cache(synface, tmp_path):
+  # A seed sweep starts runs on one raw folder at the same moment: one prepares
+  # the cache, the other waits for it (without the lock both wrote the same
+  # TFDS files and one crashed).
+  src = str(tmp_path / "src")
+  synthetic.export_synface(src, 60, 6, 6, size=16, verbose=False)
+  code = ("import sys; from scr_jax import config, dataset\n"
+          "cfg = config.override(config.get_config('test_tiny'), ['image_size=16'])\n"
+          "p = dataset.open_prepared(sys.argv[1], cfg)\n"
+          "print(len(dataset.read_split(p, 'train', True)['names']))\n")
+  procs = [subprocess.Popen([sys.executable, "-c", code, src], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(3)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err
+    assert out.strip() == "60"
+  notes = sum(err.count("note: prepared") for _, err in outs)
+  assert notes == 1, [err for _, err in outs]
