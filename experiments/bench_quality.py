@@ -109,7 +109,7 @@ def run_one(args):
     sys.exit(130 if res["reason"] == "SIGINT" else 143)
   test = dataset.load_split(args.data, "test", cfg)
   st = res["structure"]
-  params = res["state"]["params"]
+  params = res["state"].params
   summ, _, _ = Evaluator(res["nets"], cfg).evaluate(params, test, st)
   out = dict(variant=args.bench_variant, seed=args.seed, steps=res["step"],
              train_seconds=res["seconds"], wall_seconds=time.time() - t0,

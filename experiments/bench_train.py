@@ -125,7 +125,7 @@ def profile_preset(name, repeats):
   st = structure.resolve_structure(cfg)
   st = st.replace(m=jnp.asarray(st.m))
   nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
-  params = state["params"]
+  params = state.params
   img = jax.random.uniform(jax.random.PRNGKey(2), (cfg.batch_size, cfg.image_size,
                                                    cfg.image_size, 3))
   cam = model.camera(cfg)
@@ -171,7 +171,7 @@ def profile_preset(name, repeats):
     both = timed(with_vjp(fn), *args)
     # backward = (fwd+bwd) - fwd: a small negative value is timing noise.
     rows += [(f"{part} forward", fwd), (f"{part} backward", both - fwd)]
-  rows.append(("optimizer update", timed(upd, grads, state["opt_state"], params)))
+  rows.append(("optimizer update", timed(upd, grads, state.opt_state, params)))
   step = train_step.make_train_step(nets, cfg)
   holder = [jax.tree_util.tree_map(jnp.copy, state)]
 

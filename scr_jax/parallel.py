@@ -55,9 +55,9 @@ def place_candidates(state_K, structure_K, mesh):
   if ndev > 1 and k % ndev == 0:
     cand = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     put = lambda x: jax.device_put(x, cand)
-    state_K = dict(params=jax.tree_util.tree_map(put, state_K["params"]),
-                   opt_state=jax.tree_util.tree_map(put, state_K["opt_state"]),
-                   step=replicate(state_K["step"], mesh))
+    state_K = state_K.replace(params=jax.tree_util.tree_map(put, state_K.params),
+                              opt_state=jax.tree_util.tree_map(put, state_K.opt_state),
+                              step=replicate(state_K.step, mesh))
     return state_K, put(structure_K), True
   return replicate(state_K, mesh), replicate(structure_K, mesh), False
 

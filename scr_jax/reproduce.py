@@ -118,7 +118,7 @@ class Reproduction:
     cfg = config.override(cfg or self.cfg, [f"seed={seed}"])
     _log(f"== train {os.path.relpath(workdir, self.out)} ({cfg.steps} steps)")
     r = train.fit(cfg, workdir, self.train_data, self.val, st, quiet=True)
-    summ, _, _ = Evaluator(r["nets"], cfg).evaluate(r["state"]["params"], self.test,
+    summ, _, _ = Evaluator(r["nets"], cfg).evaluate(r["state"].params, self.test,
                                                     r["structure"])
     summ.update(steps=r["step"], seconds=r["seconds"])
     _save(res_path, summ)
@@ -156,7 +156,7 @@ class Reproduction:
     for i in range(cfg.steps):
       idx = train.batch_indices(imgs.shape[0], cfg.batch_size, seed, i)
       state, _ = step(state, (jnp.asarray(imgs[idx]), jnp.asarray(gts[idx])), none)
-    params = state["params"]
+    params = state.params
     pred_fn = jax.jit(predict)
     pred = Evaluator(nets, cfg).map(lambda img: pred_fn(params, img), self.test["images"])
     summ = evaluator.depth_summary(pred, np.ones_like(pred), self.test["depth"], self.cam,
@@ -215,7 +215,7 @@ class Reproduction:
     r = train.fit(cfg, os.path.join(self.out, "fig6"), self.train_data, None, st, quiet=True)
     ev = Evaluator(r["nets"], cfg)
     res = {}
-    for o, (params_i, st_i) in zip(orders, each_candidate(r["state"]["params"], st)):
+    for o, (params_i, st_i) in zip(orders, each_candidate(r["state"].params, st)):
       summ, _, _ = ev.evaluate(params_i, self.test, st_i)
       res[o] = dict(side=summ["side_mean"], mad=summ["mad_mean"])
     _save(path, res)

@@ -242,7 +242,7 @@ def train_orders(cfg, workdir, train_data, val_data, orders, q=None, quiet=True)
       return saved["scores"]
   st = structure.candidates(orders, q)
   res = train.fit(cfg, workdir, train_data, None, st, quiet=quiet)
-  scores = candidate_scores(cfg, res["nets"], res["state"]["params"], st, val_data)
+  scores = candidate_scores(cfg, res["nets"], res["state"].params, st, val_data)
   for o, sc in zip(orders, scores):
     sc["order"] = o
   _write_json(path, dict(orders=list(orders), steps=cfg.steps, scores=scores))
@@ -360,7 +360,7 @@ def search_unroll(cfg, workdir, train_data, val_data, masked_order=None, steps=5
     return jnp.asarray(vimgs[train.batch_indices(vimgs.shape[0], bs, cfg.seed + 1, t)])
 
   t0 = time.time()
-  res = bilevel_search(train_loss, train_loss, state["params"], batches_fn, val_fn, mask=mask,
+  res = bilevel_search(train_loss, train_loss, state.params, batches_fn, val_fn, mask=mask,
                        steps=steps, unroll_k=unroll_k, inner=inner, inner_lr=cfg.lr,
                        weight_decay=cfg.weight_decay, outer_lr=outer_lr, lam_dag=lam_dag,
                        augmented=augmented, log=log, progress_every=max(1, steps // 10))
@@ -395,8 +395,7 @@ def search_unroll(cfg, workdir, train_data, val_data, masked_order=None, steps=5
   params = res["params"]
   workdir_lib.save(
       workdir, cfg, structure.Structure(m=res["m_effective"], variant="generic"),
-      dict(params=params, opt_state=train_step.make_optimizer(cfg).init(params),
-           step=jnp.asarray(steps * unroll_k, jnp.int32)),
+      train_step.new_state(nets, cfg, params, steps * unroll_k),
       data=checkpoint.data_fingerprint(imgs), describe=False,
       extra=dict(trained_by=f"search {method}: the inner network after {steps} outer steps "
                  f"of {unroll_k} inner step(s), with the continuous M (before thresholding); "

@@ -19,7 +19,7 @@ from scr_jax.errors import NonFiniteError, UserError
 from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.parallel import (any_process, barrier, compile_in_step, data_mesh, place_candidates,
                               replicate, shard_local_batch)
-from scr_jax.train_step import (init_state, make_candidate_step, make_optimizer, make_train_step,
+from scr_jax.train_step import (init_state, make_candidate_step, make_train_step, new_state,
                                 stack_state)
 
 
@@ -117,19 +117,19 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
                     "--workdir")
   nets, state = init_state(cfg, jax.random.PRNGKey(cfg.seed))
   if init_params is not None:
-    like = jax.tree_util.tree_map(jnp.shape, state["params"])
+    like = jax.tree_util.tree_map(jnp.shape, state.params)
     if jax.tree_util.tree_map(jnp.shape, init_params) != like:
       raise UserError("the initial parameters do not have this config's network shapes")
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), init_params)
-    state = dict(params=params, opt_state=make_optimizer(cfg).init(params), step=state["step"])
+    state = new_state(nets, cfg, params)
   if k:
     state = stack_state(state, k)
   mngr = checkpoint.manager(workdir, cfg.keep_checkpoints)
   if resume:
-    restored = checkpoint.restore_latest(mngr, state)
+    restored = checkpoint.restore_latest(mngr, state.tree())
     if restored is not None:
-      state = restored
-  start = int(jax.device_get(state["step"]))
+      state = state.with_tree(restored)
+  start = int(jax.device_get(state.step))
   if start >= cfg.steps and (start or checkpoint.has_checkpoints(workdir)):
     # Nothing to train: nothing is written (config, logs, checkpoints).
     if not quiet:
@@ -137,7 +137,7 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
             "nothing written", file=sys.stderr, flush=True)
     return dict(step=start, start_step=start, seconds=0.0, reason="already trained", last={},
                 state=state, nets=nets, structure=st)
-  checkpoint.check_free_space(workdir, state, cfg.keep_checkpoints)
+  checkpoint.check_free_space(workdir, state.tree(), cfg.keep_checkpoints)
   if jax.process_index() == 0:
     checkpoint.save_run_files(workdir, settings)
   barrier("fit-start")
@@ -186,7 +186,7 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
         log.scalars(step, last)
         log.progress(step, last["loss"])
       if evaluator is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-        for i, (params_i, st_i) in enumerate(each_candidate(state["params"], st_dev)):
+        for i, (params_i, st_i) in enumerate(each_candidate(state.params, st_dev)):
           summ, _, _ = evaluator.evaluate(params_i, val_data, st_i, limit=cfg.num_eval_images)
           values, line = dict(summ), ""
           if val_data.get("gt") is not None:  # generated data: what each factor learned
@@ -201,14 +201,14 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
             print(f"  val @ {step}{who}: SIDE {summ['side_mean']:.3f} x1e-2  "
                   f"MAD {summ['mad_mean']:.2f} deg{line}", file=sys.stderr, flush=True)
       if step % cfg.ckpt_every == 0:
-        checkpoint.save(mngr, state, settings, batches.state())
+        checkpoint.save(mngr, state.tree(), settings, batches.state())
       # Several processes must leave the loop at the same step (collectives).
       over = max_seconds is not None and time.time() - t0 > max_seconds
       if any_process(bool(sig.received) or over):
         reason = sig.received or ("time budget" if over else "stop on another process")
         break
   if mngr.latest_step() != step:
-    checkpoint.save(mngr, state, settings, batches.state())
+    checkpoint.save(mngr, state.tree(), settings, batches.state())
   log.close()
   if reason in ("SIGINT", "SIGTERM") and not quiet:
     print(f"{reason}: saved checkpoint at step {step} in {workdir}; rerun to resume",

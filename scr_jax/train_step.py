@@ -1,11 +1,12 @@
 """The training step: loss, warm-up scales, optimiser, and the jitted step.
 
 `make_train_step(nets, cfg)` gives train_step(state, img_BxSxSx3, structure)
--> (state, metrics), pure; state is a dict of arrays {params, opt_state,
-step} so it checkpoints as a plain pytree; structure is a single
-`structure.Structure`. K candidate structures (a Structure with a K axis,
-params / opt_state with a leading K axis, `stack_state`) train in one step
-vmapped by `over_candidates`, the one place the candidate axis is mapped
+-> (state, metrics), pure; state is a `TrainState` (flax's: apply_fn and the
+optimiser tx built once by `init_state`, params, opt_state, step), checkpointed
+as the plain tree {params, opt_state, step} (`TrainState.tree`); structure is a
+single `structure.Structure`. K candidate structures (a Structure with a K
+axis, params / opt_state with a leading K axis, `stack_state`) train in one
+step vmapped by `over_candidates`, the one place the candidate axis is mapped
 (`make_candidate_step`, `make_val_loss_fn(stacked=True)`).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import optax
+from flax.training import train_state
 
 from scr_jax import losses, model, nets as nets_lib, structure as structure_lib
 
@@ -47,6 +49,7 @@ def decay_where_trained(weight_decay: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+@functools.lru_cache(maxsize=32)  # one tx per config: a TrainState's static part
 def make_optimizer(cfg):
   # Unsup3D: Adam with weight decay added to the gradient (coupled L2). With
   # warm-ups on, the decay skips the parameters a warm-up cuts off (see
@@ -61,15 +64,34 @@ def make_optimizer(cfg):
   return optax.chain(*parts)
 
 
+class TrainState(train_state.TrainState):
+  """flax's TrainState: step (int32 scalar; candidates advance together),
+  params and opt_state (a leading K axis for stacked candidates), and the
+  static apply_fn (nets.apply) and tx (`make_optimizer(cfg)`)."""
+
+  def tree(self) -> dict:
+    """The arrays as {params, opt_state, step}: what a checkpoint holds."""
+    return dict(params=self.params, opt_state=self.opt_state, step=self.step)
+
+  def with_tree(self, tree: dict) -> "TrainState":
+    """This state with the arrays of a checkpoint tree (`tree`)."""
+    return self.replace(params=tree["params"], opt_state=tree["opt_state"], step=tree["step"])
+
+
+
+def new_state(nets, cfg, params, step: int = 0) -> TrainState:
+  """A TrainState for `params` (this config's network shapes) at `step`,
+  with a fresh optimiser state."""
+  tx = make_optimizer(cfg)
+  return TrainState(step=jnp.asarray(step, jnp.int32), apply_fn=nets.apply, params=params,
+                    tx=tx, opt_state=tx.init(params))
+
+
 def init_state(cfg, rng):
-  """Returns (nets module, state dict)."""
+  """Returns (nets module, TrainState at step 0 from a fresh initialisation)."""
   nets = nets_lib.make_nets(cfg)
   x = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
-  params = nets.init(rng, x)
-  params = _flat_initial_depth(params)
-  opt = make_optimizer(cfg)
-  state = dict(params=params, opt_state=opt.init(params), step=jnp.zeros((), jnp.int32))
-  return nets, state
+  return nets, new_state(nets, cfg, _flat_initial_depth(nets.init(rng, x)))
 
 
 def _flat_initial_depth(params):
@@ -138,7 +160,6 @@ def _train_step_fn(nets, cfg, objective=None):
     step) -> (loss, metrics dict with "loss") trained by the same optimiser and
     non-finite rule (e.g. reproduce's supervised baseline, batch = (img, depth)).
   """
-  opt = make_optimizer(cfg)
   if objective is None:
     perc = perceptual_for(cfg)
     objective = lambda p, img, structure, step: loss_fn(p, nets, img, structure, cfg, perc,
@@ -146,9 +167,8 @@ def _train_step_fn(nets, cfg, objective=None):
 
   def step(state, batch, structure):
     (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
-        state["params"], batch, structure, state["step"])
-    updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+        state.params, batch, structure, state.step)
+    new = state.apply_gradients(grads=grads)
     gnorm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     # A non-finite step leaves params and optimiser state untouched; the host
@@ -156,9 +176,8 @@ def _train_step_fn(nets, cfg, objective=None):
     keep = lambda new, old: jax.tree_util.tree_map(
         lambda a, b: jnp.where(finite, a, b), new, old)
     metrics = dict(metrics, grad_norm=gnorm, finite=finite)
-    new = dict(params=keep(params, state["params"]),
-               opt_state=keep(opt_state, state["opt_state"]),
-               step=state["step"] + 1)
+    new = new.replace(params=keep(new.params, state.params),
+                      opt_state=keep(new.opt_state, state.opt_state))
     return new, metrics
 
   return step
@@ -172,25 +191,36 @@ def make_train_step(nets, cfg, objective=None):
   return structure_lib.jit(_train_step_fn(nets, cfg, objective), donate_argnums=0)
 
 
-# Stacked candidates: params and optimiser state carry a leading K axis, the
-# step counter stays a scalar (all candidates advance together).
-_STACK_AXES = dict(params=0, opt_state=0, step=None)
+def stack_axes(state):
+  """The vmap axes of a stacked state: params and optimiser state carry a
+  leading K axis, the step counter stays a scalar (all candidates advance
+  together)."""
+  return state.replace(params=0, opt_state=0, step=None)
 
 
 def over_candidates(fn, state_axes=0, out_axes=0):
   """The one place the candidate axis is mapped: fn(state_or_params, img,
   structure) -> fn over K candidates, vmapped over the state's K axis
-  (`state_axes`, a vmap in_axes spec) and the Structure's (m Kx4x4), the
-  image batch shared by all candidates."""
-  return jax.vmap(fn, in_axes=(state_axes, None, 0), out_axes=out_axes)
+  (`state_axes`: a vmap in_axes spec, or "state" for a stacked TrainState)
+  and the Structure's (m Kx4x4), the image batch shared by all candidates;
+  out_axes likewise ("state" inside it for the returned state)."""
+  if state_axes != "state":
+    return jax.vmap(fn, in_axes=(state_axes, None, 0), out_axes=out_axes)
+
+  def mapped(state, img, structure):
+    axes = stack_axes(state)
+    outs = tuple(axes if a == "state" else a for a in out_axes)
+    return jax.vmap(fn, in_axes=(axes, None, 0), out_axes=outs)(state, img, structure)
+
+  return mapped
 
 
 def stack_state(state, k: int):
   """K copies of one initial state (same init: candidates differ only in M)."""
   tile = lambda x: jnp.broadcast_to(x, (k,) + x.shape)
-  return dict(params=jax.tree_util.tree_map(tile, state["params"]),
-              opt_state=jax.tree_util.tree_map(tile, state["opt_state"]),
-              step=jnp.array(state["step"]))  # a copy: the step donates its input
+  return state.replace(params=jax.tree_util.tree_map(tile, state.params),
+                       opt_state=jax.tree_util.tree_map(tile, state.opt_state),
+                       step=jnp.array(state.step))  # a copy: the step donates its input
 
 
 def unstack_params(params_K, i: int):
@@ -209,7 +239,7 @@ def make_candidate_step(nets, cfg):
   K candidates cost about K single steps (experiments/bench_candidates.py;
   the unrolled candidate loop makes the first compile slow at large K).
   """
-  step = over_candidates(_train_step_fn(nets, cfg), _STACK_AXES, (_STACK_AXES, 0))
+  step = over_candidates(_train_step_fn(nets, cfg), "state", ("state", 0))
   return structure_lib.jit(step, donate_argnums=0)
 
 

@@ -419,7 +419,7 @@ def import_checkpoint(path: str, workdir: str, cfg, log=print) -> dict:
   """
   import jax
   import jax.numpy as jnp
-  from scr_jax import checkpoint, structure, train_step, workdir as workdir_lib
+  from scr_jax import checkpoint, nets as nets_lib, structure, train_step, workdir as workdir_lib
   if checkpoint.has_checkpoints(workdir):
     raise UserError(f"--workdir {workdir} already holds checkpoints; import into a new one")
   ckpt = load_pth(path)
@@ -427,13 +427,12 @@ def import_checkpoint(path: str, workdir: str, cfg, log=print) -> dict:
     raise UserError(f"{path}: holds a {type(ckpt).__name__}, not Unsup3D's dict of networks")
   if "netC" in ckpt:  # every value comes from the file: shapes are enough (and fast)
     like = jax.eval_shape(lambda: train_step.init_state(cfg, jax.random.PRNGKey(cfg.seed))[1])
-    like = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), like["params"])
+    like = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), like.params)
   else:
-    like = jax.device_get(train_step.init_state(cfg, jax.random.PRNGKey(cfg.seed))[1]["params"])
+    like = jax.device_get(train_step.init_state(cfg, jax.random.PRNGKey(cfg.seed))[1].params)
   params, notes = convert(ckpt, like, cfg.image_size)
   params = jax.tree_util.tree_map(jnp.asarray, params)
-  opt = train_step.make_optimizer(cfg)
-  state = dict(params=params, opt_state=opt.init(params), step=jnp.zeros((), jnp.int32))
+  state = train_step.new_state(nets_lib.make_nets(cfg), cfg, params)
   epoch = ckpt.get("epoch")
   imported = dict(file=os.path.abspath(path), sha256=file_sha256(path), format="unsup3d",
                   epoch=epoch if isinstance(epoch, int) else None)

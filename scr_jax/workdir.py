@@ -139,18 +139,18 @@ def restore(workdir: str) -> Restored:
     state = train_step.init_state(cfg, jax.random.PRNGKey(cfg.seed))[1]
     return train_step.stack_state(state, k) if k else state
 
-  restored = checkpoint.restore_step(mngr, step, jax.eval_shape(like))
+  restored = checkpoint.restore_step(mngr, step, jax.eval_shape(lambda: like().tree()))
   return Restored(cfg=cfg, structure=st, params=restored["params"],
                   step=int(restored["step"]), nets=nets, settings=settings)
 
 
 def save(workdir: str, cfg: Config, structure: structure_lib.Structure, state: dict,
          data=None, extra=None, describe: bool = True) -> dict:
-  """Writes a trained state as workdir W's checkpoint (step state["step"]),
+  """Writes a trained state as workdir W's checkpoint (at its step),
   for producers that train outside `train.fit` (search unroll, import-unsup3d):
   afterwards `restore(W)` (eval, predict, diagnose, train --init-from) reads it.
 
-  state: {params, opt_state, step} with this config's network shapes (a
+  state: a train_step.TrainState with this config's network shapes (a
     leading K axis when structure is a stack).
   data: as `checkpoint.run_settings` (spec and/or a data fingerprint).
   extra: more provenance merged into the saved settings (e.g. imported_from).
@@ -162,10 +162,10 @@ def save(workdir: str, cfg: Config, structure: structure_lib.Structure, state: d
   settings.update(extra or {})
   checkpoint.probe_writable(workdir)
   mngr = checkpoint.manager(workdir, cfg.keep_checkpoints)
-  step = int(jax.device_get(state["step"]))
+  step = int(jax.device_get(state.step))
   if step in mngr.all_steps():
     mngr.delete(step)
-  checkpoint.save(mngr, state, settings)
+  checkpoint.save(mngr, state.tree(), settings)
   if describe:
     checkpoint.save_run_files(workdir, settings)
   else:

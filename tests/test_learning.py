@@ -26,14 +26,14 @@ def test_symmetrize_makes_canonical_maps_mirror_symmetric():
   nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
   # init_state zeroes the depth head (flat start): give it random weights so
   # the free depth is not symmetric to begin with
-  p = state["params"]["params"]["f2_D"]
+  p = state.params["params"]["f2_D"]
   last = max((k for k in p if k.startswith("Conv_")), key=lambda k: int(k.split("_")[1]))
   p[last]["kernel"] = 0.1 * jax.random.normal(jax.random.PRNGKey(3), p[last]["kernel"].shape)
   img = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3))
   m = structure.Structure(m=jnp.zeros((4, 4)))
-  free = model.factors(nets, state["params"], img, m, cfg)
-  full = model.factors(nets, state["params"], img, m, cfg, sym=1.0)
-  half = model.factors(nets, state["params"], img, m, cfg, sym=0.5)
+  free = model.factors(nets, state.params, img, m, cfg)
+  full = model.factors(nets, state.params, img, m, cfg, sym=1.0)
+  half = model.factors(nets, state.params, img, m, cfg, sym=0.5)
   for k in ("depth_BxSxS", "albedo_BxSxSx3"):
     a = np.asarray(getattr(full, k))
     np.testing.assert_allclose(a, a[:, :, ::-1], atol=1e-6)
@@ -41,7 +41,7 @@ def test_symmetrize_makes_canonical_maps_mirror_symmetric():
     assert np.abs(f - f[:, :, ::-1]).max() > 1e-4  # the free maps are not symmetric
     np.testing.assert_allclose(np.asarray(getattr(half, k)), (f + a) / 2, atol=1e-6)
     np.testing.assert_allclose(np.asarray(getattr(model.factors(
-        nets, state["params"], img, m, cfg, sym=0.0), k)), f, atol=1e-6)
+        nets, state.params, img, m, cfg, sym=0.0), k)), f, atol=1e-6)
   # view and light are untouched
   np.testing.assert_allclose(np.asarray(full.view_Bx6), np.asarray(free.view_Bx6))
 
@@ -73,10 +73,10 @@ def test_train_step_uses_the_state_step_for_warmups():
   step_fn = train_step.make_train_step(nets, cfg)
   copy = lambda s: jax.tree_util.tree_map(jnp.array, s)
   _, met0 = step_fn(copy(state), img, structure.Structure(m=jnp.zeros((4, 4))))
-  late = dict(copy(state), step=jnp.int32(100))
+  late = copy(state).replace(step=jnp.int32(100))
   _, met1 = step_fn(late, img, structure.Structure(m=jnp.zeros((4, 4))))
-  want0 = train_step.loss_fn(state["params"], nets, img, structure.Structure(m=jnp.zeros((4, 4))), cfg, step=jnp.int32(0))[0]
-  want1 = train_step.loss_fn(state["params"], nets, img, structure.Structure(m=jnp.zeros((4, 4))), cfg)[0]
+  want0 = train_step.loss_fn(state.params, nets, img, structure.Structure(m=jnp.zeros((4, 4))), cfg, step=jnp.int32(0))[0]
+  want1 = train_step.loss_fn(state.params, nets, img, structure.Structure(m=jnp.zeros((4, 4))), cfg)[0]
   np.testing.assert_allclose(float(met0["loss"]), float(want0), rtol=1e-5)
   np.testing.assert_allclose(float(met1["loss"]), float(want1), rtol=1e-5)
   assert abs(float(want0) - float(want1)) > 1e-6
@@ -137,19 +137,19 @@ def test_depth_warmup_keeps_the_cut_off_depth_net_intact():
   # With warm-ups the decay skips what the loss does not see.
   cfg = _tiny(depth_warmup_steps=40, lr=1e-2, weight_decay=5e-2)
   nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
-  before = _depth_leaves(state["params"])
+  before = _depth_leaves(state.params)
   step = train_step.make_train_step(nets, cfg)
   img = jax.random.uniform(jax.random.PRNGKey(1), (cfg.batch_size, 16, 16, 3))
   m = structure.Structure(m=jnp.zeros((4, 4)))
   for _ in range(5):  # steps 0..4: depth scale 0
     state, metrics = step(state, img, m)
-  after = _depth_leaves(state["params"])
+  after = _depth_leaves(state.params)
   for k in before:
     np.testing.assert_array_equal(after[k], before[k], err_msg=str(k))
   # ...and the rest of the model did train (and decay) meanwhile
-  enc_v0 = np.asarray(train_step.init_state(cfg, jax.random.PRNGKey(0))[1]["params"]["params"]
+  enc_v0 = np.asarray(train_step.init_state(cfg, jax.random.PRNGKey(0))[1].params["params"]
                       ["f1_V"]["Conv_0"]["kernel"])
-  assert np.abs(np.asarray(state["params"]["params"]["f1_V"]["Conv_0"]["kernel"]) - enc_v0).max() > 1e-3
+  assert np.abs(np.asarray(state.params["params"]["f1_V"]["Conv_0"]["kernel"]) - enc_v0).max() > 1e-3
 
 
 def test_decay_where_trained_is_coupled_l2_where_the_gradient_is_not_zero():

@@ -131,14 +131,14 @@ def test_train_step_equals_the_step_with_flax_convs(monkeypatch):
       feat, (k, k), (s, s), padding="SAME" if s == 2 else "VALID", use_bias=False))
   flax_nets = nets_lib.make_nets(cfg)
   p_flax = flax_nets.init(jax.random.PRNGKey(0), img[:1])
-  assert jax.tree_util.tree_structure(p_flax) == jax.tree_util.tree_structure(state["params"])
+  assert jax.tree_util.tree_structure(p_flax) == jax.tree_util.tree_structure(state.params)
   ref, met_ref = jax.jit(train_step._train_step_fn(flax_nets, cfg))(state, img, st)
   np.testing.assert_allclose(met["loss"], met_ref["loss"], rtol=1e-5)
   np.testing.assert_allclose(met["grad_norm"], met_ref["grad_norm"], rtol=1e-5)
   # Each parameter array's gradient, relative to its largest entry.
   grad = lambda net: jax.jit(jax.grad(lambda p: train_step.loss_fn(p, net, img, st, cfg)[0]))
-  g_ours = jax.tree_util.tree_leaves(grad(nets)(state["params"]))
-  g_ref = jax.tree_util.tree_leaves(grad(flax_nets)(state["params"]))
+  g_ours = jax.tree_util.tree_leaves(grad(nets)(state.params))
+  g_ref = jax.tree_util.tree_leaves(grad(flax_nets)(state.params))
   for a, b in zip(g_ours, g_ref):
     assert float(jnp.max(jnp.abs(a - b))) <= 1e-4 * float(jnp.max(jnp.abs(b)))
   # The updated parameters, relative in norm. Not elementwise: Adam's first move
@@ -146,6 +146,6 @@ def test_train_step_equals_the_step_with_flax_convs(monkeypatch):
   # rounding level can flip its move from +lr to -lr (seen: 0.8 lr on one entry
   # of 32768, and different entries on different runs of the same program).
   diff = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(
-      jax.tree_util.tree_leaves(ours["params"]), jax.tree_util.tree_leaves(ref["params"])))
-  norm = sum(float(jnp.sum(b ** 2)) for b in jax.tree_util.tree_leaves(ref["params"]))
+      jax.tree_util.tree_leaves(ours.params), jax.tree_util.tree_leaves(ref.params)))
+  norm = sum(float(jnp.sum(b ** 2)) for b in jax.tree_util.tree_leaves(ref.params))
   assert diff ** 0.5 <= 1e-4 * norm ** 0.5, (diff ** 0.5, norm ** 0.5)

@@ -398,17 +398,17 @@ def test_nonfinite_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
   msg = str(err.value)
   assert "step 3" in msg and "step 2" in msg and "\n" not in msg, msg
   _, like = train_step.init_state(cfg, jax.random.PRNGKey(cfg.seed))
-  kept = checkpoint.restore_latest(checkpoint.manager(wd), like)
+  kept = checkpoint.restore_latest(checkpoint.manager(wd), like.tree())
   assert int(kept["step"]) == 2
   ref = train.fit(dataclasses.replace(cfg, steps=2), str(tmp_path / "ref2"), tr, quiet=True)
-  for a, b in zip(_leaves(kept["params"]), _leaves(ref["state"]["params"])):
+  for a, b in zip(_leaves(kept["params"]), _leaves(ref["state"].params)):
     np.testing.assert_array_equal(a, b)  # the good state, bit for bit
 
   # on_nonfinite=skip: the bad batch leaves params and optimiser untouched
   skip = dataclasses.replace(cfg, steps=3, on_nonfinite="skip")
   res = train.fit(skip, str(tmp_path / "skip"), bad, quiet=True)
   assert res["step"] == 3
-  for a, b in zip(_leaves(res["state"]["params"]), _leaves(ref["state"]["params"])):
+  for a, b in zip(_leaves(res["state"].params), _leaves(ref["state"].params)):
     np.testing.assert_array_equal(a, b)
   with open(os.path.join(tmp_path, "skip", "metrics.csv")) as fh:
     assert "3,train/skipped_nonfinite,1" in fh.read()
@@ -430,7 +430,7 @@ def test_renderer_degenerate_inputs_finite_values_and_gradients():
       parallel.replicate(structure.Structure(m=jnp.zeros((4, 4), jnp.float32)), mesh))
   assert bool(met["finite"]) and np.isfinite(float(met["loss"]))
   assert np.isfinite(float(met["grad_norm"])) and float(met["grad_norm"]) > 0
-  assert all(np.isfinite(x).all() for x in _leaves(new["params"]))
+  assert all(np.isfinite(x).all() for x in _leaves(new.params))
   # 2. the renderer with factors at their limits (what the heads can emit)
   rot = np.deg2rad(cfg.xyz_rotation_range)
   views = [np.zeros(6), [rot, rot, rot, 0.1, 0.1, 0], [-rot, -rot, -rot, -0.1, -0.1, 0],

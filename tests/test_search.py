@@ -199,7 +199,7 @@ def test_parameter_parity_across_variants(tmp_path):
     cfg = config.override(base, [f"variant={variant}"] + extra)
     structure.resolve(cfg)
     _, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
-    counts[variant] = _count(state["params"])
+    counts[variant] = _count(state.params)
   assert s["order"] == "DLVA"
   assert len(set(counts.values())) == 1, counts
 
@@ -219,11 +219,11 @@ def test_vmapped_candidates_equal_separate_runs():
     for _ in range(2):
       st, met = single(st, img, ms.candidate(i))
     assert float(met["loss"]) == pytest.approx(float(met_k["loss"][i]), rel=1e-4)
-    for a, b in zip(jax.tree_util.tree_leaves(st["params"]),
-                    jax.tree_util.tree_leaves(train_step.unstack_params(st_k["params"], i))):
+    for a, b in zip(jax.tree_util.tree_leaves(st.params),
+                    jax.tree_util.tree_leaves(train_step.unstack_params(st_k.params, i))):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-3)
   # The two structures really train differently.
-  d = [float(jnp.max(jnp.abs(a[0] - a[1]))) for a in jax.tree_util.tree_leaves(st_k["params"])]
+  d = [float(jnp.max(jnp.abs(a[0] - a[1]))) for a in jax.tree_util.tree_leaves(st_k.params)]
   assert max(d) > 1e-4
 
 

@@ -137,7 +137,7 @@ def test_forward_contract():
   b, s = 3, cfg.image_size
   img = jax.random.uniform(jax.random.PRNGKey(4), (b, s, s, 3))
   st = structure.Structure(m=jnp.asarray(structure.dense_matrix("DVAL")), q="cosine")
-  out = model.forward(nets, state["params"], img, st, cfg)
+  out = model.forward(nets, state.params, img, st, cfg)
   f = out.factors
   want = dict(depth_BxSxS=(b, s, s), albedo_BxSxSx3=(b, s, s, 3), ambient_B=(b,),
               diffuse_B=(b,), light_dxy_Bx2=(b, 2), view_Bx6=(b, 6),
@@ -164,7 +164,7 @@ def test_forward_contract():
   # the dynamic adjacency: q(u) * M_dense, zero where M_dense is
   assert float(jnp.abs(f.adjacency * (1 - st.m)).max()) == 0.0
   jitted = structure.jit(lambda p, x, s_: model.forward(nets, p, x, s_, cfg))(
-      state["params"], img, st)
+      state.params, img, st)
   for a, j in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(jitted)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(j), rtol=1e-4, atol=1e-5)
 
@@ -186,7 +186,7 @@ def test_train_step_takes_another_objective():
     return loss, dict(loss=loss)
 
   opt = train_step.make_optimizer(cfg)
-  p, s = state["params"], state["opt_state"]
+  p, s = state.params, state.opt_state
   for _ in range(2):
     g = jax.grad(lambda q: objective(q, (img, gt), st, None)[0])(p)
     u, s = opt.update(g, s, p)
@@ -195,12 +195,33 @@ def test_train_step_takes_another_objective():
   new = jax.tree_util.tree_map(jnp.copy, state)
   for _ in range(2):
     new, met = step(new, (img, gt), st)
-  assert int(new["step"]) == 2 and bool(met["finite"])
-  for a, b in zip(jax.tree_util.tree_leaves(new["params"]), jax.tree_util.tree_leaves(p)):
+  assert int(new.step) == 2 and bool(met["finite"])
+  for a, b in zip(jax.tree_util.tree_leaves(new.params), jax.tree_util.tree_leaves(p)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
   assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
-      jax.tree_util.tree_leaves(new["params"]),
-      jax.tree_util.tree_leaves(state["params"]))) > 1e-6  # it did train
+      jax.tree_util.tree_leaves(new.params),
+      jax.tree_util.tree_leaves(state.params))) > 1e-6  # it did train
+
+
+def test_train_state_contract():
+  # One flax TrainState: the optimiser is built once (the state's tx is the
+  # config's), a step keeps the type and advances the scalar step, and a
+  # checkpoint holds exactly {params, opt_state, step}.
+  cfg = config.get_config("test_tiny")
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
+  assert isinstance(state, train_step.TrainState)
+  assert state.tx is train_step.make_optimizer(cfg) and state.apply_fn == nets.apply
+  img = jax.random.uniform(jax.random.PRNGKey(1), (cfg.batch_size, 16, 16, 3))
+  none = structure.Structure(m=jnp.zeros((4, 4), jnp.float32))
+  new, _ = train_step.make_train_step(nets, cfg)(jax.tree_util.tree_map(jnp.copy, state), img,
+                                                 none)
+  assert isinstance(new, train_step.TrainState) and int(new.step) == 1 and new.step.shape == ()
+  assert sorted(new.tree()) == ["opt_state", "params", "step"]
+  back = state.with_tree(jax.tree_util.tree_map(np.asarray, new.tree()))
+  assert int(back.step) == 1 and back.tx is state.tx
+  stacked = train_step.stack_state(state, 3)
+  assert stacked.step.shape == () and all(
+      x.shape[0] == 3 for x in jax.tree_util.tree_leaves((stacked.params, stacked.opt_state)))
 
 
 def test_structure_labels_do_not_recompile():
@@ -225,9 +246,9 @@ def test_structure_enters_as_data(tiny_data):
   img = jnp.asarray(tr["images"][:4])
   fwd = jax.jit(lambda p, m: model.factors(nets, p, img, structure.Structure(m=m),
                                            cfg).albedo_BxSxSx3)
-  zero = fwd(state["params"], jnp.zeros((4, 4)))
-  dense = fwd(state["params"], jnp.asarray(structure.dense_matrix("DVAL")))
-  per_image = fwd(state["params"], jnp.broadcast_to(jnp.asarray(structure.dense_matrix("DVAL")), (4, 4, 4)))
+  zero = fwd(state.params, jnp.zeros((4, 4)))
+  dense = fwd(state.params, jnp.asarray(structure.dense_matrix("DVAL")))
+  per_image = fwd(state.params, jnp.broadcast_to(jnp.asarray(structure.dense_matrix("DVAL")), (4, 4, 4)))
   assert float(jnp.abs(zero - dense).max()) > 1e-6
   np.testing.assert_allclose(dense, per_image, atol=1e-6)
 
@@ -247,12 +268,12 @@ def test_tiny_training_lowers_loss(tiny_data, tmp_path):
   m = structure.Structure(m=jnp.zeros((4, 4)))
   idx = train.batch_indices(24, cfg.batch_size, 0, 0)
   fixed = jnp.asarray(tr["images"][idx])
-  before = float(train_step.loss_fn(state["params"], nets, fixed, m, cfg)[0])
+  before = float(train_step.loss_fn(state.params, nets, fixed, m, cfg)[0])
   for i in range(cfg.steps):
     img = jnp.asarray(tr["images"][train.batch_indices(24, cfg.batch_size, 0, i)])
     state, met = step(state, img, m)
     assert bool(met["finite"])
-  after = float(train_step.loss_fn(state["params"], nets, fixed, m, cfg)[0])
+  after = float(train_step.loss_fn(state.params, nets, fixed, m, cfg)[0])
   assert after < before - 0.05, (before, after)
 
 
@@ -265,8 +286,8 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path):
   assert half["step"] == 2
   rest = train.fit(cfg, str(tmp_path / "split"), tr, quiet=True)
   assert rest["start_step"] == 2 and rest["step"] == 4
-  assert _params_close(full["state"]["params"], rest["state"]["params"])
-  assert not _params_close(full["state"]["params"], half["state"]["params"])
+  assert _params_close(full["state"].params, rest["state"].params)
+  assert not _params_close(full["state"].params, half["state"].params)
   # the workdir holds what a user expects
   for f in ("config.json", "metrics.csv", "checkpoints", "tb"):
     assert os.path.exists(tmp_path / "full" / f), f
@@ -299,9 +320,9 @@ def test_sigkill_then_resume_cli(tiny_data, tmp_path):
                    str(tmp_path / "ref"), tr, quiet=True)
   from scr_jax import checkpoint
   nets, like = train_step.init_state(cfg, jax.random.PRNGKey(cfg.seed))
-  got = checkpoint.restore_latest(checkpoint.manager(wd_kill), like)
+  got = checkpoint.restore_latest(checkpoint.manager(wd_kill), like.tree())
   assert int(got["step"]) == steps
-  assert _params_close(full["state"]["params"], got["params"])
+  assert _params_close(full["state"].params, got["params"])
 
 
 # Three steps of test_tiny on the built-in batches (shared by the two scripts
@@ -441,9 +462,9 @@ def test_lr_view_mult_scales_only_the_view_updates():
   for mult in (1.0, 3.0):
     cfg = config.override(base, [f"lr_view_mult={mult}"])
     nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
-    before = jax.tree_util.tree_map(np.asarray, state["params"])
+    before = jax.tree_util.tree_map(np.asarray, state.params)
     new, _ = train_step.make_train_step(nets, cfg)(state, img, m)
-    deltas.append(jax.tree_util.tree_map(lambda a, b: np.asarray(a) - b, new["params"], before))
+    deltas.append(jax.tree_util.tree_map(lambda a, b: np.asarray(a) - b, new.params, before))
   for name in deltas[0]["params"]:
     want = 3.0 if name in ("f1_V", "f2_V") else 1.0
     for a, b in zip(jax.tree_util.tree_leaves(deltas[0]["params"][name]),
