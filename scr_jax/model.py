@@ -213,9 +213,7 @@ def render_factors(f: Factors, cam: render.Camera) -> tuple[Rendering, Rendering
   canon_im, normal, shading = shade_canonical(
       depth, albedo, dup(f.ambient_B), dup(f.diffuse_B), dup(f.light_dxy_Bx2), cam)
   view = dup(f.view_Bx6)
-  recon_depth, covered = render.warp_depth_batch(depth, view, cam)
-  grid = jax.vmap(functools.partial(render.inverse_warp_grid, cam=cam))(recon_depth, view)
-  recon_im = jax.vmap(render.grid_sample)(canon_im, grid)
+  recon_depth, recon_im, covered = render.render_views(depth, canon_im, view, cam)
   both = (depth, canon_im, normal, shading, recon_depth, covered.astype(jnp.float32), recon_im)
   b = f.depth_BxSxS.shape[0]
   return Rendering(*(a[:b] for a in both)), Rendering(*(a[b:] for a in both))
