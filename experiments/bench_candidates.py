@@ -19,7 +19,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from scr_jax import config, structure, train_step  # noqa: E402
+from scr_jax import config, nets as nets_lib, structure, train_step  # noqa: E402
 
 
 def main(argv=None):
@@ -29,11 +29,10 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--matmul-max-patch", type=int,
-                  help="override nets.MATMUL_MAX_PATCH (0: every conv on the lax path)")
+                  help="override nets_lib.MATMUL_MAX_PATCH (0: every conv on the lax path)")
   args = ap.parse_args(argv)
   if args.matmul_max_patch is not None:
-    from scr_jax import nets
-    nets.MATMUL_MAX_PATCH = args.matmul_max_patch
+    nets_lib.MATMUL_MAX_PATCH = args.matmul_max_patch
   cfg = config.get_config(args.preset)
   orders = [structure.ALL_ORDERS[i % 24] for i in range(args.k)]
   ms = structure.candidates(orders)

@@ -26,10 +26,11 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from scr_jax import config, dataset, prepare  # noqa: E402
 
 RUN = os.path.join(ROOT, "experiments", "run.py")
 
@@ -112,7 +113,6 @@ def timed_train(ds: str, preset: str, steps: int, workdir: str) -> dict:
 
 def pipeline_rate(ds: str, workers: int, batch: int = 64, batches: int = 60) -> float:
   """Images/s of dataset.Batches streaming from disk (after a first batch)."""
-  from scr_jax import dataset, prepare
   man = prepare.read_manifest(ds)
   prep = dataset.Prepared(ds, man)
   n = man["splits"]["train"]["n"]
@@ -140,7 +140,6 @@ def main():
   p.add_argument("--skip-train", action="store_true")
   args = p.parse_args()
   src = os.path.join(args.dir, f"jpg_{args.n}")
-  from scr_jax import config
   crop = config.get_config(args.preset).crop if args.crop is None else args.crop
   ds = os.path.join(args.dir, f"ds_{args.n}_s{args.size}_c{crop or 'full'}")
   out = dict(n=args.n, size=args.size, crop=crop, cpus=os.cpu_count())

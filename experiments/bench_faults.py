@@ -27,8 +27,13 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cach
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from scr_jax import config, losses, model, render_reference, structure, workdir  # noqa: E402
+from scr_jax.errors import UserError  # noqa: E402
 
 RUN = [sys.executable, os.path.join(ROOT, "experiments", "run.py")]
 S = 16
@@ -216,8 +221,6 @@ def config_cases(base):
 
 
 def structure_case(base):
-  from scr_jax import structure
-  from scr_jax.errors import UserError
   save = getattr(structure, "save_structure", None)
   case = "structure: cyclic M is never written"
   if save is None:
@@ -242,8 +245,6 @@ def structure_case(base):
 def _params(wd):
   """(step, parameter leaves) of the workdir's newest checkpoint, read back
   the way eval and predict read it (workdir.restore)."""
-  import jax
-  from scr_jax import workdir
   r = workdir.restore(wd)
   return r.step, [np.asarray(x) for x in jax.tree_util.tree_leaves(r.params)]
 
@@ -379,9 +380,6 @@ def nonfinite_cases(base, data_dir):
 
 
 def renderer_case():
-  import jax
-  import jax.numpy as jnp
-  from scr_jax import config, losses, model, render_reference
   cfg = dataclasses.replace(config.get_config("test_tiny"), min_sigma=0.05)
   cam = model.camera(cfg)
   rot = np.deg2rad(cfg.xyz_rotation_range)

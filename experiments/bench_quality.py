@@ -34,8 +34,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
 
-from scr_jax import cliutil, dataset, runner  # noqa: E402  (after the environment)
+from scr_jax import cliutil, data, dataset, diagnostics, evaluator, runner  # noqa: E402
 from scr_jax.errors import NonFiniteError, UserError  # noqa: E402
+from scr_jax.evaluator import Evaluator  # noqa: E402
 
 # Table columns: (key in result.json, header, format, worst = max or min).
 COLUMNS = (
@@ -83,7 +84,6 @@ def _config(args, seed):
 
 def _data_dir(args, variant, cfg):
   """The variant's data folder (generated once), at its export size."""
-  from scr_jax import data
   size = data.get_variant(variant).export_size or cfg.image_size
   counts = None
   if args.counts:
@@ -100,8 +100,6 @@ def _data_dir(args, variant, cfg):
 
 def run_one(args):
   """Trains (or resumes) one (variant, seed) and writes its result.json."""
-  from scr_jax import diagnostics
-  from scr_jax.evaluator import Evaluator
   cfg = _config(args, args.seed)
   t0 = time.time()
   res = runner.train_run(cfg, args.workdir, args.data, max_seconds=args.budget)
@@ -139,15 +137,13 @@ def _default_out(args):
 
 def _baselines(args, variant, out):
   """Baseline summaries of a variant's test split, computed once (cached)."""
-  from scr_jax import metrics, model
   path = os.path.join(out, f"baselines_{variant}.json")
   got = _read_json(path)
   if got is None:
     cfg = _config(args, 0)
     root = _data_dir(args, variant, cfg)
     test, trn = dataset.load_split(root, "test", cfg), dataset.load_split(root, "train", cfg)
-    base = metrics.baseline_summaries(test["depth"], trn["depth"], model.camera(cfg),
-                                      **metrics.template_kwargs(test, trn))
+    base = evaluator.baselines(test, trn, cfg)
     got = {k: dict(side=v["side_mean"], mad=v["mad_mean"]) for k, v in base.items()}
     _write_json(path, got)
   return got
@@ -283,7 +279,6 @@ def _write_table(out, variants, seeds, settings):
 
 
 def drive(args):
-  from scr_jax import data
   seeds = _int_list(args.seeds, "seeds")
   variants = [v for v in args.variants.split(",") if v]
   for v in variants:

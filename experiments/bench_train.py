@@ -16,11 +16,13 @@ import json
 import os
 import time
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
-from scr_jax import config, nets as _nets, structure, train_step  # noqa: E402
+from scr_jax import config, losses, model, nets as _nets, structure, train_step  # noqa: E402
 
 MAX_PATCH_DEFAULT = _nets.MATMUL_MAX_PATCH
 
@@ -81,8 +83,6 @@ PAPER_DECONVS = [(4, 512, 256), (16, 128, 64), (32, 128, 64)]
 
 def bench_layers(repeats, batch=64):
   """fwd+bwd time of each layer shape: lax conv / flax ConvTranspose vs ours."""
-  import flax.linen as nn
-  from scr_jax import nets
   rows = []
   key = jax.random.PRNGKey(0)
 
@@ -94,15 +94,15 @@ def bench_layers(repeats, batch=64):
   for h, c, o, kk, s, p in PAPER_CONVS:
     x = jax.random.normal(key, (batch, h, h, c))
     k = jax.random.normal(key, (kk, kk, c, o)) * 0.1
-    ref = lambda k, x: nets.lax_conv(x, k, s, p)
+    ref = lambda k, x: _nets.lax_conv(x, k, s, p)
     w = jnp.ones(ref(k, x).shape)
     rows.append((f"conv {h}px {c}->{o} k{kk} s{s}", timed(ref, k, x, w),
-                 timed(lambda k, x: nets.conv2d(x, k, s, p), k, x, w)))
+                 timed(lambda k, x: _nets.conv2d(x, k, s, p), k, x, w)))
   for h, c, o in PAPER_DECONVS:
     x = jax.random.normal(key, (batch, h, h, c))
     k = jax.random.normal(key, (4, 4, c, o)) * 0.1
     flax_t = nn.ConvTranspose(o, (4, 4), (2, 2), padding="SAME", use_bias=False)
-    ours = nets.ConvTranspose(o, 2)
+    ours = _nets.ConvTranspose(o, 2)
     w = jnp.ones((batch, 2 * h, 2 * h, o))
     rows.append((f"deconv {h}px {c}->{o} s2",
                  timed(lambda k, x: flax_t.apply({"params": {"kernel": k}}, x), k, x, w),
@@ -120,7 +120,6 @@ def profile_preset(name, repeats):
   forward and forward+backward (backward = the difference), and the optimizer
   update; then the whole step. Returns a list of (part, seconds) rows and the
   whole step's seconds."""
-  from scr_jax import losses, model
   cfg = config.get_config(name)
   st = structure.resolve_structure(cfg)
   st = st.replace(m=jnp.asarray(st.m))
@@ -186,21 +185,20 @@ def profile_preset(name, repeats):
 def conv_layers(cfg):
   """(x_shape, k_shape, stride, pad) -> count of every conv2d call in the nets
   (transposed convs: their phase convs), recorded while tracing init."""
-  from scr_jax import nets
   seen = {}
-  orig = nets.uses_matmul
+  orig = _nets.uses_matmul
 
   def record(x_shape, k_shape, stride, pad):
     key = (tuple(x_shape), tuple(k_shape), stride, pad)
     seen[key] = seen.get(key, 0) + 1
     return orig(x_shape, k_shape, stride, pad)
-  nets.uses_matmul = record
+  _nets.uses_matmul = record
   try:
-    net = nets.make_nets(cfg)
+    net = _nets.make_nets(cfg)
     jax.eval_shape(net.init, jax.random.PRNGKey(0),
                    jnp.zeros((cfg.batch_size, cfg.image_size, cfg.image_size, 3)))
   finally:
-    nets.uses_matmul = orig
+    _nets.uses_matmul = orig
   return seen
 
 
@@ -208,7 +206,6 @@ def bench_rule(name, repeats, k=4):
   """Each distinct conv2d layer of the preset, fwd+bwd: the im2col matmul path
   vs the lax path, single and vmapped over k candidate kernels (same process,
   interleaved), against one image's patch-matrix size (the rule's variable)."""
-  from scr_jax import nets
   cfg = config.get_config(name)
   rows = []
   for (xs, ks, s, p), count in sorted(conv_layers(cfg).items(), key=lambda kv: kv[0][0][1]):
@@ -218,13 +215,13 @@ def bench_rule(name, repeats, k=4):
     kk = jnp.broadcast_to(kern, (k,) + ks) + 0
     times = {}
     for path, limit in (("matmul", 1 << 40), ("lax", 0)):
-      nets.MATMUL_MAX_PATCH = limit
-      loss = lambda kern, x: jnp.sum(jnp.tanh(nets.conv2d(x, kern, s, p)))
+      _nets.MATMUL_MAX_PATCH = limit
+      loss = lambda kern, x: jnp.sum(jnp.tanh(_nets.conv2d(x, kern, s, p)))
       g1 = jax.jit(jax.grad(loss, (0, 1)))
       gk = jax.jit(jax.vmap(jax.grad(loss, (0, 1))))
       jax.block_until_ready((g1(kern, x), gk(kk, xk)))
       times[path] = (g1, gk)
-    nets.MATMUL_MAX_PATCH = MAX_PATCH_DEFAULT
+    _nets.MATMUL_MAX_PATCH = MAX_PATCH_DEFAULT
     t = {key: [] for key in ("matmul", "lax")}
     tk = {key: [] for key in ("matmul", "lax")}
     for _ in range(repeats):  # interleaved: load changes hit both paths
@@ -233,9 +230,9 @@ def bench_rule(name, repeats, k=4):
         tk[path].append(_median_time(lambda: gk(kk, xk), 1))
     med = lambda v: float(np.median(v))
     _, h, w, c = xs
-    patch = nets._out_size(h, ks[0], s, p) * nets._out_size(w, ks[1], s, p) * ks[0] * ks[1] * c
+    patch = _nets._out_size(h, ks[0], s, p) * _nets._out_size(w, ks[1], s, p) * ks[0] * ks[1] * c
     rows.append(dict(layer=f"{h}px {c}->{ks[3]} k{ks[0]} s{s}", count=count, patch=patch,
-                     uses_matmul=nets.uses_matmul(xs, ks, s, p),
+                     uses_matmul=_nets.uses_matmul(xs, ks, s, p),
                      lax_s=med(t["lax"]), matmul_s=med(t["matmul"]),
                      lax_vmap_s=med(tk["lax"]), matmul_vmap_s=med(tk["matmul"])))
     r = rows[-1]
@@ -257,9 +254,8 @@ def print_rule(name, repeats, k=4):
 
 
 def bench_paths(name, repeats, limits):
-  """The whole step for several values of nets.MATMUL_MAX_PATCH (0: all layers
+  """The whole step for several values of _nets.MATMUL_MAX_PATCH (0: all layers
   on the lax path; huge: all on the matmul path), same process, interleaved."""
-  from scr_jax import nets
   cfg = config.get_config(name)
   st = structure.resolve_structure(cfg)
   st = st.replace(m=jnp.asarray(st.m))
@@ -269,12 +265,12 @@ def bench_paths(name, repeats, limits):
   for limit in limits:
     label = {0: "all lax", 1 << 40: "all matmul"}.get(limit, f"patch<={limit}")
     label += " (default)" if limit == MAX_PATCH_DEFAULT else ""
-    nets.MATMUL_MAX_PATCH = limit
+    _nets.MATMUL_MAX_PATCH = limit
     net, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
     step = jax.jit(train_step._train_step_fn(net, cfg))  # a fresh trace per setting
     jax.block_until_ready(step(state, img, st))
     runs[label] = (step, state)
-  nets.MATMUL_MAX_PATCH = MAX_PATCH_DEFAULT
+  _nets.MATMUL_MAX_PATCH = MAX_PATCH_DEFAULT
   ts = {label: [] for label in runs}
   for _ in range(repeats):
     for label, (step, state) in runs.items():
@@ -286,7 +282,6 @@ def bench_paths(name, repeats, limits):
 
 
 def optax_apply(opt, grads, opt_state, params):
-  import optax
   updates, opt_state = opt.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state
 

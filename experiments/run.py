@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import glob
 import json
 import os
 import sys
@@ -34,10 +35,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # config skip compilation (set JAX_COMPILATION_CACHE_DIR to move or share it).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from scr_jax import (  # noqa: E402
+    checkpoint, cliutil, config, data, dataset, detect, diagnostics, evaluator, export, model,
+    prepare, reproduce, runner, search, structure, unsup3d_import, visualize,
+    workdir as workdir_lib)
 from scr_jax.dataset import (  # noqa: E402,F401  (data resolution, re-exported)
-    BUILTIN_COUNTS, baselines_for, builtin_dir, ensure_builtin, load_split, load_train_data,
+    BUILTIN_COUNTS, builtin_dir, ensure_builtin, load_split, load_train_data,
     resolve_data)
-from scr_jax import cliutil, runner, workdir as workdir_lib  # noqa: E402
+from scr_jax.evaluator import Evaluator, each_candidate  # noqa: E402
 from scr_jax.errors import NonFiniteError, UserError  # noqa: E402
 
 
@@ -50,8 +59,6 @@ def _log(msg):
 # ----------------------------------------------------------------------------
 
 def cmd_data(args):
-  import glob
-  from scr_jax import data
   for name in ("n_train", "n_val", "n_test"):
     if getattr(args, name) < 0:
       raise UserError(f"--{name.replace('_', '-')} must be >= 0")
@@ -77,7 +84,6 @@ def cmd_data(args):
 
 
 def cmd_prepare(args):
-  from scr_jax import config, dataset, prepare
   src = args.data
   if src == "builtin" or src.startswith("builtin:"):
     cfg = config.override(config.get_config("cpu_small"), [f"image_size={args.image_size}"])
@@ -111,7 +117,6 @@ def cmd_train(args):
 
 def cmd_import_unsup3d(args):
   """Unsup3D's PyTorch checkpoint -> an independent-SCR workdir (step 0)."""
-  from scr_jax import unsup3d_import
   if not os.path.isfile(args.checkpoint):
     raise UserError(f"{args.checkpoint}: not found" if not os.path.exists(args.checkpoint)
                     else f"{args.checkpoint} is a folder, not a .pth file")
@@ -125,7 +130,6 @@ def cmd_import_unsup3d(args):
 
 def cmd_search(args):
   """Structure search: writes WORKDIR/structure.json (+ trace JSON and PNG)."""
-  from scr_jax import checkpoint, config, search, structure
   cfg = config.validate(config.override(config.get_config(args.preset),
                                         list(args.set or []) + [f"seed={args.seed}"]))
   if args.budget_steps is not None:
@@ -164,7 +168,6 @@ def cmd_search(args):
            "its result: " + "; ".join(f"{n}: {o} -> {v}" for n, o, v in harmless))
   checkpoint.save_config(args.workdir, cfg)
   # Search trains many short runs on one in-memory copy of the split.
-  from scr_jax import dataset
   if not dataset.has_depth(args.data, cfg, "val", args.cache):
     raise UserError(f"search needs a val split in {args.data}")
   train_data = load_split(args.data, "train", cfg, need_depth=False, with_gt=False,
@@ -201,7 +204,6 @@ def cmd_search(args):
 
 def cmd_reproduce(args):
   """Tables 1-2, Figures 6 and 8, qualitative grid; resumable (scr_jax/reproduce.py)."""
-  from scr_jax import reproduce
   if args.report:
     print(reproduce.partial_report(args.out))
     return None
@@ -213,8 +215,6 @@ def cmd_reproduce(args):
 
 
 def cmd_eval(args):
-  import numpy as np
-  from scr_jax.evaluator import Evaluator, each_candidate
   runner.check_data_arg(args.data)
   r = workdir_lib.restore(args.workdir)
   cfg, params, st, step = r.cfg, r.params, r.structure, r.step
@@ -231,7 +231,7 @@ def cmd_eval(args):
     summ = dict(candidates=rows)
   else:
     summ, pred, valid = ev.evaluate(params, d, st)
-    base = baselines_for(args.data, d, cfg)
+    base = evaluator.baselines_for(args.data, d, cfg)
     if base is not None:  # the reference predictions on the same images
       summ["baselines"] = base
       for name, b in base.items():
@@ -272,7 +272,6 @@ def _predict_inputs(args, cfg, notes):
   checked (so that any error stays one line). Without --skip-bad the first
   unreadable file (or impossible crop) raises its UserError.
   """
-  from scr_jax import data
   files = []
   for spec in args.images:
     if os.path.isdir(spec):
@@ -288,7 +287,6 @@ def _predict_inputs(args, cfg, notes):
   else:
     crop_px = None if crop == "none" else crop
   if detect_faces:  # a missing OpenCV or cascade is no bad input: it stops here
-    from scr_jax import detect
     detect.check_available()
   kept, skipped = [], []
   for path in files:
@@ -332,8 +330,6 @@ def _predict_inputs(args, cfg, notes):
 def cmd_diagnose(args):
   """What each factor learned (scr_jax/diagnostics.py) on a split with the
   generator's ground truth; prints them, writes JSON and a picture grid."""
-  from scr_jax import data, diagnostics, model
-  from scr_jax.evaluator import Evaluator
   if args.rows < 1:
     raise UserError(f"--rows must be >= 1, got {args.rows}")
   if args.limit is not None and args.limit < 1:
@@ -341,7 +337,6 @@ def cmd_diagnose(args):
   r = workdir_lib.restore(args.workdir).single(args.workdir, "diagnose",
                                                 getattr(args, "candidate", None))
   cfg, nets, params, step, st = r.cfg, r.nets, r.params, r.step, r.structure
-  from scr_jax import dataset
   gt_error = UserError(f"{args.data}: the {args.split} split has no usable ground-truth sidecar "
                        f"({args.split}/{data.GT_FILE}); diagnostics need data from this "
                        "generator (run.py data, or --data builtin[:VARIANT])")
@@ -389,9 +384,6 @@ def cmd_predict(args):
   """Per input: pictures, depth as numbers, albedo, light and view, a textured
   mesh and turn-tables in OUT/<stem>/ (see scr_jax/export.py). Every input is
   read and every output name checked before the model is loaded."""
-  import jax.numpy as jnp
-  import numpy as np
-  from scr_jax import data, export, model, structure, visualize
   if os.path.exists(args.out) and not os.path.isdir(args.out):
     raise UserError(f"--out {args.out}: exists and is not a folder")
   video_size = getattr(args, "video_size", 256)
@@ -439,7 +431,6 @@ def cmd_predict(args):
 
 def cmd_main(args):
   """`make run`: built-in data -> train cpu_small -> eval -> predict -> summary."""
-  from scr_jax import config, data
   wd = args.workdir
   cfg = config.get_config("cpu_small")
   t0 = time.time()
@@ -466,7 +457,6 @@ def cmd_main(args):
   picks = sorted(os.listdir(test_imgs))[:4]
   cmd_predict(parse(["predict", "--workdir", wd, "--out", pred_dir, "--images",
                      *[os.path.join(test_imgs, p) for p in picks]]))
-  from scr_jax import diagnostics
   test = load_split("builtin", "test", cfg)
   if "gt" in test:
     r = workdir_lib.restore(wd)
@@ -720,7 +710,6 @@ def _why_unwritable(folder: str) -> str:
 def init_distributed():
   """jax.distributed.initialize() from the cluster's environment (once, and
   before anything starts JAX's backend); a missing setup is one line."""
-  import jax
   if jax.distributed.is_initialized():
     return
   if os.environ.get("JAX_PLATFORMS", "") == "cpu":
@@ -744,13 +733,11 @@ def check_jax_backend():
   """
   want = os.environ.get("JAX_PLATFORMS", "")
   try:
-    import jax
     jax.devices()
   except ImportError as e:
     raise UserError(f"cannot import jax ({e}); install the pinned packages: "
                     "pip install -r requirements.txt") from None
   except (RuntimeError, AssertionError, ValueError) as e:
-    import jax
     why = (str(e).strip().splitlines() or [""])[0].split(" (set JAX_PLATFORMS")[0]
     if not why:  # jax asserts without a message when no plugin answers
       why = "no installed jaxlib plugin provides it"

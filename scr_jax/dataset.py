@@ -25,10 +25,12 @@ import hashlib
 import json
 import os
 import sys
+import time
 
+import jax
 import numpy as np
 
-from scr_jax import folders, prepare, synthetic
+from scr_jax import folders, model, prepare, synthetic
 from scr_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,7 +168,6 @@ def open_prepared(spec: str, cfg, cache=None, workers=None, notes=None) -> Prepa
       raise UserError(f"{root}: {why}; run prepare again (or give the source folder as --data)")
     return Prepared(root, man)
   out = cache_dir(root, cfg.image_size, crop, cache)
-  import jax  # the process index only
   if jax.process_index() != 0:  # multi-host: process 0 prepares, the others wait
     return Prepared(out, _wait_for_prepared(out, root))
   # Two runs started at once on one raw folder (a seed sweep, `--jobs 2`) would
@@ -201,7 +202,6 @@ def _cached_manifest(out: str, root: str):
 
 def _wait_for_prepared(out: str, root: str, timeout_s: float = 6 * 3600) -> dict:
   """The manifest process 0 writes for `root` into `out` (polled)."""
-  import time
   t0 = time.time()
   while time.time() - t0 < timeout_s:
     man = prepare.read_manifest(out) if os.path.isdir(out) else None
@@ -289,7 +289,6 @@ def load_split(spec: str, split: str, cfg, need_depth: bool = True, with_gt: boo
     d = read_split(prep, split, prep.has_depth(split))
     d["images"] = d["images"].astype(np.float32) / 255.0
   if with_gt and "depth" in d and os.path.isdir(source):
-    from scr_jax import model  # the camera of the config
     try:  # a folder this generator exported before sidecars existed: add them
       synthetic.write_missing_gt(source)
     except OSError as e:
@@ -321,18 +320,6 @@ def _read_folder(root: str, split: str, cfg, need_depth: bool):
   imgs = os.path.join(root, split, "image")
   return folders.load_image_folder(imgs if os.path.isdir(imgs) else os.path.join(root, split),
                                    cfg.image_size, crop), root
-
-
-def baselines_for(spec: str, test: dict, cfg):
-  """metrics.baseline_summaries on `test` (a loaded split of `spec`): constant,
-  average GT depth and, when both splits carry the generator's ground truth,
-  the template baseline. None when `spec` has no train split with depth."""
-  from scr_jax import metrics, model
-  if not has_depth(spec, cfg, "train"):
-    return None
-  trn = load_split(spec, "train", cfg)
-  return metrics.baseline_summaries(test["depth"], trn["depth"], model.camera(cfg),
-                                    **metrics.template_kwargs(test, trn))
 
 
 @dataclasses.dataclass

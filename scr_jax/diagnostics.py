@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import model, render
+from scr_jax import render, visualize
 from scr_jax.evaluator import Evaluator
 
 # Relief regions in normalised image coordinates (u, v in [-1, 1] across the
@@ -237,7 +237,6 @@ def picture_grid(images_NxSxSx3, pred: dict, gt: dict, cam: render.Camera, path:
   pred: `Evaluator.factors` output; gt: view, light, canon_depth, canon_albedo
   (and canon_mask). Returns path.
   """
-  from scr_jax import visualize
   n = len(images_NxSxSx3)
   region = face_region(gt.get("canon_mask"), np.shape(gt["canon_depth"])[-1])
   gt_normal = np.asarray(jax.vmap(lambda d: render.depth_to_normals(d, cam))(

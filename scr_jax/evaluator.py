@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import metrics, model, structure as structure_lib, train_step
+from scr_jax import dataset, metrics, model, structure as structure_lib, train_step
 
 
 @functools.lru_cache(maxsize=16)
@@ -60,16 +60,28 @@ def each_candidate(params, structure):
           for i in range(structure.k)]
 
 
-def padded_batches(images_NxSxSx3, batch_size: int):
-  """Yields (batch_BxSxSx3 numpy, number of real images in it): consecutive
-  batches of exactly batch_size, the last padded by repeating its last image."""
-  n = images_NxSxSx3.shape[0]
+def padded_batches(x_N, batch_size: int):
+  """Yields (batch of exactly batch_size rows as numpy, number of real rows in
+  it): consecutive batches of an array with a leading axis N, the last padded
+  by repeating its last row."""
+  n = x_N.shape[0]
   for i in range(0, n, batch_size):
-    chunk = np.asarray(images_NxSxSx3[i:i + batch_size])
+    chunk = np.asarray(x_N[i:i + batch_size])
     pad = batch_size - chunk.shape[0]
     if pad:
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)], 0)
     yield chunk, batch_size - pad
+
+
+def map_padded(fn, x_N, batch_size: int):
+  """fn(jax array of exactly batch_size rows) -> pytree of arrays with leading
+  axis B, over all N rows of x_N (`padded_batches`: one compiled shape);
+  returns the pytree as numpy with leading N, the padded rows dropped."""
+  parts = []
+  for chunk, real in padded_batches(x_N, batch_size):
+    out = jax.device_get(fn(jnp.asarray(chunk)))
+    parts.append(jax.tree_util.tree_map(lambda v, r=real: np.asarray(v)[:r], out))
+  return jax.tree_util.tree_map(lambda *v: np.concatenate(v), *parts)
 
 
 def full_batches(images_NxSxSx3, batch_size: int, limit=None):
@@ -96,6 +108,68 @@ def depth_summary(pred_NxSxS, valid_NxSxS, depth_NxSxS, cam, batch_size: int) ->
   return metrics.summarize(per)
 
 
+def template_depth_baseline(mean_canon_HxW, views_Nx6, cam, batch: int = 100):
+  """The template baseline: one canonical depth (e.g. the per-pixel mean of
+  the train split's canonical ground truth) rendered into each test image's
+  TRUE view, exactly as the model renders its own canonical depth
+  (`metrics.warp_template`).
+
+  It knows the pose but not the individual shape: a model that reconstructs
+  each face's own shape must beat it. views_Nx6: (rx, ry, rz radians, tx,
+  ty, tz). Returns (depth_NxHxW in the view, far where uncovered;
+  covered_NxHxW float 0/1, the prediction-valid mask).
+  Raises:
+    ValueError: the template is not cam.height x cam.width.
+  """
+  canon = jnp.asarray(mean_canon_HxW, jnp.float32)
+  if canon.shape != (cam.height, cam.width):
+    raise ValueError(f"template must be {cam.height}x{cam.width} for this camera, "
+                     f"got {tuple(canon.shape)}")
+  views = np.asarray(views_Nx6, np.float32)
+  if not len(views):
+    empty = np.zeros((0, cam.height, cam.width), np.float32)
+    return empty, empty
+  depth, covered = map_padded(lambda v: metrics.warp_template(canon, v, cam), views,
+                              min(batch, len(views)))
+  return depth, covered.astype(np.float32)
+
+
+def baseline_summaries(test_gt_NxHxW, train_gt_MxHxW, cam, batch: int = 100,
+                       test_views_Nx6=None, train_canon_depth_MxHxW=None) -> dict:
+  """Summaries (`depth_summary`) of the reference predictions on a test
+  split: 'constant null depth' (a constant map), 'average GT depth'
+  (per-pixel mean of the train split's ground truth) and, when the test views
+  and the train split's canonical depths are given (generated data), the
+  template baseline `metrics.TEMPLATE` (`template_depth_baseline` of the mean
+  canonical depth; its prediction-valid mask is the rendered coverage, as the
+  model's)."""
+  test_gt = np.asarray(test_gt_NxHxW, np.float32)
+  avg = np.asarray(metrics.average_depth_baseline(jnp.asarray(train_gt_MxHxW)))
+  ones = np.ones_like(test_gt)
+  preds = {"constant null depth": (np.ones_like(test_gt), ones),
+           "average GT depth": (np.broadcast_to(avg, test_gt.shape), ones)}
+  if test_views_Nx6 is not None and train_canon_depth_MxHxW is not None:
+    mean_canon = np.mean(np.asarray(train_canon_depth_MxHxW, np.float64), axis=0)
+    preds[metrics.TEMPLATE] = template_depth_baseline(mean_canon, test_views_Nx6, cam, batch)
+  return {name: depth_summary(pred, valid, test_gt, cam, batch)
+          for name, (pred, valid) in preds.items()}
+
+
+def baselines(test: dict, train: dict, cfg) -> dict:
+  """`baseline_summaries` of two loaded splits with depth (`dataset.load_split`),
+  the template row when both carry the generator's ground truth."""
+  return baseline_summaries(test["depth"], train["depth"], model.camera(cfg),
+                            **metrics.template_kwargs(test, train))
+
+
+def baselines_for(spec: str, test: dict, cfg):
+  """`baselines` of `test` (a loaded split of `--data spec`) against spec's
+  train split; None when spec has no train split with depth."""
+  if not dataset.has_depth(spec, cfg, "train"):
+    return None
+  return baselines(test, dataset.load_split(spec, "train", cfg), cfg)
+
+
 class Evaluator:
   """Runs a model (nets, cfg) over image arrays in fixed-size batches.
 
@@ -111,11 +185,7 @@ class Evaluator:
   def map(self, fn, images_NxSxSx3):
     """fn(img_BxSxSx3) -> pytree of arrays with leading axis B, over all
     images (`padded_batches`); returns the pytree as numpy with leading N."""
-    parts = []
-    for chunk, real in padded_batches(images_NxSxSx3, self.batch_size):
-      out = jax.device_get(fn(jnp.asarray(chunk)))
-      parts.append(jax.tree_util.tree_map(lambda v, r=real: np.asarray(v)[:r], out))
-    return jax.tree_util.tree_map(lambda *v: np.concatenate(v), *parts)
+    return map_padded(fn, images_NxSxSx3, self.batch_size)
 
   def depth(self, params, images_NxSxSx3, structure):
     """(depth NxSxS in the input view, prediction-valid mask NxSxS), numpy; a

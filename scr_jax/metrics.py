@@ -265,40 +265,13 @@ def average_depth_baseline(train_gt_NxHxW):
 
 
 @functools.partial(jax.jit, static_argnames=("cam",))
-def _warp_template(canon_HxW, views_Bx6, cam):
+def warp_template(canon_HxW, views_Bx6, cam):
+  """One canonical depth rendered into B views exactly as the model renders
+  its own (`render.warp_depth_batch`): (depth_BxHxW, far where uncovered;
+  covered_BxHxW bool). The template baseline, batched over a split by
+  `evaluator.template_depth_baseline`."""
   depth = jnp.broadcast_to(canon_HxW, (views_Bx6.shape[0],) + canon_HxW.shape)
   return render.warp_depth_batch(depth, views_Bx6, cam)
-
-
-def template_depth_baseline(mean_canon_HxW, views_Nx6, cam, batch: int = 100):
-  """The template baseline: one canonical depth (e.g. the per-pixel mean of
-  the train split's canonical ground truth) rendered into each test image's
-  TRUE view, exactly as the model renders its own canonical depth
-  (`render.warp_depth_batch`, as in `model.render_factors`).
-
-  It knows the pose but not the individual shape: a model that reconstructs
-  each face's own shape must beat it. views_Nx6: (rx, ry, rz radians, tx,
-  ty, tz). Returns (depth_NxHxW in the view, far where uncovered;
-  covered_NxHxW float 0/1, the prediction-valid mask).
-  """
-  canon = jnp.asarray(mean_canon_HxW, jnp.float32)
-  views = np.asarray(views_Nx6, np.float32)
-  if canon.shape != (cam.height, cam.width):
-    raise ValueError(f"template must be {cam.height}x{cam.width} for this camera, "
-                     f"got {tuple(canon.shape)}")
-  depths, covered = [], []
-  for i in range(0, len(views), batch):
-    chunk = views[i:i + batch]
-    pad = batch - len(chunk) if len(views) > batch else 0  # one compiled shape
-    if pad:
-      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)], 0)
-    d, c = _warp_template(canon, jnp.asarray(chunk), cam)
-    depths.append(np.asarray(d)[:len(chunk) - pad])
-    covered.append(np.asarray(c, np.float32)[:len(chunk) - pad])
-  if not depths:
-    return np.zeros((0, cam.height, cam.width), np.float32), np.zeros((0, cam.height, cam.width),
-                                                                      np.float32)
-  return np.concatenate(depths), np.concatenate(covered)
 
 
 TEMPLATE = "template depth, true view"
@@ -312,29 +285,3 @@ def template_kwargs(test: Mapping, train: Mapping) -> dict:
     return {}
   return dict(test_views_Nx6=test["gt"]["view"],
               train_canon_depth_MxHxW=train["gt"]["canon_depth"])
-
-
-def baseline_summaries(test_gt_NxHxW, train_gt_MxHxW, cam, batch: int = 100,
-                       test_views_Nx6=None, train_canon_depth_MxHxW=None) -> dict:
-  """Summaries of the reference predictions on a test split:
-  'constant null depth' (a constant map), 'average GT depth' (per-pixel
-  mean of the train split's ground truth) and, when the test views and the
-  train split's canonical depths are given (generated data), the template
-  baseline `TEMPLATE` (`template_depth_baseline` of the mean canonical
-  depth; its prediction-valid mask is the rendered coverage, as the model's).
-  """
-  test_gt = np.asarray(test_gt_NxHxW, np.float32)
-  avg = np.asarray(average_depth_baseline(jnp.asarray(train_gt_MxHxW)))
-  ones = np.ones_like(test_gt)
-  preds = {"constant null depth": (np.ones_like(test_gt), ones),
-           "average GT depth": (np.broadcast_to(avg, test_gt.shape), ones)}
-  if test_views_Nx6 is not None and train_canon_depth_MxHxW is not None:
-    mean_canon = np.mean(np.asarray(train_canon_depth_MxHxW, np.float64), axis=0)
-    preds[TEMPLATE] = template_depth_baseline(mean_canon, test_views_Nx6, cam, batch)
-  out = {}
-  for name, (pred, valid) in preds.items():
-    per = [evaluate_depth(jnp.asarray(pred[i:i + batch]), jnp.asarray(valid[i:i + batch]),
-                          jnp.asarray(test_gt[i:i + batch]), cam)
-           for i in range(0, len(test_gt), batch)]
-    out[name] = summarize(per)
-  return out

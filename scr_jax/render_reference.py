@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import render
+from scr_jax import model, render
 
 
 def rasterize_numpy(tri_3x3xF, height: int, width: int, face_valid_F=None,
@@ -103,7 +103,6 @@ def limit_factors(cam, views):
   (list of 6-vectors: rx, ry, rz in radians, tx, ty, tz), and extreme
   albedo (-1 / 1), ambient / diffuse (0 / 1) and light directions (+-1).
   Returns a model.Factors with B = 3 * len(views) and S = cam.width."""
-  from scr_jax import model  # only here: model is not needed by the references above
   s = cam.width
   alt = np.where(np.add.outer(np.arange(s), np.arange(s)) % 2, cam.min_depth, cam.max_depth)
   depths = [np.full((s, s), cam.min_depth), np.full((s, s), cam.max_depth), alt]

@@ -9,6 +9,8 @@ table2/<variant>_<order>, fig6/, results.md, *.png, reproduce.json.
 """
 from __future__ import annotations
 
+import csv
+import glob
 import json
 import os
 import sys
@@ -18,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import (checkpoint, config, dataset, evaluator, metrics, model, render, search,
-                     structure, train, train_step, visualize, workdir as workdir_lib)
+from scr_jax import (checkpoint, config, dataset, evaluator, model, render, search, structure,
+                     train, train_step, visualize, workdir as workdir_lib)
 from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.errors import UserError
 
@@ -168,8 +170,7 @@ class Reproduction:
   # -- the experiments ---------------------------------------------------------
   def table1(self):
     rows = {}
-    base = metrics.baseline_summaries(self.test["depth"], self.train_data["depth"], self.cam,
-                                      **metrics.template_kwargs(self.test, self.train_data))
+    base = evaluator.baselines(self.test, self.train_data, self.cfg)
     rows["supervised (GT depth)"] = [self.supervised(s) for s in self.seeds]
     for name, summ in base.items():
       rows[name] = [summ]
@@ -291,7 +292,6 @@ def plot_fig8(curves, path):
 
 
 def read_curves(workdir):
-  import csv
   out = {}
   path = os.path.join(workdir, "metrics.csv")
   if not os.path.exists(path):
@@ -432,7 +432,6 @@ def write_results(out, cfg, settings, t1, labels, t2, f6, wall, command):
 def partial_report(out, with_baselines: bool = True):
   """Table 1 from the runs finished so far (for a reproduction still running or
   interrupted): writes OUT/results_partial.md and returns its text."""
-  import glob
   settings = _done(os.path.join(out, "settings.json"))
   if settings is None:
     raise UserError(f"{out} holds no reproduction (no settings.json)")
@@ -453,8 +452,7 @@ def partial_report(out, with_baselines: bool = True):
     cfg = checkpoint.load_config(out)
     test = dataset.load_split(settings["data"], "test", cfg)
     trn = dataset.load_split(settings["data"], "train", cfg)
-    for name, b in metrics.baseline_summaries(test["depth"], trn["depth"], model.camera(cfg),
-                                              **metrics.template_kwargs(test, trn)).items():
+    for name, b in evaluator.baselines(test, trn, cfg).items():
       lines.append(f"| {name} | - | {b['side_mean']:.3f} ± {b['side_std']:.3f} (images) | "
                    f"{b['mad_mean']:.2f} ± {b['mad_std']:.2f} (images) | - |")
   done_t2 = sorted(os.path.basename(os.path.dirname(p))

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scr_jax import checkpoint, evaluator, structure, train, train_step, workdir as workdir_lib
+from scr_jax import bo, checkpoint, evaluator, structure, train, train_step, workdir as workdir_lib
 from scr_jax.errors import UserError
 
 # ----------------------------------------------------------------------------
@@ -269,7 +269,6 @@ def search_orders(cfg, workdir, train_data, val_data, method="bo", n_init=4, n_e
                   batch=2, objective="val_loss", log=log_line):
   """Dense SCR: BO (or exhaustive) over orderings; each evaluation trains for
   cfg.steps steps. Writes workdir/structure.json, bo_trace.json and .png."""
-  from scr_jax import bo
   os.makedirs(workdir, exist_ok=True)
   if objective not in ("val_loss", "val_mad"):
     raise UserError(f"--objective must be val_loss or val_mad, got {objective!r}")

@@ -7,6 +7,8 @@ M is 4x4 with rows = parents, columns = children, in the factor order
 from __future__ import annotations
 
 import itertools
+import json
+import os
 
 from flax import struct
 import jax
@@ -223,8 +225,6 @@ def resolve_structure(cfg) -> Structure:
 
 def load_structure(path: str) -> dict:
   """Reads and validates a structure.json: factors, order and/or M (rows = parents)."""
-  import json
-  import os
   if not os.path.exists(path):
     raise UserError(f"structure file {path} not found")
   try:
@@ -260,8 +260,6 @@ def save_structure(path: str, order: str | None = None, m=None, **extra) -> dict
   """Writes structure.json ({"factors", "order"} for a dense result, plus "M"
   for a generic one; rows = parents). Refuses a cyclic or malformed M: a
   non-DAG is never written. Atomic (temp file + rename)."""
-  import json
-  import os
   s = dict(factors=list(FACTORS))
   if m is not None:
     m = np.asarray(m, np.float32)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import dataset, structure as structure_lib
+from scr_jax import checkpoint, dataset, diagnostics, runlog, structure as structure_lib
 from scr_jax.errors import NonFiniteError, UserError
 from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.parallel import (any_process, barrier, compile_in_step, data_mesh, place_candidates,
@@ -91,8 +92,6 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
     UserError: the resume would change settings that change what is learned,
       or resume=False on a workdir that already holds checkpoints.
   """
-  import time
-  from scr_jax import checkpoint, runlog
 
   checkpoint.probe_writable(workdir)
   mesh = data_mesh()
@@ -190,7 +189,6 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
           summ, _, _ = evaluator.evaluate(params_i, val_data, st_i, limit=cfg.num_eval_images)
           values, line = dict(summ), ""
           if val_data.get("gt") is not None:  # generated data: what each factor learned
-            from scr_jax import diagnostics
             diag = diagnostics.evaluate(nets, params_i, val_data, st_i, cfg,
                                         limit=cfg.num_eval_images)
             values.update(diag)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from scr_jax import losses, model, nets as nets_lib, structure as structure_lib
+from scr_jax import losses, model, nets as nets_lib, perceptual, structure as structure_lib
 
 
 WARMUP_FIELDS = ("conf_warmup_steps", "sym_warmup_steps", "trans_warmup_steps",
@@ -147,7 +147,6 @@ def loss_fn(params, nets, img, structure, cfg, perceptual_fn=None, step=None):
 def perceptual_for(cfg):
   """The perceptual-loss function when the config asks for one (else None)."""
   if cfg.lam_perc > 0 and cfg.vgg_weights:
-    from scr_jax import perceptual
     return perceptual.make_perceptual_fn(perceptual.load_vgg(cfg.vgg_weights))
   return None
 

@@ -35,8 +35,11 @@ import pickle
 import struct
 import zipfile
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from scr_jax import checkpoint, nets as nets_lib, structure, train_step, workdir as workdir_lib
 from scr_jax.errors import UserError
 
 NETS = ("netV", "netD", "netL", "netA", "netC")
@@ -417,9 +420,6 @@ def import_checkpoint(path: str, workdir: str, cfg, log=print) -> dict:
     UserError: the file is not an Unsup3D checkpoint, the config's shapes
       differ from Unsup3D's, or the workdir already holds a run.
   """
-  import jax
-  import jax.numpy as jnp
-  from scr_jax import checkpoint, nets as nets_lib, structure, train_step, workdir as workdir_lib
   if checkpoint.has_checkpoints(workdir):
     raise UserError(f"--workdir {workdir} already holds checkpoints; import into a new one")
   ckpt = load_pth(path)

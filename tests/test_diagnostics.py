@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scr_jax import data, diagnostics as D, metrics, model, render
+from scr_jax import data, diagnostics as D, evaluator, metrics, model, render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = [sys.executable, os.path.join(ROOT, "experiments", "run.py")]
@@ -247,13 +247,13 @@ def test_template_of_a_samples_own_canonical_depth_is_its_gt():
   cam = data.GenConfig().camera(32)
   g = data.generate_split(3, 32, seed=5, split="test", with_canonical=True)
   for i in range(3):  # a "train split" of that one sample: the mean is its depth
-    pred, valid = metrics.template_depth_baseline(g["canon_depth"][i], g["views"][i:i + 1], cam)
+    pred, valid = evaluator.template_depth_baseline(g["canon_depth"][i], g["views"][i:i + 1], cam)
     r = metrics.evaluate_depth(jnp.asarray(pred), jnp.asarray(valid),
                                jnp.asarray(g["depth"][i:i + 1]), cam)
     assert float(r["n_pixels"][0]) > 200
     assert float(r["mad"][0]) < 0.05 and float(r["side"][0]) < 1e-3
   # Someone else's face in the same view is clearly worse.
-  pred, valid = metrics.template_depth_baseline(g["canon_depth"][1], g["views"][:1], cam)
+  pred, valid = evaluator.template_depth_baseline(g["canon_depth"][1], g["views"][:1], cam)
   r = metrics.evaluate_depth(jnp.asarray(pred), jnp.asarray(valid), jnp.asarray(g["depth"][:1]), cam)
   assert float(r["mad"][0]) > 1.0
 
@@ -263,14 +263,14 @@ def test_template_beats_average_gt_with_varied_poses():
   gen = data.get_variant("wide_pose").gen
   trn = data.generate_split(48, 32, seed=1, split="train", cfg=gen, with_canonical=True)
   tst = data.generate_split(16, 32, seed=1, split="test", cfg=gen)
-  base = metrics.baseline_summaries(tst["depth"], trn["depth"], cam, batch=16,
+  base = evaluator.baseline_summaries(tst["depth"], trn["depth"], cam, batch=16,
                                     test_views_Nx6=tst["views"],
                                     train_canon_depth_MxHxW=trn["canon_depth"])
   assert set(base) == {"constant null depth", "average GT depth", metrics.TEMPLATE}
   assert base[metrics.TEMPLATE]["n"] == 16
   assert base[metrics.TEMPLATE]["mad_mean"] < 0.8 * base["average GT depth"]["mad_mean"]
   # Without the sidecar arguments: only the two classic rows.
-  assert set(metrics.baseline_summaries(tst["depth"], trn["depth"], cam, batch=16)) == {
+  assert set(evaluator.baseline_summaries(tst["depth"], trn["depth"], cam, batch=16)) == {
       "constant null depth", "average GT depth"}
 
 
