@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import io
 import json
 import logging
@@ -228,14 +227,6 @@ def has_checkpoints(workdir: str) -> bool:
 # Run settings: what produced a checkpoint, saved with it, compared on resume.
 # ----------------------------------------------------------------------------
 
-def data_fingerprint(images_NxHxWx3) -> dict:
-  """Image count, shape and a content hash (BLAKE2b of the float32 pixels as
-  the model sees them, after crop and resize) of a training set."""
-  x = np.ascontiguousarray(np.asarray(images_NxHxWx3, np.float32))
-  return dict(n_images=int(x.shape[0]), image_shape=list(x.shape[1:]),
-              hash=hashlib.blake2b(x.data, digest_size=12).hexdigest())
-
-
 def run_settings(cfg: Config, structure, data=None) -> dict:
   """The settings that decide what a run learns, as saved with each checkpoint.
 
@@ -244,7 +235,7 @@ def run_settings(cfg: Config, structure, data=None) -> dict:
     structure: the `structure.Structure` trained (M 4x4 or Kx4x4 candidates,
       q, variant, candidate orderings).
     data: dict with any of `spec` (the --data argument, a path or 'builtin'),
-      and the keys of `data_fingerprint`.
+      and the keys of `dataset.fingerprint`.
   Returns:
     A JSON-able dict {config, structure, data}; the config's `variant` (and
     `q`, for dynamic SCR) are those of the structure trained.

@@ -369,7 +369,7 @@ def fingerprint(train_data) -> dict:
   """Image count, shape and content hash of the training images.
 
   Arrays and in-memory splits: BLAKE2b of the float32 pixels the model sees
-  (checkpoint.data_fingerprint's value, computed in chunks). Streamed splits:
+  (after crop and resize; uint8 scaled to [0, 1]), computed in chunks. Streamed splits:
   the prepared dataset's source hash (reading every image would cost a pass
   over the data at each start)."""
   if not isinstance(train_data, TrainSplit):

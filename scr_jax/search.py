@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scr_jax import bo, checkpoint, evaluator, structure, train, train_step, workdir as workdir_lib
+from scr_jax import bo, dataset, evaluator, structure, train, train_step, workdir as workdir_lib
 from scr_jax.errors import UserError
 
 # ----------------------------------------------------------------------------
@@ -395,7 +395,7 @@ def search_unroll(cfg, workdir, train_data, val_data, masked_order=None, steps=5
   workdir_lib.save(
       workdir, cfg, structure.Structure(m=res["m_effective"], variant="generic"),
       train_step.new_state(nets, cfg, params, steps * unroll_k),
-      data=checkpoint.data_fingerprint(imgs), describe=False,
+      data=dataset.fingerprint(dict(images=imgs)), describe=False,
       extra=dict(trained_by=f"search {method}: the inner network after {steps} outer steps "
                  f"of {unroll_k} inner step(s), with the continuous M (before thresholding); "
                  "its optimiser state is a fresh one"))

@@ -74,7 +74,7 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
   diagnostics of scr_jax/diagnostics.py go to tensorboard and metrics.csv
   (prefix val/).
   run_info: optional dict(data=the --data argument,
-  fingerprint=checkpoint.data_fingerprint(train images) if already computed,
+  fingerprint=dataset.fingerprint(train data) if already computed,
   init_from=provenance of init_params), saved with the settings.
   init_params: start from these parameters (e.g. a pretrained or imported
   model; same shapes as this config's) with a fresh optimiser, unless the
