@@ -11,7 +11,6 @@ a private mount namespace (`unshare -rm`); without it they are skipped.
 """
 import argparse
 import dataclasses
-import io
 import json
 import os
 import shutil
@@ -30,9 +29,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from scr_jax import config, losses, model, render_reference, structure, workdir  # noqa: E402
+from scr_jax import (config, fault_cases, losses, model, render_reference, structure,  # noqa: E402
+                     workdir)
 from scr_jax.errors import UserError  # noqa: E402
 
 RUN = [sys.executable, os.path.join(ROOT, "experiments", "run.py")]
@@ -72,35 +71,6 @@ def one_error(res, code, needles):
   return f"exit {res.returncode}: `{shown[:150]}`{extra}", ok
 
 
-def snapshot(root):
-  out = {}
-  for d, dirs, files in os.walk(root):
-    for n in dirs + files:
-      st = os.stat(os.path.join(d, n))
-      out[os.path.relpath(os.path.join(d, n), root)] = (st.st_size, st.st_mtime_ns)
-  return out
-
-
-def png(shape=(S, S, 3), mode=None):
-  buf = io.BytesIO()
-  Image.fromarray(np.full(shape, 128, np.uint8), mode=mode).save(buf, format="png")
-  return buf.getvalue()
-
-
-def write(path, content):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "wb") as fh:
-    fh.write(content)
-  return path
-
-
-def synface(root, n=3):
-  for i in range(n):
-    write(os.path.join(root, "train", "image", f"{i:06d}_image.png"), png())
-    write(os.path.join(root, "train", "depth", f"{i:06d}_depth.png"), png((S, S), "L"))
-  return root
-
-
 def rel(p, base):
   return os.path.relpath(p, base)
 
@@ -110,76 +80,28 @@ def rel(p, base):
 # ----------------------------------------------------------------------------
 
 def data_cases(base):
-  def empty(r):
-    os.makedirs(r)
-    return r, "no *.png"
-
-  def corrupt(r):
-    synface(r)
-    bad = write(os.path.join(r, "train", "image", "000001_image.png"), png()[:60])
-    return bad, "not a readable"
-
-  def zero(r):
-    synface(r)
-    return write(os.path.join(r, "train", "depth", "000002_depth.png"), b""), "empty file"
-
-  def text(r):
-    synface(r)
-    return write(os.path.join(r, "train", "image", "000000_image.png"), b"plain text\n" * 9), \
-        "not a readable"
-
-  def twin(r):
-    synface(r)
-    return write(os.path.join(r, "train", "image", "000007_image.png"), png()), "no depth twin"
-
-  def depth_size(r):
-    synface(r)
-    return write(os.path.join(r, "train", "depth", "000001_depth.png"), png((24, 24), "L")), \
-        "depth is 24x24"
-
-  def folder_corrupt(r):
-    for i in range(2):
-      write(os.path.join(r, f"im{i}.png"), png())
-    return write(os.path.join(r, "im2.jpg"), b"\xff\xd8\xff" + b"\0" * 50), "not a readable"
-
-  for name, make in [("empty folder", empty), ("corrupt PNG", corrupt),
-                     ("zero-byte depth PNG", zero), ("text file named *_image.png", text),
-                     ("image without depth twin", twin), ("depth PNG of another size", depth_size),
-                     ("corrupt JPEG in an image folder", folder_corrupt)]:
+  for name, make in fault_cases.BAD_DATA:
     root = os.path.join(base, "data_" + make.__name__)
-    culprit, why = make(root)
-    before = snapshot(root)
+    culprit, why = make(root, S)
+    before = fault_cases.snapshot(root)
     res = cli(*TRAIN, "--data", root, "--workdir", os.path.join(base, "wd_" + make.__name__),
               "--steps", "1")
     out, ok = one_error(res, 2, [culprit, why])
-    untouched = snapshot(root) == before
+    untouched = fault_cases.snapshot(root) == before
     row(f"data: {name}", "exit 2, one line naming the file; folder untouched",
         out.replace(base + "/", "") + ("" if untouched else "; FOLDER CHANGED"), ok and untouched)
 
 
 def data_non_fatal(base):
   """One folder holding all non-fatal oddities; one training step; one row each."""
-  root = synface(os.path.join(base, "data_nonfatal"), 2)
-  img, dep = os.path.join(root, "train", "image"), os.path.join(root, "train", "depth")
-  rng = np.random.default_rng(0)
-  Image.fromarray(rng.integers(0, 255, (S, S), np.uint8)).save(
-      os.path.join(img, "000002_image.png"))
-  Image.fromarray(rng.integers(0, 255, (S, S, 4), np.uint8)).save(
-      os.path.join(img, "000003_image.png"))
-  Image.fromarray(rng.integers(0, 255, (40, 48, 3), np.uint8)).save(
-      os.path.join(img, "000004_image.png"))
-  for i, shape in ((2, (S, S)), (3, (S, S)), (4, (40, 48))):
-    Image.fromarray(np.full(shape, 30000, np.uint16)).save(os.path.join(dep, f"{i:06d}_depth.png"))
-  write(os.path.join(img, "notes.txt"), b"a note\n")
-  before = snapshot(root)
+  root = os.path.join(base, "data_nonfatal")
+  cases = fault_cases.non_fatal_folder(root, S)
+  before = fault_cases.snapshot(root)
   res = cli(*TRAIN, "--data", root, "--workdir", os.path.join(base, "wd_nonfatal"), "--steps", "1")
   notes = [x for x in res.stderr.splitlines() if x.startswith("note: ")]
-  untouched = snapshot(root) == before
+  untouched = fault_cases.snapshot(root) == before
   trained = res.returncode == 0 and "trained to step 1" in res.stderr
-  for name, needle in [("grayscale image", "000002_image.png: mode L"),
-                       ("RGBA image", "000003_image.png: mode RGBA"),
-                       ("image of the wrong size (48x40)", "000004_image.png (48x40): not 16x16"),
-                       ("non-image file in the folder", "notes.txt: not *_image.png, ignored")]:
+  for name, needle in cases:
     hit = [x for x in notes if needle in x]
     out = (f"exit {res.returncode}, trained; `{rel(hit[0][6:], root)[:110]}`" if hit and trained
            else f"exit {res.returncode}; notes: {notes}; {res.stderr[-300:]}")

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from scr_jax import checkpoint, config, data, search, structure, train
+from scr_jax import checkpoint, config, data, fault_cases, search, structure, train
 from scr_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,18 +40,6 @@ def _one_error(res, *needles):
   for n in needles:
     assert n in lines[0], (n, lines[0])
   return lines[0]
-
-
-def _snapshot(root):
-  """Every file and folder under root with its size, mtime and (files) bytes."""
-  out = {}
-  for d, dirs, files in os.walk(root):
-    for n in dirs + files:
-      p = os.path.join(d, n)
-      st = os.stat(p)
-      body = open(p, "rb").read() if n in files else None
-      out[os.path.relpath(p, root)] = (st.st_mtime_ns, body)
-  return out
 
 
 def _mad(workdir, data_root, tmp):
@@ -99,14 +87,14 @@ def test_refused_resume_leaves_weights_settings_and_mad_alone(trained, tmp_path)
   workdir changes; eval of the step-6 weights gives the same MAD after."""
   d1, _, wd = trained
   mad_before, _ = _mad(wd, d1, str(tmp_path))
-  before = _snapshot(wd)
+  before = fault_cases.snapshot(wd, contents=True)
   t0 = time.time()
   res = _cli("train", "--preset", "test_tiny", "--data", d1, "--workdir", wd, "--steps", 3,
              "--set", "depth_prior=1.0")
   _one_error(res, wd, "step 6", "depth_prior: 0.0 -> 1.0", "--restart")
   assert "steps" not in res.stderr.split("(")[1].split(")")[0]  # harmless: not listed
   assert time.time() - t0 < 30  # nothing compiled
-  assert _snapshot(wd) == before
+  assert fault_cases.snapshot(wd, contents=True) == before
   mad_after, _ = _mad(wd, d1, str(tmp_path))
   assert mad_after == mad_before
 
@@ -144,11 +132,11 @@ def test_eval_uses_the_checkpoints_settings_not_config_json(trained, tmp_path):
 ])
 def test_resume_with_other_settings_is_refused(trained, data_name, args, needle):
   d1, d2, wd = trained
-  before = _snapshot(wd)
+  before = fault_cases.snapshot(wd, contents=True)
   res = _cli("train", "--preset", "test_tiny", "--data", d1 if data_name == "d1" else d2,
              "--workdir", wd, "--steps", 8, *args)
   _one_error(res, wd, needle)
-  assert _snapshot(wd) == before
+  assert fault_cases.snapshot(wd, contents=True) == before
 
 
 def test_harmless_change_is_accepted_with_a_note(trained, tmp_path):
@@ -156,12 +144,12 @@ def test_harmless_change_is_accepted_with_a_note(trained, tmp_path):
   wd = str(tmp_path / "wd")
   shutil.copytree(wd0, wd)
   # 1. nothing to train (already at step 6): a note, and nothing rewritten
-  before = _snapshot(wd)
+  before = fault_cases.snapshot(wd, contents=True)
   res = _ok(_cli("train", "--preset", "test_tiny", "--data", d1, "--workdir", wd, "--steps", 6,
                  "--set", "log_every=3"))
   assert "note: resuming" in res.stderr and "log_every: 1 -> 3" in res.stderr
   assert "nothing trained, nothing written" in res.stderr
-  assert _snapshot(wd) == before
+  assert fault_cases.snapshot(wd, contents=True) == before
   # 2. train on to step 8 from another path to the same data: both noted;
   # the new checkpoint carries the new harmless values
   d1_copy = str(tmp_path / "same_data")
@@ -183,10 +171,10 @@ def test_no_resume_on_used_workdir_is_refused_before_any_work(trained, tmp_path)
   _, _, wd = trained
   empty = str(tmp_path / "empty")
   os.makedirs(empty)  # would fail to load: the refusal must come first
-  before = _snapshot(wd)
+  before = fault_cases.snapshot(wd, contents=True)
   res = _cli("train", "--preset", "test_tiny", "--data", empty, "--workdir", wd, "--no-resume")
   _one_error(res, wd, "step 6", "--restart")
-  assert _snapshot(wd) == before
+  assert fault_cases.snapshot(wd, contents=True) == before
 
 
 def test_restart_sets_the_old_run_aside(trained, tmp_path):
@@ -209,13 +197,13 @@ def test_fit_api_refuses_resume_false_on_used_workdir(trained):
   d1, _, wd = trained
   tr = data.load_synface(d1, "train", S)
   cfg = checkpoint.settings_config(checkpoint.load_settings(wd, 6))
-  before = _snapshot(wd)
+  before = fault_cases.snapshot(wd, contents=True)
   with pytest.raises(UserError, match="already holds checkpoints"):
     train.fit(cfg, wd, tr, resume=False, quiet=True)
   other = config.override(cfg, ["lr=0.001"])
   with pytest.raises(UserError, match=r"lr: 0\.0001 -> 0\.001"):
     train.fit(other, wd, tr, quiet=True)
-  assert _snapshot(wd) == before
+  assert fault_cases.snapshot(wd, contents=True) == before
 
 
 def test_compare_settings_names_fields():

@@ -4,7 +4,6 @@ numerical faults, unwritable workdirs, cyclic structures. Each failure is one
 traceback. The slow cases (SIGKILL at random moments, several trials) are in
 experiments/bench_faults.py."""
 import dataclasses
-import io
 import json
 import os
 import shutil
@@ -14,11 +13,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 import pytest
 
-from scr_jax import (checkpoint, config, data, losses, model, parallel, render_reference,
-                     structure, train, train_step)
+from scr_jax import (checkpoint, config, data, fault_cases, losses, model, parallel,
+                     render_reference, structure, train, train_step)
 from scr_jax.errors import NonFiniteError, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,30 +25,6 @@ S = 16
 # One training config for the in-process fits and steps (one compiled step).
 CFG = dataclasses.replace(config.get_config("test_tiny"), steps=4, ckpt_every=2,
                           eval_every=1000)
-
-
-def _png(shape=(S, S, 3), mode=None):
-  buf = io.BytesIO()
-  Image.fromarray(np.full(shape, 128, np.uint8), mode=mode).save(buf, format="png")
-  return buf.getvalue()
-
-
-def _write(path, content):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "wb") as fh:
-    fh.write(content)
-  return path
-
-
-def _snapshot(root):
-  """Every file and folder under root with its size and mtime."""
-  out = {}
-  for d, dirs, files in os.walk(root):
-    for n in dirs + files:
-      p = os.path.join(d, n)
-      st = os.stat(p)
-      out[os.path.relpath(p, root)] = (st.st_size if n in files else -1, st.st_mtime_ns)
-  return out
 
 
 def _cli(*args, timeout=120):
@@ -80,67 +54,17 @@ def tiny(tmp_path_factory):
 # Data: bad folders through the CLI; nothing in the folder is touched
 # ----------------------------------------------------------------------------
 
-def _synface(root, n=3):
-  for i in range(n):
-    _write(os.path.join(root, "train", "image", f"{i:06d}_image.png"), _png())
-    _write(os.path.join(root, "train", "depth", f"{i:06d}_depth.png"), _png((S, S), "L"))
-  return root
-
-
-def _bad_empty(root):
-  os.makedirs(root)
-  return root, "no *.png"
-
-
-def _bad_corrupt(root):
-  _synface(root)
-  p = _write(os.path.join(root, "train", "image", "000001_image.png"), _png()[:60])
-  return p, "not a readable image"
-
-
-def _bad_zero_byte(root):
-  _synface(root)
-  p = _write(os.path.join(root, "train", "depth", "000002_depth.png"), b"")
-  return p, "empty file"
-
-
-def _bad_not_an_image(root):
-  _synface(root)
-  p = _write(os.path.join(root, "train", "image", "000000_image.png"), b"a text file\n" * 9)
-  return p, "not a readable image"
-
-
-def _bad_missing_depth(root):
-  _synface(root)
-  p = _write(os.path.join(root, "train", "image", "000005_image.png"), _png())
-  return p, "no depth twin"
-
-
-def _bad_depth_size(root):
-  _synface(root)
-  p = _write(os.path.join(root, "train", "depth", "000001_depth.png"), _png((S + 4, S + 4), "L"))
-  return p, "depth is 20x20"
-
-
-def _bad_image_folder_corrupt(root):
-  for i in range(2):
-    _write(os.path.join(root, f"im{i}.jpg"), _png())  # PIL sniffs the content, not the name
-  p = _write(os.path.join(root, "im2.png"), b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
-  return p, "not a readable image"
-
-
-@pytest.mark.parametrize("case", [
-    _bad_empty, _bad_corrupt, _bad_zero_byte, _bad_not_an_image, _bad_missing_depth,
-    _bad_depth_size, _bad_image_folder_corrupt])
+@pytest.mark.parametrize("case", [make for _, make in fault_cases.BAD_DATA],
+                         ids=[name for name, _ in fault_cases.BAD_DATA])
 def test_bad_data_one_line_and_folder_untouched(tmp_path, case):
   root = str(tmp_path / "data")
-  culprit, why = case(root)
-  before = _snapshot(root)
+  culprit, why = case(root, S)
+  before = fault_cases.snapshot(root)
   wd = str(tmp_path / "wd")
   res = _cli("train", "--preset", "test_tiny", "--data", root, "--workdir", wd, "--steps", "1")
   line = _assert_one_error(res, 2, culprit, why)
   assert line.count("\n") == 0
-  assert _snapshot(root) == before  # nothing created, changed or removed
+  assert fault_cases.snapshot(root) == before  # nothing created, changed or removed
   assert not os.path.exists(os.path.join(wd, "config.json"))  # failed before training
 
 
@@ -149,20 +73,8 @@ def test_non_fatal_images_are_converted_with_one_note_each(tmp_path, capfd):
   centre-cropped, resized as README says); each kind gives one `note:` line
   naming the first file; other files in the folder are ignored, also noted."""
   root = str(tmp_path / "sf")
-  _synface(root, 2)
-  img_dir, dep_dir = os.path.join(root, "train", "image"), os.path.join(root, "train", "depth")
-  rng = np.random.default_rng(0)
-  Image.fromarray(rng.integers(0, 255, (S, S), np.uint8)).save(
-      os.path.join(img_dir, "000002_image.png"))  # grayscale
-  Image.fromarray(rng.integers(0, 255, (S, S, 4), np.uint8)).save(
-      os.path.join(img_dir, "000003_image.png"))  # RGBA
-  Image.fromarray(rng.integers(0, 255, (24, 30, 3), np.uint8)).save(
-      os.path.join(img_dir, "000004_image.png"))  # wrong size (its depth matches it)
-  for i, shape in ((2, (S, S)), (3, (S, S)), (4, (24, 30))):
-    Image.fromarray(np.full(shape, 30000, np.uint16)).save(
-        os.path.join(dep_dir, f"{i:06d}_depth.png"))  # 16-bit depth
-  _write(os.path.join(img_dir, "README.txt"), b"not data")
-  before = _snapshot(root)
+  notes = fault_cases.non_fatal_folder(root, S)
+  before = fault_cases.snapshot(root)
   capfd.readouterr()
   got = data.load_synface(root, "train", S)
   err = capfd.readouterr().err.splitlines()
@@ -172,10 +84,9 @@ def test_non_fatal_images_are_converted_with_one_note_each(tmp_path, capfd):
   np.testing.assert_array_equal(gray[..., 0], gray[..., 1])
   assert all(x.startswith("note: ") for x in err) and len(err) == 4, err
   joined = "\n".join(err)
-  for needle in ("000002_image.png: mode L", "000003_image.png: mode RGBA",
-                 "000004_image.png (30x24)", "README.txt: not *_image.png, ignored"):
+  for _, needle in notes:
     assert needle in joined, (needle, joined)
-  assert _snapshot(root) == before
+  assert fault_cases.snapshot(root) == before
 
 
 # ----------------------------------------------------------------------------
@@ -465,7 +376,7 @@ def _bad_output_cases(tmp_path, data_root):
   workdirs given as input do not exist, so a check made after loading a model
   or reading data would report them instead."""
   f = str(tmp_path / "a_file")
-  _write(f, b"x")
+  fault_cases.write(f, b"x")
   folder = str(tmp_path / "a_folder")
   os.makedirs(folder, exist_ok=True)
   nowhere = str(tmp_path / "no_workdir")
@@ -525,7 +436,7 @@ def test_bad_jax_platform_one_line(tmp_path, tiny, platform, needles):
 
 
 def test_train_data_that_is_a_file_says_so(tmp_path):
-  f = _write(str(tmp_path / "faces.png"), _png())
+  f = fault_cases.write(str(tmp_path / "faces.png"), fault_cases.png((S, S, 3)))
   res = _cli("train", "--preset", "test_tiny", "--data", f, "--workdir", str(tmp_path / "wd"))
   line = _assert_one_error(res, 2, f, "is a file, not a folder")
   assert "folder not found" not in line
@@ -537,10 +448,10 @@ def test_data_out_refusal_names_the_cli_flag(tmp_path):
           "--size", "16"]
   res = _cli(*args)
   assert res.returncode == 0, res.stderr
-  before = _snapshot(out)
+  before = fault_cases.snapshot(out)
   line = _assert_one_error(_cli(*args), 2, out, "--overwrite")
   assert "overwrite=True" not in line
-  assert _snapshot(out) == before
+  assert fault_cases.snapshot(out) == before
   assert _cli(*args, "--overwrite").returncode == 0
 
 
