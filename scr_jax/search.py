@@ -3,19 +3,16 @@
 - Dense SCR: Bayesian optimisation over the 24 orderings (`scr_jax.bo`); each
   evaluation trains a batch of orderings at once (vmapped candidates) for a
   budget of steps and scores them on the validation split.
-- Generic SCR (Eq. 5): a continuous M learned by unrolled bilevel optimisation,
-    min_M L_val(W_K(M), M) + penalty(h(M)),  W_K = K inner optimiser steps on L_train,
-  with the NOTEARS acyclicity h(M) = tr((I + c/n M*M)^n) - n, as a fixed
-  Lagrangian term or by the augmented Lagrangian (dual ascent, growing rho).
+- Generic SCR (Eq. 5): a continuous M learned by unrolled bilevel optimisation
+  (`scr_jax.bilevel`, the pure algorithm) on the SCR model's losses.
 - Generic SCR from the dense solution (Eq. 6): the same on M * M_dense.
 After the search M is thresholded (and binarised by default); if a cycle
 remains, the weakest edge on a cycle is dropped (named in a note) until M is a
-DAG (`threshold_dag`), or, when asked, the threshold is raised or the result
-refused. A cyclic M is never written.
+DAG (`bilevel.threshold_dag`), or, when asked, the threshold is raised or the
+result refused. A cyclic M is never written.
 
-`unroll`, `hypergrad_fn` and `bilevel_search` take plain loss functions
-(params, batch, m) -> scalar, so the tests drive them with toy problems and the
-CLI with the SCR model.
+This module is the driver over the pure algorithms (`bo`, `bilevel`): data,
+candidate training, logging, plots and the workdir's files.
 """
 from __future__ import annotations
 
@@ -27,186 +24,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from scr_jax import bo, dataset, evaluator, structure, train, train_step, workdir as workdir_lib
+from scr_jax import (bilevel, bo, dataset, evaluator, structure, train, train_step,
+                     workdir as workdir_lib)
 from scr_jax.errors import UserError
-
-# ----------------------------------------------------------------------------
-# Unrolled bilevel optimisation.
-# ----------------------------------------------------------------------------
-
-
-def inner_optimizer(kind: str, lr: float, weight_decay: float = 0.0):
-  """Inner-loop optimiser. Adam's update divides by sqrt(v): at v = 0 (a
-  parameter whose gradient is still exactly 0) the derivative of sqrt is
-  infinite and the meta-gradient becomes inf * 0 = NaN. `eps_root` moves the
-  root away from 0, which keeps meta-gradients finite; SGD has no such issue."""
-  if kind == "sgd":
-    opt = optax.sgd(lr)
-  elif kind == "adam":
-    opt = optax.adam(lr, eps_root=1e-8)
-  else:
-    raise UserError(f"unknown inner optimiser {kind!r} (sgd or adam)")
-  return optax.chain(optax.add_decayed_weights(weight_decay), opt) if weight_decay else opt
-
-
-def unroll(train_loss, opt, params, opt_state, m, batches):
-  """K inner steps (K = leading axis of `batches`): grad -> opt.update ->
-  apply_updates, scanned; each step is rematerialised (jax.checkpoint) so the
-  backward pass keeps only the K carries, not K steps of activations."""
-  @jax.checkpoint
-  def body(carry, batch):
-    p, s = carry
-    g = jax.grad(train_loss)(p, batch, m)
-    u, s = opt.update(g, s, p)
-    return (optax.apply_updates(p, u), s), None
-
-  (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), batches)
-  return params, opt_state
-
-
-def dag_penalty(m, alpha, rho, c: float = 1.0):
-  """alpha * h + rho / 2 * h^2 (rho = 0: the plain Lagrangian of Eq. 5)."""
-  h = structure.notears_h(m, c)
-  return alpha * h + 0.5 * rho * h * h, h
-
-
-def hypergrad_fn(train_loss, val_loss, opt, mask, c: float = 1.0):
-  """Returns f(m_raw, params, opt_state, batches_K, val_batch, alpha, rho) ->
-  ((objective, (params_K, opt_state_K, val_loss, h)), d objective / d m_raw),
-  with the effective adjacency m = m_raw * mask. jit-compiled."""
-  mask = jnp.asarray(mask, jnp.float32)
-
-  def outer(m_raw, params, opt_state, batches, val_batch, alpha, rho):
-    m = m_raw * mask
-    p, s = unroll(train_loss, opt, params, opt_state, m, batches)
-    lv = val_loss(p, val_batch, m)
-    pen, h = dag_penalty(m, alpha, rho, c)
-    return lv + pen, (p, s, lv, h)
-
-  return jax.jit(jax.value_and_grad(outer, has_aux=True))
-
-
-def bilevel_search(train_loss, val_loss, params, batches_fn, val_fn, *, mask, steps: int,
-                   unroll_k: int = 1, inner: str = "adam", inner_lr: float = 1e-3,
-                   weight_decay: float = 0.0, outer_lr: float = 1e-2, lam_dag: float = 1.0,
-                   augmented: bool = False, rho: float = 1.0, rho_max: float = 1e6,
-                   dual_every: int = 10, m_init=None, log=None, progress_every: int = 10):
-  """Learns a continuous M (4x4, rows = parents) by unrolled bilevel optimisation.
-
-  batches_fn(t) -> the K inner batches of outer step t (leading axis K);
-  val_fn(t) -> the validation batch of outer step t. After each outer step the
-  inner updates are kept (params continue from W_K), as in one-step unrolled
-  architecture search. Fixed Lagrangian: alpha = lam_dag, rho = 0. Augmented:
-  alpha starts at lam_dag and every `dual_every` steps alpha += rho * h, and
-  rho *= 10 (up to rho_max) when h did not fall below a quarter of its last value.
-  Returns dict(m, m_effective, trace, params).
-  """
-  mask = np.asarray(mask, np.float32)
-  opt = inner_optimizer(inner, inner_lr, weight_decay)
-  opt_state = opt.init(params)
-  m_opt = optax.adam(outer_lr)
-  m_raw = jnp.zeros((4, 4), jnp.float32) if m_init is None else jnp.asarray(m_init, jnp.float32)
-  m_state = m_opt.init(m_raw)
-  f = hypergrad_fn(train_loss, val_loss, opt, mask)
-  alpha, rho_now = float(lam_dag), (float(rho) if augmented else 0.0)
-  h_last = np.inf
-  trace = []
-  t0 = time.time()
-  for t in range(steps):
-    (obj, (params, opt_state, lv, h)), g = f(m_raw, params, opt_state, batches_fn(t), val_fn(t),
-                                            alpha, rho_now)
-    if not (np.isfinite(float(obj)) and np.all(np.isfinite(np.asarray(g)))):
-      raise FloatingPointError(f"non-finite hypergradient at outer step {t + 1}")
-    upd, m_state = m_opt.update(g, m_state, m_raw)
-    m_raw = optax.apply_updates(m_raw, upd) * jnp.asarray(mask)
-    h = float(h)
-    if augmented and (t + 1) % dual_every == 0:
-      alpha += rho_now * h
-      if h > 0.25 * h_last:
-        rho_now = min(rho_now * 10.0, rho_max)
-      h_last = h
-    trace.append(dict(step=t + 1, val_loss=float(lv), h=h, objective=float(obj),
-                      alpha=alpha, rho=rho_now, m=np.asarray(m_raw).round(4).tolist()))
-    if log and ((t + 1) % progress_every == 0 or t + 1 == steps):
-      log(f"unroll step {t + 1}/{steps}: val loss {float(lv):.4f}  h(M) {h:.2e}  "
-          f"max|M| {float(jnp.max(jnp.abs(m_raw))):.3f}  ({time.time() - t0:.0f}s)")
-  return dict(m=np.asarray(m_raw), m_effective=np.asarray(m_raw) * mask, trace=trace,
-              params=params)
-
-
-def threshold(m, tau: float, binarize: bool = True) -> np.ndarray:
-  """Keeps the edges with |M| > tau (set to 1 when binarising), zero diagonal.
-  Raises UserError if the result has a cycle: a non-DAG is never returned."""
-  m = np.asarray(m, np.float32)
-  keep = (np.abs(m) > tau) & ~np.eye(m.shape[0], dtype=bool)
-  out = np.where(keep, 1.0 if binarize else m, 0.0).astype(np.float32)
-  if not structure.is_dag(out):
-    edges = [f"{structure.FACTORS[i]}->{structure.FACTORS[j]}" for i, j in zip(*np.nonzero(out))]
-    raise UserError(f"the searched M still has a cycle after thresholding at {tau} "
-                    f"(edges {', '.join(edges)}); search longer, raise --lam-dag or "
-                    "--threshold, or let the weakest cycle edges drop (--on-cycle drop-weakest)")
-  return out
-
-
-def threshold_to_dag(m, tau: float, binarize: bool = True):
-  """Thresholds at tau, raising the threshold to the next |M| value while a
-  cycle remains (drops every edge below the weakest cycle edge, on a cycle or
-  not). Returns (M, tau used); the result is always a DAG (at worst empty)."""
-  vals = sorted(set(np.abs(np.asarray(m)).ravel().tolist()))
-  for t in [tau] + [v for v in vals if v > tau]:
-    try:
-      return threshold(m, t, binarize), t
-    except UserError:
-      continue
-  return np.zeros((4, 4), np.float32), float("inf")
-
-
-def _reaches(adj, src: int, dst: int) -> bool:
-  """True if a directed path src -> ... -> dst exists in the boolean adjacency."""
-  seen, todo = {src}, [src]
-  while todo:
-    for j in np.flatnonzero(adj[todo.pop()]):
-      if j == dst:
-        return True
-      if j not in seen:
-        seen.add(j)
-        todo.append(j)
-  return False
-
-
-def threshold_dag(m, tau: float, binarize: bool = True):
-  """Thresholds at tau (|M| > tau, zero diagonal), then, while a cycle
-  remains, drops the weakest edge that lies on a cycle (edge g -> f lies on
-  one iff f reaches g). Edges on no cycle are kept whatever their weight.
-
-  Args:
-    m: 4x4 continuous adjacency, rows = parents.
-    tau: threshold on |M|.
-    binarize: set kept edges to 1 (else keep their values).
-  Returns:
-    (M_4x4 float32, a DAG; dropped: list of (parent, child, weight) in the
-    order they were dropped, factor names as in structure.FACTORS).
-  """
-  m = np.asarray(m, np.float32)
-  adj = (np.abs(m) > tau) & ~np.eye(m.shape[0], dtype=bool)
-  dropped = []
-  while True:
-    on_cycle = [(abs(float(m[i, j])), i, j) for i, j in zip(*np.nonzero(adj))
-                if _reaches(adj, j, i)]
-    if not on_cycle:
-      break
-    w, i, j = min(on_cycle)
-    adj[i, j] = False
-    dropped.append((structure.FACTORS[i], structure.FACTORS[j], float(m[i, j])))
-  out = np.where(adj, 1.0 if binarize else m, 0.0).astype(np.float32)
-  assert structure.is_dag(out)
-  return out, dropped
-
-
-ON_CYCLE = ("drop-weakest", "raise-threshold", "refuse")
-
 
 # ----------------------------------------------------------------------------
 # Training candidates for BO (and for `train --candidates`).
@@ -310,7 +131,7 @@ def search_orders(cfg, workdir, train_data, val_data, method="bo", n_init=4, n_e
   exhaustive = None
   if method == "exhaustive":
     exhaustive = {o: sc[objective] for o, sc in scores_by_order.items()}
-  bo.plot_trace(trace, os.path.join(workdir, f"{method}_trace.png"), exhaustive=exhaustive)
+  plot_bo_trace(trace, os.path.join(workdir, f"{method}_trace.png"), exhaustive=exhaustive)
   s = structure.save_structure(os.path.join(workdir, "structure.json"), order=trace["best_order"],
                                method=method, objective=objective,
                                best_objective=trace["best_objective"],
@@ -338,8 +159,9 @@ def search_unroll(cfg, workdir, train_data, val_data, masked_order=None, steps=5
     UserError: on_cycle is unknown, or "refuse" and a cycle remains.
   """
   on_cycle = "raise-threshold" if raise_to_dag else on_cycle
-  if on_cycle not in ON_CYCLE:
-    raise UserError(f"--on-cycle must be one of {', '.join(ON_CYCLE)}, got {on_cycle!r}")
+  if on_cycle not in bilevel.ON_CYCLE:
+    raise UserError(f"--on-cycle must be one of {', '.join(bilevel.ON_CYCLE)}, "
+                    f"got {on_cycle!r}")
   os.makedirs(workdir, exist_ok=True)
   nets, state = train_step.init_state(cfg, jax.random.PRNGKey(cfg.seed))
   mask = (structure.dense_matrix(masked_order) if masked_order
@@ -359,10 +181,11 @@ def search_unroll(cfg, workdir, train_data, val_data, masked_order=None, steps=5
     return jnp.asarray(vimgs[train.batch_indices(vimgs.shape[0], bs, cfg.seed + 1, t)])
 
   t0 = time.time()
-  res = bilevel_search(train_loss, train_loss, state.params, batches_fn, val_fn, mask=mask,
-                       steps=steps, unroll_k=unroll_k, inner=inner, inner_lr=cfg.lr,
-                       weight_decay=cfg.weight_decay, outer_lr=outer_lr, lam_dag=lam_dag,
-                       augmented=augmented, log=log, progress_every=max(1, steps // 10))
+  res = bilevel.bilevel_search(
+      train_loss, train_loss, state.params, batches_fn, val_fn, mask=mask, steps=steps,
+      unroll_k=unroll_k, inner=inner, inner_lr=cfg.lr, weight_decay=cfg.weight_decay,
+      outer_lr=outer_lr, lam_dag=lam_dag, augmented=augmented, log=log,
+      progress_every=max(1, steps // 10))
   method = "unroll-masked" if masked_order else "unroll"
   trace = dict(method=method, masked_order=masked_order, unroll=unroll_k, inner=inner,
                outer_lr=outer_lr, lam_dag=lam_dag, augmented=augmented, threshold=tau,
@@ -370,13 +193,13 @@ def search_unroll(cfg, workdir, train_data, val_data, masked_order=None, steps=5
                steps=res["trace"], m_continuous=res["m_effective"].tolist())
   dropped = []
   if on_cycle == "raise-threshold":
-    m, used = threshold_to_dag(res["m_effective"], tau, binarize)
+    m, used = bilevel.threshold_to_dag(res["m_effective"], tau, binarize)
     if used != tau:
       log(f"note: a cycle remained at threshold {tau}; raised it to {used:.4g} "
           "(edges below it dropped)")
     tau = used
   elif on_cycle == "drop-weakest":
-    m, dropped = threshold_dag(res["m_effective"], tau, binarize)
+    m, dropped = bilevel.threshold_dag(res["m_effective"], tau, binarize)
     for g, f, w in dropped:
       log(f"note: a cycle remained after thresholding at {tau}; dropped its weakest edge "
           f"{g}->{f} (M = {w:.4g})")
@@ -384,7 +207,7 @@ def search_unroll(cfg, workdir, train_data, val_data, masked_order=None, steps=5
   _write_json(os.path.join(workdir, "unroll_trace.json"), trace)
   plot_unroll(trace, os.path.join(workdir, "unroll_trace.png"))
   if on_cycle == "refuse":
-    m = threshold(res["m_effective"], tau, binarize)
+    m = bilevel.threshold(res["m_effective"], tau, binarize)
   s = structure.save_structure(os.path.join(workdir, "structure.json"), m=m, method=method,
                                m_continuous=res["m_effective"].round(5).tolist(),
                                threshold=tau, dropped_edges=trace["dropped_edges"],
@@ -432,5 +255,53 @@ def plot_unroll(trace, path_png):
   ax3.plot(t, [s["h"] for s in steps], c="tab:red", label="h(M)")
   ax3.set_ylabel("h(M)")
   ax2.set_title("validation loss (blue), acyclicity h(M) (red)")
+  fig.tight_layout()
+  fig.savefig(path_png)
+
+
+def plot_bo_trace(trace_dict, path_png, exhaustive=None):
+  """PNG: objective per evaluation (points, by round) and best-so-far (line).
+
+  exhaustive: optional {order: objective} for all orderings; adds the global
+  optimum as a reference line and a second panel with the sorted exhaustive
+  values, the evaluated orderings highlighted.
+  """
+  # Figure + Agg canvas directly: no pyplot global state or backend switch.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  trace = trace_dict["trace"]
+  ys = np.array([t["objective"] for t in trace], np.float64)
+  idx = np.arange(1, len(ys) + 1)
+  init = np.array([t["round"] == 0 for t in trace])
+  fig = Figure(figsize=(11 if exhaustive else 6, 4), dpi=100)
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 2 if exhaustive else 1, 1)
+  ax.scatter(idx[init], ys[init], c="tab:gray", label="random init", zorder=3)
+  ax.scatter(idx[~init], ys[~init], c="tab:blue", label="BO proposal", zorder=3)
+  for i, t in zip(idx, trace):
+    ax.annotate(t["order"], (i, t["objective"]), fontsize=7, xytext=(2, 3),
+                textcoords="offset points")
+  ax.step(idx, np.minimum.accumulate(ys), where="post", c="tab:orange", label="best so far")
+  if exhaustive:
+    opt_order = min(exhaustive, key=exhaustive.get)
+    ax.axhline(exhaustive[opt_order], c="tab:green", ls="--",
+               label=f"global optimum ({opt_order})")
+  ax.set_xlabel("evaluation")
+  ax.set_ylabel("objective")
+  ax.set_title(f"best {trace_dict['best_order']}: {trace_dict['best_objective']:.4g}")
+  ax.legend(fontsize=8)
+  if exhaustive:
+    ax2 = fig.add_subplot(1, 2, 2)
+    items = sorted(exhaustive.items(), key=lambda kv: kv[1])
+    seen = {t["order"] for t in trace}
+    # Points, not bars: objectives need not be positive or start at 0.
+    ax2.plot(range(len(items)), [v for _, v in items], c="lightgray", zorder=1)
+    ax2.scatter(range(len(items)), [v for _, v in items], zorder=2,
+                c=["tab:blue" if o in seen else "lightgray" for o, _ in items])
+    ax2.set_xticks(range(len(items)))
+    ax2.set_xticklabels([o for o, _ in items], rotation=90, fontsize=7)
+    ax2.set_ylabel("objective")
+    ax2.set_title("all orderings, sorted (blue = evaluated)")
   fig.tight_layout()
   fig.savefig(path_png)

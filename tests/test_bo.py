@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scr_jax import bo
+from scr_jax import bo, search
 from scr_jax.errors import UserError
 from scr_jax.structure import ALL_ORDERS
 
@@ -174,7 +174,7 @@ def test_optimise_batches_and_exhausts(tmp_path):
   assert res["best_order"] == HIDDEN
 
   for name, exhaustive in [("bo.png", table), ("bo_plain.png", None)]:
-    bo.plot_trace(res, str(tmp_path / name), exhaustive=exhaustive)
+    search.plot_bo_trace(res, str(tmp_path / name), exhaustive=exhaustive)
     with Image.open(tmp_path / name) as im:
       assert im.format == "PNG" and im.size[0] > 100
 

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from scr_jax import checkpoint, config, data, fault_cases, search, structure, train
+from scr_jax import bilevel, checkpoint, config, data, fault_cases, search, structure, train
 from scr_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,19 +235,19 @@ def test_threshold_dag_drops_only_the_weakest_cycle_edges():
   m[2, 1] = 0.2
   m[0, 3] = 0.15
   m[2, 3] = 0.05  # under the threshold
-  out, dropped = search.threshold_dag(m, 0.1)
+  out, dropped = bilevel.threshold_dag(m, 0.1)
   assert structure.is_dag(out)
   assert dropped == [("L", "D", pytest.approx(0.2)), ("L", "V", pytest.approx(0.3))]
   kept = {(structure.FACTORS[i], structure.FACTORS[j]) for i, j in zip(*np.nonzero(out))}
   assert kept == {("V", "D"), ("D", "L"), ("V", "A")}
   assert set(np.unique(out)) == {0.0, 1.0}
-  w, _ = search.threshold_dag(m, 0.1, binarize=False)
+  w, _ = bilevel.threshold_dag(m, 0.1, binarize=False)
   assert w[0, 3] == pytest.approx(0.15) and w[2, 0] == 0
   # raising the threshold instead loses the acyclic V->A edge too
-  raised, tau = search.threshold_to_dag(m, 0.1)
+  raised, tau = bilevel.threshold_to_dag(m, 0.1)
   assert tau == pytest.approx(0.3) and raised[0, 3] == 0
   dag = structure.dense_matrix("DVAL") * 0.5
-  assert search.threshold_dag(dag, 0.1)[1] == []
+  assert bilevel.threshold_dag(dag, 0.1)[1] == []
 
 
 def test_default_unroll_search_ends_with_a_dag(trained, tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from scr_jax import config, data, search, structure, train, train_step
+from scr_jax import bilevel, config, data, search, structure, train, train_step
 from scr_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,9 +83,9 @@ def test_hypergradient_matches_finite_differences(k):
   lr, alpha, rho = 0.3, 0.7, 2.0
   train_loss = lambda p, b, m: 0.5 * jnp.sum((p["w"] - jnp.asarray(a) @ m.reshape(-1) - b) ** 2)
   val_loss = lambda p, b, m: 0.5 * jnp.sum((p["w"] - b) ** 2) + 0.1 * jnp.sum(m)
-  opt = search.inner_optimizer("sgd", lr)
+  opt = bilevel.inner_optimizer("sgd", lr)
   params = {"w": jnp.asarray(theta0)}
-  f = search.hypergrad_fn(train_loss, val_loss, opt, 1 - np.eye(4))
+  f = bilevel.hypergrad_fn(train_loss, val_loss, opt, 1 - np.eye(4))
   (obj, _), g = f(jnp.asarray(m0), params, opt.init(params), jnp.asarray(bs), jnp.asarray(vb),
                   alpha, rho)
   assert abs(float(obj) - _numpy_outer(m0, a, bs, vb, theta0, lr, alpha, rho)) < 1e-10
@@ -112,11 +112,11 @@ def test_adam_inner_loop_meta_gradient_is_finite_and_correct():
   params = {"w": jnp.asarray(theta0), "z": jnp.asarray(m0[0, 1])}
   args = (jnp.asarray(m0), params, None, jnp.asarray(bs), jnp.asarray(vb), 0.0, 0.0)
   plain = optax.adam(0.05)
-  f = search.hypergrad_fn(train_loss, val_loss, plain, 1 - np.eye(4))
+  f = bilevel.hypergrad_fn(train_loss, val_loss, plain, 1 - np.eye(4))
   _, g_plain = f(args[0], params, plain.init(params), *args[3:])
   assert not np.all(np.isfinite(np.asarray(g_plain)))  # the pitfall is real
-  opt = search.inner_optimizer("adam", 0.05)
-  f = search.hypergrad_fn(train_loss, val_loss, opt, 1 - np.eye(4))
+  opt = bilevel.inner_optimizer("adam", 0.05)
+  f = bilevel.hypergrad_fn(train_loss, val_loss, opt, 1 - np.eye(4))
   _, g = f(args[0], params, opt.init(params), *args[3:])
   assert np.all(np.isfinite(np.asarray(g)))
   obj = lambda m: float(f(m, params, opt.init(params), *args[3:])[0][0])
@@ -150,12 +150,12 @@ def test_planted_dag_is_recovered():
     return jnp.mean((pred - t) ** 2)
 
   k = 2
-  res = search.bilevel_search(
+  res = bilevel.bilevel_search(
       loss, loss, {"scale": jnp.full((4,), 0.5)},
       lambda t: (jnp.stack([tr[0]] * k), jnp.stack([tr[1]] * k)), lambda t: va,
       mask=1 - np.eye(4), steps=300, unroll_k=k, inner="sgd", inner_lr=0.2, outer_lr=0.03,
       lam_dag=1.0, augmented=True, dual_every=20)
-  m = search.threshold(res["m_effective"], 0.3)
+  m = bilevel.threshold(res["m_effective"], 0.3)
   np.testing.assert_array_equal(m != 0, planted != 0)
   assert res["trace"][-1]["h"] < 1e-3
 
@@ -164,10 +164,10 @@ def test_threshold_refuses_cycles_and_binarises():
   m = np.zeros((4, 4), np.float32)
   m[0, 1], m[1, 0], m[2, 3] = 0.9, 0.5, 0.05
   with pytest.raises(UserError, match="cycle"):
-    search.threshold(m, 0.1)
-  out = search.threshold(m, 0.6)
+    bilevel.threshold(m, 0.1)
+  out = bilevel.threshold(m, 0.6)
   assert out[0, 1] == 1.0 and out.sum() == 1.0
-  kept = search.threshold(m, 0.6, binarize=False)
+  kept = bilevel.threshold(m, 0.6, binarize=False)
   assert kept[0, 1] == pytest.approx(0.9)
 
 
@@ -267,6 +267,6 @@ def test_search_cli_bo_then_masked_unroll_then_train(tiny_root, tmp_path):
 def test_threshold_to_dag_drops_the_weakest_cycle_edges():
   m = np.zeros((4, 4), np.float32)
   m[0, 3], m[3, 0], m[1, 2] = 0.4, 0.2, 0.3  # V <-> A cycle, plus D -> L
-  out, used = search.threshold_to_dag(m, 0.1)
+  out, used = bilevel.threshold_to_dag(m, 0.1)
   assert used == pytest.approx(0.2) and structure.is_dag(out)
   assert out[0, 3] == 1 and out[3, 0] == 0 and out[1, 2] == 1
