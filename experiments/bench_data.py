@@ -12,7 +12,8 @@
    the data being ready ("train: ..." line) and to the first step logged, the
    train process's peak RSS when its data is ready (VmHWM, before anything is
    compiled), and the peak RSS of the largest process of the whole run
-   (ru_maxrss of the children: XLA's compile of the model dominates it).
+   (ru_maxrss of the children: the model's working set while it trains dominates it;
+   `bench_train.py --memory` gives XLA's figure).
 4. The input pipeline alone (`dataset.Batches`, streamed from array_record,
    batch 64 at 64 px) in images/s with 1, 2 and 4 grain worker processes.
 Prints a table, then one JSON line (the last line).

@@ -8,12 +8,14 @@ same run (same process, same machine state).
   python experiments/bench_train.py --profile [--presets cpu_small]  # where a step's time goes
   python experiments/bench_train.py --rule [--presets cpu_small]  # conv2d's per-layer rule
   python experiments/bench_train.py --paths [0,1024,8192] [--presets cpu_small]  # whole step per rule
+  python experiments/bench_train.py --memory [--presets paper]  # the step's memory (XLA), compile
 
 Prints a table, then one JSON line (the last line).
 """
 import argparse
 import json
 import os
+import resource
 import time
 
 import flax.linen as nn  # noqa: E402
@@ -301,6 +303,39 @@ def print_profile(name, repeats):
                         sum_s=total, step_s=whole, load_average=os.getloadavg()[0])))
 
 
+def print_memory(names):
+  """Per preset: lowering and compile time of the jitted train step (nothing
+  run, shapes only) and XLA's memory analysis of the compiled step: its
+  temporary buffers are the working set a training process holds on top of
+  params and optimiser state (on a GPU: device memory), whatever the dataset's
+  size; and this process's peak RSS after compiling (what the compile costs)."""
+  rows = []
+  for name in names:
+    cfg = config.get_config(name)
+    net = _nets.make_nets(cfg)
+    like = jax.eval_shape(lambda: train_step.init_state(cfg, jax.random.PRNGKey(0))[1])
+    img = jax.ShapeDtypeStruct((cfg.batch_size, cfg.image_size, cfg.image_size, 3), jnp.float32)
+    t = time.perf_counter()
+    low = train_step.make_train_step(net, cfg).lower(like, img, structure.resolve_structure(cfg))
+    t_low = time.perf_counter() - t
+    comp = low.compile()
+    t_comp = time.perf_counter() - t - t_low
+    m = comp.memory_analysis()
+    gb = lambda v: round(v / 2**30, 2)
+    r = dict(preset=name, batch=cfg.batch_size, image_size=cfg.image_size,
+             lower_s=round(t_low, 1), compile_s=round(t_comp, 1),
+             temp_gb=gb(m.temp_size_in_bytes), argument_gb=gb(m.argument_size_in_bytes),
+             output_gb=gb(m.output_size_in_bytes),
+             peak_rss_after_compile_gb=gb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                          * 1024))
+    rows.append(r)
+    print(f"{name:<10} batch {r['batch']:>3} {r['image_size']}px: step temporaries "
+          f"{r['temp_gb']:.2f} GB, arguments {r['argument_gb']:.2f} GB, outputs "
+          f"{r['output_gb']:.2f} GB | lower {r['lower_s']:.0f} s, compile {r['compile_s']:.0f} s"
+          f" | peak RSS so far {r['peak_rss_after_compile_gb']:.2f} GB", flush=True)
+  print(json.dumps(dict(memory=rows, load_average=os.getloadavg()[0])))
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--presets", default="cpu_small,paper")
@@ -314,7 +349,11 @@ def main():
   p.add_argument("--paths", nargs="?", const=f"0,{MAX_PATCH_DEFAULT},{1 << 40}",
                  metavar="LIMITS", help="whole step per MATMUL_MAX_PATCH value "
                  "(comma list; default: all lax, the rule, all matmul; first preset)")
+  p.add_argument("--memory", action="store_true",
+                 help="the compiled step's memory (XLA memory analysis) and compile time")
   args = p.parse_args()
+  if args.memory:
+    return print_memory(args.presets.split(","))
   if args.rule:
     return print_rule(args.presets.split(",")[0], args.repeats)
   if args.paths:
