@@ -36,17 +36,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from scr_jax import (  # noqa: E402
-    checkpoint, cliutil, config, data, dataset, detect, diagnostics, evaluator, export, model,
-    prepare, reproduce, runner, search, structure, unsup3d_import, visualize,
-    workdir as workdir_lib)
+    checkpoint, cliutil, config, data, dataset, diagnostics, predict as predict_lib, prepare,
+    reproduce, runner, search, structure, unsup3d_import, workdir as workdir_lib)
 from scr_jax.dataset import (  # noqa: E402,F401  (data resolution, re-exported)
     BUILTIN_COUNTS, builtin_dir, ensure_builtin, load_split, load_train_data,
     resolve_data)
-from scr_jax.evaluator import Evaluator, each_candidate  # noqa: E402
 from scr_jax.errors import NonFiniteError, UserError  # noqa: E402
 
 
@@ -215,218 +211,34 @@ def cmd_reproduce(args):
 
 
 def cmd_eval(args):
-  runner.check_data_arg(args.data)
-  r = workdir_lib.restore(args.workdir)
-  cfg, params, st, step = r.cfg, r.params, r.structure, r.step
-  d = load_split(args.data, args.split, cfg, cache=args.cache)
-  ev = Evaluator(r.nets, cfg)
-  if r.k:  # a candidates workdir (train --candidates, search evals, fig6): one result each
-    if args.save_predictions:
-      raise UserError("--save-predictions needs a single-structure workdir")
-    rows = []
-    for order, (params_i, st_i) in zip(st.orders or range(r.k), each_candidate(params, st)):
-      res, _, _ = ev.evaluate(params_i, d, st_i)
-      rows.append(dict(res, order=order))
-      _log(f"  {order}: SIDE {res['side_mean']:.3f}  MAD {res['mad_mean']:.2f}")
-    summ = dict(candidates=rows)
-  else:
-    summ, pred, valid = ev.evaluate(params, d, st)
-    base = evaluator.baselines_for(args.data, d, cfg)
-    if base is not None:  # the reference predictions on the same images
-      summ["baselines"] = base
-      for name, b in base.items():
-        _log(f"  baseline {name}: SIDE {b['side_mean']:.3f}  MAD {b['mad_mean']:.2f}")
-  summ.update(split=args.split, step=step, workdir=args.workdir)
+  """SIDE / MAD of a trained workdir on a split (`runner.eval_run`); prints JSON."""
+  summ = runner.eval_run(args.workdir, args.data, args.split, cache=args.cache,
+                         save_predictions=args.save_predictions)
   text = json.dumps(summ, indent=1)
   print(text)
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
       fh.write(text + "\n")
-  if args.save_predictions:  # refused above for candidate workdirs
-    os.makedirs(os.path.dirname(os.path.abspath(args.save_predictions)), exist_ok=True)
-    np.savez_compressed(args.save_predictions, pred_depth=pred, mask=valid,
-                        names=np.asarray(d["names"]))
   return summ
 
 
-def _predict_crop(spec: str):
-  """--crop: 'none' (largest centred square), 'train' (the run's crop) or N px."""
-  spec = str(spec).strip().lower()
-  if spec in ("none", "train"):
-    return spec
-  try:
-    n = int(spec)
-  except ValueError:
-    n = 0
-  if n < 1:
-    raise UserError(f"--crop takes none, train or a positive number of pixels, got {spec!r}")
-  return n
-
-
-def _predict_inputs(args, cfg, notes):
-  """Reads, crops and resizes every input before any model work.
-
-  Returns (kept, skipped, lines): kept = [(path, image_SxSx3, source dict)],
-  skipped = [one-line reasons], lines = notes to print once the outputs are
-  checked (so that any error stays one line). Without --skip-bad the first
-  unreadable file (or impossible crop) raises its UserError.
-  """
-  files = []
-  for spec in args.images:
-    if os.path.isdir(spec):
-      files += data.list_images(spec, getattr(args, "recursive", True), notes,
-                                exclude=[args.out])  # earlier outputs are not inputs
-    else:
-      files.append(spec)
-  crop = _predict_crop(getattr(args, "crop", "none"))
-  detect_faces = getattr(args, "detect_faces", False)
-  skip_bad = getattr(args, "skip_bad", False)
-  if crop == "train":
-    crop_px = cfg.crop or None
-  else:
-    crop_px = None if crop == "none" else crop
-  if detect_faces:  # a missing OpenCV or cascade is no bad input: it stops here
-    detect.check_available()
-  kept, skipped = [], []
-  for path in files:
-    try:
-      img = data.read_image(path, notes)
-      h, w = img.shape[:2]
-      src = dict(path=path, size_px=[w, h], face=None)
-      face = None
-      if detect_faces:
-        face = detect.find_face(img)
-        if face is None and skip_bad:
-          raise UserError(f"{path}: no human or cat face found (--detect-faces)")
-        if face is None:
-          notes.setdefault("no human or cat face found, used the largest centred square",
-                           []).append(path)
-      if face is not None:
-        left, top, side = face["crop"]
-        x = data.crop_box_resize(img, left, top, side, cfg.image_size)
-        src.update(method="face", crop_px=[left, top, side],
-                   face=dict(kind=face["kind"], box_px=list(face["box"])))
-        notes.setdefault("face found, cropped around it", []).append(
-            f"{path} ({face['kind']} face at x={face['box'][0]} y={face['box'][1]} "
-            f"w={face['box'][2]} h={face['box'][3]})")
-      else:
-        left, top, side = data._crop_box(w, h, crop_px, path)
-        x = data.crop_resize(img, cfg.image_size, crop_px, path)
-        src.update(method="centre square" if crop_px is None else f"centre crop {side} px",
-                   crop_px=[left, top, side])
-      src["crop_units"] = "[left, top, side] in pixels of the upright input"
-      kept.append((path, x, src))
-    except UserError as e:
-      if not skip_bad:
-        raise
-      skipped.append(str(e))
-  lines = [f"note: skipped {e}" for e in skipped]
-  if crop == "none" and cfg.crop and not detect_faces:
-    lines.append(f"note: the model was trained on images centre-cropped to {cfg.crop} px; "
-                 "predict uses each input's largest centred square (--crop train reuses the "
-                 "training crop, --detect-faces crops around the face)")
-  return kept, skipped, lines
 def cmd_diagnose(args):
-  """What each factor learned (scr_jax/diagnostics.py) on a split with the
-  generator's ground truth; prints them, writes JSON and a picture grid."""
-  if args.rows < 1:
-    raise UserError(f"--rows must be >= 1, got {args.rows}")
-  if args.limit is not None and args.limit < 1:
-    raise UserError(f"--limit must be >= 1, got {args.limit}")
-  r = workdir_lib.restore(args.workdir).single(args.workdir, "diagnose",
-                                                getattr(args, "candidate", None))
-  cfg, nets, params, step, st = r.cfg, r.nets, r.params, r.step, r.structure
-  gt_error = UserError(f"{args.data}: the {args.split} split has no usable ground-truth sidecar "
-                       f"({args.split}/{data.GT_FILE}); diagnostics need data from this "
-                       "generator (run.py data, or --data builtin[:VARIANT])")
-  if not dataset.has_ground_truth(args.data, args.split, cfg):  # before preparing anything
-    raise gt_error
-  d = load_split(args.data, args.split, cfg)
-  if "gt" not in d:
-    raise gt_error
-  n = len(d["images"]) if args.limit is None else min(args.limit, len(d["images"]))
-  d = dict(images=d["images"][:n], depth=d["depth"][:n], names=d["names"][:n],
-           gt={k: v[:n] for k, v in d["gt"].items()})
-  ev = Evaluator(nets, cfg)
-  pred = ev.factors(params, d["images"], st)
-  diag = diagnostics.diagnose(pred, d["gt"])
-  summ, _, _ = ev.evaluate(params, d, st)
-  out = dict(diag, side=summ["side_mean"], mad=summ["mad_mean"],
-             mad_unsup3d=summ["mad_unsup3d_mean"], n=n, split=args.split, step=step,
-             workdir=args.workdir, data=args.data)
-  base = args.out or os.path.join(args.workdir, f"diagnose_{args.split}")
-  os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
-  with open(base + ".json", "w") as fh:
-    json.dump(out, fh, indent=1)
-  rows = min(args.rows, n)
-  diagnostics.picture_grid(d["images"][:rows], {k: v[:rows] for k, v in pred.items()},
-                           {k: v[:rows] for k, v in d["gt"].items()}, model.camera(cfg),
-                           base + ".png")
-  g = lambda k: out[k]
-  print(f"{args.workdir} (step {step}) on {args.data} [{args.split}], {n} images:\n"
-        f"  depth   MAD {g('mad'):.2f} deg, SIDE {g('side'):.3f} x1e-2\n"
-        f"  view    yaw err {g('view_yaw_mae_deg'):.2f} deg (corr {g('view_yaw_corr'):.3f}); "
-        f"pitch offset {g('view_pitch_offset_deg'):+.2f}, err after it "
-        f"{g('view_pitch_mae_deg'):.2f} deg (corr {g('view_pitch_corr'):.3f}); roll err "
-        f"{g('view_roll_mae_deg'):.2f} deg (corr {g('view_roll_corr'):.3f})\n"
-        f"  light   ambient err {g('light_ambient_mae'):.3f}, diffuse err "
-        f"{g('light_diffuse_mae'):.3f}, direction {g('light_dir_deg'):.1f} deg\n"
-        f"  shape   convex {g('depth_sign'):.2f} (truth {g('depth_sign_gt'):.2f}); spread "
-        f"{g('shape_spread'):.4f} vs truth {g('shape_spread_gt'):.4f} "
-        f"(ratio {g('shape_spread_ratio'):.2f})")
-  _log(f"wrote {base}.json and {base}.png (rows: images; columns: "
-       f"{', '.join(diagnostics.GRID_COLUMNS)})")
-  return out
+  """What each factor learned, against the generator's ground truth
+  (`runner.diagnose_run`): printed, JSON and a picture grid."""
+  return runner.diagnose_run(args.workdir, args.data, args.split, limit=args.limit,
+                             rows=args.rows, out=args.out,
+                             candidate=getattr(args, "candidate", None))
 
 
 def cmd_predict(args):
-  """Per input: pictures, depth as numbers, albedo, light and view, a textured
-  mesh and turn-tables in OUT/<stem>/ (see scr_jax/export.py). Every input is
-  read and every output name checked before the model is loaded."""
-  if os.path.exists(args.out) and not os.path.isdir(args.out):
-    raise UserError(f"--out {args.out}: exists and is not a folder")
-  video_size = getattr(args, "video_size", 256)
-  if video_size < 8 or video_size % 2:
-    raise UserError(f"--video-size must be an even number >= 8, got {video_size}")
-  cfg = workdir_lib.load_config(args.workdir)  # sizes and crop only; weights come later
-  notes = {}
-  kept, skipped, lines = _predict_inputs(args, cfg, notes)
-  if not kept:
-    raise UserError(f"no readable input among {len(skipped)} file(s); first: {skipped[0]}")
-  stems = export.unique_stems([k[0] for k in kept])
-  export.check_outputs(args.out, stems, [k[0] for k in kept])
-  for line in lines:
-    _log(line)
-  data._report(notes)
-  r = workdir_lib.restore(args.workdir).single(args.workdir, "predict",
-                                                getattr(args, "candidate", None))
-  cfg, nets, params, st = r.cfg, r.nets, r.params, r.structure
-  os.makedirs(args.out, exist_ok=True)
-  cam = model.camera(cfg)
-  fwd = structure.jit(lambda p, x, s: model.forward(nets, p, x, s, cfg))
-  written = []
-  for (path, img, src), stem in zip(kept, stems):
-    out = fwd(params, jnp.asarray(img[None]), st)
-    o, f = out.orig, out.factors
-    one = dict(canon_depth=o.canon_depth_BxSxS, canon_normal=o.canon_normal_BxSxSx3,
-               recon_depth=o.recon_depth_BxSxS, recon_mask=o.recon_mask_BxSxS,
-               ambient=f.ambient_B, diffuse=f.diffuse_B, light_dxy=f.light_dxy_Bx2,
-               view=f.view_Bx6, recon=o.recon_image(),
-               canon_im=jnp.clip(o.canon_image(), 0, 1),
-               canon_albedo=jnp.clip(model.to_unit_range(f.albedo_BxSxSx3), 0, 1))
-    one = {k: np.asarray(v[0]) for k, v in one.items()}
-    one["input"] = img
-    gif = visualize.turntable(o.canon_depth_BxSxS[0], o.canon_image()[0], cam, textured=False)
-    written += export.write_prediction(args.out, stem, one, cam, src, video_size=video_size,
-                                       gif_frames=np.asarray(gif))
-  expected = len(export.FILES) * len(kept)
-  on_disk = len({os.path.realpath(p) for p in written if os.path.isfile(p)})
-  if on_disk != expected:
-    raise UserError(f"{args.out}: {on_disk} distinct files on disk, expected {expected}")
-  more = f"; skipped {len(skipped)} (named above)" if skipped else ""
-  _log(f"wrote {on_disk} files for {len(kept)} images to {args.out} (one folder each){more}")
-  return dict(stems=stems, files=written, skipped=skipped)
+  """Pictures, depth, albedo, light, view, mesh and turn-tables per input
+  (`scr_jax.predict.predict`)."""
+  return predict_lib.predict(
+      args.workdir, args.images, args.out, crop=getattr(args, "crop", "none"),
+      detect_faces=getattr(args, "detect_faces", False),
+      skip_bad=getattr(args, "skip_bad", False), recursive=getattr(args, "recursive", True),
+      video_size=getattr(args, "video_size", 256), candidate=getattr(args, "candidate", None))
 
 
 def cmd_main(args):

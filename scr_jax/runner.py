@@ -1,12 +1,18 @@
-"""The library side of `run.py train` (and of the scripts that train the same
-way): config from a preset and flags, a training run on a workdir from a
---data argument, resumable, with one-line errors before any work.
+"""The library side of `run.py train`, `eval` and `diagnose` (and of the
+scripts that train the same way): config from a preset and flags, a training
+run on a workdir from a --data argument, resumable, with one-line errors
+before any work; the evaluation and the diagnostics of a trained workdir.
 """
 from __future__ import annotations
 
+import json
 import os
 
-from scr_jax import checkpoint, config, dataset, structure, train, workdir as workdir_lib
+import numpy as np
+
+from scr_jax import (checkpoint, config, data, dataset, diagnostics, evaluator, model, structure,
+                     train, workdir as workdir_lib)
+from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.cliutil import log as _log
 from scr_jax.errors import UserError
 
@@ -130,4 +136,101 @@ def train_run(cfg, workdir: str, data: str = "builtin", *, candidates=None, resu
                   max_seconds=max_seconds, run_info=info, init_params=init_params)
   if res["reason"] != "already trained":
     log(f"trained to step {res['step']} in {res['seconds']:.0f}s ({res['reason']})")
+  return res
+
+
+def eval_run(workdir: str, data_arg: str, split: str = "test", cache=None,
+             save_predictions=None, log=_log) -> dict:
+  """SIDE / MAD (Unsup3D's protocol) of workdir's newest checkpoint on `split`
+  of `--data data_arg`, with the baselines on the same images (constant,
+  average GT and, for generated data, the template) when the data has a train
+  split with depth; a candidates workdir gives one result per candidate.
+  save_predictions: an .npz path for the predicted depth, mask and names
+  (single-structure workdirs only).
+  Returns the summary dict (also what `eval --out` writes). Raises UserError.
+  """
+  check_data_arg(data_arg)
+  r = workdir_lib.restore(workdir)
+  cfg, params, st, step = r.cfg, r.params, r.structure, r.step
+  if r.k and save_predictions:
+    raise UserError("--save-predictions needs a single-structure workdir")
+  d = dataset.load_split(data_arg, split, cfg, cache=cache)
+  ev = Evaluator(r.nets, cfg)
+  if r.k:  # a candidates workdir (train --candidates, search evals, fig6): one result each
+    rows = []
+    for order, (params_i, st_i) in zip(st.orders or range(r.k), each_candidate(params, st)):
+      res, _, _ = ev.evaluate(params_i, d, st_i)
+      rows.append(dict(res, order=order))
+      log(f"  {order}: SIDE {res['side_mean']:.3f}  MAD {res['mad_mean']:.2f}")
+    summ = dict(candidates=rows)
+  else:
+    summ, pred, valid = ev.evaluate(params, d, st)
+    base = evaluator.baselines_for(data_arg, d, cfg)
+    if base is not None:  # the reference predictions on the same images
+      summ["baselines"] = base
+      for name, b in base.items():
+        log(f"  baseline {name}: SIDE {b['side_mean']:.3f}  MAD {b['mad_mean']:.2f}")
+    if save_predictions:
+      os.makedirs(os.path.dirname(os.path.abspath(save_predictions)), exist_ok=True)
+      np.savez_compressed(save_predictions, pred_depth=pred, mask=valid,
+                          names=np.asarray(d["names"]))
+  summ.update(split=split, step=step, workdir=workdir)
+  return summ
+
+
+def diagnose_run(workdir: str, data_arg: str = "builtin", split: str = "test", limit=None,
+                 rows: int = 8, out=None, candidate=None, log=_log) -> dict:
+  """What each factor of workdir's model learned on `split` of data that
+  carries the generator's ground truth (`diagnostics.diagnose`: view, light,
+  depth sign, shape spread) with SIDE / MAD; prints a summary, writes
+  OUT.json and the picture grid OUT.png (default OUT: W/diagnose_SPLIT).
+  limit: the first N images; rows: images in the grid.
+  Returns the diagnostics dict. Raises UserError (bad rows / limit, no sidecar).
+  """
+  if rows < 1:
+    raise UserError(f"--rows must be >= 1, got {rows}")
+  if limit is not None and limit < 1:
+    raise UserError(f"--limit must be >= 1, got {limit}")
+  r = workdir_lib.restore(workdir).single(workdir, "diagnose", candidate)
+  cfg, nets, params, step, st = r.cfg, r.nets, r.params, r.step, r.structure
+  gt_error = UserError(f"{data_arg}: the {split} split has no usable ground-truth sidecar "
+                       f"({split}/{data.GT_FILE}); diagnostics need data from this "
+                       "generator (run.py data, or --data builtin[:VARIANT])")
+  if not dataset.has_ground_truth(data_arg, split, cfg):  # before preparing anything
+    raise gt_error
+  d = dataset.load_split(data_arg, split, cfg)
+  if "gt" not in d:
+    raise gt_error
+  n = len(d["images"]) if limit is None else min(limit, len(d["images"]))
+  d = dict(images=d["images"][:n], depth=d["depth"][:n], names=d["names"][:n],
+           gt={k: v[:n] for k, v in d["gt"].items()})
+  ev = Evaluator(nets, cfg)
+  pred = ev.factors(params, d["images"], st)
+  diag = diagnostics.diagnose(pred, d["gt"])
+  summ, _, _ = ev.evaluate(params, d, st)
+  res = dict(diag, side=summ["side_mean"], mad=summ["mad_mean"],
+             mad_unsup3d=summ["mad_unsup3d_mean"], n=n, split=split, step=step,
+             workdir=workdir, data=data_arg)
+  base = out or os.path.join(workdir, f"diagnose_{split}")
+  os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
+  with open(base + ".json", "w") as fh:
+    json.dump(res, fh, indent=1)
+  shown = min(rows, n)
+  diagnostics.picture_grid(d["images"][:shown], {k: v[:shown] for k, v in pred.items()},
+                           {k: v[:shown] for k, v in d["gt"].items()}, model.camera(cfg),
+                           base + ".png")
+  g = lambda k: res[k]
+  print(f"{workdir} (step {step}) on {data_arg} [{split}], {n} images:\n"
+        f"  depth   MAD {g('mad'):.2f} deg, SIDE {g('side'):.3f} x1e-2\n"
+        f"  view    yaw err {g('view_yaw_mae_deg'):.2f} deg (corr {g('view_yaw_corr'):.3f}); "
+        f"pitch offset {g('view_pitch_offset_deg'):+.2f}, err after it "
+        f"{g('view_pitch_mae_deg'):.2f} deg (corr {g('view_pitch_corr'):.3f}); roll err "
+        f"{g('view_roll_mae_deg'):.2f} deg (corr {g('view_roll_corr'):.3f})\n"
+        f"  light   ambient err {g('light_ambient_mae'):.3f}, diffuse err "
+        f"{g('light_diffuse_mae'):.3f}, direction {g('light_dir_deg'):.1f} deg\n"
+        f"  shape   convex {g('depth_sign'):.2f} (truth {g('depth_sign_gt'):.2f}); spread "
+        f"{g('shape_spread'):.4f} vs truth {g('shape_spread_gt'):.4f} "
+        f"(ratio {g('shape_spread_ratio'):.2f})")
+  log(f"wrote {base}.json and {base}.png (rows: images; columns: "
+      f"{', '.join(diagnostics.GRID_COLUMNS)})")
   return res
