@@ -38,11 +38,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cach
 import jax  # noqa: E402
 
 from scr_jax import (  # noqa: E402
-    checkpoint, cliutil, config, data, dataset, diagnostics, predict as predict_lib, prepare,
-    reproduce, runner, search, structure, unsup3d_import, workdir as workdir_lib)
-from scr_jax.dataset import (  # noqa: E402,F401  (data resolution, re-exported)
-    BUILTIN_COUNTS, builtin_dir, ensure_builtin, load_split, load_train_data,
-    resolve_data)
+    checkpoint, cliutil, config, data, dataset, predict as predict_lib, prepare, reproduce,
+    runner, search, structure, unsup3d_import)
+from scr_jax.dataset import load_split  # noqa: E402
 from scr_jax.errors import NonFiniteError, UserError  # noqa: E402
 
 
@@ -242,50 +240,10 @@ def cmd_predict(args):
 
 
 def cmd_main(args):
-  """`make run`: built-in data -> train cpu_small -> eval -> predict -> summary."""
-  wd = args.workdir
-  cfg = config.get_config("cpu_small")
-  t0 = time.time()
-  root = ensure_builtin(cfg.image_size)
-  d = data.load_synface(root, "train", None, None, limit=8)
-  data.preview_grid(d["images"], d["depth"], os.path.join(root, "preview.png"))
-  # The sub-commands' own parser fills every flag's default (a hand-built
-  # Namespace missed flags added later, e.g. --cache).
-  parse = build_parser().parse_args
-  targv = ["train", "--preset", "cpu_small", "--data", "builtin", "--workdir", wd]
-  if args.steps is not None:
-    targv += ["--steps", str(args.steps)]
-  if args.max_seconds is not None:
-    targv += ["--max-seconds", str(args.max_seconds)]
-  for kv in args.set or []:
-    targv += ["--set", kv]
-  cmd_train(parse(targv))
-  summ = cmd_eval(parse(["eval", "--workdir", wd, "--data", "builtin", "--split", "test",
-                         "--out", os.path.join(wd, "eval_test.json"),
-                         "--save-predictions", os.path.join(wd, "pred_test.npz")]))
-  base = summ.pop("baselines")  # constant, average GT, template: the same test split
-  pred_dir = os.path.join(wd, "predict")
-  test_imgs = os.path.join(root, "test", "image")
-  picks = sorted(os.listdir(test_imgs))[:4]
-  cmd_predict(parse(["predict", "--workdir", wd, "--out", pred_dir, "--images",
-                     *[os.path.join(test_imgs, p) for p in picks]]))
-  test = load_split("builtin", "test", cfg)
-  if "gt" in test:
-    r = workdir_lib.restore(wd)
-    diag = diagnostics.evaluate(r.nets, r.params, test, r.structure, cfg)
-    with open(os.path.join(wd, "diagnose_test.json"), "w") as fh:
-      json.dump(diag, fh, indent=1)
-  rows = [("independent SCR (ours)", summ)] + list(base.items())
-  print(f"\nTest split of the built-in data ({summ['n']} images, {cfg.image_size}px), "
-        f"{time.time() - t0:.0f}s in all")
-  print(f"{'method':<26}{'SIDE x1e-2':>16}{'MAD deg':>16}{'MAD (Unsup3D eps)':>20}")
-  for name, s in rows:
-    print(f"{name:<26}{s['side_mean']:>9.3f} ±{s['side_std']:5.3f}{s['mad_mean']:>9.2f} ±"
-          f"{s['mad_std']:5.2f}{s['mad_unsup3d_mean']:>13.2f} ±{s['mad_unsup3d_std']:5.2f}")
-  if "gt" in test:
-    print(f"diagnostics (test): {diagnostics.headline(diag)} "
-          f"(python experiments/run.py diagnose --workdir {wd} for pictures)")
-  print(f"\noutputs: {wd}/eval_test.json, {wd}/tb (tensorboard), {wd}/metrics.csv, {pred_dir}/")
+  """`make run`: built-in data -> train cpu_small -> eval -> predict -> summary
+  (`runner.quickstart`)."""
+  return runner.quickstart(args.workdir, steps=args.steps, max_seconds=args.max_seconds,
+                           sets=args.set)
 
 
 def build_parser():

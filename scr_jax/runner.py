@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 
-from scr_jax import (checkpoint, config, data, dataset, diagnostics, evaluator, model, structure,
-                     train, workdir as workdir_lib)
+from scr_jax import (checkpoint, config, data, dataset, diagnostics, evaluator, model,
+                     predict as predict_lib, structure, train, workdir as workdir_lib)
 from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.cliutil import log as _log
 from scr_jax.errors import UserError
@@ -234,3 +235,48 @@ def diagnose_run(workdir: str, data_arg: str = "builtin", split: str = "test", l
   log(f"wrote {base}.json and {base}.png (rows: images; columns: "
       f"{', '.join(diagnostics.GRID_COLUMNS)})")
   return res
+
+
+def quickstart(workdir: str, steps=None, max_seconds=None, sets=(), log=_log) -> dict:
+  """`make run`: the built-in data (generated once, a preview PNG), `cpu_small`
+  trained on it in `workdir` (resumable; steps / max_seconds / sets override),
+  evaluated on its test split next to the baselines (constant, average GT,
+  template), `predict` on four test images, the diagnostics, and a summary
+  table printed. Returns dict(eval=..., baselines=..., diagnostics=...)."""
+  cfg = make_config("cpu_small", sets, log, steps=steps)
+  t0 = time.time()
+  root = dataset.ensure_builtin(cfg.image_size)
+  d = data.load_synface(root, "train", None, None, limit=8)
+  data.preview_grid(d["images"], d["depth"], os.path.join(root, "preview.png"))
+  res = train_run(cfg, workdir, "builtin", max_seconds=max_seconds, log=log)
+  if res["reason"] in ("SIGINT", "SIGTERM"):
+    raise SystemExit(130 if res["reason"] == "SIGINT" else 143)
+  summ = eval_run(workdir, "builtin", "test",
+                  save_predictions=os.path.join(workdir, "pred_test.npz"), log=log)
+  with open(os.path.join(workdir, "eval_test.json"), "w") as fh:
+    json.dump(summ, fh, indent=1)
+  base = summ.pop("baselines")  # constant, average GT, template: the same test split
+  pred_dir = os.path.join(workdir, "predict")
+  test_imgs = os.path.join(root, "test", "image")
+  picks = sorted(os.listdir(test_imgs))[:4]
+  predict_lib.predict(workdir, [os.path.join(test_imgs, p) for p in picks], pred_dir)
+  test = dataset.load_split("builtin", "test", cfg)
+  diag = None
+  if "gt" in test:
+    r = workdir_lib.restore(workdir)
+    diag = diagnostics.evaluate(r.nets, r.params, test, r.structure, r.cfg)
+    with open(os.path.join(workdir, "diagnose_test.json"), "w") as fh:
+      json.dump(diag, fh, indent=1)
+  rows = [("independent SCR (ours)", summ)] + list(base.items())
+  print(f"\nTest split of the built-in data ({summ['n']} images, {cfg.image_size}px), "
+        f"{time.time() - t0:.0f}s in all")
+  print(f"{'method':<26}{'SIDE x1e-2':>16}{'MAD deg':>16}{'MAD (Unsup3D eps)':>20}")
+  for name, s in rows:
+    print(f"{name:<26}{s['side_mean']:>9.3f} ±{s['side_std']:5.3f}{s['mad_mean']:>9.2f} ±"
+          f"{s['mad_std']:5.2f}{s['mad_unsup3d_mean']:>13.2f} ±{s['mad_unsup3d_std']:5.2f}")
+  if diag is not None:
+    print(f"diagnostics (test): {diagnostics.headline(diag)} "
+          f"(python experiments/run.py diagnose --workdir {workdir} for pictures)")
+  print(f"\noutputs: {workdir}/eval_test.json, {workdir}/tb (tensorboard), "
+        f"{workdir}/metrics.csv, {pred_dir}/")
+  return dict(eval=summ, baselines=base, diagnostics=diag)

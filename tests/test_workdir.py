@@ -134,3 +134,25 @@ def test_reproduce_runs(capfd, tmp_path, tiny_synface, image):
   assert r6.structure.orders == ("DVAL", "independent")
   assert r6.candidate("independent").structure.variant == "independent"
   _eval_and_predict(capfd, tmp_path, wd6, tiny_synface, image, candidate="independent")
+
+
+def test_make_run_job_end_to_end(capfd, tmp_path):
+  # `make run` (run.py main) for 2 steps: train, eval with the three baselines,
+  # predict and the diagnostics, one summary table.
+  wd = str(tmp_path / "main")
+  capfd.readouterr()
+  code = 0
+  try:
+    run.main(["main", "--workdir", wd, "--steps", "2", "--set", "eval_every=2", "--set",
+              "ckpt_every=2"])
+  except SystemExit as e:
+    code = e.code
+  out, err = capfd.readouterr()
+  assert code in (0, None), err[-2000:]
+  assert "template depth, true view" in out and "independent SCR (ours)" in out
+  with open(os.path.join(wd, "eval_test.json")) as fh:
+    summ = json.load(fh)
+  assert summ["step"] == 2 and set(summ["baselines"]) == {
+      "constant null depth", "average GT depth", "template depth, true view"}
+  assert len(glob.glob(os.path.join(wd, "predict", "*", "depth.npy"))) == 4
+  assert os.path.exists(os.path.join(wd, "diagnose_test.json"))
