@@ -27,7 +27,6 @@ import glob
 import json
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -38,9 +37,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cach
 import jax  # noqa: E402
 
 from scr_jax import (  # noqa: E402
-    checkpoint, cliutil, config, data, dataset, predict as predict_lib, prepare, reproduce,
-    runner, search, structure, unsup3d_import)
-from scr_jax.dataset import load_split  # noqa: E402
+    cliutil, config, data, dataset, predict as predict_lib, prepare, reproduce, runner, search,
+    unsup3d_import)
 from scr_jax.errors import NonFiniteError, UserError  # noqa: E402
 
 
@@ -123,77 +121,16 @@ def cmd_import_unsup3d(args):
 
 
 def cmd_search(args):
-  """Structure search: writes WORKDIR/structure.json (+ trace JSON and PNG)."""
-  cfg = config.validate(config.override(config.get_config(args.preset),
-                                        list(args.set or []) + [f"seed={args.seed}"]))
-  if args.budget_steps is not None:
-    if args.budget_steps < 1:
-      raise UserError(f"--budget-steps must be >= 1, got {args.budget_steps}")
-    cfg = config.override(cfg, [f"steps={args.budget_steps}"])
-  cfg = config.without_missing_vgg(cfg)
-  runner.check_data_arg(args.data)
-  on_cycle = "raise-threshold" if args.raise_threshold_to_dag else args.on_cycle
-  if on_cycle == "refuse" and args.threshold is None:
-    raise UserError("--on-cycle refuse needs an explicit --threshold (at the default 0.1 the "
-                    "weakest cycle edges are dropped, each named in a note)")
-  tau = 0.1 if args.threshold is None else args.threshold
-  if args.unroll < 1:
-    raise UserError(f"--unroll must be >= 1, got {args.unroll}")
-  if args.method == "bo":  # the CLI's names, before any data is read
-    if args.init < 1 or args.batch < 1:
-      raise UserError(f"--init and --batch must be >= 1, got --init {args.init} "
-                      f"--batch {args.batch}")
-    if not args.init <= args.evals <= len(structure.ALL_ORDERS):
-      raise UserError(f"--evals must be between --init ({args.init}) and "
-                      f"{len(structure.ALL_ORDERS)} (all orderings), got {args.evals}")
-  checkpoint.probe_writable(args.workdir)
-  # A rerun in the same workdir reuses finished evaluations: only with the
-  # same settings (compared before any data is read).
-  if os.path.exists(os.path.join(args.workdir, "config.json")):
-    with open(os.path.join(args.workdir, "config.json")) as fh:
-      old = dict(config=json.load(fh))
-    changed, harmless = checkpoint.compare_settings(old, dict(config=json.loads(cfg.to_json())))
-    if changed:
-      raise UserError(f"{args.workdir} holds a search with other settings ("
-                      + "; ".join(f"{n}: {o} -> {v}" for n, o, v in changed)
-                      + "); use another --workdir")
-    if harmless:
-      _log(f"note: {args.workdir} holds a search with other settings that do not change "
-           "its result: " + "; ".join(f"{n}: {o} -> {v}" for n, o, v in harmless))
-  checkpoint.save_config(args.workdir, cfg)
-  # Search trains many short runs on one in-memory copy of the split.
-  if not dataset.has_depth(args.data, cfg, "val", args.cache):
-    raise UserError(f"search needs a val split in {args.data}")
-  train_data = load_split(args.data, "train", cfg, need_depth=False, with_gt=False,
-                          cache=args.cache)
-  val_data = load_split(args.data, "val", cfg, cache=args.cache)
-  _log(f"search --method {args.method}: preset {cfg.preset}, {train_data['images'].shape[0]} "
-       f"train / {val_data['images'].shape[0]} val images")
-  t0 = time.time()
-  if args.method in ("bo", "exhaustive"):
-    s, _ = search.search_orders(cfg, args.workdir, train_data, val_data, method=args.method,
-                                n_init=args.init, n_evals=args.evals, batch=args.batch,
-                                objective=args.objective)
-  else:
-    order = None
-    if args.method == "unroll-masked":
-      if args.order:
-        order = structure.check_order(args.order)
-      elif args.structure:
-        order = structure.load_structure(args.structure)["order"]
-      else:
-        raise UserError("--method unroll-masked needs the dense ordering: --order DVAL or "
-                        "--structure W/structure.json (from --method bo)")
-    s, _ = search.search_unroll(cfg, args.workdir, train_data, val_data, masked_order=order,
-                                steps=cfg.steps, unroll_k=args.unroll, inner=args.inner,
-                                outer_lr=args.outer_lr, lam_dag=args.lam_dag,
-                                augmented=args.augmented, tau=tau,
-                                binarize=not args.keep_weights, on_cycle=on_cycle)
-  _log(f"search done in {time.time() - t0:.0f}s; train with: python experiments/run.py train "
-       f"--variant {'dense' if 'M' not in s else 'generic'} --structure "
-       f"{os.path.join(args.workdir, 'structure.json')} --preset {args.preset} --data {args.data} "
-       "--workdir RUN")
-  return s
+  """Structure search: writes WORKDIR/structure.json (+ trace JSON and PNG)
+  (`search.run_search`)."""
+  return search.run_search(
+      args.workdir, args.data, args.method, preset=args.preset, sets=args.set, seed=args.seed,
+      budget_steps=args.budget_steps, cache=args.cache, threshold=args.threshold,
+      on_cycle="raise-threshold" if args.raise_threshold_to_dag else args.on_cycle,
+      unroll=args.unroll, inner=args.inner, outer_lr=args.outer_lr, lam_dag=args.lam_dag,
+      augmented=args.augmented, keep_weights=args.keep_weights, init=args.init,
+      evals=args.evals, batch=args.batch, objective=args.objective, order=args.order,
+      structure_path=args.structure)
 
 
 def cmd_reproduce(args):

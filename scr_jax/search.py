@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import (bilevel, bo, dataset, evaluator, structure, train, train_step,
-                     workdir as workdir_lib)
+from scr_jax import (bilevel, bo, checkpoint, config, dataset, evaluator, runner, structure,
+                     train, train_step, workdir as workdir_lib)
 from scr_jax.errors import UserError
 
 # ----------------------------------------------------------------------------
@@ -305,3 +305,83 @@ def plot_bo_trace(trace_dict, path_png, exhaustive=None):
     ax2.set_title("all orderings, sorted (blue = evaluated)")
   fig.tight_layout()
   fig.savefig(path_png)
+
+
+def run_search(workdir: str, data: str, method: str, *, preset: str = "cpu_small", sets=(),
+               seed: int = 0, budget_steps=None, cache=None, threshold=None,
+               on_cycle: str = "drop-weakest", unroll: int = 1, inner: str = "adam",
+               outer_lr: float = 5e-2, lam_dag: float = 1.0, augmented: bool = True,
+               keep_weights: bool = False, init: int = 4, evals: int = 10, batch: int = 2,
+               objective: str = "val_loss", order=None, structure_path=None, log=log_line):
+  """`run.py search`: checks every argument (one-line UserErrors, before any
+  data is read), refuses a workdir holding a search with other settings
+  (reuses one with the same), then runs `search_orders` (method bo /
+  exhaustive) or `search_unroll` (unroll / unroll-masked; the dense ordering
+  from `order` or a dense `structure_path`). Returns the structure dict
+  written to WORKDIR/structure.json."""
+  cfg = config.validate(config.override(config.get_config(preset),
+                                        list(sets or []) + [f"seed={seed}"]))
+  if budget_steps is not None:
+    if budget_steps < 1:
+      raise UserError(f"--budget-steps must be >= 1, got {budget_steps}")
+    cfg = config.override(cfg, [f"steps={budget_steps}"])
+  cfg = config.without_missing_vgg(cfg)
+  runner.check_data_arg(data)
+  if on_cycle == "refuse" and threshold is None:
+    raise UserError("--on-cycle refuse needs an explicit --threshold (at the default 0.1 the "
+                    "weakest cycle edges are dropped, each named in a note)")
+  tau = 0.1 if threshold is None else threshold
+  if unroll < 1:
+    raise UserError(f"--unroll must be >= 1, got {unroll}")
+  if method == "bo":  # the CLI's names, before any data is read
+    if init < 1 or batch < 1:
+      raise UserError(f"--init and --batch must be >= 1, got --init {init} --batch {batch}")
+    if not init <= evals <= len(structure.ALL_ORDERS):
+      raise UserError(f"--evals must be between --init ({init}) and "
+                      f"{len(structure.ALL_ORDERS)} (all orderings), got {evals}")
+  checkpoint.probe_writable(workdir)
+  # A rerun in the same workdir reuses finished evaluations: only with the
+  # same settings (compared before any data is read).
+  if os.path.exists(os.path.join(workdir, "config.json")):
+    with open(os.path.join(workdir, "config.json")) as fh:
+      old = dict(config=json.load(fh))
+    changed, harmless = checkpoint.compare_settings(old, dict(config=json.loads(cfg.to_json())))
+    if changed:
+      raise UserError(f"{workdir} holds a search with other settings ("
+                      + "; ".join(f"{n}: {o} -> {v}" for n, o, v in changed)
+                      + "); use another --workdir")
+    if harmless:
+      log(f"note: {workdir} holds a search with other settings that do not change "
+          "its result: " + "; ".join(f"{n}: {o} -> {v}" for n, o, v in harmless))
+  checkpoint.save_config(workdir, cfg)
+  # Search trains many short runs on one in-memory copy of the split.
+  if not dataset.has_depth(data, cfg, "val", cache):
+    raise UserError(f"search needs a val split in {data}")
+  train_data = dataset.load_split(data, "train", cfg, need_depth=False, with_gt=False,
+                                  cache=cache)
+  val_data = dataset.load_split(data, "val", cfg, cache=cache)
+  log(f"search --method {method}: preset {cfg.preset}, {train_data['images'].shape[0]} "
+      f"train / {val_data['images'].shape[0]} val images")
+  t0 = time.time()
+  if method in ("bo", "exhaustive"):
+    s, _ = search_orders(cfg, workdir, train_data, val_data, method=method, n_init=init,
+                         n_evals=evals, batch=batch, objective=objective)
+  else:
+    masked = None
+    if method == "unroll-masked":
+      if order:
+        masked = structure.check_order(order)
+      elif structure_path:
+        masked = structure.load_structure(structure_path)["order"]
+      else:
+        raise UserError("--method unroll-masked needs the dense ordering: --order DVAL or "
+                        "--structure W/structure.json (from --method bo)")
+    s, _ = search_unroll(cfg, workdir, train_data, val_data, masked_order=masked,
+                         steps=cfg.steps, unroll_k=unroll, inner=inner, outer_lr=outer_lr,
+                         lam_dag=lam_dag, augmented=augmented, tau=tau,
+                         binarize=not keep_weights, on_cycle=on_cycle)
+  log(f"search done in {time.time() - t0:.0f}s; train with: python experiments/run.py train "
+      f"--variant {'dense' if 'M' not in s else 'generic'} --structure "
+      f"{os.path.join(workdir, 'structure.json')} --preset {preset} --data {data} "
+      "--workdir RUN")
+  return s
