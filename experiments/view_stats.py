@@ -3,7 +3,7 @@
 test split with the generator's ground truth, for trained workdirs
 (single-structure ones).
 
-  python experiments/view_stats.py [--data builtin[:VARIANT]|DIR] W [W ...]
+  python experiments/view_stats.py [--data builtin[:VARIANT]|DIR] [--matrix] W [W ...]
 
 Prints one line per workdir: predicted and true yaw std, their correlation,
 the mean predicted pitch against the data's (the canonical frame does not fix
@@ -26,6 +26,9 @@ from scr_jax.evaluator import Evaluator  # noqa: E402
 def main():
   p = cliutil.Parser(prog="view_stats.py", description=__doc__.split("\n")[0])
   p.add_argument("--data", default="builtin")
+  p.add_argument("--matrix", action="store_true",
+                 help="also the correlation of every predicted pose component with every "
+                 "true one (pitch, yaw, roll, x / y shift): which truth each output tracks")
   p.add_argument("workdirs", nargs="+")
   args = p.parse_args()
   for wd in args.workdirs:
@@ -47,6 +50,27 @@ def main():
           f"{d['view_yaw_mae_deg']:.1f} deg; mean pitch predicted "
           f"{np.rad2deg(pred[:, 0]).mean():.1f} deg, true {np.rad2deg(true[:, 0]).mean():.1f}",
           flush=True)
+    if args.matrix:
+      print(pose_matrix(np.asarray(pred), np.asarray(true)), flush=True)
+
+
+POSE = ("pitch", "yaw", "roll", "x shift", "y shift")
+
+
+def pose_matrix(pred_Nx6, true_Nx6) -> str:
+  """Markdown: Pearson correlation of each predicted pose component (rows)
+  with each true one (columns; '-' where one side does not vary), and the
+  slope of the predicted yaw regressed on the true yaw (1 = full scale)."""
+  lines = ["| predicted \\ true | " + " | ".join(POSE) + " |", "|---" * (len(POSE) + 1) + "|"]
+  for i, name in enumerate(POSE):
+    cells = []
+    for j in range(len(POSE)):
+      a, b = pred_Nx6[:, i], true_Nx6[:, j]
+      cells.append("-" if a.std() < 1e-9 or b.std() < 1e-9 else f"{diagnostics.pearson(a, b):+.2f}")
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  t = true_Nx6[:, 1] - true_Nx6[:, 1].mean()
+  slope = float(np.dot(pred_Nx6[:, 1] - pred_Nx6[:, 1].mean(), t) / max(np.dot(t, t), 1e-12))
+  return "\n".join(lines) + f"\npredicted yaw = {slope:.2f} x true yaw + ... (least squares)"
 
 
 if __name__ == "__main__":
