@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import view_stats
 from scr_jax import data, diagnostics as D, evaluator, metrics, model, render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -369,3 +370,18 @@ def test_bench_table_median_worst_and_goals(tmp_path):
   assert "median MAD < template NO" in text  # 10 > 9
   assert "yaw corr >= 0.95 on every run NO (min -0.500)" in text
   assert "Not finished yet: v_s3" in text
+
+
+def test_view_stats_pose_matrix_names_what_each_output_tracks():
+  rng = np.random.default_rng(0)
+  true = rng.normal(size=(200, 6))
+  true[:, 5] = 0.0
+  pred = np.zeros_like(true)
+  pred[:, 1] = 0.5 * true[:, 1]  # yaw at half scale
+  pred[:, 3] = true[:, 1]  # the x shift tracks the true yaw
+  text = view_stats.pose_matrix(pred, true)
+  rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]]
+          for r in text.splitlines() if r.startswith("| ") and "predicted" not in r}
+  assert rows["yaw"][1] == "+1.00" and rows["x shift"][1] == "+1.00"
+  assert rows["pitch"] == ["-"] * 5  # a constant output: no correlation to report
+  assert "predicted yaw = 0.50 x true yaw" in text
