@@ -393,38 +393,45 @@ def shade(normal_HxWx3, ambient, diffuse, light_dxy_2):
   return ambient + diffuse * jnp.maximum(0.0, normal_HxWx3 @ d)
 
 
+def sample_canonical(canon_image_BxHxWxC, depth_BxHxW, view_Bx6, cam: Camera):
+  """The second half of rendering: every view pixel samples the canonical image
+  where its surface point (view depth `depth_BxHxW`) comes from
+  (`inverse_warp_grid`, bilinear `grid_sample`). Returns image_BxHxWxC."""
+  grid = jax.vmap(functools.partial(inverse_warp_grid, cam=cam))(depth_BxHxW, view_Bx6)
+  return jax.vmap(grid_sample)(canon_image_BxHxWxC, grid)
+
+
 def render_views(canon_depth_BxHxW, canon_image_BxHxWxC, view_Bx6, cam: Camera,
                  face_valid_BxF=None):
-  """Renders canonical (depth, image) pairs into their views: the one
-  rendering composition (the model's reconstruction, `render_view`, the data
-  generator). The mesh of each depth map is rasterized in the view
-  (`warp_depth_batch`) and every view pixel samples the canonical image where
-  its surface point comes from (`inverse_warp_grid`, bilinear).
+  """Renders canonical (depth, image) pairs into their views: the rendering
+  composition of the model's reconstruction (and, one image at a time, of
+  `render_view`): the mesh of each depth map is rasterized in the view
+  (`warp_depth_batch`), then `sample_canonical`.
 
   Returns (depth_BxHxW in the view, far where uncovered; image_BxHxWxC, not
   masked: uncovered pixels hold whatever the grid samples, so callers decide;
   covered_BxHxW bool).
   """
   depth, covered = warp_depth_batch(canon_depth_BxHxW, view_Bx6, cam, face_valid_BxF)
-  grid = jax.vmap(functools.partial(inverse_warp_grid, cam=cam))(depth, view_Bx6)
-  image = jax.vmap(grid_sample)(canon_image_BxHxWxC, grid)
-  return depth, image, covered
+  return depth, sample_canonical(canon_image_BxHxWxC, depth, view_Bx6, cam), covered
 
 
 def render_view(canon_depth_HxW, canon_image_HxWxC, view_6, cam: Camera,
                 face_valid_F=None):
-  """Renders one canonical (depth, image) pair into view_6 (`render_views`)
-  for pictures and data: uncovered pixels are 0.
+  """Renders one canonical (depth, image) pair into view_6, as `render_views`
+  does for a batch, for pictures and data: uncovered pixels are 0. (One image
+  warps with `warp_depth`, not the batched `lax.map`: called eagerly, a fresh
+  `lax.map` per call is a fresh executable each time.)
 
   Returns dict: depth_HxW (view depth, far where uncovered), image_HxWxC
   (inverse-warped canonical image, 0 where uncovered), mask_HxW (float, 1 where
   the surface covers the pixel).
   """
-  one = lambda a: None if a is None else a[None]
-  depth, image, covered = render_views(one(canon_depth_HxW), one(canon_image_HxWxC),
-                                       one(jnp.asarray(view_6)), cam, one(face_valid_F))
-  mask = covered[0].astype(canon_image_HxWxC.dtype)
-  return dict(depth=depth[0], image=image[0] * mask[..., None], mask=mask)
+  depth, covered = warp_depth(canon_depth_HxW, view_6, cam, face_valid_F)
+  image = sample_canonical(jnp.asarray(canon_image_HxWxC)[None], depth[None],
+                           jnp.asarray(view_6)[None], cam)[0]
+  mask = covered.astype(canon_image_HxWxC.dtype)
+  return dict(depth=depth, image=image * mask[..., None], mask=mask)
 
 
 def warp_depth_batch(depth_BxHxW, view_Bx6, cam: Camera, face_valid_BxF=None):
