@@ -427,9 +427,16 @@ def render_view(canon_depth_HxW, canon_image_HxWxC, view_6, cam: Camera,
   (inverse-warped canonical image, 0 where uncovered), mask_HxW (float, 1 where
   the surface covers the pixel).
   """
+  return _render_view_jit(jnp.asarray(canon_depth_HxW), jnp.asarray(canon_image_HxWxC),
+                          jnp.asarray(view_6), cam, face_valid_F)
+
+
+@functools.partial(jax.jit, static_argnames=("cam",))
+def _render_view_jit(canon_depth_HxW, canon_image_HxWxC, view_6, cam, face_valid_F):
+  # One compiled program per shape: called in Python loops (turn-tables, the
+  # generator), eager ops made a fresh executable per call.
   depth, covered = warp_depth(canon_depth_HxW, view_6, cam, face_valid_F)
-  image = sample_canonical(jnp.asarray(canon_image_HxWxC)[None], depth[None],
-                           jnp.asarray(view_6)[None], cam)[0]
+  image = sample_canonical(canon_image_HxWxC[None], depth[None], view_6[None], cam)[0]
   mask = covered.astype(canon_image_HxWxC.dtype)
   return dict(depth=depth, image=image * mask[..., None], mask=mask)
 
