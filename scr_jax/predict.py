@@ -6,17 +6,13 @@ OUT/<stem>/ (`export`)."""
 from __future__ import annotations
 
 import os
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 
 from scr_jax import data, detect, export, model, structure, visualize, workdir as workdir_lib
+from scr_jax.cliutil import log as _log
 from scr_jax.errors import UserError
-
-
-def _log(msg):
-  print(msg, file=sys.stderr, flush=True)
 
 
 def parse_crop(spec) -> "str | int":

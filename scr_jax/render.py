@@ -418,27 +418,25 @@ def render_views(canon_depth_BxHxW, canon_image_BxHxWxC, view_Bx6, cam: Camera,
 
 def render_view(canon_depth_HxW, canon_image_HxWxC, view_6, cam: Camera,
                 face_valid_F=None):
-  """Renders one canonical (depth, image) pair into view_6, as `render_views`
-  does for a batch, for pictures and data: uncovered pixels are 0. (One image
-  warps with `warp_depth`, not the batched `lax.map`: called eagerly, a fresh
-  `lax.map` per call is a fresh executable each time.)
+  """Renders one canonical (depth, image) pair into view_6 (`render_views` on a
+  batch of one) for pictures and data: uncovered pixels are 0. Jitted, one
+  program per shape: it is called in Python loops (turn-tables, the generator),
+  where eager ops made a fresh executable per call.
 
   Returns dict: depth_HxW (view depth, far where uncovered), image_HxWxC
   (inverse-warped canonical image, 0 where uncovered), mask_HxW (float, 1 where
   the surface covers the pixel).
   """
-  return _render_view_jit(jnp.asarray(canon_depth_HxW), jnp.asarray(canon_image_HxWxC),
-                          jnp.asarray(view_6), cam, face_valid_F)
+  one = lambda a: None if a is None else jnp.asarray(a)[None]
+  return _render_one(one(canon_depth_HxW), one(canon_image_HxWxC), one(view_6), cam,
+                     one(face_valid_F))
 
 
 @functools.partial(jax.jit, static_argnames=("cam",))
-def _render_view_jit(canon_depth_HxW, canon_image_HxWxC, view_6, cam, face_valid_F):
-  # One compiled program per shape: called in Python loops (turn-tables, the
-  # generator), eager ops made a fresh executable per call.
-  depth, covered = warp_depth(canon_depth_HxW, view_6, cam, face_valid_F)
-  image = sample_canonical(canon_image_HxWxC[None], depth[None], view_6[None], cam)[0]
-  mask = covered.astype(canon_image_HxWxC.dtype)
-  return dict(depth=depth, image=image * mask[..., None], mask=mask)
+def _render_one(depth_1xHxW, image_1xHxWxC, view_1x6, cam, face_valid_1xF):
+  depth, image, covered = render_views(depth_1xHxW, image_1xHxWxC, view_1x6, cam, face_valid_1xF)
+  mask = covered[0].astype(image.dtype)
+  return dict(depth=depth[0], image=image[0] * mask[..., None], mask=mask)
 
 
 def warp_depth_batch(depth_BxHxW, view_Bx6, cam: Camera, face_valid_BxF=None):
