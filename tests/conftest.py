@@ -9,11 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
-# Only programs that take a while to compile are cached: with 0, every tiny
-# eager op (a while_loop in a Python loop of renders gets a fresh executable
-# per call) was written and read back hundreds of times, and jaxlib's cache
-# deserialisation segfaulted the suite twice in test_reproduce_runs.
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from scr_jax import data  # noqa: E402  (after the environment)
