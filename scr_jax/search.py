@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import (bilevel, bo, checkpoint, config, dataset, evaluator, runner, structure,
-                     train, train_step, workdir as workdir_lib)
+from scr_jax import (bilevel, bo, checkpoint, cliutil, config, dataset, evaluator, runner,
+                     structure, train, train_step, workdir as workdir_lib)
 from scr_jax.errors import UserError
 
 # ----------------------------------------------------------------------------
@@ -77,17 +76,13 @@ def _write_json(path, obj):
   os.replace(tmp, path)
 
 
-def log_line(msg):
-  print(msg, file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------------------
 # The `run.py search` methods on the SCR model.
 # ----------------------------------------------------------------------------
 
 
 def search_orders(cfg, workdir, train_data, val_data, method="bo", n_init=4, n_evals=10,
-                  batch=2, objective="val_loss", log=log_line):
+                  batch=2, objective="val_loss", log=cliutil.log):
   """Dense SCR: BO (or exhaustive) over orderings; each evaluation trains for
   cfg.steps steps. Writes workdir/structure.json, bo_trace.json and .png."""
   os.makedirs(workdir, exist_ok=True)
@@ -143,7 +138,7 @@ def search_orders(cfg, workdir, train_data, val_data, method="bo", n_init=4, n_e
 
 def search_unroll(cfg, workdir, train_data, val_data, masked_order=None, steps=50, unroll_k=1,
                   inner="adam", outer_lr=5e-2, lam_dag=1.0, augmented=True, tau=0.1,
-                  binarize=True, raise_to_dag=False, on_cycle="drop-weakest", log=log_line):
+                  binarize=True, raise_to_dag=False, on_cycle="drop-weakest", log=cliutil.log):
   """Generic SCR by unrolled bilevel optimisation (Eq. 5), or on M * M_dense
   of `masked_order` (Eq. 6). Writes workdir/structure.json (thresholded M),
   unroll_trace.json and unroll_trace.png.
@@ -312,7 +307,7 @@ def run_search(workdir: str, data: str, method: str, *, preset: str = "cpu_small
                on_cycle: str = "drop-weakest", unroll: int = 1, inner: str = "adam",
                outer_lr: float = 5e-2, lam_dag: float = 1.0, augmented: bool = True,
                keep_weights: bool = False, init: int = 4, evals: int = 10, batch: int = 2,
-               objective: str = "val_loss", order=None, structure_path=None, log=log_line):
+               objective: str = "val_loss", order=None, structure_path=None, log=cliutil.log):
   """`run.py search`: checks every argument (one-line UserErrors, before any
   data is read), refuses a workdir holding a search with other settings
   (reuses one with the same), then runs `search_orders` (method bo /
