@@ -116,10 +116,13 @@ PRESETS = {
     # Fits 2 CPU cores: 32x32, narrow nets; a higher lr (5x more for the view
     # net), a confidence floor, a convex initial depth, and short warm-ups of
     # the view translation and of the depth net (the yaw is learned against
-    # the convex prior first; 600-step warm-ups broke data with real shifts),
-    # measured in README "Learning on CPU".
+    # the convex prior first; 600-step warm-ups broke data with real shifts)
+    # and of pitch / roll (with all six pose outputs free when the translation
+    # is released, the view could run away to the tanh limits within ~15
+    # steps and never come back), measured in README "Learning on CPU".
     "cpu_small": Config(lr=5e-4, lr_view_mult=5.0, min_sigma=0.05, depth_prior=1.0,
-                        trans_warmup_steps=200, depth_warmup_steps=300),
+                        trans_warmup_steps=200, depth_warmup_steps=300,
+                        tilt_warmup_steps=300),
     # The paper / Unsup3D setting: 64x64 synface, Unsup3D widths, batch 64.
     "paper": Config(preset="paper", image_size=64, crop=170, embed_dim=256,
                     nf_encoder=32, nf_ed=64, nf_conf=64, conf_zdim=128,
