@@ -27,6 +27,7 @@ import dataclasses
 import datetime
 import fcntl
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -233,6 +234,64 @@ def _tfds():
   return tfds
 
 
+def available_memory_bytes() -> int:
+  """MemAvailable of /proc/meminfo (free pages elsewhere), in bytes."""
+  with contextlib.suppress(OSError, ValueError):
+    with open("/proc/meminfo") as fh:
+      for line in fh:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def split_buffer_bytes(splits: dict, image_size: int, with_depth: bool) -> int:
+  """Serialized size of the largest split (bytes, an estimate: raw uint8
+  image, uint16 depth, name and record overhead per example)."""
+  per = image_size * image_size * (3 + (2 if with_depth else 0)) + 128
+  return max((len(v) for v in splits.values()), default=0) * per
+
+
+def _writes_from_memory(need_bytes: int) -> bool:
+  """Whether TFDS will hold the split in memory past its own 1 GB cap (no
+  TensorFlow to spill with; see `writer_buffer_for`)."""
+  from tensorflow_datasets.core import shuffle  # optional dependency
+  return need_bytes > shuffle.MAX_MEM_BUFFER_SIZE and importlib.util.find_spec("tensorflow") is None
+
+
+def check_writer_memory(need_bytes: int, available=None):
+  """Raises UserError (before any work) when a split that must be written
+  from memory (`writer_buffer_for`) needs over 80% of the available memory."""
+  if not _writes_from_memory(need_bytes):
+    return
+  available = available_memory_bytes() if available is None else available
+  if need_bytes > 0.8 * available:
+    raise UserError(
+        f"prepare: the largest split needs about {need_bytes / 2**30:.1f} GB of memory while "
+        f"it is written (TFDS without TensorFlow writes a split from memory) and "
+        f"{available / 2**30:.1f} GB are available; use a smaller --image-size, split the "
+        "folder into several datasets, or install tensorflow (TFDS then spills to disk)")
+
+
+@contextlib.contextmanager
+def writer_buffer_for(need_bytes: int):
+  """TFDS's writer keeps a split in memory up to its MAX_MEM_BUFFER_SIZE (1 GB)
+  and beyond that spills to disk through tf.io.gfile, which needs TensorFlow
+  (not a dependency: 200,000 images at 64 px crashed there with "No module
+  named 'tensorflow'" after the whole decode). Without TensorFlow the split is
+  therefore written from memory: the cap is raised to fit `need_bytes` for
+  the duration of the write (`check_writer_memory` first)."""
+  from tensorflow_datasets.core import shuffle  # optional dependency
+  if not _writes_from_memory(need_bytes):
+    yield
+    return
+  old = shuffle.MAX_MEM_BUFFER_SIZE
+  shuffle.MAX_MEM_BUFFER_SIZE = int(need_bytes * 1.25) + (1 << 20)
+  try:
+    yield
+  finally:
+    shuffle.MAX_MEM_BUFFER_SIZE = old
+
+
 @dataclasses.dataclass
 class _Plan:
   """What one prepare writes: sizes and the decoded-example streams."""
@@ -338,7 +397,8 @@ def prepare(src: str, out: str, image_size: int = 64, crop=None, workers=None,
     out_flag: how errors about `out` name it.
   Raises:
     UserError: bad source, unreadable file (the first one, one line), `out`
-      not ours or not writable.
+      not ours or not writable, a split too large to write in the memory
+      available (`check_writer_memory`).
   """
   t0 = time.time()
   if int(image_size) < 4:
@@ -357,6 +417,9 @@ def prepare(src: str, out: str, image_size: int = 64, crop=None, workers=None,
     if read_manifest(out, False) is not None and not overwrite:
       raise UserError(f"{out_flag} {out} already holds a prepared dataset (replace it with "
                       "--overwrite, or give another --out)")
+  with_depth = any(v and v[0][2] is not None for v in listing["splits"].values())
+  need = split_buffer_bytes(listing["splits"], int(image_size), with_depth)
+  check_writer_memory(need)
   with contextlib.suppress(FileNotFoundError):
     os.remove(os.path.join(out, MANIFEST))
   shutil.rmtree(os.path.join(out, "tfds"), ignore_errors=True)
@@ -376,7 +439,8 @@ def prepare(src: str, out: str, image_size: int = 64, crop=None, workers=None,
                file_format="array_record")
   tfds.display_progress_bar(False)
   try:
-    with contextlib.redirect_stdout(io.StringIO()):
+    with writer_buffer_for(need), \
+        contextlib.redirect_stdout(io.StringIO()):
       builder.download_and_prepare()
   finally:
     tfds.display_progress_bar(True)

@@ -37,6 +37,32 @@ def test_prepare_round_trip_is_the_direct_reader(synface, tmp_path):
   np.testing.assert_array_equal(got["depth"], want["depth"])
 
 
+def test_split_above_tfds_memory_buffer_is_written_without_tensorflow(synface, tmp_path,
+                                                                     monkeypatch):
+  # TFDS spills a split above its in-memory cap (1 GB) through tf.io.gfile, which
+  # needs TensorFlow (not installed here): 200k images at 64 px crashed after the
+  # whole decode. A cap of 1 KB makes this tiny split take that path.
+  from tensorflow_datasets.core import shuffle
+  monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 1024)
+  man = prepare.prepare(synface, str(tmp_path / "ds"), 16, quiet=True)
+  assert shuffle.MAX_MEM_BUFFER_SIZE == 1024  # restored after the write
+  got = dataset.read_split(dataset.Prepared(str(tmp_path / "ds"), man), "train", True)
+  want = folders.load_synface(synface, "train", 16)
+  assert got["names"] == want["names"]
+  np.testing.assert_array_equal(got["images"].astype(np.float32) / 255.0, want["images"])
+
+
+def test_split_too_large_for_memory_is_refused_before_work(monkeypatch):
+  from tensorflow_datasets.core import shuffle
+  monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 1024)
+  splits = dict(train=[("a", "a.png", None)] * 1000)
+  need = prepare.split_buffer_bytes(splits, 64, with_depth=False)
+  assert need >= 1000 * 64 * 64 * 3
+  prepare.check_writer_memory(need, available=10 * need)  # fits: no error
+  with pytest.raises(UserError, match="GB of memory"):
+    prepare.check_writer_memory(need, available=need)
+
+
 def test_prepare_resized_folder_in_parallel(tmp_path):
   # A nested image folder, JPEG, resized 40x30 -> 12 with two worker processes:
   # within half a grey level of the direct reader (uint8 storage), names kept.
