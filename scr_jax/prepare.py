@@ -244,6 +244,12 @@ def available_memory_bytes() -> int:
   return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def has_depth(splits: dict) -> bool:
+  """Depth is stored when any split has it (zeros in the others); splits:
+  split -> list of (name, image_path, depth_path|None)."""
+  return any(v and v[0][2] is not None for v in splits.values())
+
+
 def split_buffer_bytes(splits: dict, image_size: int, with_depth: bool) -> int:
   """Serialized size of the largest split (bytes, an estimate: raw uint8
   image, uint16 depth, name and record overhead per example)."""
@@ -305,8 +311,7 @@ class _Plan:
 
   @property
   def with_depth(self) -> bool:
-    """Depth is stored when any split has it (zeros in the others)."""
-    return any(v and v[0][2] is not None for v in self.splits.values())
+    return has_depth(self.splits)
 
 
 def _builder_class(tfds):
@@ -417,8 +422,7 @@ def prepare(src: str, out: str, image_size: int = 64, crop=None, workers=None,
     if read_manifest(out, False) is not None and not overwrite:
       raise UserError(f"{out_flag} {out} already holds a prepared dataset (replace it with "
                       "--overwrite, or give another --out)")
-  with_depth = any(v and v[0][2] is not None for v in listing["splits"].values())
-  need = split_buffer_bytes(listing["splits"], int(image_size), with_depth)
+  need = split_buffer_bytes(listing["splits"], int(image_size), has_depth(listing["splits"]))
   check_writer_memory(need)
   with contextlib.suppress(FileNotFoundError):
     os.remove(os.path.join(out, MANIFEST))
