@@ -6,6 +6,7 @@ same run (same process, same machine state).
   python experiments/bench_train.py [--presets cpu_small,paper] [--repeats 5]
   python experiments/bench_train.py --layers   # per-layer: ours vs lax/flax convs
   python experiments/bench_train.py --profile [--presets cpu_small]  # where a step's time goes
+  python experiments/bench_train.py --ops [--presets cpu_small]  # per XLA op, by stage / function
   python experiments/bench_train.py --rule [--presets cpu_small]  # conv2d's per-layer rule
   python experiments/bench_train.py --paths [0,1024,8192] [--presets cpu_small]  # whole step per rule
   python experiments/bench_train.py --memory [--presets paper]  # the step's memory (XLA), compile
@@ -13,8 +14,13 @@ same run (same process, same machine state).
 Prints a table, then one JSON line (the last line).
 """
 import argparse
+import collections
+import glob
+import gzip
 import json
 import os
+import re
+import tempfile
 import resource
 import time
 
@@ -303,6 +309,134 @@ def print_profile(name, repeats):
                         sum_s=total, step_s=whole, load_average=os.getloadavg()[0])))
 
 
+# Pipeline stages by the innermost scr_jax file on an op's stack (first match).
+_STAGE_FILES = (("nets.py", "nets"), ("perceptual.py", "nets"), ("render.py", "renderer"),
+                ("losses.py", "loss"), ("model.py", "model"),
+                # train_step.py's own ops: the Adam update and the non-finite guard
+                ("train_step.py", "optimizer"),
+                ("structure.py", "structure"))
+
+
+def _hlo_sources(hlo_text):
+  """op name -> (jax op_name, [(file, function, line), innermost first]) from a
+  compiled module's text (its FileNames / FunctionNames / FileLocations /
+  StackFrames tables and each instruction's stack_frame_id)."""
+  tables = {k: {} for k in ("FileNames", "FunctionNames", "FileLocations", "StackFrames")}
+  section = None
+  for line in hlo_text.splitlines():
+    s = line.strip()
+    if s in tables:
+      section = s
+      continue
+    m = re.match(r"(\d+) (.*)$", s) if section else None
+    if not m:
+      section = None
+      continue
+    i, rest = int(m.group(1)), m.group(2)
+    if section in ("FileNames", "FunctionNames"):
+      tables[section][i] = rest.strip('"')
+    else:
+      tables[section][i] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", rest)}
+
+  def chain(fid):
+    out, seen = [], set()
+    while fid in tables["StackFrames"] and fid not in seen:
+      seen.add(fid)
+      fr = tables["StackFrames"][fid]
+      loc = tables["FileLocations"][fr["file_location_id"]]
+      out.append((os.path.basename(tables["FileNames"][loc["file_name_id"]]),
+                  tables["FunctionNames"][loc["function_name_id"]], loc["line"]))
+      fid = fr.get("parent_frame_id", 0)
+    return out
+  ops = {}
+  for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?metadata=\{([^}]*)\}", hlo_text, re.M):
+    name = re.search(r'op_name="([^"]*)"', m.group(2))
+    fid = re.search(r"stack_frame_id=(\d+)", m.group(2))
+    ops[m.group(1)] = (name.group(1) if name else "", chain(int(fid.group(1))) if fid else [])
+  return ops
+
+
+def profile_ops(name, repeats):
+  """The whole jitted step under jax.profiler: every executed XLA op's
+  exclusive time (its trace time minus that of ops nested in it, e.g. a
+  while loop's body), attributed to a pipeline stage (the innermost scr_jax
+  file on its jax stack: nets, renderer, loss, optimizer) and direction
+  (backward = ops jax derived by transposition), and to the innermost scr_jax
+  function. Ops XLA created without a stack (layout copies, fusions of
+  several sources) count as "unattributed" under their op kind. Returns
+  (step seconds, exclusive seconds per step by stage, by function, by kind)."""
+  cfg = config.get_config(name)
+  st = structure.resolve_structure(cfg)
+  st = st.replace(m=jnp.asarray(st.m))
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
+  img = jax.random.uniform(jax.random.PRNGKey(2), (cfg.batch_size, cfg.image_size,
+                                                   cfg.image_size, 3))
+  compiled = train_step.make_train_step(nets, cfg).lower(state, img, st).compile()
+  sources = _hlo_sources(compiled.as_text())
+  bare = st.bare()
+  holder = [state]
+
+  def run():
+    holder[0], met = compiled(holder[0], img, bare)
+    return met["loss"]
+  jax.block_until_ready(run())
+  whole = _median_time(run, repeats)
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      for _ in range(repeats):
+        jax.block_until_ready(run())
+    (path,) = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
+    with gzip.open(path) as f:
+      events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and "dur" in e]
+  by_thread = collections.defaultdict(list)
+  for e in events:
+    by_thread[(e["pid"], e["tid"])].append(e)
+  for evs in by_thread.values():  # exclusive time: minus directly nested events
+    evs.sort(key=lambda e: (e["ts"], -e["dur"]))
+    stack = []
+    for e in evs:
+      while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
+        stack.pop()
+      e["excl"] = e["dur"]
+      if stack:
+        stack[-1]["excl"] -= e["dur"]
+      stack.append(e)
+  stage, func, kind = (collections.Counter() for _ in range(3))
+  for e in events:
+    op = e.get("args", {}).get("hlo_op")
+    if op not in sources:  # runtime events (executors, waits), not XLA ops
+      continue
+    op_name, frames = sources[op]
+    sec = e["excl"] * 1e-6 / repeats
+    op_kind = re.sub(r"\.\d+$", "", op)
+    kind[op_kind] += sec
+    ours = [f for f in frames if any(f[0] == sf for sf, _ in _STAGE_FILES)]
+    direction = "backward" if "transpose(" in op_name else "forward"
+    if not ours:
+      stage[f"unattributed ({op_kind})" if op_kind in ("copy", "transpose_copy_fusion",
+                                                       "ynn_fusion") else "unattributed (other)"] += sec
+      continue
+    label = next(lab for sf, lab in _STAGE_FILES if any(f[0] == sf for f in ours))
+    stage[label if label == "optimizer" else f"{label} {direction}"] += sec
+    func[f"{ours[0][0]}:{ours[0][1]} ({direction})"] += sec
+  return whole, stage, func, kind
+
+
+def print_ops(name, repeats, top=25):
+  whole, stage, func, kind = profile_ops(name, repeats)
+  total = sum(stage.values())
+  print(f"{name}: whole step {whole * 1e3:.1f} ms (median of {repeats}); XLA ops' exclusive "
+        f"time {total * 1e3:.1f} ms per step = {total / whole:.2f} threads busy on average "
+        f"({os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})")
+  for title, table in (("stage", stage), ("innermost scr_jax function", func), ("XLA op kind", kind)):
+    print(f"{'by ' + title:<60}{'ms':>8}{'share':>8}")
+    for k, v in table.most_common(top):
+      print(f"  {k[:58]:<58}{v * 1e3:>8.2f}{v / total * 100:>7.1f}%")
+  print(json.dumps(dict(preset=name, step_s=whole, exclusive_s=total, stages=dict(stage),
+                        functions=dict(func.most_common(top)), kinds=dict(kind.most_common(top)),
+                        load_average=os.getloadavg()[0])))
+
+
 def print_memory(names):
   """Per preset: lowering and compile time of the jitted train step (nothing
   run, shapes only) and XLA's memory analysis of the compiled step: its
@@ -344,6 +478,9 @@ def main():
   p.add_argument("--layers", action="store_true", help="per-layer conv timings instead")
   p.add_argument("--profile", action="store_true",
                  help="per-part timings of the step (first preset of --presets)")
+  p.add_argument("--ops", action="store_true",
+                 help="per-op profile of the whole step (jax.profiler): exclusive time by "
+                 "stage, by scr_jax function and by XLA op kind (first preset)")
   p.add_argument("--rule", action="store_true",
                  help="conv2d's per-layer rule: each layer on both paths (first preset)")
   p.add_argument("--paths", nargs="?", const=f"0,{MAX_PATCH_DEFAULT},{1 << 40}",
@@ -361,6 +498,8 @@ def main():
                        [int(v) for v in args.paths.split(",")])
   if args.layers:
     return bench_layers(args.repeats)
+  if args.ops:
+    return print_ops(args.presets.split(",")[0], args.repeats)
   if args.profile:
     return print_profile(args.presets.split(",")[0], args.repeats)
   dev = jax.devices()[0]
