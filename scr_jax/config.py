@@ -69,6 +69,9 @@ class Config:
   # explained by the view (yaw) rather than absorbed into an asymmetric
   # canonical face.
   sym_warmup_steps: int = 0
+  # Which canonical maps the symmetry warm-up holds symmetric: "depth,albedo"
+  # (both), "albedo" or "depth".
+  sym_warmup_maps: str = "depth,albedo"
   # Translation warm-up (0 = Unsup3D): the view's x/y/z translation is held at
   # 0 for the first half of N steps and released linearly over the second
   # half. A free translation early on absorbs the yaw (a turned face is
@@ -205,6 +208,9 @@ def validate(cfg: Config) -> Config:
   need(cfg.min_sigma >= 0, "min_sigma", "must be >= 0")
   need(cfg.conf_warmup_steps >= 0, "conf_warmup_steps", "must be >= 0")
   need(cfg.sym_warmup_steps >= 0, "sym_warmup_steps", "must be >= 0")
+  maps = [m.strip() for m in cfg.sym_warmup_maps.split(",")]
+  need(bool(maps) and set(maps) <= {"depth", "albedo"} and len(set(maps)) == len(maps),
+       "sym_warmup_maps", "must be a comma list of depth and/or albedo")
   need(cfg.trans_warmup_steps >= 0, "trans_warmup_steps", "must be >= 0")
   need(cfg.tilt_warmup_steps >= 0, "tilt_warmup_steps", "must be >= 0")
   need(cfg.depth_warmup_steps >= 0, "depth_warmup_steps", "must be >= 0")

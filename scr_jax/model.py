@@ -168,8 +168,9 @@ def factors(nets, params, img_BxSxSx3, structure, cfg, sym=None, trans=None, til
 
   structure: a single `structure.Structure` (m 4x4; vmap over a stack).
 
-  sym: None, or a scalar weight in [0, 1] that makes the canonical depth and
-    albedo (partly) left-right symmetric (`Config.sym_warmup_steps`).
+  sym: None, or a scalar weight in [0, 1] that makes the canonical depth and / or
+    albedo (`Config.sym_warmup_maps`) (partly) left-right symmetric
+    (`Config.sym_warmup_steps`).
   trans, tilt: None, or scalars in [0, 1] scaling the view's translation and
     its pitch / roll (`Config.trans_warmup_steps`, `Config.tilt_warmup_steps`).
   dscale: None, or a scalar in [0, 1] scaling the depth net's output
@@ -189,7 +190,9 @@ def _factors(nets, params, x_BxSxSx3, structure, cfg, sym, trans, tilt, dscale) 
   depth = depth_from_raw(raw["D"][..., 0], cam, cfg.depth_prior, dscale)
   albedo = raw["A"]  # [-1, 1]
   if sym is not None:
-    depth, albedo = symmetrize(depth, sym), symmetrize(albedo, sym)
+    maps = cfg.sym_warmup_maps.split(",")
+    depth = symmetrize(depth, sym) if "depth" in maps else depth
+    albedo = symmetrize(albedo, sym) if "albedo" in maps else albedo
   return Factors(depth_BxSxS=depth, albedo_BxSxSx3=albedo, ambient_B=ambient,
                  diffuse_B=diffuse, light_dxy_Bx2=light_dxy,
                  view_Bx6=view_from_raw(raw["V"], cfg, trans, tilt), u_Bx4xd=u, adjacency=adj)

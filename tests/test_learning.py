@@ -5,8 +5,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from scr_jax import config, losses, model, structure, train_step
+from scr_jax.errors import UserError
 
 
 def _tiny(**kw):
@@ -44,6 +46,20 @@ def test_symmetrize_makes_canonical_maps_mirror_symmetric():
         nets, state.params, img, m, cfg, sym=0.0), k)), f, atol=1e-6)
   # view and light are untouched
   np.testing.assert_allclose(np.asarray(full.view_Bx6), np.asarray(free.view_Bx6))
+  # sym_warmup_maps: only the maps named are held symmetric
+  for maps, held, kept in (("albedo", "albedo_BxSxSx3", "depth_BxSxS"),
+                           ("depth", "depth_BxSxS", "albedo_BxSxSx3")):
+    one = model.factors(nets, state.params, img, m, _tiny(sym_warmup_maps=maps), sym=1.0)
+    np.testing.assert_allclose(np.asarray(getattr(one, held)), np.asarray(getattr(full, held)),
+                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(getattr(one, kept)), np.asarray(getattr(free, kept)),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("maps", ["", "normals", "albedo,albedo", "depth;albedo"])
+def test_sym_warmup_maps_rejects_unknown_maps(maps):
+  with pytest.raises(UserError, match="sym_warmup_maps"):
+    config.override(config.get_config("test_tiny"), [f"sym_warmup_maps={maps}"])
 
 
 def test_confidence_warmup_replaces_sigma_until_its_step():
