@@ -91,6 +91,10 @@ class Config:
   batch_size: int = 32
   lr: float = 1e-4
   lr_view_mult: float = 1.0  # lr multiplier of the view encoder and head (1 = Unsup3D)
+  # Cosine learning-rate decay (0 = constant, Unsup3D): the lr falls from `lr`
+  # at step 0 to 5% of it at this step (Loshchilov & Hutter, SGDR, 2017), then
+  # stays there.
+  lr_cosine_steps: int = 0
   weight_decay: float = 5e-4  # coupled L2 added to the gradient, as Unsup3D
   steps: int = 2000
   seed: int = 0
@@ -200,6 +204,7 @@ def validate(cfg: Config) -> Config:
   need(cfg.batch_size >= 1, "batch_size", "must be >= 1")
   need(cfg.lr > 0, "lr", "must be > 0")
   need(cfg.lr_view_mult > 0, "lr_view_mult", "must be > 0")
+  need(cfg.lr_cosine_steps >= 0, "lr_cosine_steps", "must be >= 0 (0 = constant lr)")
   need(cfg.steps >= 0, "steps", "must be >= 0")
   for f in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints", "num_eval_images"):
     need(getattr(cfg, f) >= 1, f, "must be >= 1")

@@ -49,6 +49,9 @@ def decay_where_trained(weight_decay: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+LR_COSINE_FLOOR = 0.05  # Config.lr_cosine_steps: the lr ends at 5% of cfg.lr
+
+
 @functools.lru_cache(maxsize=32)  # one tx per config: a TrainState's static part
 def make_optimizer(cfg):
   # Unsup3D: Adam with weight decay added to the gradient (coupled L2). With
@@ -56,7 +59,10 @@ def make_optimizer(cfg):
   # decay_where_trained); without them (paper) it is exactly Unsup3D's.
   decay = (decay_where_trained(cfg.weight_decay) if uses_warmups(cfg)
            else optax.add_decayed_weights(cfg.weight_decay))
-  parts = [decay, optax.adam(cfg.lr, b1=0.9, b2=0.999)]
+  # A schedule adds a step count to Adam's state: only when asked for.
+  lr = (optax.cosine_decay_schedule(cfg.lr, cfg.lr_cosine_steps, alpha=LR_COSINE_FLOOR)
+        if cfg.lr_cosine_steps else cfg.lr)
+  parts = [decay, optax.adam(lr, b1=0.9, b2=0.999)]
   if cfg.lr_view_mult != 1.0:  # only then: the optimiser state keeps Unsup3D's shape
     is_view = lambda params: jax.tree_util.tree_map_with_path(
         lambda path, _: getattr(path[1], "key", None) in ("f1_V", "f2_V"), params)

@@ -185,3 +185,37 @@ def test_paper_optimizer_is_unsup3d_coupled_l2():
   upd, _ = tx.update(g, tx.init(p), p)
   # decay applies to the zero-gradient element too (Adam's first step: -lr sign)
   np.testing.assert_allclose(np.asarray(upd["a"]), [-cfg.lr, -cfg.lr], rtol=1e-3)
+
+
+def test_lr_cosine_schedule_decays_adam_steps_to_the_floor():
+  """lr_cosine_steps=N: Adam's step (a constant gradient, so |m/sqrt(v)| = 1)
+  follows lr * (floor + (1 - floor) (1 + cos(pi k / N)) / 2) and stays at the
+  floor after N; 0 keeps a constant lr and Adam's state without a count."""
+  n = 10
+  params = {"w": jnp.ones(3)}
+  grads = {"w": jnp.full(3, 2.0)}
+
+  def steps(cfg, k):
+    tx = train_step.make_optimizer(cfg)
+    state, out = tx.init(params), []
+    for _ in range(k):
+      upd, state = tx.update(grads, state, params)
+      out.append(float(jnp.abs(upd["w"][0])))
+    return out, state
+
+  cfg = _tiny(lr_cosine_steps=n)
+  got, _ = steps(cfg, n + 3)
+  floor = train_step.LR_COSINE_FLOOR
+  want = [cfg.lr * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * min(k, n) / n)))
+          for k in range(n + 3)]
+  np.testing.assert_allclose(got, want, rtol=1e-3)
+  const, state = steps(_tiny(), 3)
+  np.testing.assert_allclose(const, [_tiny().lr] * 3, rtol=1e-3)
+  leaves_const = jax.tree_util.tree_leaves(state)
+  leaves_sched = jax.tree_util.tree_leaves(train_step.make_optimizer(cfg).init(params))
+  assert len(leaves_sched) == len(leaves_const) + 1  # the schedule's step count
+
+
+def test_lr_cosine_steps_must_not_be_negative():
+  with pytest.raises(UserError, match="lr_cosine_steps"):
+    config.override(config.get_config("test_tiny"), ["lr_cosine_steps=-1"])
