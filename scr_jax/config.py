@@ -183,6 +183,11 @@ def override(cfg: Config, assignments) -> Config:
   return validate(dataclasses.replace(cfg, **changes))
 
 
+def sym_warmup_maps(cfg: Config) -> tuple:
+  """The canonical maps the symmetry warm-up holds, e.g. ("depth", "albedo")."""
+  return tuple(m.strip() for m in cfg.sym_warmup_maps.split(","))
+
+
 def validate(cfg: Config) -> Config:
   """Range checks with one-line messages naming the field."""
   def need(cond, field, msg):
@@ -213,8 +218,8 @@ def validate(cfg: Config) -> Config:
   need(cfg.min_sigma >= 0, "min_sigma", "must be >= 0")
   need(cfg.conf_warmup_steps >= 0, "conf_warmup_steps", "must be >= 0")
   need(cfg.sym_warmup_steps >= 0, "sym_warmup_steps", "must be >= 0")
-  maps = [m.strip() for m in cfg.sym_warmup_maps.split(",")]
-  need(bool(maps) and set(maps) <= {"depth", "albedo"} and len(set(maps)) == len(maps),
+  maps = sym_warmup_maps(cfg)
+  need(set(maps) <= {"depth", "albedo"} and len(set(maps)) == len(maps),
        "sym_warmup_maps", "must be a comma list of depth and/or albedo")
   need(cfg.trans_warmup_steps >= 0, "trans_warmup_steps", "must be >= 0")
   need(cfg.tilt_warmup_steps >= 0, "tilt_warmup_steps", "must be >= 0")

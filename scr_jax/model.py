@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import render, structure as structure_lib
+from scr_jax import config as config_lib, render, structure as structure_lib
 
 
 def camera(cfg) -> render.Camera:
@@ -190,7 +190,7 @@ def _factors(nets, params, x_BxSxSx3, structure, cfg, sym, trans, tilt, dscale) 
   depth = depth_from_raw(raw["D"][..., 0], cam, cfg.depth_prior, dscale)
   albedo = raw["A"]  # [-1, 1]
   if sym is not None:
-    maps = cfg.sym_warmup_maps.split(",")
+    maps = config_lib.sym_warmup_maps(cfg)
     depth = symmetrize(depth, sym) if "depth" in maps else depth
     albedo = symmetrize(albedo, sym) if "albedo" in maps else albedo
   return Factors(depth_BxSxS=depth, albedo_BxSxSx3=albedo, ambient_B=ambient,

@@ -47,6 +47,11 @@ def test_symmetrize_makes_canonical_maps_mirror_symmetric():
   # view and light are untouched
   np.testing.assert_allclose(np.asarray(full.view_Bx6), np.asarray(free.view_Bx6))
   # sym_warmup_maps: only the maps named are held symmetric
+  both = model.factors(nets, state.params, img, m, _tiny(sym_warmup_maps=" albedo, depth"),
+                       sym=1.0)
+  for k in ("depth_BxSxS", "albedo_BxSxSx3"):  # spaces and order do not matter
+    np.testing.assert_allclose(np.asarray(getattr(both, k)), np.asarray(getattr(full, k)),
+                               atol=1e-6)
   for maps, held, kept in (("albedo", "albedo_BxSxSx3", "depth_BxSxS"),
                            ("depth", "depth_BxSxS", "albedo_BxSxSx3")):
     one = model.factors(nets, state.params, img, m, _tiny(sym_warmup_maps=maps), sym=1.0)
