@@ -54,15 +54,22 @@ def matmul_rate(n=2048, repeats=5):
   return 2 * n**3 / t, t
 
 
+def step_inputs(cfg):
+  """(structure with M as a jax array, nets, initial TrainState, a random
+  img_BxSxSx3 in [0, 1]): what every step benchmark here feeds the step."""
+  st = structure.resolve_structure(cfg)
+  st = st.replace(m=jnp.asarray(st.m))
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
+  img = jax.random.uniform(jax.random.PRNGKey(2), (cfg.batch_size, cfg.image_size,
+                                                   cfg.image_size, 3))
+  return st, nets, state, img
+
+
 def bench_preset(name, repeats, variant="independent"):
   cfg = config.override(config.get_config(name), [f"variant={variant}"] +
                         (["order=DVAL"] if variant != "independent" else []))
-  st = structure.resolve_structure(cfg)
-  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
+  st, nets, state, img = step_inputs(cfg)
   step = train_step.make_train_step(nets, cfg)
-  img = jax.random.uniform(jax.random.PRNGKey(2), (cfg.batch_size, cfg.image_size,
-                                                   cfg.image_size, 3))
-  st = st.replace(m=jnp.asarray(st.m))
   t0 = time.perf_counter()
   compiled = step.lower(state, img, st).compile()
   compile_s = time.perf_counter() - t0
@@ -129,12 +136,8 @@ def profile_preset(name, repeats):
   update; then the whole step. Returns a list of (part, seconds) rows and the
   whole step's seconds."""
   cfg = config.get_config(name)
-  st = structure.resolve_structure(cfg)
-  st = st.replace(m=jnp.asarray(st.m))
-  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
+  st, nets, state, img = step_inputs(cfg)
   params = state.params
-  img = jax.random.uniform(jax.random.PRNGKey(2), (cfg.batch_size, cfg.image_size,
-                                                   cfg.image_size, 3))
   cam = model.camera(cfg)
   perc = train_step.perceptual_for(cfg)
 
@@ -366,11 +369,7 @@ def profile_ops(name, repeats):
   several sources) count as "unattributed" under their op kind. Returns
   (step seconds, exclusive seconds per step by stage, by function, by kind)."""
   cfg = config.get_config(name)
-  st = structure.resolve_structure(cfg)
-  st = st.replace(m=jnp.asarray(st.m))
-  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
-  img = jax.random.uniform(jax.random.PRNGKey(2), (cfg.batch_size, cfg.image_size,
-                                                   cfg.image_size, 3))
+  st, nets, state, img = step_inputs(cfg)
   compiled = train_step.make_train_step(nets, cfg).lower(state, img, st).compile()
   sources = _hlo_sources(compiled.as_text())
   bare = st.bare()
