@@ -160,6 +160,30 @@ def shape_spread(canon_depth_NxSxS, region_SxS) -> float:
   return float(np.mean(np.std(d, axis=0)))
 
 
+def shape_residual_corr(pred_depth_NxSxS, true_depth_NxSxS, region_SxS) -> np.ndarray:
+  """Per-image shape recovery beyond the template, each in [-1, 1] (N floats).
+
+  For each image, the Pearson correlation over the region between its
+  predicted canonical depth minus the mean predicted canonical depth (over
+  the N images: the model's own template) and its true canonical depth minus
+  the mean true one. Each map's level (its mean over the region) is removed
+  first, as the depth head removes it. 1: every image's own departure from
+  the average shape is recovered (up to scale); 0: none of it (a template,
+  or noise); -1: inverted. 0 where the prediction residual is constant (a
+  template predicts no residual); NaN where the truth's is (or N < 2).
+  """
+  p = np.asarray(pred_depth_NxSxS, np.float64)[:, region_SxS]
+  t = np.asarray(true_depth_NxSxS, np.float64)[:, region_SxS]
+  if len(p) != len(t):
+    raise ValueError(f"pred has {len(p)} depth maps, ground truth {len(t)}")
+  if len(t) < 2:
+    return np.full(len(t), np.nan)
+  p = p - p.mean(axis=1, keepdims=True)
+  t = t - t.mean(axis=1, keepdims=True)
+  p, t = p - p.mean(axis=0), t - t.mean(axis=0)
+  return np.asarray([pearson(a, b) for a, b in zip(p, t)])
+
+
 def diagnose(pred: dict, gt: dict) -> dict:
   """All diagnostics of a prediction against the truth, as a flat dict of floats.
 
@@ -167,7 +191,10 @@ def diagnose(pred: dict, gt: dict) -> dict:
   conventions above; gt may hold canon_mask (NxSxS) for the face region.
   Keys: the `view_errors` and `light_errors` keys, depth_sign (of pred) and
   depth_sign_gt, shape_spread (pred), shape_spread_gt and shape_spread_ratio
-  (pred / gt: ~1 when shapes vary like the truth, ~0 for a template).
+  (pred / gt: ~1 when shapes vary like the truth, ~0 for a template), and
+  shape_corr (the median over images of `shape_residual_corr`: how much of
+  each image's own shape, beyond the template, is recovered; 1 perfect, 0 a
+  template, -1 inverted) with shape_corr_q25 (its lower quartile).
   Raises ValueError when the counts or canonical sizes differ.
   """
   n = len(gt["view"])
@@ -186,21 +213,26 @@ def diagnose(pred: dict, gt: dict) -> dict:
   out["shape_spread_gt"] = shape_spread(gt["canon_depth"], region)
   out["shape_spread_ratio"] = (out["shape_spread"] / out["shape_spread_gt"]
                                if out["shape_spread_gt"] > 0 else float("nan"))
+  corr = shape_residual_corr(pred["canon_depth"], gt["canon_depth"], region)
+  corr = corr[np.isfinite(corr)]
+  out["shape_corr"] = float(np.median(corr)) if corr.size else float("nan")
+  out["shape_corr_q25"] = float(np.quantile(corr, 0.25)) if corr.size else float("nan")
   return out
 
 
 # Keys worth a glance (the progress line, the benchmark table).
 HEADLINE = ("view_yaw_mae_deg", "view_yaw_corr", "view_pitch_offset_deg",
-            "view_pitch_mae_deg", "depth_sign", "shape_spread_ratio")
+            "view_pitch_mae_deg", "depth_sign", "shape_spread_ratio", "shape_corr")
 
 
 def headline(diag: dict) -> str:
   """One line: yaw error and correlation, pitch offset and error, depth sign,
-  shape spread ratio."""
+  shape spread ratio, per-image shape correlation."""
   return (f"yaw err {diag['view_yaw_mae_deg']:.1f} deg (corr {diag['view_yaw_corr']:.2f}), "
           f"pitch offset {diag['view_pitch_offset_deg']:+.1f} err "
           f"{diag['view_pitch_mae_deg']:.1f} deg, convex {diag['depth_sign']:.2f}, "
-          f"shape spread x{diag['shape_spread_ratio']:.2f}")
+          f"shape spread x{diag['shape_spread_ratio']:.2f}, "
+          f"per-image shape corr {diag.get('shape_corr', float('nan')):.2f}")
 
 
 # ----------------------------------------------------------------------------

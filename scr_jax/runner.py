@@ -231,7 +231,8 @@ def diagnose_run(workdir: str, data_arg: str = "builtin", split: str = "test", l
         f"{g('light_diffuse_mae'):.3f}, direction {g('light_dir_deg'):.1f} deg\n"
         f"  shape   convex {g('depth_sign'):.2f} (truth {g('depth_sign_gt'):.2f}); spread "
         f"{g('shape_spread'):.4f} vs truth {g('shape_spread_gt'):.4f} "
-        f"(ratio {g('shape_spread_ratio'):.2f})")
+        f"(ratio {g('shape_spread_ratio'):.2f}); per-image shape corr "
+        f"{g('shape_corr'):.2f} (lower quartile {g('shape_corr_q25'):.2f})")
   log(f"wrote {base}.json and {base}.png (rows: images; columns: "
       f"{', '.join(diagnostics.GRID_COLUMNS)})")
   return res
@@ -274,6 +275,10 @@ def quickstart(workdir: str, steps=None, max_seconds=None, sets=(), log=_log) ->
   for name, s in rows:
     print(f"{name:<26}{s['side_mean']:>9.3f} ±{s['side_std']:5.3f}{s['mad_mean']:>9.2f} ±"
           f"{s['mad_std']:5.2f}{s['mad_unsup3d_mean']:>13.2f} ±{s['mad_unsup3d_std']:5.2f}")
+  tpl = base.get("template depth, true view")
+  if tpl:
+    print(f"MAD / template {summ['mad_mean'] / tpl['mad_mean']:.2f} (below 1: each face's own "
+          "shape beats the mean face placed in the true view)")
   if diag is not None:
     print(f"diagnostics (test): {diagnostics.headline(diag)} "
           f"(python experiments/run.py diagnose --workdir {workdir} for pictures)")

@@ -46,6 +46,11 @@ class GenConfig:
   "blotch" (any base colour with random symmetric colour blotches, no hair).
   The light direction is (dx, dy, 1) normalised with dx, dy uniform in
   +-max_light_dxy; the model's light head (tanh) reaches |dx|, |dy| <= 1.
+  `shape` picks the object family: "head" (the built-in egg-shaped head with
+  hair), "morph" (a low-rank linear face model cut at forehead and chin: no
+  hair, ears or neck), "cat" (a round head with ears and a short muzzle) or
+  "car" (a wide, low body with a cabin, deep relief and steep sides); `scale`
+  magnifies the object in the frame (> 1: it is cut by the frame edges).
   """
   max_yaw_deg: float = 40.0
   max_pitch_deg: float = 5.0
@@ -60,13 +65,22 @@ class GenConfig:
   max_depth: float = 1.1
   albedo: str = "skin"  # skin | blotch
   chunk: int = 64  # samples rendered per jitted call (fixed: stable results)
+  shape: str = "head"  # head | morph | cat | car
+  scale: float = 1.0
 
   def camera(self, size: int) -> render.Camera:
     return render.Camera(size, size, fov_deg=self.fov_deg,
                          min_depth=self.min_depth, max_depth=self.max_depth)
 
   def to_json(self) -> dict:
-    return dataclasses.asdict(self)
+    # Fields added after data was first exported are left out at their
+    # defaults, so existing meta.json files and TFDS config names stay as
+    # they were.
+    d = dataclasses.asdict(self)
+    for name, default in _LATER_FIELDS.items():
+      if d[name] == default:
+        del d[name]
+    return d
 
   @classmethod
   def from_json(cls, d: dict) -> "GenConfig":
@@ -77,6 +91,8 @@ class GenConfig:
 # Asymmetry amplitudes at asymmetry = 1 (see GenConfig).
 _ASYM_DEPTH, _ASYM_ALBEDO = 0.01, 0.15
 _ALBEDO_FAMILIES = ("skin", "blotch")
+_SHAPE_FAMILIES = ("head", "morph", "cat", "car")
+_LATER_FIELDS = dict(shape="head", scale=1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +119,29 @@ VARIANTS = {
                        "config's size, e.g. 32: the loader downsamples)"),
     "albedo_alt": Variant(GenConfig(albedo="blotch"), None,
                           "any base colour with random colour blotches, no hair"),
+    # Families and settings that break the head family's assumptions (issue 20).
+    "morph": Variant(GenConfig(shape="morph", max_pitch_deg=15.0, max_roll_deg=8.0,
+                               max_shift=0.01, ambient_range=(0.3, 0.6),
+                               diffuse_range=(0.4, 0.8), max_light_dxy=0.6),
+                     None, "a low-rank linear face model (20 components, mild expressions) "
+                     "cut at forehead and chin, no hair; narrower in the frame, flatter; "
+                     "pitch +-15, roll +-8, shift +-0.01, light from the front"),
+    "frame": Variant(GenConfig(scale=1.3, max_pitch_deg=10.0), None,
+                     "default heads magnified 1.3x: cut by the frame edges; pitch +-10"),
+    "front_light": Variant(GenConfig(ambient_range=(0.3, 0.6), diffuse_range=(0.4, 0.8),
+                                     max_light_dxy=0.25), None,
+                           "light from the front only (|dx|, |dy| <= 0.25, <= 20 degrees "
+                           "off axis): little shading cue"),
+    "cat": Variant(GenConfig(shape="cat", max_pitch_deg=10.0, max_roll_deg=5.0), None,
+                   "cat-like heads: ears, short muzzle, fur colours and stripes; "
+                   "pitch +-10, roll +-5"),
+    "car": Variant(GenConfig(shape="car", max_yaw_deg=45.0), None,
+                   "car-like bodies: wide and low, cabin on top, deep relief with steep "
+                   "flanks; yaw +-45"),
+    "stress": Variant(GenConfig(max_pitch_deg=15.0, max_roll_deg=8.0, max_shift=0.02,
+                                ambient_range=(0.3, 0.6), diffuse_range=(0.4, 0.8),
+                                max_light_dxy=1.0, albedo="blotch"), None,
+                      "wide_pose + harsh_light + the blotch albedo family together"),
 }
 
 
@@ -193,6 +232,13 @@ def sample_params(rng: np.random.Generator, cfg: GenConfig) -> dict:
     p["blotch"] = np.stack([U(0.0, 0.7, 6), U(-0.8, 0.8, 6), U(0.05, 0.2, 6),
                             U(0.05, 0.2, 6), U(0.5, 0.9, 6)], axis=1)
     p["blotch_col"] = U(0.05, 0.95, size=(6, 3))
+  if cfg.shape not in _SHAPE_FAMILIES:
+    raise UserError(f"GenConfig shape must be one of {', '.join(_SHAPE_FAMILIES)}, "
+                    f"got {cfg.shape!r}")
+  if cfg.shape != "head":
+    # Drawn after everything else, so the head family's streams stay unchanged
+    # (the head parameters above are drawn but unused by the other families).
+    p.update(_FAMILY_PARAMS[cfg.shape](rng))
   return p
 
 
@@ -245,8 +291,13 @@ def canonical_face(p: dict, size: int, cfg: GenConfig = GenConfig()):
   """
   c = (size - 1) / 2.0
   g = ((np.arange(size) - c) / c).astype(np.float32)
+  if cfg.scale != 1.0:
+    g = (g / np.float32(cfg.scale)).astype(np.float32)
   # u right (1xS), v down (Sx1), in [-1, 1]; fields broadcast to SxS.
   u, v = g[None, :], g[:, None]
+  if cfg.shape != "head":
+    depth, alb, mask, env = _FAMILY_FACE[cfg.shape](p, u, v)
+    return _finish(depth, alb, mask, env, p, u, v, cfg)
 
   # Silhouette: an egg, narrower below the centre (jaw).
   dv = v - p["cy"]
@@ -287,10 +338,7 @@ def canonical_face(p: dict, size: int, cfg: GenConfig = GenConfig()):
   # Albedo: skin with a smooth texture, blush, hair, brows, eyes, lips
   # (family "skin"), or a base colour with colour blotches (family "blotch").
   tex = 1.0 + p["tex_amp"] * _fourier(u, v, p["tex"])
-
-  def mix(img, col, alpha):
-    alpha = np.clip(alpha, 0.0, 1.0)[..., None]
-    return img * (1 - alpha) + np.asarray(col)[None, None] * alpha
+  mix = _mix
 
   if cfg.albedo == "blotch":
     alb = p["base"][None, None] * tex[..., None]
@@ -307,14 +355,212 @@ def canonical_face(p: dict, size: int, cfg: GenConfig = GenConfig()):
   alb = mix(alb, p["lip_col"], 0.9 * _gauss(u, v, 0, mv, p["lip_w"] * 0.95, 0.06))
   alb = mix(alb, p["lip_col"] * 0.4, 0.7 * _gauss(u, v, 0, mv, p["lip_w"] * 0.9, 0.015))
   alb = mix(alb, p["skin"] * 0.35, 0.6 * _pair(u, v, 0.06, tip + 0.06, 0.03, 0.02))
-  alb = np.stack([_sym(alb[..., k]) for k in range(3)], axis=-1)
+  return _finish(depth, alb, mask, env, p, u, v, cfg)
 
+
+def _mix(img, col, alpha):
+  """Paints colour `col` over `img` with opacity `alpha` (clipped to [0, 1])."""
+  alpha = np.clip(alpha, 0.0, 1.0)[..., None]
+  return img * (1 - alpha) + np.asarray(col)[None, None] * alpha
+
+
+def _finish(depth, alb, mask, env, p, u, v, cfg):
+  """What every family shares: exact symmetry of the albedo, the optional
+  asymmetric perturbation (faded by `env`), the depth range."""
+  alb = np.stack([_sym(alb[..., k]) for k in range(3)], axis=-1)
   if cfg.asymmetry:
     f = _antisym(_fourier(u, v, p["asym"]) * env)
     depth = depth + cfg.asymmetry * _ASYM_DEPTH * f
     alb = alb + cfg.asymmetry * _ASYM_ALBEDO * f[..., None]
   depth = np.clip(depth, cfg.min_depth, cfg.max_depth)
   return depth.astype(np.float32), np.clip(alb, 0.0, 1.0).astype(np.float32), mask
+
+
+# ----------------------------------------------------------------------------
+# Other object families (GenConfig.shape): the same (u, v) conventions as
+# canonical_face; each returns (depth_SxS, albedo_SxSx3, mask_SxS, env_SxS),
+# env in [0, 1] fading the asymmetric perturbation towards the outline.
+# ----------------------------------------------------------------------------
+
+_SKIN_LIGHT, _SKIN_DARK = np.array([0.92, 0.76, 0.64]), np.array([0.42, 0.28, 0.2])
+_MORPH_MODES = 17  # random smooth modes, after 3 named ones: 20 shape components
+
+
+@functools.lru_cache(maxsize=None)
+def _morph_basis() -> np.ndarray:
+  """The morph family's fixed random modes: each the sum of 3 mirrored Gaussian
+  pairs (centre u >= 0, v, widths su, sv, signed amplitude), 17x3x5. Drawn
+  from a fixed seed (not the sample's): the model is the same for every
+  sample and, being continuous in (u, v), at every resolution."""
+  r = np.random.default_rng(20261202)
+  n = (_MORPH_MODES, 3)
+  amp = r.choice([-1.0, 1.0], n) * r.uniform(0.5, 1.0, n)
+  return np.stack([r.uniform(0.0, 0.8, n), r.uniform(-0.7, 0.8, n), r.uniform(0.1, 0.3, n),
+                   r.uniform(0.1, 0.3, n), amp], axis=-1)
+
+
+def _skin(rng) -> np.ndarray:
+  t = rng.uniform(0.0, 1.0)
+  return ((1 - t) * _SKIN_LIGHT + t * _SKIN_DARK) * rng.uniform(0.94, 1.06, size=3)
+
+
+def _morph_params(rng) -> dict:
+  U = rng.uniform
+  return dict(
+      m_coef=rng.normal(size=3 + _MORPH_MODES),  # standardised shape coefficients
+      m_expr=U(0.0, 0.6, size=2),  # mild expressions: mouth open, smile
+      m_zback=U(1.035, 1.045), m_skin=_skin(rng), m_tex=np.stack(
+          [U(-3, 3, 8), U(-3, 3, 8), U(0, 2 * np.pi, 8), U(-1, 1, 8)], axis=1),
+      # Mirrored blotches: centre u >= 0, v, sizes, relative tone change.
+      m_blotch=np.stack([U(0.1, 0.55, 5), U(-0.6, 0.7, 5), U(0.04, 0.14, 5),
+                         U(0.04, 0.14, 5), U(-0.2, 0.2, 5)], axis=1),
+      m_brow=U(0.4, 0.8), m_eye=U(0.5, 0.85), m_lip=U(0.55, 0.85))
+
+
+def _morph_face(p, u, v):
+  """A low-rank linear face model: mean face + 20 shape components (3 named:
+  width / nose length / nose height, 17 smooth random modes) + 2 mild
+  expressions, on a face mesh cut at the forehead and under the chin (no
+  hair, ears or neck: the silhouette is the face's own contour). Flatter and
+  narrower in the frame than the head family: half-width ~0.69 of the frame,
+  relief ~0.085 depth units."""
+  c = p["m_coef"]
+  w = 0.69 * (1 + 0.05 * c[0])  # half-width in u
+  v_top, v_chin, v_mid = -0.78, 0.86 + 0.03 * c[1], 0.1
+  x = u / w
+  upper = (v < v_mid) & (v > v_top) & (np.abs(x) < 1 - 0.15 * ((v_mid - v) / (v_mid - v_top)) ** 2)
+  lower_r = np.abs(x) ** 2.2 + ((v - v_mid) / (v_chin - v_mid)) ** 2
+  mask = upper | ((v >= v_mid) & (lower_r < 1))
+  # Cross profile: a flat front falling off steeply at the sides; the lower
+  # face recedes towards the cut under the chin; the forehead cut is a cliff.
+  across = np.clip(1 - np.abs(x) ** 3, 0, 1) ** 0.6
+  down = np.where(v >= v_mid, np.clip(1 - ((v - v_mid) / (v_chin - v_mid)) ** 2, 0, 1) ** 0.35,
+                  1.0 - 0.25 * np.clip((v_mid - v) / (v_mid - v_top), 0, 1) ** 2)
+  h = 0.048 * across * down
+  env = _smoothstep(np.minimum(across, down) / 0.6)
+  # Named features (nose from bridge to tip, eye sockets, brows, cheekbones,
+  # lips, chin).
+  tip = 0.2 + 0.04 * c[1]
+  t = np.clip((v + 0.3) / (tip + 0.3), 0, 1)
+  nose = (0.25 + 0.75 * t ** 1.3) * np.exp(-0.5 * (u / (0.07 * (1 + 0.6 * t))) ** 2)
+  nose *= np.exp(-0.5 * (np.maximum(v - tip, 0) / 0.05) ** 2) * (v > -0.45)
+  f = 0.036 * (1 + 0.12 * c[2]) * nose
+  f -= 0.012 * _pair(u, v, 0.33, -0.25, 0.13, 0.09)
+  f += 0.006 * _pair(u, v, 0.3, -0.42, 0.16, 0.05)
+  f += 0.008 * _pair(u, v, 0.42, 0.05, 0.12, 0.12)
+  mv = tip + 0.25
+  f += 0.006 * (_gauss(u, v, 0, mv - 0.04, 0.17, 0.04) + _gauss(u, v, 0, mv + 0.05, 0.15, 0.04))
+  f += 0.008 * _gauss(u, v, 0, mv + 0.3, 0.18, 0.08)
+  for k, modes in enumerate(_morph_basis()):
+    sd = 0.006 / (1 + k / 4)  # decaying component variance, as a PCA spectrum
+    f += sd * c[3 + k] * sum(a * _pair(u, v, cu, cv, su, sv) for cu, cv, su, sv, a in modes)
+  e_open, e_smile = p["m_expr"]
+  f -= 0.008 * e_open * _gauss(u, v, 0, mv + 0.01, 0.11, 0.03)
+  f += 0.006 * e_smile * _pair(u, v, 0.28, mv - 0.06, 0.1, 0.08)
+  depth = _sym(p["m_zback"] - (h + env * f))
+  # Symmetric skin with mirrored blotches, darker brows, eyes and lips.
+  alb = p["m_skin"][None, None] * (1.0 + 0.05 * _fourier(u, v, p["m_tex"]))[..., None]
+  for bu, bv, su, sv, tone in p["m_blotch"]:
+    alb = alb * (1 + tone * _pair(u, v, bu, bv, su, sv))[..., None]
+  alb = _mix(alb, p["m_skin"] * 0.35, p["m_brow"] * _pair(u, v, 0.3, -0.43, 0.12, 0.03))
+  alb = _mix(alb, np.array([0.12, 0.1, 0.09]), p["m_eye"] * _pair(u, v, 0.33, -0.25, 0.06, 0.025))
+  lip = p["m_skin"] * np.array([0.95, 0.6, 0.62])
+  alb = _mix(alb, lip, p["m_lip"] * _gauss(u, v, 0, mv, 0.16, 0.045))
+  alb = _mix(alb, lip * 0.3, e_open * _gauss(u, v, 0, mv + 0.01, 0.11, 0.015))
+  return depth, alb, mask, env
+
+
+_FUR = np.array([[0.85, 0.5, 0.2], [0.55, 0.55, 0.55], [0.12, 0.11, 0.1], [0.9, 0.82, 0.68]])
+
+
+def _cat_params(rng) -> dict:
+  U = rng.uniform
+  return dict(
+      c_a=U(0.68, 0.8), c_b=U(0.58, 0.68), c_cy=U(0.12, 0.22), c_dome=U(0.045, 0.06),
+      c_ear_u=U(0.38, 0.48), c_ear_top=U(0.22, 0.32), c_ear_w=U(0.16, 0.22),
+      c_muzzle=U(0.025, 0.04), c_muzzle_v=U(0.14, 0.22), c_zback=U(1.035, 1.05),
+      c_fur=_FUR[rng.integers(len(_FUR))] * U(0.9, 1.1, size=3),
+      c_stripes=U(0.0, 0.6), c_stripe_f=U(4.0, 7.0), c_white=float(U() < 0.5),
+      c_eye=np.array([0.45, 0.7, 0.2]) * U(0.7, 1.3, size=3))
+
+
+def _cat_face(p, u, v):
+  """A cat-like head: a round dome, two pointed ears above it, a short muzzle
+  with whisker pads; fur colour with optional tabby stripes and a white
+  muzzle, slit-pupil eyes, a pink nose and ear insides."""
+  a, b, cy = p["c_a"], p["c_b"], p["c_cy"]
+  r2 = (u / a) ** 2 + ((v - cy) / b) ** 2
+  head = r2 < 1
+  # Ears: triangles with apex at (+-ear_u, cy - b - ear_top), base inside the dome.
+  apex, base = cy - b - p["c_ear_top"], cy - 0.55 * b
+  s = np.clip((v - apex) / (base - apex), 0, 1)
+  ear_in = np.abs(np.abs(u) - p["c_ear_u"]) < p["c_ear_w"] * s
+  ears = ear_in & (v > apex) & (v < base)
+  mask = head | ears
+  dome = p["c_dome"] * np.clip(1 - r2, 0, 1) ** 0.7
+  ear_h = 0.014 * ears * (1 - 0.5 * s)
+  h = np.maximum(dome, ear_h)
+  env = _smoothstep(np.clip(1 - r2, 0, 1) / 0.4)
+  mv = cy + p["c_muzzle_v"]
+  f = p["c_muzzle"] * (_gauss(u, v, 0, mv, 0.2, 0.13) + 0.4 * _pair(u, v, 0.09, mv + 0.04, 0.08, 0.06))
+  f += 0.006 * _gauss(u, v, 0, mv - 0.06, 0.04, 0.03)  # nose
+  f -= 0.007 * _pair(u, v, 0.3, cy - 0.12, 0.1, 0.07)  # eye sockets
+  depth = _sym(p["c_zback"] - (h + env * f))
+  fur = p["c_fur"]
+  stripes = p["c_stripes"] * (0.5 + 0.5 * np.cos(2 * np.pi * p["c_stripe_f"] * (v - cy)))
+  stripes = stripes * (_gauss(u, v, 0, cy - 0.4, 0.22, 0.25) + _pair(u, v, 0.6, cy + 0.05, 0.15, 0.2))
+  alb = fur[None, None] * (1 - 0.6 * stripes)[..., None] * np.ones_like(u + v)[..., None]
+  alb = _mix(alb, np.array([0.93, 0.92, 0.9]), p["c_white"] * _gauss(u, v, 0, mv + 0.04, 0.24, 0.17))
+  eye = _pair(u, v, 0.3, cy - 0.12, 0.075, 0.05)
+  alb = _mix(alb, p["c_eye"], eye)
+  alb = _mix(alb, np.array([0.05, 0.05, 0.05]), _pair(u, v, 0.3, cy - 0.12, 0.015, 0.045))
+  alb = _mix(alb, np.array([0.85, 0.5, 0.55]), _gauss(u, v, 0, mv - 0.06, 0.045, 0.03))
+  inner = ears & (np.abs(np.abs(u) - p["c_ear_u"]) < 0.5 * p["c_ear_w"] * s) & (s > 0.2)
+  alb = _mix(alb, np.array([0.85, 0.6, 0.6]), 0.8 * inner)
+  return depth, alb, mask, env
+
+
+def _car_params(rng) -> dict:
+  U = rng.uniform
+  return dict(
+      k_bw=U(0.85, 0.95), k_vb=U(-0.05, 0.05), k_vbot=U(0.45, 0.55), k_cw=U(0.6, 0.7),
+      k_taper=U(0.7, 0.8), k_vc=U(-0.5, -0.4), k_front=U(0.11, 0.14), k_zback=U(1.05, 1.06),
+      k_paint=U(0.1, 0.9, size=3), k_light_u=U(0.55, 0.7))
+
+
+def _car_face(p, u, v):
+  """A car-like body seen from the front: wide and low, a cabin with a raked
+  windscreen on top, a hood sloping back to it; deep relief (~0.13) with
+  steep sides, so turned views show the flanks. Paint colour, dark glass and
+  grille, bright headlights, black tyres at the lower corners."""
+  bw, vb, vbot, vc = p["k_bw"], p["k_vb"], p["k_vbot"], p["k_vc"]
+  vm, hb = (vb + vbot) / 2, (vbot - vb) / 2
+  body = (np.abs(u) / bw) ** 6 + (np.abs(v - vm) / hb) ** 6 < 1
+  tcab = np.clip((v - vc) / (vb - vc), 0, 1)
+  cab_w = p["k_cw"] * (p["k_taper"] + (1 - p["k_taper"]) * tcab)
+  cabin = (v > vc) & (v <= vb + 0.02) & (np.abs(u) < cab_w)
+  mask = body | cabin
+  side = np.clip(1 - (np.abs(u) / bw) ** 8, 0, 1) ** 0.4
+  hood = 0.72 + 0.28 * _smoothstep((v - vb) / 0.18)
+  h_body = p["k_front"] * side * hood * body
+  side_c = np.clip(1 - (np.abs(u) / np.maximum(cab_w, 1e-3)) ** 8, 0, 1) ** 0.4
+  h_cab = p["k_front"] * 0.6 * side_c * (1 - 0.35 * (1 - tcab)) * cabin
+  h = np.maximum(h_body, h_cab)
+  env = _smoothstep(side / 0.5)
+  depth = _sym(p["k_zback"] - h)
+  alb = p["k_paint"][None, None] * np.ones_like(u + v)[..., None]
+  glass = cabin & (v > vc + 0.05) & (np.abs(u) < 0.85 * cab_w) & (v < vb - 0.02)
+  alb = _mix(alb, np.array([0.15, 0.18, 0.22]), 0.9 * glass)
+  grille = (np.abs(u) < 0.35) & (np.abs(v - (vb + 0.24)) < 0.06)
+  alb = _mix(alb, np.array([0.08, 0.08, 0.09]), 0.9 * grille)
+  alb = _mix(alb, np.array([0.95, 0.95, 0.85]), _pair(u, v, p["k_light_u"], vb + 0.13, 0.08, 0.04))
+  alb = _mix(alb, np.array([0.5, 0.5, 0.52]), 0.8 * (np.abs(v - (vbot - 0.07)) < 0.03) * body)
+  alb = _mix(alb, np.array([0.04, 0.04, 0.04]), 0.95 * _pair(u, v, 0.72, vbot - 0.03, 0.11, 0.05))
+  return depth, alb, mask, env
+
+
+_FAMILY_PARAMS = dict(morph=_morph_params, cat=_cat_params, car=_car_params)
+_FAMILY_FACE = dict(morph=_morph_face, cat=_cat_face, car=_car_face)
 
 
 @functools.lru_cache(maxsize=None)
