@@ -59,6 +59,11 @@ class Config:
   # canonical depth starts as a gentle ellipsoid instead of flat, which breaks
   # the convex/concave (bas-relief) ambiguity towards convex objects.
   depth_prior: float = 0.0
+  # The prior's ellipse "a,b,cx,cy" (half-axes and centre in normalised image
+  # units, u, v in [-1, 1]); "" = 0.8,0.9,0,0; "fit" = fitted to the mean
+  # object silhouette of the training images when training starts (the
+  # fitted numbers are saved with the run: model.fit_prior_ellipse).
+  depth_prior_ellipse: str = ""
   # Confidence warm-up (0 = Unsup3D): for the first N steps the predicted
   # confidence maps are replaced by sigma = 1, so the flipped twin's loss
   # cannot be discounted while the view is still being learned.
@@ -188,6 +193,23 @@ def sym_warmup_maps(cfg: Config) -> tuple:
   return tuple(m.strip() for m in cfg.sym_warmup_maps.split(","))
 
 
+DEFAULT_PRIOR_ELLIPSE = (0.8, 0.9, 0.0, 0.0)
+
+
+def prior_ellipse(cfg: Config) -> tuple:
+  """The depth prior's ellipse (a, b, cx, cy) of a resolved config.
+
+  Raises UserError when it is still "fit" (resolved from the training data
+  by runner.train_run before anything runs)."""
+  text = cfg.depth_prior_ellipse.strip()
+  if not text:
+    return DEFAULT_PRIOR_ELLIPSE
+  if text == "fit":
+    raise UserError("config depth_prior_ellipse='fit' is fitted to the training images when "
+                    "training starts (run.py train); give four numbers a,b,cx,cy here")
+  return tuple(float(x) for x in text.split(","))
+
+
 def validate(cfg: Config) -> Config:
   """Range checks with one-line messages naming the field."""
   def need(cond, field, msg):
@@ -224,6 +246,15 @@ def validate(cfg: Config) -> Config:
   need(cfg.trans_warmup_steps >= 0, "trans_warmup_steps", "must be >= 0")
   need(cfg.tilt_warmup_steps >= 0, "tilt_warmup_steps", "must be >= 0")
   need(cfg.depth_warmup_steps >= 0, "depth_warmup_steps", "must be >= 0")
+  ell = cfg.depth_prior_ellipse.strip()
+  if ell not in ("", "fit"):
+    try:
+      vals = [float(x) for x in ell.split(",")]
+    except ValueError:
+      vals = []
+    need(len(vals) == 4 and all(0.05 <= v <= 2.0 for v in vals[:2])
+         and all(abs(v) <= 1.0 for v in vals[2:]), "depth_prior_ellipse",
+         "must be '', 'fit' or a,b,cx,cy with half-axes a, b in [0.05, 2] and |cx|, |cy| <= 1")
   return cfg
 
 

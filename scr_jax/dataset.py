@@ -361,6 +361,18 @@ def load_train_data(spec: str, cfg, cache=None, workers=None, notes=None):
   return train_split(prep), val
 
 
+def sample_images(train_data, n: int = 512) -> np.ndarray:
+  """Up to n training images spread evenly over the split, uint8 or float
+  NxSxSx3 as stored (a TrainSplit streamed from disk reads only those)."""
+  total = num_images(train_data)
+  idx = np.unique(np.linspace(0, total - 1, min(n, total)).astype(np.int64))
+  if isinstance(train_data, TrainSplit):
+    if train_data.images is not None:
+      return train_data.images[idx]
+    return _images(_read(train_data.prepared.data_source(train_data.split), idx.tolist()))
+  return np.asarray(train_data["images"])[idx]
+
+
 def num_images(train_data) -> int:
   return train_data.n if isinstance(train_data, TrainSplit) else int(train_data["images"].shape[0])
 

@@ -22,23 +22,61 @@ def camera(cfg) -> render.Camera:
                        cfg.max_depth, cfg.rot_center_depth)
 
 
-def convex_prior(size: int) -> np.ndarray:
-  """An ellipsoidal bump, -1 at the centre, 0 outside radius 0.9 (SxS)."""
+def convex_prior(size: int, ellipse=config_lib.DEFAULT_PRIOR_ELLIPSE) -> np.ndarray:
+  """An ellipsoidal bump (SxS): -sqrt(1 - r^2), r^2 = ((u - cx) / a)^2 +
+  ((v - cy) / b)^2, so -1 at the centre and 0 outside the ellipse;
+  ellipse = (a, b, cx, cy) in normalised image units (u right, v down, in
+  [-1, 1])."""
+  a, b, cx, cy = ellipse
   t = np.linspace(-1, 1, size)
   y, x = np.meshgrid(t, t, indexing="ij")
-  r2 = (x / 0.8) ** 2 + (y / 0.9) ** 2
+  r2 = ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2
   return -np.sqrt(np.clip(1 - r2, 0, 1)).astype(np.float32)
 
 
-def depth_from_raw(raw_BxSxS, cam: render.Camera, prior: float = 0.0, scale=None):
+def fit_prior_ellipse(img_NxSxSx3, threshold: float = 0.08) -> tuple:
+  """The ellipse (a, b, cx, cy) of the training images' mean object
+  silhouette, for `convex_prior` (Config.depth_prior_ellipse="fit").
+
+  A pixel is object where it differs from its image's background colour
+  (the median of the 1-pixel frame border) by more than `threshold` in any
+  channel (images in [0, 1], or uint8); the mean of these masks over the
+  images is treated as a density whose first and second moments give the
+  centre and the half-axes (a uniform ellipse of half-axis a has variance
+  a^2 / 4, so a = 2 sigma), symmetric in u (the canonical frame is left-right
+  symmetric: cx = 0). Photos whose background is not uniform give a mask
+  covering most of the frame and so a wide ellipse; half-axes are clipped
+  to [0.3, 0.95], the centre to |cy| <= 0.3. Returns floats rounded to 3
+  decimals (they are saved in the config)."""
+  x = np.asarray(img_NxSxSx3, np.float32)
+  if x.dtype != np.float32 or x.max() > 1.5:
+    x = x / 255.0
+  border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)
+  bg = np.median(border, axis=1)  # Nx3
+  fg = (np.abs(x - bg[:, None, None]).max(axis=-1) > threshold).mean(axis=0)
+  fg = 0.5 * (fg + fg[:, ::-1])
+  size = fg.shape[-1]
+  t = np.linspace(-1, 1, size)
+  w = fg / max(fg.sum(), 1e-9)
+  cy = float((w.sum(axis=1) * t).sum())
+  var_u = float((w.sum(axis=0) * t ** 2).sum())
+  var_v = float((w.sum(axis=1) * (t - cy) ** 2).sum())
+  a = float(np.clip(2 * np.sqrt(var_u), 0.3, 0.95))
+  b = float(np.clip(2 * np.sqrt(var_v), 0.3, 0.95))
+  return (round(a, 3), round(b, 3), 0.0, round(float(np.clip(cy, -0.3, 0.3)), 3))
+
+
+def depth_from_raw(raw_BxSxS, cam: render.Camera, prior: float = 0.0, scale=None,
+                   ellipse=config_lib.DEFAULT_PRIOR_ELLIPSE):
   """Unsup3D's depth head: remove the per-image mean, tanh, map to
   [min, max]; the 2 leftmost / rightmost columns get the border depth.
-  `prior` scales a fixed convex offset (see Config.depth_prior); `scale`
-  (None or a scalar in [0, 1]) scales the network's part (depth warm-up)."""
+  `prior` scales a fixed convex offset (see Config.depth_prior) of shape
+  `convex_prior(S, ellipse)`; `scale` (None or a scalar in [0, 1]) scales
+  the network's part (depth warm-up)."""
   if scale is not None:
     raw_BxSxS = raw_BxSxS * scale
   if prior:
-    raw_BxSxS = raw_BxSxS + prior * convex_prior(raw_BxSxS.shape[-1])
+    raw_BxSxS = raw_BxSxS + prior * convex_prior(raw_BxSxS.shape[-1], ellipse)
   d = raw_BxSxS - jnp.mean(raw_BxSxS, axis=(1, 2), keepdims=True)
   d = jnp.tanh(d)
   d = (1 + d) / 2 * cam.max_depth + (1 - d) / 2 * cam.min_depth
@@ -187,7 +225,8 @@ def _factors(nets, params, x_BxSxSx3, structure, cfg, sym, trans, tilt, dscale) 
   raw = nets.apply(params, structure_lib.mix(u, adj), method=nets.decode)
   cam = camera(cfg)
   ambient, diffuse, light_dxy = light_from_raw(raw["L"])
-  depth = depth_from_raw(raw["D"][..., 0], cam, cfg.depth_prior, dscale)
+  depth = depth_from_raw(raw["D"][..., 0], cam, cfg.depth_prior, dscale,
+                         config_lib.prior_ellipse(cfg) if cfg.depth_prior else None)
   albedo = raw["A"]  # [-1, 1]
   if sym is not None:
     maps = config_lib.sym_warmup_maps(cfg)
