@@ -224,3 +224,72 @@ def test_lr_cosine_schedule_decays_adam_steps_to_the_floor():
 def test_lr_cosine_steps_must_not_be_negative():
   with pytest.raises(UserError, match="lr_cosine_steps"):
     config.override(config.get_config("test_tiny"), ["lr_cosine_steps=-1"])
+
+
+# ----------------------------------------------------------------------------
+# The convex prior's ellipse, fitted to the training images
+# ----------------------------------------------------------------------------
+
+def _ellipse_images(a, b, cy, bg, n=16, size=32):
+  t = np.linspace(-1, 1, size)
+  v, u = np.meshgrid(t, t, indexing="ij")
+  inside = (u / a) ** 2 + ((v - cy) / b) ** 2 < 1
+  rng = np.random.default_rng(0)
+  img = np.broadcast_to(np.asarray(bg, np.float32), (n, size, size, 3)).copy()
+  colour = rng.uniform(0.3, 0.9, (n, 1, 1, 3)).astype(np.float32)
+  img = np.where(inside[None, ..., None], colour, img)
+  return (img * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("bg", [(0, 0, 0), (1, 1, 1)])
+def test_fit_prior_ellipse_recovers_a_planted_silhouette(bg):
+  a, b, cx, cy = model.fit_prior_ellipse(_ellipse_images(0.5, 0.7, 0.1, bg))
+  assert cx == 0.0
+  assert a == pytest.approx(0.5, abs=0.05) and b == pytest.approx(0.7, abs=0.05)
+  assert cy == pytest.approx(0.1, abs=0.03)
+  # Photos without a uniform background: the widest ellipse, not garbage.
+  noise = np.random.default_rng(1).uniform(0, 1, (8, 32, 32, 3)).astype(np.float32)
+  assert model.fit_prior_ellipse(noise)[:2] == (0.95, 0.95)
+
+
+def test_convex_prior_follows_its_ellipse():
+  default = model.convex_prior(32)
+  np.testing.assert_array_equal(default, model.convex_prior(32, config.DEFAULT_PRIOR_ELLIPSE))
+  small = model.convex_prior(32, (0.4, 0.5, 0.0, 0.2))
+  assert (small < 0).mean() < 0.5 * (default < 0).mean()
+  row = np.argmin(small.min(axis=1))
+  assert row > 16  # centred below the middle (cy = 0.2, v down)
+
+
+@pytest.mark.parametrize("text", ["0.8,0.9", "0.8,0.9,0,x", "0.01,0.9,0,0", "0.8,0.9,0,1.5"])
+def test_depth_prior_ellipse_is_validated(text):
+  with pytest.raises(UserError, match="depth_prior_ellipse"):
+    config.override(config.get_config("test_tiny"), [f"depth_prior_ellipse={text}"])
+
+
+def test_unresolved_fit_is_refused_by_the_model():
+  cfg = _tiny(depth_prior=1.0, depth_prior_ellipse="fit")
+  with pytest.raises(UserError, match="fitted to the training images"):
+    config.prior_ellipse(cfg)
+  assert config.prior_ellipse(_tiny(depth_prior_ellipse="0.5,0.6,0,0.1")) == (0.5, 0.6, 0.0, 0.1)
+
+
+def test_train_fits_the_prior_once_and_resumes_with_it(tmp_path):
+  from scr_jax import runner, workdir
+  root = str(tmp_path / "data")
+  from scr_jax import data
+  data.export_synface(root, n_train=16, n_val=4, n_test=4, size=16, seed=0, verbose=False,
+                      cfg=data.get_variant("morph").gen)
+  wd = str(tmp_path / "w")
+  cfg = runner.make_config("test_tiny", ["depth_prior=1", "depth_prior_ellipse=fit"],
+                           steps=2)
+  lines = []
+  runner.train_run(cfg, wd, root, log=lines.append)
+  saved = workdir.load_config(wd).depth_prior_ellipse
+  a, b, _, _ = (float(x) for x in saved.split(","))
+  assert a < 0.85 and any("ellipse fitted" in l for l in lines)  # the narrow morph faces
+  # Resumed with "fit" again: the saved ellipse is used, no refit and no refusal.
+  lines.clear()
+  res = runner.train_run(dataclasses.replace(cfg, steps=4), wd, root, log=lines.append)
+  assert res["step"] == 4 and not any("ellipse fitted" in l for l in lines)
+  assert workdir.restore(wd).cfg.depth_prior_ellipse == saved
