@@ -107,6 +107,7 @@ def run_one(args):
   res = runner.train_run(cfg, args.workdir, args.data, max_seconds=args.budget)
   if res["reason"] in ("SIGINT", "SIGTERM"):
     sys.exit(130 if res["reason"] == "SIGINT" else 143)
+  cfg = res["cfg"]  # as trained (e.g. a fitted prior ellipse)
   test = dataset.load_split(args.data, "test", cfg)
   st = res["structure"]
   params = res["state"].params

@@ -120,7 +120,7 @@ class Reproduction:
     cfg = config.override(cfg or self.cfg, [f"seed={seed}"])
     _log(f"== train {os.path.relpath(workdir, self.out)} ({cfg.steps} steps)")
     r = train.fit(cfg, workdir, self.train_data, self.val, st, quiet=True)
-    summ, _, _ = Evaluator(r["nets"], cfg).evaluate(r["state"].params, self.test,
+    summ, _, _ = Evaluator(r["nets"], r["cfg"]).evaluate(r["state"].params, self.test,
                                                     r["structure"])
     summ.update(steps=r["step"], seconds=r["seconds"])
     _save(res_path, summ)
@@ -215,7 +215,7 @@ class Reproduction:
                                      f"eval_every={10 ** 9}"])
     _log(f"== fig6: 24 orderings + independent, vmapped, {cfg.steps} steps")
     r = train.fit(cfg, os.path.join(self.out, "fig6"), self.train_data, None, st, quiet=True)
-    ev = Evaluator(r["nets"], cfg)
+    ev = Evaluator(r["nets"], r["cfg"])
     res = {}
     for o, (params_i, st_i) in zip(orders, each_candidate(r["state"].params, st)):
       summ, _, _ = ev.evaluate(params_i, self.test, st_i)

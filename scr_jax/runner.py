@@ -5,7 +5,6 @@ before any work; the evaluation and the diagnostics of a trained workdir.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -89,16 +88,6 @@ def init_params_from(src, cfg, workdir: str, resume: bool, info: dict, log=_log)
   return r.params
 
 
-def _saved_prior_fit(cfg, workdir: str, resume: bool):
-  """A resumed "fit" prior ellipse is the one fitted when the run started
-  (the data is compared by content anyway): the saved numbers, not a refit."""
-  if cfg.depth_prior_ellipse.strip() != "fit" or not resume or \
-      not checkpoint.has_checkpoints(workdir):
-    return cfg
-  saved = workdir_lib.load_config(workdir).depth_prior_ellipse
-  return dataclasses.replace(cfg, depth_prior_ellipse=saved) if saved.strip() != "fit" else cfg
-
-
 def train_run(cfg, workdir: str, data: str = "builtin", *, candidates=None, resume=True,
               restart=False, max_seconds=None, init_from=None, log=_log, cache=None,
               workers=None) -> dict:
@@ -114,7 +103,8 @@ def train_run(cfg, workdir: str, data: str = "builtin", *, candidates=None, resu
   """
   st = structure.resolve_structure(cfg)
   check_data_arg(data)
-  cfg = _saved_prior_fit(cfg, workdir, resume and not restart)
+  # A resumed "fit" prior is compared as the numbers it was fitted to.
+  cfg = train.resolve_prior_ellipse(cfg, workdir, resume and not restart)
   if candidates:  # K dense orderings trained together (vmapped), same batches and init
     st = structure.candidates(candidate_orders(candidates, cfg))
   checkpoint.probe_writable(workdir)
@@ -143,11 +133,7 @@ def train_run(cfg, workdir: str, data: str = "builtin", *, candidates=None, resu
         cfg, st, data=dict(info["fingerprint"], spec=info["data"])))
   for note in notes:
     log(note)
-  if cfg.depth_prior_ellipse.strip() == "fit":
-    ell = model.fit_prior_ellipse(dataset.sample_images(train_data))
-    cfg = config.override(cfg, ["depth_prior_ellipse=" + ",".join(f"{v:g}" for v in ell)])
-    log(f"note: depth prior ellipse fitted to the training images' mean silhouette: "
-        f"a={ell[0]:g}, b={ell[1]:g}, cy={ell[3]:+g} (saved with the run)")
+  cfg = train.resolve_prior_ellipse(cfg, workdir, resume, train_data, log)
   log(f"train: preset {cfg.preset}, variant {st.variant}, {dataset.num_images(train_data)} "
       f"images at {cfg.image_size}px, {cfg.steps} steps, batch {cfg.batch_size}")
   res = train.fit(cfg, workdir, train_data, val_data, st, resume=resume,

@@ -62,7 +62,7 @@ def train_orders(cfg, workdir, train_data, val_data, orders, q=None, quiet=True)
       return saved["scores"]
   st = structure.candidates(orders, q)
   res = train.fit(cfg, workdir, train_data, None, st, quiet=quiet)
-  scores = candidate_scores(cfg, res["nets"], res["state"].params, st, val_data)
+  scores = candidate_scores(res["cfg"], res["nets"], res["state"].params, st, val_data)
   for o, sc in zip(orders, scores):
     sc["order"] = o
   _write_json(path, dict(orders=list(orders), steps=cfg.steps, scores=scores))

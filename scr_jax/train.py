@@ -7,6 +7,7 @@ The step itself is `scr_jax.train_step`, devices and processes
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import sys
 import time
@@ -15,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import checkpoint, dataset, diagnostics, runlog, structure as structure_lib
+from scr_jax import (checkpoint, config as config_lib, dataset, diagnostics, model, runlog,
+                     structure as structure_lib)
 from scr_jax.errors import NonFiniteError, UserError
 from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.parallel import (any_process, barrier, compile_in_step, data_mesh, place_candidates,
@@ -59,6 +61,26 @@ class _Signals:
       signal.signal(sig, old)
 
 
+def resolve_prior_ellipse(cfg, workdir: str, resume: bool, train_data=None, log=None):
+  """cfg with `depth_prior_ellipse="fit"` resolved: on a resume, the ellipse the
+  run was started with (its saved config: the data is compared by content
+  anyway); otherwise, with train_data, `model.fit_prior_ellipse` of a sample
+  of its images (told to `log`); without train_data, cfg unchanged."""
+  if cfg.depth_prior_ellipse.strip() != "fit":
+    return cfg
+  if resume and checkpoint.has_checkpoints(workdir):
+    saved = checkpoint.load_config(workdir).depth_prior_ellipse
+    if saved.strip() != "fit":
+      return dataclasses.replace(cfg, depth_prior_ellipse=saved)
+  if train_data is None:
+    return cfg
+  ell = model.fit_prior_ellipse(dataset.sample_images(train_data))
+  if log is not None:
+    log(f"note: depth prior ellipse fitted to the training images' mean silhouette: "
+        f"a={ell[0]:g}, b={ell[1]:g}, cy={ell[3]:+g} (saved with the run)")
+  return config_lib.override(cfg, ["depth_prior_ellipse=" + ",".join(f"{v:g}" for v in ell)])
+
+
 def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
         resume: bool = True, quiet: bool = False, max_seconds=None, log=None,
         run_info=None, init_params=None):
@@ -86,7 +108,8 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
   the newest checkpoint's settings before anything is compiled or written; a
   workdir already at `cfg.steps` is left untouched.
   Returns a summary dict (step, start_step, seconds, reason, last metrics,
-  state, nets, structure).
+  state, nets, structure, cfg: the config trained, `depth_prior_ellipse="fit"`
+  resolved by `resolve_prior_ellipse`).
 
   Raises:
     UserError: the resume would change settings that change what is learned,
@@ -94,6 +117,8 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
   """
 
   checkpoint.probe_writable(workdir)
+  cfg = resolve_prior_ellipse(cfg, workdir, resume, train_data,
+                              None if quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
   mesh = data_mesh()
   if cfg.batch_size % len(jax.devices()):
     raise ValueError(f"batch_size {cfg.batch_size} must divide over {len(jax.devices())} devices")
@@ -135,7 +160,7 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
       print(f"note: {workdir} is already at step {start} (steps={cfg.steps}); nothing trained, "
             "nothing written", file=sys.stderr, flush=True)
     return dict(step=start, start_step=start, seconds=0.0, reason="already trained", last={},
-                state=state, nets=nets, structure=st)
+                state=state, nets=nets, structure=st, cfg=cfg)
   checkpoint.check_free_space(workdir, state.tree(), cfg.keep_checkpoints)
   if jax.process_index() == 0:
     checkpoint.save_run_files(workdir, settings)
@@ -212,4 +237,4 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
     print(f"{reason}: saved checkpoint at step {step} in {workdir}; rerun to resume",
           file=sys.stderr, flush=True)
   return dict(step=step, start_step=start, seconds=time.time() - t0, reason=reason,
-              last=last, state=state, nets=nets, structure=st)
+              last=last, state=state, nets=nets, structure=st, cfg=cfg)

@@ -293,3 +293,19 @@ def test_train_fits_the_prior_once_and_resumes_with_it(tmp_path):
   res = runner.train_run(dataclasses.replace(cfg, steps=4), wd, root, log=lines.append)
   assert res["step"] == 4 and not any("ellipse fitted" in l for l in lines)
   assert workdir.restore(wd).cfg.depth_prior_ellipse == saved
+
+
+def test_fit_resolves_the_prior_for_every_caller(tmp_path):
+  # train.fit itself resolves "fit" (search, reproduce and the benchmarks call
+  # it directly) and returns the config it trained, which evaluates.
+  from scr_jax import data, dataset, train
+  from scr_jax.evaluator import Evaluator
+  imgs = data.generate_split(8, 16, seed=0, split="train", cfg=data.get_variant("cat").gen)
+  cfg = _tiny(depth_prior=1.0, depth_prior_ellipse="fit", steps=1, eval_every=10)
+  train_data = dict(images=imgs["images"].astype(np.float32) / 255.0)
+  res = train.fit(cfg, str(tmp_path / "w"), train_data, quiet=True)
+  ell = config.prior_ellipse(res["cfg"])
+  assert ell[3] > 0.05  # the cat heads sit below the frame's centre
+  depth = Evaluator(res["nets"], res["cfg"]).depth(res["state"].params, train_data["images"][:2],
+                                                    res["structure"])
+  assert np.all(np.isfinite(np.asarray(depth[0] if isinstance(depth, tuple) else depth)))
