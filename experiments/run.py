@@ -2,7 +2,7 @@
 """scr-jax command line: data, train, eval, predict, main (the `make run` job).
 
   python experiments/run.py data --out DIR [--n-train N --n-val N --n-test N --size S --seed K]
-      [--variant default|wide_pose|harsh_light|hires64|albedo_alt]
+      [--variant NAME]  (synthetic.VARIANTS: default, wide_pose, ..., morph, cat, car, stress)
   python experiments/run.py prepare --data DIR --out DS [--image-size 64 --crop N --workers K]
   python experiments/run.py train --preset cpu_small --data DIR|builtin[:VARIANT] --workdir W [--steps N]
       [--seed K] [--variant independent|dense|generic|dynamic] [--order DVAL] [--q sigmoid]
