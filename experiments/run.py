@@ -194,7 +194,7 @@ def build_parser():
   d.add_argument("--n-test", type=int, default=100)
   d.add_argument("--size", type=int, help="image size (default: the variant's, else 64)")
   d.add_argument("--variant", default="default",
-                 help="generator variant: default, wide_pose, harsh_light, hires64, albedo_alt")
+                 help="generator variant: " + ", ".join(data.VARIANTS))
   d.add_argument("--seed", type=int, default=0)
   d.add_argument("--depth-bits", type=int, default=16, choices=(8, 16))
   d.add_argument("--overwrite", action="store_true")
