@@ -64,10 +64,6 @@ class Config:
   # object silhouette of the training images when training starts (the
   # fitted numbers are saved with the run: model.fit_prior_ellipse).
   depth_prior_ellipse: str = ""
-  # The prior's profile over that ellipse: "ellipsoid" -sqrt(1 - r^2) (a wall
-  # of infinite slope at r = 1: a crease wherever the ellipse crosses the
-  # object) or "smooth" -(1 - r^2)^2 (slope 0 at r = 1: no crease).
-  depth_prior_profile: str = "ellipsoid"
   # Confidence warm-up (0 = Unsup3D): for the first N steps the predicted
   # confidence maps are replaced by sigma = 1, so the flipped twin's loss
   # cannot be discounted while the view is still being learned.
@@ -250,8 +246,6 @@ def validate(cfg: Config) -> Config:
   need(cfg.trans_warmup_steps >= 0, "trans_warmup_steps", "must be >= 0")
   need(cfg.tilt_warmup_steps >= 0, "tilt_warmup_steps", "must be >= 0")
   need(cfg.depth_warmup_steps >= 0, "depth_warmup_steps", "must be >= 0")
-  need(cfg.depth_prior_profile in ("ellipsoid", "smooth"), "depth_prior_profile",
-       "must be ellipsoid or smooth")
   ell = cfg.depth_prior_ellipse.strip()
   if ell not in ("", "fit"):
     try:

@@ -22,20 +22,16 @@ def camera(cfg) -> render.Camera:
                        cfg.max_depth, cfg.rot_center_depth)
 
 
-def convex_prior(size: int, ellipse=config_lib.DEFAULT_PRIOR_ELLIPSE,
-                 profile: str = "ellipsoid") -> np.ndarray:
-  """A convex bump (SxS), -1 at the centre and 0 outside the ellipse
-  r^2 = ((u - cx) / a)^2 + ((v - cy) / b)^2 < 1, ellipse = (a, b, cx, cy) in
-  normalised image units (u right, v down, in [-1, 1]). profile "ellipsoid":
-  -sqrt(1 - r^2) (vertical at r = 1); "smooth": -(1 - r^2)^2 (flat at r = 1,
-  continuous slope everywhere)."""
+def convex_prior(size: int, ellipse=config_lib.DEFAULT_PRIOR_ELLIPSE) -> np.ndarray:
+  """An ellipsoidal bump (SxS): -sqrt(1 - r^2), r^2 = ((u - cx) / a)^2 +
+  ((v - cy) / b)^2, so -1 at the centre and 0 outside the ellipse;
+  ellipse = (a, b, cx, cy) in normalised image units (u right, v down, in
+  [-1, 1])."""
   a, b, cx, cy = ellipse
   t = np.linspace(-1, 1, size)
   y, x = np.meshgrid(t, t, indexing="ij")
   r2 = ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2
-  inside = np.clip(1 - r2, 0, 1)
-  bump = inside ** 2 if profile == "smooth" else np.sqrt(inside)
-  return -bump.astype(np.float32)
+  return -np.sqrt(np.clip(1 - r2, 0, 1)).astype(np.float32)
 
 
 def fit_prior_ellipse(img_NxSxSx3, threshold: float = 0.08) -> tuple:
@@ -71,16 +67,16 @@ def fit_prior_ellipse(img_NxSxSx3, threshold: float = 0.08) -> tuple:
 
 
 def depth_from_raw(raw_BxSxS, cam: render.Camera, prior: float = 0.0, scale=None,
-                   ellipse=config_lib.DEFAULT_PRIOR_ELLIPSE, profile: str = "ellipsoid"):
+                   ellipse=config_lib.DEFAULT_PRIOR_ELLIPSE):
   """Unsup3D's depth head: remove the per-image mean, tanh, map to
   [min, max]; the 2 leftmost / rightmost columns get the border depth.
   `prior` scales a fixed convex offset (see Config.depth_prior) of shape
-  `convex_prior(S, ellipse, profile)`; `scale` (None or a scalar in [0, 1]) scales
+  `convex_prior(S, ellipse)`; `scale` (None or a scalar in [0, 1]) scales
   the network's part (depth warm-up)."""
   if scale is not None:
     raw_BxSxS = raw_BxSxS * scale
   if prior:
-    raw_BxSxS = raw_BxSxS + prior * convex_prior(raw_BxSxS.shape[-1], ellipse, profile)
+    raw_BxSxS = raw_BxSxS + prior * convex_prior(raw_BxSxS.shape[-1], ellipse)
   d = raw_BxSxS - jnp.mean(raw_BxSxS, axis=(1, 2), keepdims=True)
   d = jnp.tanh(d)
   d = (1 + d) / 2 * cam.max_depth + (1 - d) / 2 * cam.min_depth
@@ -230,8 +226,7 @@ def _factors(nets, params, x_BxSxSx3, structure, cfg, sym, trans, tilt, dscale) 
   cam = camera(cfg)
   ambient, diffuse, light_dxy = light_from_raw(raw["L"])
   depth = depth_from_raw(raw["D"][..., 0], cam, cfg.depth_prior, dscale,
-                         config_lib.prior_ellipse(cfg) if cfg.depth_prior else None,
-                         cfg.depth_prior_profile)
+                         config_lib.prior_ellipse(cfg) if cfg.depth_prior else None)
   albedo = raw["A"]  # [-1, 1]
   if sym is not None:
     maps = config_lib.sym_warmup_maps(cfg)

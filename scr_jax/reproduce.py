@@ -143,8 +143,7 @@ class Reproduction:
       u = nets.apply(p, model.to_model_range(img), method=nets.encode)
       raw = nets.apply(p, u, method=nets.decode)
       return model.depth_from_raw(raw["D"][..., 0], self.cam, cfg.depth_prior,
-                                  ellipse=config.prior_ellipse(cfg),
-                                  profile=cfg.depth_prior_profile)
+                                  ellipse=config.prior_ellipse(cfg))
 
     def l1_on_object(p, batch, structure, step):  # the structure plays no part
       img, gt = batch

@@ -309,20 +309,3 @@ def test_fit_resolves_the_prior_for_every_caller(tmp_path):
   depth = Evaluator(res["nets"], res["cfg"]).depth(res["state"].params, train_data["images"][:2],
                                                     res["structure"])
   assert np.all(np.isfinite(np.asarray(depth[0] if isinstance(depth, tuple) else depth)))
-
-
-def test_smooth_prior_profile_has_no_crease_at_its_edge():
-  n = 257
-  ell = (0.6, 0.6, 0.0, 0.0)
-  centre_row = n // 2
-  smooth = model.convex_prior(n, ell, "smooth")[centre_row]
-  wall = model.convex_prior(n, ell, "ellipsoid")[centre_row]
-  assert smooth.min() == wall.min() == -1.0
-  slope = lambda p: np.abs(np.diff(p)).max()
-  # The ellipsoid's steepest step (at r = 1) is many times the smooth one's,
-  # whose slope is continuous (its biggest step is inside, not at the edge).
-  assert slope(wall) > 5 * slope(smooth)
-  edge = np.nonzero(smooth < 0)[0][[0, -1]]
-  assert abs(smooth[edge[0]]) < 1e-3 and abs(smooth[edge[1]]) < 1e-3
-  with pytest.raises(UserError, match="depth_prior_profile"):
-    config.override(config.get_config("test_tiny"), ["depth_prior_profile=cone"])
