@@ -43,10 +43,6 @@ class Config:
   nf_ed: int = 16  # width of the D and A encoder-decoders (Unsup3D: 64)
   nf_conf: int = 16  # width of the confidence net (Unsup3D: 64)
   conf_zdim: int = 32  # confidence-net bottleneck (Unsup3D: 128)
-  # Negative slope of the embeddings' final activation (0 = ReLU, Unsup3D). With
-  # ReLU an encoder whose d units all go negative gives the same u for every
-  # image and no gradient, for good (seen as a constant view and depth).
-  embed_leak: float = 0.0
   # Structure (SCR variant).
   variant: str = "independent"  # independent | dense | generic | dynamic
   order: str = ""  # dense/dynamic ordering, e.g. "DVAL"; "random" picks from the seed
@@ -242,7 +238,6 @@ def validate(cfg: Config) -> Config:
   need(cfg.on_nonfinite in ("stop", "skip"), "on_nonfinite", "must be stop or skip")
   need(cfg.lam_flip >= 0 and cfg.lam_perc >= 0, "lam_flip", "loss weights must be >= 0")
   need(cfg.min_sigma >= 0, "min_sigma", "must be >= 0")
-  need(0 <= cfg.embed_leak < 1, "embed_leak", "must be in [0, 1)")
   need(cfg.conf_warmup_steps >= 0, "conf_warmup_steps", "must be >= 0")
   need(cfg.sym_warmup_steps >= 0, "sym_warmup_steps", "must be >= 0")
   maps = sym_warmup_maps(cfg)

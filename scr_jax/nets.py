@@ -240,25 +240,17 @@ def _stages(image_size: int) -> int:
   return int(math.log2(image_size)) - 2
 
 
-def _embed_act(x, leak: float):
-  """The embedding's activation: ReLU (Unsup3D) or, with leak > 0, a leaky
-  ReLU, whose units cannot all die (a dead embedding is a constant factor for
-  every image, with zero gradient: it never comes back)."""
-  return nn.relu(x) if leak == 0 else nn.leaky_relu(x, leak)
-
-
 class Encoder(nn.Module):
   """f1 of V and L: image_BxSxSx3 -> u_Bxd (Unsup3D's Encoder up to its last ReLU)."""
   nf: int
   embed_dim: int
-  leak: float = 0.0
 
   @nn.compact
   def __call__(self, img):
     x = img
     for i in range(_stages(img.shape[1])):
       x = nn.relu(_conv(self.nf * min(2**i, 8), 4, 2, 1)(x))
-    x = _embed_act(_conv(self.embed_dim, 4, 1, "VALID")(x), self.leak)
+    x = nn.relu(_conv(self.embed_dim, 4, 1, "VALID")(x))
     return x.reshape(x.shape[0], -1)
 
 
@@ -275,7 +267,6 @@ class EDEncoder(nn.Module):
   """f1 of D and A: image -> d-dim bottleneck (conv, GN, LeakyReLU 0.2)."""
   nf: int
   embed_dim: int
-  leak: float = 0.0
 
   @nn.compact
   def __call__(self, img):
@@ -286,7 +277,7 @@ class EDEncoder(nn.Module):
       if i < n - 1:  # Unsup3D: no GroupNorm before the bottleneck conv
         x = _gn(x)
       x = nn.leaky_relu(x, 0.2)
-    x = _embed_act(_conv(self.embed_dim, 4, 1, "VALID")(x), self.leak)
+    x = nn.relu(_conv(self.embed_dim, 4, 1, "VALID")(x))
     return x.reshape(x.shape[0], -1)
 
 
@@ -346,12 +337,11 @@ class SCRNets(nn.Module):
   nf_conf: int
   conf_zdim: int
   image_size: int
-  embed_leak: float = 0.0  # Config.embed_leak
 
   def setup(self):
-    d, k = self.embed_dim, self.embed_leak
-    self.f1 = dict(V=Encoder(self.nf_encoder, d, k), D=EDEncoder(self.nf_ed, d, k),
-                   L=Encoder(self.nf_encoder, d, k), A=EDEncoder(self.nf_ed, d, k))
+    d = self.embed_dim
+    self.f1 = dict(V=Encoder(self.nf_encoder, d), D=EDEncoder(self.nf_ed, d),
+                   L=Encoder(self.nf_encoder, d), A=EDEncoder(self.nf_ed, d))
     self.f2 = dict(V=Head(6), L=Head(4),
                    D=EDDecoder(self.nf_ed, 1, self.image_size, "none"),
                    A=EDDecoder(self.nf_ed, 3, self.image_size, "tanh"))
@@ -372,7 +362,7 @@ class SCRNets(nn.Module):
 
 def make_nets(cfg) -> SCRNets:
   return SCRNets(cfg.embed_dim, cfg.nf_encoder, cfg.nf_ed, cfg.nf_conf, cfg.conf_zdim,
-                 cfg.image_size, cfg.embed_leak)
+                 cfg.image_size)
 
 
 def param_counts(params) -> dict:
