@@ -139,7 +139,11 @@ def restore(workdir: str) -> Restored:
     state = train_step.init_state(cfg, jax.random.PRNGKey(cfg.seed))[1]
     return train_step.stack_state(state, k) if k else state
 
-  restored = checkpoint.restore_step(mngr, step, jax.eval_shape(lambda: like().tree()))
+  # Shapes only: restored onto this machine's devices, whatever the saving one had.
+  restored = checkpoint.restore_step(
+      mngr, step, jax.eval_shape(lambda: like().tree()),
+      hint="it does not match the settings saved with it (a workdir edited by hand, or made "
+           "by another version?); move that step folder away to use an earlier one")
   return Restored(cfg=cfg, structure=st, params=restored["params"],
                   step=int(restored["step"]), nets=nets, settings=settings)
 

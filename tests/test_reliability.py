@@ -4,6 +4,7 @@ numerical faults, unwritable workdirs, cyclic structures. Each failure is one
 traceback. The slow cases (SIGKILL at random moments, several trials) are in
 experiments/bench_faults.py."""
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -478,3 +479,58 @@ def test_distributed_without_a_cluster_is_one_line(tmp_path, tiny):
   assert "Traceback" not in res.stderr
   _assert_one_error(res, 2, "--distributed", "jax.distributed.initialize() failed", "SLURM")
   assert not os.path.exists(wd)
+
+
+# ----------------------------------------------------------------------------
+# Issue 23: workdirs across machines and jobs, split folder names, batch size
+# over devices, JSON written by Windows editors
+# ----------------------------------------------------------------------------
+
+TWO_DEVICES = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=2")
+
+
+def _cli_in_process(capfd, *argv):
+  """run.py in this process: (exit code, stderr lines)."""
+  from experiments import run
+  capfd.readouterr()
+  code, stderr = 0, sys.stderr
+  try:
+    run.main([str(a) for a in argv])
+  except SystemExit as e:
+    code = e.code
+  finally:
+    sys.stderr = stderr  # cliutil.fail silences stderr after its one line
+  return code, [x for x in capfd.readouterr().err.splitlines() if x.strip()]
+
+
+def test_workdir_trained_on_two_devices_is_used_on_one(tmp_path, tiny, capfd):
+  """Kind 1: a single-structure and a candidates workdir trained on 2 devices
+  (the candidates sharded over them) are evaluated, predicted on and resumed
+  here, on 1 device: the checkpoint is restored onto this machine's devices."""
+  root = tiny[0]
+  wd, wdk = str(tmp_path / "wd2"), str(tmp_path / "wdk2")
+  script = ("import sys\nfrom experiments import run\n"
+            "a = ['train', '--preset', 'test_tiny', '--data', sys.argv[1], '--steps', '2']\n"
+            "run.main(a + ['--workdir', sys.argv[2]])\n"
+            "run.main(a + ['--workdir', sys.argv[3], '--candidates', 'DVAL,LADV'])\n"
+            "import jax; print('devices', len(jax.devices()))\n")
+  res = subprocess.run([sys.executable, "-c", script, root, wd, wdk], capture_output=True,
+                       text=True, cwd=ROOT, env=TWO_DEVICES, timeout=600)
+  assert res.returncode == 0 and "devices 2" in res.stdout, res.stderr[-3000:]
+  assert len(jax.devices()) == 1
+  img = sorted(glob.glob(os.path.join(root, "test", "image", "*.png")))[0]
+  for w, extra in ((wd, []), (wdk, ["--candidate", "LADV"])):
+    code, err = _cli_in_process(capfd, "eval", "--workdir", w, "--data", root, "--out",
+                                str(tmp_path / "e.json"))
+    assert code in (0, None), err
+    assert not any("Topology" in x or x.startswith("error") for x in err), err
+    code, err = _cli_in_process(capfd, "predict", "--workdir", w, "--images", img, "--out",
+                                str(tmp_path / ("p" + os.path.basename(w))), "--video-size",
+                                "16", *extra)
+    assert code in (0, None), err
+  # training resumes it here too (one more step, one device)
+  code, err = _cli_in_process(capfd, "train", "--preset", "test_tiny", "--data", root,
+                              "--workdir", wd, "--steps", "3")
+  assert code in (0, None), err
+  assert checkpoint.saved_run(wd)[0] == 3
