@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import (checkpoint, config, dataset, evaluator, model, render, search, structure,
-                     train, train_step, visualize, workdir as workdir_lib)
+from scr_jax import (checkpoint, config, dataset, evaluator, model, parallel, render, search,
+                     structure, train, train_step, visualize, workdir as workdir_lib)
 from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.errors import UserError
 
@@ -316,6 +316,7 @@ def reproduce(out, preset="cpu_small", seeds=3, data="builtin", steps=None, sear
   cfg = config.validate(cfg)
   search_steps = search_steps or max(cfg.steps // 5, 1)
   fig6_steps = fig6_steps or cfg.steps
+  parallel.check_batch_size(cfg.batch_size)
   checkpoint.probe_writable(out)
   settings = dict(preset=preset, seeds=seeds, data=data, steps=cfg.steps,
                   search_steps=search_steps, fig6_steps=fig6_steps, sets=list(sets))

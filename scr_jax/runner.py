@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from scr_jax import (checkpoint, config, data, dataset, diagnostics, evaluator, model,
+from scr_jax import (checkpoint, config, data, dataset, diagnostics, evaluator, model, parallel,
                      predict as predict_lib, structure, train, workdir as workdir_lib)
 from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.cliutil import log as _log
@@ -94,8 +94,9 @@ def train_run(cfg, workdir: str, data: str = "builtin", *, candidates=None, resu
   """Trains cfg's structure (or the `candidates` orderings together) on the
   --data argument `data` in `workdir`, resumably; what `run.py train` does.
 
-  Every check that can refuse (settings of a resume, an occupied workdir,
-  --init-from shapes) runs before any data is read or anything compiled.
+  Every check that can refuse (a batch that does not divide over the
+  devices, settings of a resume, an occupied workdir, --init-from shapes)
+  runs before any data is read or anything compiled.
   Returns `train.fit`'s summary dict.
 
   Raises:
@@ -103,6 +104,7 @@ def train_run(cfg, workdir: str, data: str = "builtin", *, candidates=None, resu
   """
   st = structure.resolve_structure(cfg)
   check_data_arg(data)
+  parallel.check_batch_size(cfg.batch_size)
   if candidates:  # K dense orderings trained together (vmapped), same batches and init
     st = structure.candidates(candidate_orders(candidates, cfg))
   checkpoint.probe_writable(workdir)
@@ -245,6 +247,7 @@ def quickstart(workdir: str, steps=None, max_seconds=None, sets=(), log=_log) ->
   template), `predict` on four test images, the diagnostics, and a summary
   table printed. Returns dict(eval=..., baselines=..., diagnostics=...)."""
   cfg = make_config("cpu_small", sets, log, steps=steps)
+  parallel.check_batch_size(cfg.batch_size)
   t0 = time.time()
   root = dataset.ensure_builtin(cfg.image_size)
   d = data.load_synface(root, "train", None, None, limit=8)

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import (bilevel, bo, checkpoint, cliutil, config, dataset, evaluator, runner,
-                     structure, train, train_step, workdir as workdir_lib)
+from scr_jax import (bilevel, bo, checkpoint, cliutil, config, dataset, evaluator, parallel,
+                     runner, structure, train, train_step, workdir as workdir_lib)
 from scr_jax.errors import UserError
 
 # ----------------------------------------------------------------------------
@@ -334,6 +334,7 @@ def run_search(workdir: str, data: str, method: str, *, preset: str = "cpu_small
     if not init <= evals <= len(structure.ALL_ORDERS):
       raise UserError(f"--evals must be between --init ({init}) and "
                       f"{len(structure.ALL_ORDERS)} (all orderings), got {evals}")
+  parallel.check_batch_size(cfg.batch_size)
   checkpoint.probe_writable(workdir)
   # A rerun in the same workdir reuses finished evaluations: only with the
   # same settings (compared before any data is read).

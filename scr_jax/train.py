@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import checkpoint, dataset, diagnostics, runlog, structure as structure_lib
+from scr_jax import (checkpoint, dataset, diagnostics, parallel, runlog,
+                     structure as structure_lib)
 from scr_jax.errors import NonFiniteError, UserError
 from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.parallel import (any_process, barrier, compile_in_step, data_mesh, place_candidates,
@@ -90,13 +91,12 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
 
   Raises:
     UserError: the resume would change settings that change what is learned,
-      or resume=False on a workdir that already holds checkpoints.
+      resume=False on a workdir that already holds checkpoints, or a batch
+      that does not divide over the devices.
   """
-
+  parallel.check_batch_size(cfg.batch_size)
   checkpoint.probe_writable(workdir)
   mesh = data_mesh()
-  if cfg.batch_size % len(jax.devices()):
-    raise ValueError(f"batch_size {cfg.batch_size} must divide over {len(jax.devices())} devices")
   st = structure_lib.resolve_structure(cfg) if structure is None else structure
   k = st.k
   st_dev = st.replace(m=jnp.asarray(st.m, jnp.float32))  # placed on the mesh below

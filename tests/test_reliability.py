@@ -534,3 +534,21 @@ def test_workdir_trained_on_two_devices_is_used_on_one(tmp_path, tiny, capfd):
                               "--workdir", wd, "--steps", "3")
   assert code in (0, None), err
   assert checkpoint.saved_run(wd)[0] == 3
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--preset", "test_tiny", "--set", "batch_size=3"],
+    ["search", "--method", "unroll", "--preset", "test_tiny", "--set", "batch_size=5"],
+])
+def test_batch_size_not_dividing_over_devices_is_one_line(tmp_path, tiny, argv):
+  """Kind 6: a batch that does not split evenly over 2 devices: one line
+  naming both numbers and a fitting size, before any data or workdir file."""
+  wd = str(tmp_path / "wd")
+  res = subprocess.run(RUN + argv + ["--data", tiny[0], "--workdir", wd], capture_output=True,
+                       text=True, cwd=ROOT, env=TWO_DEVICES, timeout=300)
+  n = argv[-1].split("=")[1]
+  _assert_one_error(res, 2, f"batch_size {n} does not divide over the 2 devices",
+                    "multiple of 2")
+  assert "Traceback" not in res.stderr
+  assert not os.path.exists(os.path.join(wd, "config.json"))
+  parallel.check_batch_size(3)  # one device here: any batch fits
