@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
-from scr_jax import (checkpoint, config, data, dataset, diagnostics, evaluator, model, parallel,
-                     predict as predict_lib, structure, train, workdir as workdir_lib)
+from scr_jax import (checkpoint, config, data, dataset, diagnostics, evaluator, lock, model,
+                     parallel, predict as predict_lib, structure, train, workdir as workdir_lib)
 from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.cliutil import log as _log
 from scr_jax.errors import UserError
@@ -95,8 +95,9 @@ def train_run(cfg, workdir: str, data: str = "builtin", *, candidates=None, resu
   --data argument `data` in `workdir`, resumably; what `run.py train` does.
 
   Every check that can refuse (a batch that does not divide over the
-  devices, settings of a resume, an occupied workdir, --init-from shapes)
-  runs before any data is read or anything compiled.
+  devices, a workdir another job holds (`lock.hold`), settings of a resume,
+  an occupied workdir, --init-from shapes) runs before any data is read or
+  anything compiled.
   Returns `train.fit`'s summary dict.
 
   Raises:
@@ -108,7 +109,13 @@ def train_run(cfg, workdir: str, data: str = "builtin", *, candidates=None, resu
   if candidates:  # K dense orderings trained together (vmapped), same batches and init
     st = structure.candidates(candidate_orders(candidates, cfg))
   checkpoint.probe_writable(workdir)
-  resume = resume and not restart
+  with lock.hold(workdir, log):  # one job per workdir, from before the first check on
+    return _train_locked(cfg, workdir, data, st, resume and not restart, restart, max_seconds,
+                         init_from, log, cache, workers)
+
+
+def _train_locked(cfg, workdir, data, st, resume, restart, max_seconds, init_from, log, cache,
+                  workers):
   info = dict(data=data_spec(data, cfg))
   # Before any data is read or generated and before anything is compiled:
   # the requested settings against those of the workdir's newest checkpoint.
@@ -248,6 +255,12 @@ def quickstart(workdir: str, steps=None, max_seconds=None, sets=(), log=_log) ->
   table printed. Returns dict(eval=..., baselines=..., diagnostics=...)."""
   cfg = make_config("cpu_small", sets, log, steps=steps)
   parallel.check_batch_size(cfg.batch_size)
+  checkpoint.probe_writable(workdir)
+  with lock.hold(workdir, log):  # also over eval, predict and the files written after training
+    return _quickstart(cfg, workdir, max_seconds, log)
+
+
+def _quickstart(cfg, workdir, max_seconds, log):
   t0 = time.time()
   root = dataset.ensure_builtin(cfg.image_size)
   d = data.load_synface(root, "train", None, None, limit=8)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import (checkpoint, dataset, diagnostics, parallel, runlog,
+from scr_jax import (checkpoint, dataset, diagnostics, lock, parallel, runlog,
                      structure as structure_lib)
 from scr_jax.errors import NonFiniteError, UserError
 from scr_jax.evaluator import Evaluator, each_candidate
@@ -89,13 +89,22 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
   Returns a summary dict (step, start_step, seconds, reason, last metrics,
   state, nets, structure).
 
+  The workdir is held (`lock.hold`) while it trains: another job in it is refused.
+
   Raises:
     UserError: the resume would change settings that change what is learned,
-      resume=False on a workdir that already holds checkpoints, or a batch
-      that does not divide over the devices.
+      resume=False on a workdir that already holds checkpoints, a batch that
+      does not divide over the devices, or a workdir in use by another job.
   """
   parallel.check_batch_size(cfg.batch_size)
   checkpoint.probe_writable(workdir)
+  with lock.hold(workdir):
+    return _fit(cfg, workdir, train_data, val_data, structure, resume, quiet, max_seconds, log,
+                run_info, init_params)
+
+
+def _fit(cfg, workdir, train_data, val_data, structure, resume, quiet, max_seconds, log,
+         run_info, init_params):
   mesh = data_mesh()
   st = structure_lib.resolve_structure(cfg) if structure is None else structure
   k = st.k

@@ -19,7 +19,8 @@ from typing import Any
 
 import jax
 
-from scr_jax import checkpoint, nets as nets_lib, structure as structure_lib, train_step
+from scr_jax import (checkpoint, lock, nets as nets_lib, structure as structure_lib,
+                     train_step)
 from scr_jax.cliutil import log as _log
 from scr_jax.config import Config
 from scr_jax.errors import UserError
@@ -165,13 +166,14 @@ def save(workdir: str, cfg: Config, structure: structure_lib.Structure, state: d
   settings = checkpoint.run_settings(cfg, structure, data)
   settings.update(extra or {})
   checkpoint.probe_writable(workdir)
-  mngr = checkpoint.manager(workdir, cfg.keep_checkpoints)
-  step = int(jax.device_get(state.step))
-  if step in mngr.all_steps():
-    mngr.delete(step)
-  checkpoint.save(mngr, state.tree(), settings)
-  if describe:
-    checkpoint.save_run_files(workdir, settings)
-  else:
-    checkpoint.save_adjacency(workdir, settings["structure"])
+  with lock.hold(workdir):
+    mngr = checkpoint.manager(workdir, cfg.keep_checkpoints)
+    step = int(jax.device_get(state.step))
+    if step in mngr.all_steps():
+      mngr.delete(step)
+    checkpoint.save(mngr, state.tree(), settings)
+    if describe:
+      checkpoint.save_run_files(workdir, settings)
+    else:
+      checkpoint.save_adjacency(workdir, settings["structure"])
   return settings

@@ -552,3 +552,85 @@ def test_batch_size_not_dividing_over_devices_is_one_line(tmp_path, tiny, argv):
   assert "Traceback" not in res.stderr
   assert not os.path.exists(os.path.join(wd, "config.json"))
   parallel.check_batch_size(3)  # one device here: any batch fits
+
+
+def test_second_training_in_a_workdir_in_use_is_refused(tmp_path, tiny):
+  """Kind 2: a second `train` on a workdir another training is using exits 2
+  with one line naming the holder's pid and host, before touching anything;
+  the first run goes on, and on SIGTERM saves, exits and releases the lock:
+  metrics.csv has each step once, one event file."""
+  import signal
+  import socket
+  import time
+  wd = str(tmp_path / "wd")
+  args = ["train", "--preset", "test_tiny", "--data", tiny[0], "--workdir", wd, "--set",
+          "eval_every=100000", "--set", "ckpt_every=50"]
+  first = subprocess.Popen(RUN + args + ["--steps", "100000"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=ROOT)
+  try:
+    csv_path = os.path.join(wd, "metrics.csv")
+    t0 = time.time()
+    while not os.path.exists(csv_path) and first.poll() is None and time.time() - t0 < 300:
+      time.sleep(0.2)
+    assert first.poll() is None, first.communicate()[1][-3000:]
+    res = _cli("train", "--preset", "test_tiny", "--data", tiny[0], "--workdir", wd, "--seed", "7",
+               "--steps", "100000")
+    _assert_one_error(res, 2, wd, "in use", f"pid {first.pid}", socket.gethostname())
+    assert first.poll() is None  # the first run goes on
+    holder = json.load(open(os.path.join(wd, "workdir.lock")))
+    assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+  finally:
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=300)
+  assert first.returncode == 143, err[-3000:]
+  assert not os.path.exists(os.path.join(wd, "workdir.lock"))
+  with open(os.path.join(wd, "metrics.csv")) as fh:
+    rows = [r.split(",")[:2] for r in fh.read().splitlines()[1:]]
+  assert len(rows) == len({tuple(r) for r in rows})  # each (step, key) once
+  assert len(os.listdir(os.path.join(wd, "tb"))) == 1
+
+
+def test_lock_stale_and_foreign_holders(tmp_path):
+  """Kind 2: a lock of a killed process on this host is taken over with a
+  note; one from another host is refused naming it, with how to override;
+  the lock is re-entrant in a process and released on exceptions."""
+  import signal
+  import socket
+  from scr_jax import lock
+  wd = str(tmp_path / "wd")
+  holder = subprocess.Popen([sys.executable, "-c",
+                             "import sys, time\nfrom scr_jax import lock\n"
+                             "with lock.hold(sys.argv[1]):\n  print('held', flush=True)\n"
+                             "  time.sleep(300)\n", wd], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(UserError) as err:  # held: refused, naming it
+      with lock.hold(wd):
+        pass
+    assert f"pid {holder.pid} on host {socket.gethostname()}" in str(err.value)
+  finally:
+    holder.send_signal(signal.SIGKILL)  # dies without releasing: a stale lock file
+    holder.wait()
+  assert lock.read_holder(wd)["pid"] == holder.pid
+  notes = []
+  with lock.hold(wd, log=notes.append):
+    assert lock.read_holder(wd)["pid"] == os.getpid()
+    with lock.hold(wd):  # re-entrant
+      pass
+    assert os.path.exists(lock.lock_path(wd))
+  assert len(notes) == 1 and "stale lock" in notes[0] and str(holder.pid) in notes[0]
+  assert not os.path.exists(lock.lock_path(wd))
+  # another machine's lock on a shared folder: its flock may not be visible here
+  with open(lock.lock_path(wd), "w") as fh:
+    json.dump(dict(pid=4242, host="other-machine", started="2024-01-01T00:00:00+00:00"), fh)
+  with pytest.raises(UserError) as err:
+    with lock.hold(wd):
+      pass
+  msg = str(err.value)
+  assert "pid 4242 on host other-machine" in msg and "delete " + lock.lock_path(wd) in msg
+  assert "\n" not in msg
+  os.remove(lock.lock_path(wd))
+  with pytest.raises(RuntimeError):
+    with lock.hold(wd):
+      raise RuntimeError("boom")
+  assert not os.path.exists(lock.lock_path(wd))
