@@ -634,3 +634,71 @@ def test_lock_stale_and_foreign_holders(tmp_path):
     with lock.hold(wd):
       raise RuntimeError("boom")
   assert not os.path.exists(lock.lock_path(wd))
+
+
+def _split_tree(root, names, n=(3, 2, 2)):
+  """Image folders root/<name>/ with n[i] images each (distinct contents)."""
+  k = 0
+  for name, count in zip(names, n):
+    for i in range(count):
+      rng = np.random.default_rng(k)
+      k += 1
+      fault_cases.write(os.path.join(root, name, f"{i:03d}.png"),
+                        _png_bytes(rng.integers(0, 255, (S, S, 3), dtype=np.uint8)))
+  return root
+
+
+def _png_bytes(a):
+  import io
+  from PIL import Image
+  buf = io.BytesIO()
+  Image.fromarray(a).save(buf, format="png")
+  return buf.getvalue()
+
+
+@pytest.mark.parametrize("names", [
+    ("training", "validation", "testing"), ("Train", "Val", "Test"),
+    ("train", "valid", "test"), ("train_set", "dev_set", "test_set"),
+    ("TrainImages", "ValidationImages", "TestImages"), ("train", "validation", "test"),
+])
+def test_split_folders_under_usual_names(tmp_path, names):
+  """Kind 3: split folders named other than exactly train/val/test are read as
+  their splits (never merged into training), by prepare and by the in-memory
+  reader, and --split takes the usual names too."""
+  from scr_jax import dataset, prepare
+  root = _split_tree(str(tmp_path / "faces"), names)
+  scan = prepare.scan(root)
+  assert {s: len(v) for s, v in scan["splits"].items()} == dict(train=3, val=2, test=2)
+  assert all(os.sep + names[0] + os.sep in p for _, p, _ in scan["splits"]["train"])
+  cfg = config.get_config("test_tiny")
+  d, _ = dataset._read_folder(root, "val", cfg, need_depth=False)
+  assert len(d["images"]) == 2
+  d, _ = dataset._read_folder(root, "train", cfg, need_depth=False)
+  assert len(d["images"]) == 3
+  got = dataset.load_split(root, "validation", cfg, need_depth=False, with_gt=False,
+                           cache=str(tmp_path / "cache"))
+  assert len(got["images"]) == 2
+
+
+@pytest.mark.parametrize("layout,needles", [
+    (dict(names=("faces", "faces/celeba/test"), n=(3, 2)), ["faces/celeba/test", "test split"]),
+    (dict(names=("a", "a/Validation_Set"), n=(3, 2)), ["Validation_Set", "val split"]),
+    (dict(names=("holdout",), n=(2,)), ["holdout", "held-out"]),
+    (dict(names=("val", "validation", "train"), n=(1, 1, 2)), ["val/", "validation/", "keep one"]),
+    (dict(names=("validation", "test"), n=(2, 2)), ["validation/", "test/", "none for training"]),
+    (dict(names=("trainval", "test"), n=(2, 2)), ["trainval", "train and val"]),
+    (dict(names=("train", "train/test_hard"), n=(2, 2)), ["test_hard", "test split"]),
+])
+def test_held_out_folders_are_never_trained_on(tmp_path, layout, needles):
+  """Kind 3: a folder named as a test / validation split inside the training
+  images, two folders for one split, split folders without a training one, a
+  folder joining splits: `train` refuses in one line naming the folders,
+  before anything is prepared or written."""
+  root = _split_tree(str(tmp_path / "data"), layout["names"], layout["n"])
+  before = fault_cases.snapshot(root)
+  wd = str(tmp_path / "wd")
+  res = _cli("train", "--preset", "test_tiny", "--data", root, "--workdir", wd, "--steps", "1")
+  _assert_one_error(res, 2, *needles)
+  assert fault_cases.snapshot(root) == before
+  assert not os.path.exists(os.path.join(wd, "config.json"))
+  assert not glob.glob(os.path.join(root + ".prepared", "*", "manifest.json"))
