@@ -277,7 +277,8 @@ def build_parser():
                   help="crop around the largest human or cat face (OpenCV Haar cascades); "
                   "no face: a note and the centre square (with --skip-bad: skipped)")
   pr.add_argument("--skip-bad", action="store_true",
-                  help="go on past unreadable inputs, naming each (default: stop at the first)")
+                  help="go on past unreadable inputs, naming each (default: stop at the first), "
+                  "and skip inputs whose crop is blank or one flat colour (default: a note)")
   pr.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
                   help="read sub-folders of folder inputs (default: yes)")
   pr.add_argument("--video-size", type=int, default=256,

@@ -322,6 +322,30 @@ def crop_box_resize(a_HxWxC: np.ndarray, left: int, top: int, side: int, image_s
   return _resize(a[t:t + side, l:l + side], image_size)
 
 
+def flat_image(img_HxWx3, min_std: float = 0.03, max_flat: float = 0.9):
+  """Why an image is no picture to reconstruct, or None.
+
+  An image whose brightness barely varies (standard deviation below
+  `min_std`, in [0, 1] units: blank, a constant colour, JPEG noise on a
+  wall), or whose pixels lie, for a fraction `max_flat` or more, within 0.04
+  of one colour (its median: padding, an empty centre square with a sliver of
+  content): the model still outputs a face-shaped depth for it, which means
+  nothing. The built-in data's faces on black stay below 0.8.
+  img_HxWx3: float in [0, 1].
+  """
+  x = np.asarray(img_HxWx3, np.float32)
+  y = x @ np.asarray([0.299, 0.587, 0.114], np.float32)
+  std = float(y.std())
+  if std < min_std:
+    return f"blank or nearly constant (brightness std {std:.3f} of 1)"
+  med = np.median(x.reshape(-1, x.shape[-1]), axis=0)
+  frac = float(np.mean(np.abs(x - med).max(-1) < 0.04))
+  if frac >= max_flat:
+    rgb = ", ".join(str(int(round(v * 255))) for v in med)
+    return f"{frac:.0%} of it is one flat colour (RGB {rgb})"
+  return None
+
+
 # ----------------------------------------------------------------------------
 # Loaders
 # ----------------------------------------------------------------------------

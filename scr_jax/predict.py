@@ -10,7 +10,8 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import data, detect, export, model, structure, visualize, workdir as workdir_lib
+from scr_jax import (data, detect, export, folders, model, structure, visualize,
+                     workdir as workdir_lib)
 from scr_jax.cliutil import log as _log
 from scr_jax.errors import UserError
 
@@ -39,7 +40,9 @@ def read_inputs(images, out, cfg, notes, crop="none", detect_faces=False, skip_b
   Returns (kept, skipped, lines): kept = [(path, image_SxSx3, source dict)],
   skipped = [one-line reasons], lines = notes to print once the outputs are
   checked (so that any error stays one line). Without skip_bad the first
-  unreadable file (or impossible crop) raises its UserError.
+  unreadable file (or impossible crop) raises its UserError. An input whose
+  crop is blank or nearly one flat colour (`folders.flat_image`) gets a note
+  naming it (source["input_check"]), or is skipped with skip_bad.
   """
   files = []
   for spec in images:
@@ -82,6 +85,15 @@ def read_inputs(images, out, cfg, notes, crop="none", detect_faces=False, skip_b
         src.update(method="centre square" if crop_px is None else f"centre crop {side} px",
                    crop_px=[left, top, side])
       src["crop_units"] = "[left, top, side] in pixels of the upright input"
+      flat = _flat_crop(img, left, top, side, x)
+      if flat is not None:
+        if skip_bad:
+          raise UserError(f"{path}: the model's input (after the crop) is {flat}")
+        src["input_check"] = flat
+        notes.setdefault("the model's input (after the crop) is blank or nearly one flat "
+                         "colour: its depth, mesh and videos mean nothing (check the crop: "
+                         "--crop, --detect-faces; --skip-bad skips such inputs)", []).append(
+                             f"{path} ({flat})")
       kept.append((path, x, src))
     except UserError as e:
       if not skip_bad:
@@ -93,6 +105,15 @@ def read_inputs(images, out, cfg, notes, crop="none", detect_faces=False, skip_b
                  "predict uses each input's largest centred square (--crop train reuses the "
                  "training crop, --detect-faces crops around the face)")
   return kept, skipped, lines
+
+
+def _flat_crop(img_HxWx3, left: int, top: int, side: int, x_SxSx3):
+  """Why the crop that reaches the model is no picture (`folders.flat_image`),
+  or None: judged on the model's input and on the crop at its own resolution
+  (subsampled to <= 256 px), where thin content the resize blurs still counts."""
+  region = img_HxWx3[max(top, 0):top + side, max(left, 0):left + side]
+  k = max(1, max(region.shape[:2]) // 256)
+  return folders.flat_image(x_SxSx3) or folders.flat_image(region[::k, ::k])
 
 
 def predict(workdir: str, images, out: str, crop="none", detect_faces: bool = False,
