@@ -245,10 +245,15 @@ def test_predict_exports_and_unique_names(tmp_path, capfd, workdir, faces):
   assert any("centre-cropped to 24 px" in x for x in err), err  # the train crop is not reused
   stems = sorted(os.listdir(out))
   assert stems == ["a_jpg", "in_a_png", "other_a_png"]
-  n_files = len(export.FILES)
+  files = export.FILES
+  n_files = len(files)
   assert f"wrote {3 * n_files} files for 3 images" in err[-1], err
   for s in stems:
-    assert sorted(os.listdir(out / s)) == sorted(export.FILES)
+    assert sorted(os.listdir(out / s)) == sorted(files)
+  # a batch: progress lines with the rate and ETA (after the first image, at the last)
+  prog = [x for x in err if x.startswith("[predict] ")]
+  assert prog[0].startswith("[predict] 1/3 images") and prog[-1].startswith("[predict] 3/3")
+  assert all("s/image, ETA " in x for x in prog)
   assert all(p.read_bytes() == b for p, b in before.items())  # inputs untouched
 
   d = out / "in_a_png"
@@ -347,7 +352,7 @@ def test_user_report_cases(tmp_path, capfd, workdir):
 
 
 # ----------------------------------------------------------------------------
-# Issue 23: degenerate model inputs
+# Issue 23: degenerate model inputs, choosing the outputs
 # ----------------------------------------------------------------------------
 
 def _degenerate_inputs(folder, faces):
@@ -392,7 +397,7 @@ def test_degenerate_inputs_are_named_or_skipped(tmp_path, capfd, workdir, faces)
   bad = _degenerate_inputs(ins, faces)
   out = tmp_path / "out"
   code, err = _cli(capfd, "predict", "--workdir", workdir, "--images", str(ins), "--out",
-                   str(out), "--video-size", "16")
+                   str(out), "--outputs", "depth", "--crop", "none")
   assert code == 0, err
   (line,) = [x for x in err if "blank or nearly one flat colour" in x]
   assert line.startswith("note: ") and f"and {len(bad) - 1} more" in line, line
@@ -401,9 +406,35 @@ def test_degenerate_inputs_are_named_or_skipped(tmp_path, capfd, workdir, faces)
     assert meta["source"]["input_check"], name
   assert "input_check" not in json.loads((out / "face" / "params.json").read_text())["source"]
   code, err = _cli(capfd, "predict", "--workdir", workdir, "--images", str(ins), "--out",
-                   str(tmp_path / "out2"), "--video-size", "16", "--skip-bad")
+                   str(tmp_path / "out2"), "--outputs", "depth", "--skip-bad")
   assert code == 0, err
   assert os.listdir(tmp_path / "out2") == ["face"]
   for name in bad:
     assert any(x.startswith(f"note: skipped {ins / name}.png: the model's input") for x in err)
   assert f"skipped {len(bad)} (named above)" in err[-1]
+
+
+def test_outputs_choose_what_is_written(tmp_path, capfd, workdir, faces):
+  """--outputs depth,normal,mesh and --no-video write only those (params.json
+  always); a name it does not know is one line before any model work."""
+  ins = tmp_path / "in"
+  ins.mkdir()
+  for i in range(2):
+    Image.fromarray(faces[i]).save(ins / f"f{i}.png")
+  out = tmp_path / "out"
+  code, err = _cli(capfd, "predict", "--workdir", workdir, "--images", str(ins), "--out",
+                   str(out), "--outputs", "depth,normal,mesh")
+  assert code == 0, err
+  want = sorted(export.OUTPUTS["depth"] + export.OUTPUTS["mesh"] + ("normal.png", "params.json"))
+  assert sorted(os.listdir(out / "f0")) == want
+  assert json.loads((out / "f0" / "params.json").read_text())["files"] == [
+      f for f in export.FILES if f in want]
+  code, err = _cli(capfd, "predict", "--workdir", workdir, "--images", str(ins / "f0.png"),
+                   "--out", str(tmp_path / "nv"), "--no-video")
+  assert code == 0, err
+  got = set(os.listdir(tmp_path / "nv" / "f0"))
+  assert got == set(export.FILES) - {"turn.mp4", "turn.webm"}
+  code, err = _cli(capfd, "predict", "--workdir", workdir, "--images", str(ins), "--out",
+                   str(tmp_path / "bad"), "--outputs", "depth,pointcloud")
+  assert code == 2 and len(err) == 1 and "unknown pointcloud" in err[0] and "mesh" in err[0]
+  assert not (tmp_path / "bad").exists()
