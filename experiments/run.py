@@ -289,7 +289,7 @@ def build_parser():
                   help="what to write per input, a comma list of " + ", ".join(export.OUTPUTS)
                   + " (default: all; params.json is always written)")
   pr.add_argument("--video", action=argparse.BooleanOptionalAction, default=True,
-                  help="write turn.mp4 (default; most of the time per input): "
+                  help="write turn.mp4 / turn.webm (default; most of the time per input): "
                   "--no-video skips them")
   pr.add_argument("--candidate", help="of a candidates workdir: the ordering (or index) to use")
   pr.set_defaults(fn=cmd_predict)

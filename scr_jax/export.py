@@ -28,7 +28,11 @@ One folder per input, OUT/<stem>/, with `stem` unique over the inputs
                   (x, y, z)_obj = (x, -y, rot_center_depth - z)_camera
   turn.gif        today's small turn-table (shape only, 3x enlarged)
   turn.mp4        larger turn-table, [textured | shape], rendered at
-                  `video_size` px per panel (MPEG-4 part 2, OpenCV 'mp4v')
+                  `video_size` px per panel: H.264 where the installed OpenCV
+                  encodes it (browsers play it), else MPEG-4 Part 2 ('mp4v':
+                  VLC and most players, not browsers or slides)
+  turn.webm       the same video in VP9 (or VP8) WebM, which browsers play,
+                  where OpenCV writes it (OpenCV's pip wheels do)
 
 `--outputs` picks groups of these (OUTPUTS; params.json is always written);
 the video is most of the time per input.
@@ -50,14 +54,14 @@ from scr_jax.errors import UserError
 FILES = ("input.png", "recon.png", "normal.png", "shading.png", "albedo.png",
          "canon_image.png", "canon_depth.npy", "canon_depth.png", "depth.npy", "depth.png",
          "depth_mask.png", "params.json", "mesh.obj", "mesh.mtl", "texture.png", "turn.gif",
-         "turn.mp4")
+         "turn.mp4", "turn.webm")
 # `predict --outputs` names -> their files (params.json, the record, is always written).
 OUTPUTS = {
     "input": ("input.png",), "recon": ("recon.png",), "normal": ("normal.png",),
     "shading": ("shading.png",), "albedo": ("albedo.png", "canon_image.png"),
     "depth": ("canon_depth.npy", "canon_depth.png", "depth.npy", "depth.png", "depth_mask.png"),
     "mesh": ("mesh.obj", "mesh.mtl", "texture.png"), "gif": ("turn.gif",),
-    "video": ("turn.mp4",),
+    "video": ("turn.mp4", "turn.webm"),
 }
 DEPTH_PNG = "z = 1.1 - 0.2 * v, v = png / 65535 (Unsup3D's mapping; 16-bit)"
 
@@ -126,6 +130,33 @@ def parse_outputs(spec=None, video: bool = True) -> tuple:
     names = [n for n in names if n != "video"]
   want = {"params.json"}.union(*(OUTPUTS[n] for n in names))
   return tuple(f for f in FILES if f in want)
+
+
+def video_plan(files) -> tuple:
+  """(files, notes): the videos among `files` this OpenCV can write (probed
+  once, before any model work: `visualize.video_codec`), and a note for each
+  video left out or not playable in browsers."""
+  notes = []
+  if not any(f.startswith("turn.") and not f.endswith(".gif") for f in files):
+    return tuple(files), notes
+  keep = []
+  for f in files:
+    ext = os.path.splitext(f)[1]
+    if ext not in visualize.VIDEO_CODECS:
+      keep.append(f)
+      continue
+    codec = visualize.video_codec(ext)
+    if codec is None:
+      notes.append(f"note: this OpenCV writes no {ext} video "
+                   f"({', '.join(c for c, _ in visualize.VIDEO_CODECS[ext])}); {f} not written")
+      continue
+    keep.append(f)
+    if ext == ".mp4" and codec[1] not in visualize.BROWSER_CODECS:
+      web = "turn.webm (VP9) plays in browsers" if "turn.webm" in files and \
+          visualize.video_codec(".webm") else "browsers need H.264"
+      notes.append(f"note: turn.mp4 is {codec[1]} ('{codec[0]}'; VLC and most players, not "
+                   f"browsers or slides): this OpenCV has no H.264 encoder; {web}")
+  return tuple(keep), notes
 
 
 def planned_files(out_dir: str, stem: str, files=FILES) -> list:
@@ -247,12 +278,17 @@ def write_prediction(out_dir: str, stem: str, pred: dict, cam: render.Camera, so
     mesh.export(p["mesh.obj"], mtl_name="mesh.mtl")
   if "turn.gif" in want:
     visualize.save_gif(p["turn.gif"], np.asarray(gif_frames), scale=3)
-  if "turn.mp4" in want:
+  videos = {}
+  if {"turn.mp4", "turn.webm"} & want:
     frames = visualize.turntable_video_frames(pred["canon_depth"], pred["canon_im"], cam,
                                               size=video_size)
-    visualize.save_mp4(p["turn.mp4"], frames)
+    for name in ("turn.mp4", "turn.webm"):
+      if name in want:
+        videos[name] = visualize.save_video(p[name], frames)
   meta = params_json(pred, cam, source)
   meta["files"] = list(files)
+  if videos:
+    meta["video_codecs"] = videos
   with open(p["params.json"], "w") as fh:
     json.dump(meta, fh, indent=1)
   missing = [f for f in files if not os.path.isfile(p[f])]

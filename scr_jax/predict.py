@@ -144,7 +144,8 @@ def predict(workdir: str, images, out: str, crop="none", detect_faces: bool = Fa
     raise UserError(f"no readable input among {len(skipped)} file(s); first: {skipped[0]}")
   stems = export.unique_stems([k[0] for k in kept])
   export.check_outputs(out, stems, [k[0] for k in kept], files)
-  for line in lines:
+  files, video_notes = export.video_plan(files)
+  for line in lines + video_notes:
     log(line)
   data._report(notes)
   r = workdir_lib.restore(workdir).single(workdir, "predict", candidate)

@@ -245,7 +245,8 @@ def test_predict_exports_and_unique_names(tmp_path, capfd, workdir, faces):
   assert any("centre-cropped to 24 px" in x for x in err), err  # the train crop is not reused
   stems = sorted(os.listdir(out))
   assert stems == ["a_jpg", "in_a_png", "other_a_png"]
-  files = export.FILES
+  files = export.video_plan(export.FILES)[0]  # (the videos this OpenCV writes)
+  assert "turn.mp4" in files
   n_files = len(files)
   assert f"wrote {3 * n_files} files for 3 images" in err[-1], err
   for s in stems:
@@ -297,9 +298,17 @@ def test_predict_exports_and_unique_names(tmp_path, capfd, workdir, faces):
   np.testing.assert_allclose(np.sort(1.0 - mesh.vertices[:, 2]), np.sort(canon.ravel()),
                              atol=1e-5)  # z_obj = rot_center_depth - z
 
-  # Turn-tables: the MP4 has every frame, [textured | shape] at --video-size.
+  # Turn-tables: the MP4 has every frame, [textured | shape] at --video-size;
+  # the WebM (browsers play it) too, where this OpenCV writes one.
   n, shape = _mp4_frames(str(d / "turn.mp4"))
   assert n == 48 and shape == (16, 32, 3)
+  codecs = meta["video_codecs"]
+  assert codecs["turn.mp4"] in ("H.264", "MPEG-4 Part 2")
+  if codecs["turn.mp4"] != "H.264":  # said, not silent
+    assert any("turn.mp4 is MPEG-4 Part 2" in x and "browsers" in x for x in err), err
+  if "turn.webm" in files:
+    assert codecs["turn.webm"] in ("VP9", "VP8")
+    assert _mp4_frames(str(d / "turn.webm")) == (48, (16, 32, 3))
   with Image.open(d / "turn.gif") as im:
     assert im.n_frames == 24 and im.size == (3 * S, 3 * S)
 
@@ -348,7 +357,7 @@ def test_user_report_cases(tmp_path, capfd, workdir):
                                      "webcam_640x480"]
   meta = json.loads((out / "webcam_640x480" / "params.json").read_text())
   assert meta["source"]["crop_px"] == [80, 0, 480]
-  assert f"wrote {5 * len(export.FILES)} files for 5 images" in err[-1]
+  assert f"wrote {5 * len(export.video_plan(export.FILES)[0])} files for 5 images" in err[-1]
 
 
 # ----------------------------------------------------------------------------
