@@ -116,7 +116,7 @@ def load_data_state(mngr: ocp.CheckpointManager, step: int):
   the loader then starts fresh at `step`)."""
   path = os.path.join(os.fspath(mngr.directory), str(step), DATA_STATE_FILE)
   try:
-    with open(path) as fh:
+    with open(path, encoding="utf-8-sig") as fh:
       return json.load(fh)
   except (OSError, ValueError):
     return None
@@ -230,7 +230,7 @@ def load_config(workdir: str) -> Config:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise UserError(f"{path} not found: is {workdir} a training workdir?")
-  with open(path) as fh:
+  with open(path, encoding="utf-8-sig") as fh:  # (edited with Notepad: a BOM)
     return Config.from_json(fh.read())
 
 
@@ -272,7 +272,7 @@ def load_settings(mngr_or_workdir, step: int):
   if not os.path.exists(path):
     return None
   try:
-    with open(path) as fh:
+    with open(path, encoding="utf-8-sig") as fh:
       return json.load(fh)
   except (OSError, ValueError) as e:
     raise UserError(f"{path} cannot be read ({e}); move that checkpoint away") from None
@@ -284,9 +284,9 @@ def legacy_settings(workdir: str):
   cpath, apath = (os.path.join(workdir, n) for n in ("config.json", "adjacency.json"))
   if not (os.path.exists(cpath) and os.path.exists(apath)):
     return None
-  with open(cpath) as fh:
+  with open(cpath, encoding="utf-8-sig") as fh:
     cfg = json.load(fh)
-  with open(apath) as fh:
+  with open(apath, encoding="utf-8-sig") as fh:
     adj = json.load(fh)
   return dict(config=cfg, structure=dict(variant=adj.get("variant", cfg.get("variant")),
                                          q=adj.get("q"), M=adj["M"], orders=adj.get("orders")),

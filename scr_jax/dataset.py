@@ -265,7 +265,7 @@ def has_ground_truth(spec: str, split: str, cfg) -> bool:
   man = os.path.join(src, "manifest.json")
   if os.path.isfile(man):
     try:
-      with open(man) as fh:
+      with open(man, encoding="utf-8-sig") as fh:
         src = json.load(fh).get("source", src)
     except (OSError, ValueError):
       return False

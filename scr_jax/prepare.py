@@ -121,7 +121,7 @@ def read_manifest(out: str, current: bool = True):
   if not os.path.isfile(path):
     return None
   try:
-    with open(path) as fh:
+    with open(path, encoding="utf-8-sig") as fh:
       man = json.load(fh)
   except (OSError, ValueError) as e:
     raise UserError(f"{path}: unreadable manifest ({type(e).__name__}); prepare again") from None

@@ -44,7 +44,7 @@ def _log(msg):
 
 def _done(path):
   if os.path.exists(path):
-    with open(path) as fh:
+    with open(path, encoding="utf-8-sig") as fh:
       return json.load(fh)
   return None
 

@@ -56,7 +56,7 @@ def train_orders(cfg, workdir, train_data, val_data, orders, q=None, quiet=True)
   from workdir/scores.json). Returns the per-candidate scores."""
   path = os.path.join(workdir, "scores.json")
   if os.path.exists(path):
-    with open(path) as fh:
+    with open(path, encoding="utf-8-sig") as fh:
       saved = json.load(fh)
     if saved.get("orders") == list(orders) and saved.get("steps") == cfg.steps:
       return saved["scores"]
@@ -340,7 +340,7 @@ def run_search(workdir: str, data: str, method: str, *, preset: str = "cpu_small
     # A rerun in the same workdir reuses finished evaluations: only with the
     # same settings (compared before any data is read).
     if os.path.exists(os.path.join(workdir, "config.json")):
-      with open(os.path.join(workdir, "config.json")) as fh:
+      with open(os.path.join(workdir, "config.json"), encoding="utf-8-sig") as fh:
         old = dict(config=json.load(fh))
       changed, harmless = checkpoint.compare_settings(old, dict(config=json.loads(cfg.to_json())))
       if changed:

@@ -702,3 +702,19 @@ def test_held_out_folders_are_never_trained_on(tmp_path, layout, needles):
   assert fault_cases.snapshot(root) == before
   assert not os.path.exists(os.path.join(wd, "config.json"))
   assert not glob.glob(os.path.join(root + ".prepared", "*", "manifest.json"))
+
+
+def test_json_with_a_byte_order_mark_is_read(tmp_path):
+  """structure.json (and the workdir's config.json) saved by Windows Notepad
+  start with a UTF-8 BOM: read as JSON."""
+  p = str(tmp_path / "structure.json")
+  with open(p, "w", encoding="utf-8-sig") as fh:
+    json.dump(dict(factors=["V", "D", "L", "A"], order="DVAL"), fh)
+  assert open(p, "rb").read(3) == b"\xef\xbb\xbf"
+  assert structure.load_structure(p)["order"] == "DVAL"
+  wd = str(tmp_path / "wd")
+  os.makedirs(wd)
+  with open(os.path.join(wd, "config.json"), "w", encoding="utf-8-sig") as fh:
+    fh.write(config.get_config("test_tiny").to_json())
+  assert checkpoint.load_config(wd).preset == "test_tiny"
+  assert config.Config.from_json("\ufeff" + config.get_config("test_tiny").to_json()).steps == 4
