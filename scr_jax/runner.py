@@ -11,8 +11,9 @@ import time
 
 import numpy as np
 
-from scr_jax import (checkpoint, config, data, dataset, diagnostics, evaluator, lock, model,
-                     parallel, predict as predict_lib, structure, train, workdir as workdir_lib)
+from scr_jax import (checkpoint, config, data, dataset, diagnostics, evaluator, lock, metrics,
+                     model, parallel, predict as predict_lib, structure, train,
+                     workdir as workdir_lib)
 from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.cliutil import log as _log
 from scr_jax.errors import UserError
@@ -157,7 +158,9 @@ def eval_run(workdir: str, data_arg: str, split: str = "test", cache=None,
   split with depth; a candidates workdir gives one result per candidate.
   save_predictions: an .npz path for the predicted depth, mask and names
   (single-structure workdirs only).
-  Returns the summary dict (also what `eval --out` writes). Raises UserError.
+  Returns the summary dict (also what `eval --out` writes): side_mean /
+  side_std scaled x1e-2 as the paper's tables, side_raw_* unscaled, with
+  side_unit and mad_unit saying so (`metrics.with_units`). Raises UserError.
   """
   check_data_arg(data_arg)
   r = workdir_lib.restore(workdir)
@@ -170,14 +173,15 @@ def eval_run(workdir: str, data_arg: str, split: str = "test", cache=None,
     rows = []
     for order, (params_i, st_i) in zip(st.orders or range(r.k), each_candidate(params, st)):
       res, _, _ = ev.evaluate(params_i, d, st_i)
-      rows.append(dict(res, order=order))
+      rows.append(dict(metrics.with_units(res), order=order))
       log(f"  {order}: SIDE {res['side_mean']:.3f}  MAD {res['mad_mean']:.2f}")
     summ = dict(candidates=rows)
   else:
     summ, pred, valid = ev.evaluate(params, d, st)
+    summ = metrics.with_units(summ)
     base = evaluator.baselines_for(data_arg, d, cfg)
     if base is not None:  # the reference predictions on the same images
-      summ["baselines"] = base
+      summ["baselines"] = {name: metrics.with_units(b) for name, b in base.items()}
       for name, b in base.items():
         log(f"  baseline {name}: SIDE {b['side_mean']:.3f}  MAD {b['mad_mean']:.2f}")
     if save_predictions:
