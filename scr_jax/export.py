@@ -31,7 +31,7 @@ One folder per input, OUT/<stem>/, with `stem` unique over the inputs
                   `video_size` px per panel: H.264 where the installed OpenCV
                   encodes it (browsers play it), else MPEG-4 Part 2 ('mp4v':
                   VLC and most players, not browsers or slides)
-  turn.webm       the same video in VP9 (or VP8) WebM, which browsers play,
+  turn.webm       the same video in VP8 (or VP9) WebM, which browsers play,
                   where OpenCV writes it (OpenCV's pip wheels do)
 
 `--outputs` picks groups of these (OUTPUTS; params.json is always written);
@@ -152,7 +152,7 @@ def video_plan(files) -> tuple:
       continue
     keep.append(f)
     if ext == ".mp4" and codec[1] not in visualize.BROWSER_CODECS:
-      web = "turn.webm (VP9) plays in browsers" if "turn.webm" in files and \
+      web = "turn.webm (WebM) plays in browsers" if "turn.webm" in files and \
           visualize.video_codec(".webm") else "browsers need H.264"
       notes.append(f"note: turn.mp4 is {codec[1]} ('{codec[0]}'; VLC and most players, not "
                    f"browsers or slides): this OpenCV has no H.264 encoder; {web}")
