@@ -192,14 +192,17 @@ class _Progress:
   def __init__(self, total: int, log):
     self.total, self.log, self.done = total, log, 0
     self.t0 = self.last = time.time()
+    self.t1 = None  # after the first image, which also compiles: the rate is timed from here
 
   def step(self):
     self.done += 1
     now = time.time()
+    if self.done == 1:
+      self.t1 = now
     if self.total < 2 or not (self.done in (1, self.total) or now - self.last >= PROGRESS_S):
       return
     self.last = now
-    per = (now - self.t0) / self.done
+    per = (now - self.t0) if self.done == 1 else (now - self.t1) / (self.done - 1)
     eta = runlog._fmt_time(per * (self.total - self.done))
     self.log(f"[predict] {self.done}/{self.total} images ({100 * self.done // self.total}%), "
              f"{per:.1f} s/image, ETA {eta}")
