@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import checkpoint, nets as nets_lib, structure, train_step, workdir as workdir_lib
+from scr_jax import (checkpoint, lock, nets as nets_lib, structure, train_step,
+                     workdir as workdir_lib)
 from scr_jax.errors import UserError
 
 NETS = ("netV", "netD", "netL", "netA", "netC")
@@ -518,8 +519,14 @@ def import_checkpoint(path: str, workdir: str, cfg, log=print) -> dict:
     The settings saved with the checkpoint.
   Raises:
     UserError: the file is not an Unsup3D checkpoint, the config's shapes
-      differ from Unsup3D's, or the workdir already holds a run.
+      differ from Unsup3D's, or the workdir already holds a run or is in use.
   """
+  checkpoint.probe_writable(workdir)
+  with lock.hold(workdir):  # two imports at once: the second is refused, not overwriting
+    return _import(path, workdir, cfg, log)
+
+
+def _import(path: str, workdir: str, cfg, log) -> dict:
   if checkpoint.has_checkpoints(workdir):
     raise UserError(f"--workdir {workdir} already holds checkpoints; import into a new one")
   ckpt = load_pth(path)
