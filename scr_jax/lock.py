@@ -15,7 +15,7 @@ the library's own producers) holds W/workdir.lock while it runs:
 A lock file left by a process that died on this host (SIGKILL, power cut) is
 taken over with a note; one left by another host is refused with the host,
 the pid and how to override (delete the file). The lock is re-entrant within
-a process, released (the file removed) on return, on exceptions and on
+a thread (another thread of the process is refused), released (the file removed) on return, on exceptions and on
 SIGTERM (turned into SystemExit while the lock is held, when no other handler
 is installed); under jax.distributed only process 0 takes it.
 """
@@ -34,7 +34,7 @@ import threading
 from scr_jax.errors import UserError
 
 LOCK_FILE = "workdir.lock"
-_HELD = {}  # realpath of a workdir -> [fd, depth]: re-entrant within this process
+_HELD = {}  # realpath of a workdir -> [fd, depth, thread]: re-entrant within a thread
 
 
 def _log(msg: str):
@@ -155,6 +155,10 @@ def hold(workdir: str, log=_log):
   except Exception:  # noqa: BLE001 (no backend: one process)
     primary = True
   key = os.path.realpath(workdir)
+  me = threading.get_ident()
+  if key in _HELD and _HELD[key][2] != me:
+    raise UserError(f"{workdir} is in use by another thread of this process (pid "
+                    f"{os.getpid()}); use another workdir")
   if not primary or key in _HELD:
     if key in _HELD:
       _HELD[key][1] += 1
@@ -166,7 +170,7 @@ def hold(workdir: str, log=_log):
     return
   os.makedirs(workdir, exist_ok=True)
   fd = _acquire(workdir, log)
-  _HELD[key] = [fd, 1]
+  _HELD[key] = [fd, 1, me]
   old_term = None
   if threading.current_thread() is threading.main_thread():
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:

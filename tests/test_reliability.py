@@ -618,6 +618,19 @@ def test_lock_stale_and_foreign_holders(tmp_path):
     with lock.hold(wd):  # re-entrant
       pass
     assert os.path.exists(lock.lock_path(wd))
+    import threading
+    errs = []
+
+    def other_thread():
+      try:
+        with lock.hold(wd):
+          pass
+      except UserError as e:
+        errs.append(str(e))
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join()
+    assert len(errs) == 1 and "another thread" in errs[0]
   assert len(notes) == 1 and "stale lock" in notes[0] and str(holder.pid) in notes[0]
   assert not os.path.exists(lock.lock_path(wd))
   # another machine's lock on a shared folder: its flock may not be visible here
