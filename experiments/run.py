@@ -12,6 +12,7 @@
       [--save-predictions F.npz]
   python experiments/run.py predict --workdir W --images DIR_or_files --out OUTDIR
       [--crop none|train|N] [--detect-faces] [--skip-bad] [--no-recursive] [--video-size PX]
+      [--outputs depth,normal,mesh,...] [--no-video]
   python experiments/run.py diagnose --workdir W --data DIR|builtin[:VARIANT] [--split test]
   python experiments/run.py main --workdir W     (data + train + eval + predict + summary)
   python experiments/run.py import-unsup3d CHECKPOINT.pth --workdir W   (Unsup3D's weights)
@@ -37,8 +38,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cach
 import jax  # noqa: E402
 
 from scr_jax import (  # noqa: E402
-    cliutil, config, data, dataset, predict as predict_lib, prepare, reproduce, runner, search,
-    unsup3d_import)
+    cliutil, config, data, dataset, export, predict as predict_lib, prepare, reproduce, runner,
+    search, unsup3d_import)
 from scr_jax.errors import NonFiniteError, UserError  # noqa: E402
 
 
@@ -173,7 +174,8 @@ def cmd_predict(args):
       args.workdir, args.images, args.out, crop=getattr(args, "crop", "none"),
       detect_faces=getattr(args, "detect_faces", False),
       skip_bad=getattr(args, "skip_bad", False), recursive=getattr(args, "recursive", True),
-      video_size=getattr(args, "video_size", 256), candidate=getattr(args, "candidate", None))
+      video_size=getattr(args, "video_size", 256), candidate=getattr(args, "candidate", None),
+      outputs=getattr(args, "outputs", None), video=getattr(args, "video", True))
 
 
 def cmd_main(args):
@@ -277,11 +279,18 @@ def build_parser():
                   help="crop around the largest human or cat face (OpenCV Haar cascades); "
                   "no face: a note and the centre square (with --skip-bad: skipped)")
   pr.add_argument("--skip-bad", action="store_true",
-                  help="go on past unreadable inputs, naming each (default: stop at the first)")
+                  help="go on past unreadable inputs, naming each (default: stop at the first), "
+                  "and skip inputs whose crop is blank or one flat colour (default: a note)")
   pr.add_argument("--recursive", action=argparse.BooleanOptionalAction, default=True,
                   help="read sub-folders of folder inputs (default: yes)")
   pr.add_argument("--video-size", type=int, default=256,
                   help="pixels per panel of the MP4 turn-table, even (default 256)")
+  pr.add_argument("--outputs", metavar="LIST",
+                  help="what to write per input, a comma list of " + ", ".join(export.OUTPUTS)
+                  + " (default: all; params.json is always written)")
+  pr.add_argument("--video", action=argparse.BooleanOptionalAction, default=True,
+                  help="write turn.mp4 / turn.webm (default; most of the time per input): "
+                  "--no-video skips them")
   pr.add_argument("--candidate", help="of a candidates workdir: the ordering (or index) to use")
   pr.set_defaults(fn=cmd_predict)
 

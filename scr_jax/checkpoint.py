@@ -116,7 +116,7 @@ def load_data_state(mngr: ocp.CheckpointManager, step: int):
   the loader then starts fresh at `step`)."""
   path = os.path.join(os.fspath(mngr.directory), str(step), DATA_STATE_FILE)
   try:
-    with open(path) as fh:
+    with open(path, encoding="utf-8-sig") as fh:
       return json.load(fh)
   except (OSError, ValueError):
     return None
@@ -173,19 +173,36 @@ def latest_step(mngr: ocp.CheckpointManager):
   return _latest_complete(mngr)
 
 
-def restore_step(mngr: ocp.CheckpointManager, step: int, like_state: dict):
-  """Restores checkpoint `step` into the structure of `like_state`.
+def _onto_this_machine(leaf):
+  """The restore target of one leaf: its shape and dtype, placed as `leaf` is
+  (a concrete array) or, for a shape-only leaf, on this process's first
+  device. Without a placement orbax would rebuild the saving machine's
+  sharding, which fails on another device count ("Topology mismatch")."""
+  s = ocp.utils.to_shape_dtype_struct(leaf)
+  if getattr(s, "sharding", None) is None:
+    s = jax.ShapeDtypeStruct(s.shape, s.dtype,
+                             sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  return s
 
+
+def restore_step(mngr: ocp.CheckpointManager, step: int, like_state: dict,
+                 hint: str = "move it away to resume from an earlier step, or use --no-resume"):
+  """Restores checkpoint `step` into the structure of `like_state`, onto this
+  machine's devices whatever device count the saving machine had (leaves of
+  `like_state` that are arrays keep their placement; shape-only leaves, e.g.
+  from jax.eval_shape, go to the first local device).
+
+  hint: what the one-line error tells the user to do (resume vs. inference).
   Raises:
     UserError: the checkpoint does not fit `like_state` or cannot be read.
   """
-  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like_state)
+  abstract = jax.tree_util.tree_map(_onto_this_machine, like_state)
   try:
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as e:
     why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     raise UserError(f"checkpoint step {step} in {mngr.directory} cannot be restored ({why}); "
-                    "move it away to resume from an earlier step, or use --no-resume") from None
+                    f"{hint}") from None
 
 
 def save_config(workdir: str, cfg: Config):
@@ -213,7 +230,7 @@ def load_config(workdir: str) -> Config:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise UserError(f"{path} not found: is {workdir} a training workdir?")
-  with open(path) as fh:
+  with open(path, encoding="utf-8-sig") as fh:  # (edited with Notepad: a BOM)
     return Config.from_json(fh.read())
 
 
@@ -255,7 +272,7 @@ def load_settings(mngr_or_workdir, step: int):
   if not os.path.exists(path):
     return None
   try:
-    with open(path) as fh:
+    with open(path, encoding="utf-8-sig") as fh:
       return json.load(fh)
   except (OSError, ValueError) as e:
     raise UserError(f"{path} cannot be read ({e}); move that checkpoint away") from None
@@ -267,9 +284,9 @@ def legacy_settings(workdir: str):
   cpath, apath = (os.path.join(workdir, n) for n in ("config.json", "adjacency.json"))
   if not (os.path.exists(cpath) and os.path.exists(apath)):
     return None
-  with open(cpath) as fh:
+  with open(cpath, encoding="utf-8-sig") as fh:
     cfg = json.load(fh)
-  with open(apath) as fh:
+  with open(apath, encoding="utf-8-sig") as fh:
     adj = json.load(fh)
   return dict(config=cfg, structure=dict(variant=adj.get("variant", cfg.get("variant")),
                                          q=adj.get("q"), M=adj["M"], orders=adj.get("orders")),

@@ -116,7 +116,7 @@ class Config:
 
   @classmethod
   def from_json(cls, text: str) -> "Config":
-    raw = json.loads(text)
+    raw = json.loads(text.lstrip("\ufeff"))  # a byte-order mark from a Windows editor
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:

@@ -102,8 +102,11 @@ def missing_packages():
 
 def has_depth(spec: str, cfg, split: str, cache=None) -> bool:
   """Whether `split` of `--data spec` has ground-truth depth."""
+  split = folders.canonical_split(split)
   if missing_packages():
-    return os.path.isdir(os.path.join(resolve_data(spec, cfg), split, "depth"))
+    root = resolve_data(spec, cfg)
+    folder = folders.split_folders(root).get(split) if os.path.isdir(root) else None
+    return folder is not None and os.path.isdir(os.path.join(folder, "depth"))
   return open_prepared(spec, cfg, cache).has_depth(split)
 
 
@@ -262,7 +265,7 @@ def has_ground_truth(spec: str, split: str, cfg) -> bool:
   man = os.path.join(src, "manifest.json")
   if os.path.isfile(man):
     try:
-      with open(man) as fh:
+      with open(man, encoding="utf-8-sig") as fh:
         src = json.load(fh).get("source", src)
     except (OSError, ValueError):
       return False
@@ -274,7 +277,9 @@ def load_split(spec: str, split: str, cfg, need_depth: bool = True, with_gt: boo
                cache=None) -> dict:
   """A split of `--data spec` in memory: images float32 NxSxSx3 in [0, 1],
   depth float32 NxSxS metric (when the split has depth), names; with d["gt"]
-  (synthetic.load_gt) when the source has a ground-truth sidecar and with_gt."""
+  (synthetic.load_gt) when the source has a ground-truth sidecar and with_gt.
+  split: 'train', 'val', 'test' or a usual variant ('validation', 'testing')."""
+  split = folders.canonical_split(split)
   if missing_packages():
     d, source = _read_folder(resolve_data(spec, cfg), split, cfg, need_depth)
   else:
@@ -307,19 +312,24 @@ def _read_folder(root: str, split: str, cfg, need_depth: bool):
   crop = cfg.crop or None
   if not os.path.isdir(root):
     raise UserError(f"data folder {root} not found")
-  if not os.path.isdir(os.path.join(root, "train")):  # a plain folder: all of it is train
+  found = folders.split_folders(root)  # the same split names as `prepare.scan`
+  if not found:  # a plain folder: all of it is train
     if split != "train":
       raise UserError(f"{root}: no '{split}' split folder")
+    folders.check_not_held_out(root, folders.list_images(root))
     return folders.load_image_folder(root, cfg.image_size, crop), root
-  if not os.path.isdir(os.path.join(root, split)):
+  folder = found.get(split)
+  if folder is None:
     raise UserError(f"{root}: no '{split}' split folder")
-  if os.path.isdir(os.path.join(root, split, "depth")):
-    return folders.load_synface(root, split, cfg.image_size, crop), root
+  if os.path.isdir(os.path.join(folder, "depth")):
+    return folders.load_synface(root, split, cfg.image_size, crop, folder=folder), root
   if need_depth:
-    raise UserError(f"{root}/{split}: no depth/ folder, so no ground truth to evaluate against")
-  imgs = os.path.join(root, split, "image")
-  return folders.load_image_folder(imgs if os.path.isdir(imgs) else os.path.join(root, split),
-                                   cfg.image_size, crop), root
+    raise UserError(f"{folder}: no depth/ folder, so no ground truth to evaluate against")
+  imgs = os.path.join(folder, "image")
+  imgs = imgs if os.path.isdir(imgs) else folder
+  if split == "train":
+    folders.check_not_held_out(imgs, folders.list_images(imgs))
+  return folders.load_image_folder(imgs, cfg.image_size, crop), root
 
 
 @dataclasses.dataclass

@@ -28,7 +28,14 @@ One folder per input, OUT/<stem>/, with `stem` unique over the inputs
                   (x, y, z)_obj = (x, -y, rot_center_depth - z)_camera
   turn.gif        today's small turn-table (shape only, 3x enlarged)
   turn.mp4        larger turn-table, [textured | shape], rendered at
-                  `video_size` px per panel (MPEG-4 part 2, OpenCV 'mp4v')
+                  `video_size` px per panel: H.264 where the installed OpenCV
+                  encodes it (browsers play it), else MPEG-4 Part 2 ('mp4v':
+                  VLC and most players, not browsers or slides)
+  turn.webm       the same video in VP8 (or VP9) WebM, which browsers play,
+                  where OpenCV writes it (OpenCV's pip wheels do)
+
+`--outputs` picks groups of these (OUTPUTS; params.json is always written);
+the video is most of the time per input.
 
 The 16-bit depth PNGs are readable by `folders.read_depth_png`.
 """
@@ -47,7 +54,15 @@ from scr_jax.errors import UserError
 FILES = ("input.png", "recon.png", "normal.png", "shading.png", "albedo.png",
          "canon_image.png", "canon_depth.npy", "canon_depth.png", "depth.npy", "depth.png",
          "depth_mask.png", "params.json", "mesh.obj", "mesh.mtl", "texture.png", "turn.gif",
-         "turn.mp4")
+         "turn.mp4", "turn.webm")
+# `predict --outputs` names -> their files (params.json, the record, is always written).
+OUTPUTS = {
+    "input": ("input.png",), "recon": ("recon.png",), "normal": ("normal.png",),
+    "shading": ("shading.png",), "albedo": ("albedo.png", "canon_image.png"),
+    "depth": ("canon_depth.npy", "canon_depth.png", "depth.npy", "depth.png", "depth_mask.png"),
+    "mesh": ("mesh.obj", "mesh.mtl", "texture.png"), "gif": ("turn.gif",),
+    "video": ("turn.mp4", "turn.webm"),
+}
 DEPTH_PNG = "z = 1.1 - 0.2 * v, v = png / 65535 (Unsup3D's mapping; 16-bit)"
 
 
@@ -97,11 +112,58 @@ def unique_stems(paths) -> list:
   return out
 
 
-def planned_files(out_dir: str, stem: str) -> list:
-  return [os.path.join(out_dir, stem, f) for f in FILES]
+def parse_outputs(spec=None, video: bool = True) -> tuple:
+  """The files `predict` writes per input, in FILES order.
+
+  spec: None or 'all' (every output), or a comma list of OUTPUTS names
+    ('depth,normal,mesh'); video=False (--no-video) drops the videos.
+  Raises:
+    UserError: an unknown name (one line listing the known ones).
+  """
+  names = list(OUTPUTS) if spec is None or str(spec).strip().lower() == "all" else [
+      n.strip().lower() for n in str(spec).split(",") if n.strip()]
+  bad = [n for n in names if n not in OUTPUTS]
+  if bad or not names:
+    raise UserError(f"--outputs {spec!r}: {'unknown ' + ', '.join(bad) if bad else 'empty'}; "
+                    f"give a comma list of {', '.join(OUTPUTS)} (or all)")
+  if not video:
+    names = [n for n in names if n != "video"]
+  want = {"params.json"}.union(*(OUTPUTS[n] for n in names))
+  return tuple(f for f in FILES if f in want)
 
 
-def check_outputs(out_dir: str, stems, inputs):
+def video_plan(files) -> tuple:
+  """(files, notes): the videos among `files` this OpenCV can write (probed
+  once, before any model work: `visualize.video_codec`), and a note for each
+  video left out or not playable in browsers."""
+  notes = []
+  if not any(f.startswith("turn.") and not f.endswith(".gif") for f in files):
+    return tuple(files), notes
+  keep = []
+  for f in files:
+    ext = os.path.splitext(f)[1]
+    if ext not in visualize.VIDEO_CODECS:
+      keep.append(f)
+      continue
+    codec = visualize.video_codec(ext)
+    if codec is None:
+      notes.append(f"note: this OpenCV writes no {ext} video "
+                   f"({', '.join(c for c, _ in visualize.VIDEO_CODECS[ext])}); {f} not written")
+      continue
+    keep.append(f)
+    if ext == ".mp4" and codec[1] not in visualize.BROWSER_CODECS:
+      web = "turn.webm (WebM) plays in browsers" if "turn.webm" in files and \
+          visualize.video_codec(".webm") else "browsers need H.264"
+      notes.append(f"note: turn.mp4 is {codec[1]} ('{codec[0]}'; VLC and most players, not "
+                   f"browsers or slides): this OpenCV has no H.264 encoder; {web}")
+  return tuple(keep), notes
+
+
+def planned_files(out_dir: str, stem: str, files=FILES) -> list:
+  return [os.path.join(out_dir, stem, f) for f in files]
+
+
+def check_outputs(out_dir: str, stems, inputs, files=FILES):
   """Refuses, before any model work, outputs that would overwrite an input
   file or that cannot be written (--out or OUT/<stem> is a file)."""
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -112,7 +174,7 @@ def check_outputs(out_dir: str, stems, inputs):
     if os.path.realpath(d) in ins or (os.path.exists(d) and not os.path.isdir(d)):
       raise UserError(f"{d}: exists and is not a folder (predict writes one folder per "
                       "input); choose another --out")
-    for p in planned_files(out_dir, stem):
+    for p in planned_files(out_dir, stem, files):
       if os.path.realpath(p) in ins:
         raise UserError(f"{p}: predict would overwrite this input file; choose another --out")
 
@@ -176,46 +238,61 @@ def params_json(pred: dict, cam: render.Camera, source: dict) -> dict:
 
 
 def write_prediction(out_dir: str, stem: str, pred: dict, cam: render.Camera, source: dict,
-                     video_size: int = 256, gif_frames=None) -> list:
-  """Writes every file of FILES for one input into OUT/<stem>/.
+                     video_size: int = 256, gif_frames=None, files=FILES) -> list:
+  """Writes the files `files` (of FILES, default all) for one input into OUT/<stem>/.
 
   Args:
     pred: numpy arrays of one image: input_HxWx3, recon_HxWx3, canon_normal,
       canon_depth_HxW, canon_albedo_HxWx3 and canon_im_HxWx3 (both [0, 1]),
       recon_depth_HxW, recon_mask_HxW, ambient, diffuse, light_dxy, view.
     source: what params.json says about the input (path, crop, face).
-    gif_frames: the small shape turn-table (N x H x W x 3 in [0, 1]).
+    gif_frames: the small shape turn-table (N x H x W x 3 in [0, 1]); only
+      needed for turn.gif.
   Returns:
-    the paths written (those of FILES), each checked to exist.
+    the paths written (those of `files`), each checked to exist.
   """
   d = os.path.join(out_dir, stem)
   os.makedirs(d, exist_ok=True)
-  p = {f: os.path.join(d, f) for f in FILES}
-  visualize.save_png(p["input.png"], pred["input"], 2)
-  visualize.save_png(p["recon.png"], pred["recon"], 2)
-  visualize.save_png(p["normal.png"], visualize.normal_to_rgb(pred["canon_normal"]), 2)
-  shade = np.asarray(render.shade(pred["canon_normal"], 0.3, 0.7, np.asarray([-0.4, -0.3])))
-  visualize.save_png(p["shading.png"], np.repeat(shade[..., None], 3, -1), 2)
-  visualize.save_png(p["albedo.png"], pred["canon_albedo"])
-  visualize.save_png(p["canon_image.png"], pred["canon_im"])
-  np.save(p["canon_depth.npy"], np.asarray(pred["canon_depth"], np.float32))
-  save_depth_png16(p["canon_depth.png"], pred["canon_depth"])
-  np.save(p["depth.npy"], np.asarray(pred["recon_depth"], np.float32))
-  save_depth_png16(p["depth.png"], pred["recon_depth"])
-  visualize.save_png(p["depth_mask.png"], np.repeat(
-      (np.asarray(pred["recon_mask"]) > 0.5).astype(np.float32)[..., None], 3, -1))
+  p = {f: os.path.join(d, f) for f in files}
+  want = set(files)
+  for name, img, scale in (("input.png", lambda: pred["input"], 2),
+                           ("recon.png", lambda: pred["recon"], 2),
+                           ("normal.png", lambda: visualize.normal_to_rgb(pred["canon_normal"]), 2),
+                           ("albedo.png", lambda: pred["canon_albedo"], 1),
+                           ("canon_image.png", lambda: pred["canon_im"], 1)):
+    if name in want:
+      visualize.save_png(p[name], img(), scale)
+  if "shading.png" in want:
+    shade = np.asarray(render.shade(pred["canon_normal"], 0.3, 0.7, np.asarray([-0.4, -0.3])))
+    visualize.save_png(p["shading.png"], np.repeat(shade[..., None], 3, -1), 2)
+  for stem_, key in (("canon_depth", "canon_depth"), ("depth", "recon_depth")):
+    if f"{stem_}.npy" in want:
+      np.save(p[f"{stem_}.npy"], np.asarray(pred[key], np.float32))
+    if f"{stem_}.png" in want:
+      save_depth_png16(p[f"{stem_}.png"], pred[key])
+  if "depth_mask.png" in want:
+    visualize.save_png(p["depth_mask.png"], np.repeat(
+        (np.asarray(pred["recon_mask"]) > 0.5).astype(np.float32)[..., None], 3, -1))
+  if "mesh.obj" in want:
+    mesh = mesh_from_depth(pred["canon_depth"], pred["canon_im"], cam)
+    mesh.export(p["mesh.obj"], mtl_name="mesh.mtl")
+  if "turn.gif" in want:
+    visualize.save_gif(p["turn.gif"], np.asarray(gif_frames), scale=3)
+  videos = {}
+  if {"turn.mp4", "turn.webm"} & want:
+    frames = visualize.turntable_video_frames(pred["canon_depth"], pred["canon_im"], cam,
+                                              size=video_size)
+    for name in ("turn.mp4", "turn.webm"):
+      if name in want:
+        videos[name] = visualize.save_video(p[name], frames)
   meta = params_json(pred, cam, source)
-  meta["files"] = list(FILES)
+  meta["files"] = list(files)
+  if videos:
+    meta["video_codecs"] = videos
   with open(p["params.json"], "w") as fh:
     json.dump(meta, fh, indent=1)
-  mesh = mesh_from_depth(pred["canon_depth"], pred["canon_im"], cam)
-  mesh.export(p["mesh.obj"], mtl_name="mesh.mtl")
-  visualize.save_gif(p["turn.gif"], np.asarray(gif_frames), scale=3)
-  frames = visualize.turntable_video_frames(pred["canon_depth"], pred["canon_im"], cam,
-                                            size=video_size)
-  visualize.save_mp4(p["turn.mp4"], frames)
-  missing = [f for f in FILES if not os.path.isfile(p[f])]
+  missing = [f for f in files if not os.path.isfile(p[f])]
   if missing:
     raise UserError(f"{d}: {', '.join(missing)} not written (disk full or a library "
                     "changed its file names?)")
-  return [p[f] for f in FILES]
+  return [p[f] for f in files]

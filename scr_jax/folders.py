@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 
 import numpy as np
@@ -321,6 +322,30 @@ def crop_box_resize(a_HxWxC: np.ndarray, left: int, top: int, side: int, image_s
   return _resize(a[t:t + side, l:l + side], image_size)
 
 
+def flat_image(img_HxWx3, min_std: float = 0.03, max_flat: float = 0.9):
+  """Why an image is no picture to reconstruct, or None.
+
+  An image whose brightness barely varies (standard deviation below
+  `min_std`, in [0, 1] units: blank, a constant colour, JPEG noise on a
+  wall), or whose pixels lie, for a fraction `max_flat` or more, within 0.04
+  of one colour (its median: padding, an empty centre square with a sliver of
+  content): the model still outputs a face-shaped depth for it, which means
+  nothing. The built-in data's faces on black stay below 0.8.
+  img_HxWx3: float in [0, 1].
+  """
+  x = np.asarray(img_HxWx3, np.float32)
+  y = x @ np.asarray([0.299, 0.587, 0.114], np.float32)
+  std = float(y.std())
+  if std < min_std:
+    return f"blank or nearly constant (brightness std {std:.3f} of 1)"
+  med = np.median(x.reshape(-1, x.shape[-1]), axis=0)
+  frac = float(np.mean(np.abs(x - med).max(-1) < 0.04))
+  if frac >= max_flat:
+    rgb = ", ".join(str(int(round(v * 255))) for v in med)
+    return f"{frac:.0%} of it is one flat colour (RGB {rgb})"
+  return None
+
+
 # ----------------------------------------------------------------------------
 # Loaders
 # ----------------------------------------------------------------------------
@@ -418,14 +443,128 @@ def list_images(folder: str, recursive: bool = True, notes=None, exclude=()) -> 
   return sorted(found, key=lambda p: os.path.relpath(p, folder))
 
 
-def synface_pairs(root: str, split: str, notes=None):
-  """The (name, image path, depth path) triples of DIR/{split}/{image,depth},
+# ----------------------------------------------------------------------------
+# Split folders: train / val / test under the names people give them
+# ----------------------------------------------------------------------------
+
+SPLITS = ("train", "val", "test")
+# Words (of a folder name cut at separators, case and digits) that name a split.
+SPLIT_WORDS = {
+    "train": ("train", "training", "trn", "trainset", "trainingset", "traindata"),
+    "val": ("val", "valid", "validation", "validate", "validating", "dev", "development",
+            "valset", "validset", "validationset", "valdata"),
+    "test": ("test", "testing", "tst", "testset", "testdata"),
+}
+_WORD_SPLIT = {w: split for split, words in SPLIT_WORDS.items() for w in words}
+# Words of held-out folders that are no split of ours (eval_results/ beside train/ is
+# left alone), but are never trained on inside a folder of training images.
+_HELD_OUT_WORDS = ("eval", "evaluation", "holdout", "heldout")
+# Names that join two splits in one word (PASCAL's trainval): never a training split.
+_JOINED = {"trainval": ("train", "val"), "trainvalid": ("train", "val"),
+           "trainvaltest": ("train", "val", "test"), "valtest": ("val", "test")}
+
+
+def split_of_name(name: str):
+  """The splits a folder name says it holds: () for none, ('val',) for
+  'validation', 'Val_256', 'celeba-valid', 'ValSet' ...; two or more for
+  names such as 'trainval' or 'train_test' (never used for training).
+  Words are cut at separators, lower/upper case changes and digits."""
+  words = re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", name)
+  found = []
+  for w in (x.lower() for x in words):
+    for split in _JOINED.get(w, (_WORD_SPLIT.get(w),)):
+      if split and split not in found:
+        found.append(split)
+  return tuple(found)
+
+
+def canonical_split(split: str) -> str:
+  """'validation', 'Val', 'testing' ... -> 'val' / 'test' / 'train' (a --split
+  argument); other names unchanged."""
+  got = split_of_name(split)
+  return got[0] if len(got) == 1 else split
+
+
+def split_folders(root: str, notes=None) -> dict:
+  """The split sub-folders of `root`: {split: folder path} for train / val /
+  test under their usual names (case, 'training', 'validation', 'valid',
+  'dev', 'testing', 'Train_set', ...); {} when no sub-folder names a split
+  (a plain folder of images: all of it trains). Sub-folders that name no
+  split are not read (a note in `notes`); files beside the split folders
+  (preview.png, meta.json) are not read either.
+
+  Raises:
+    UserError: two folders name the same split, a folder names several
+      (trainval), or split folders without one for training: one line
+      naming the folders, so that held-out images are never trained on.
+  """
+  subs = sorted(d for d in os.listdir(root)
+                if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+  found, other = {}, []
+  for d in subs:
+    kinds = split_of_name(d)
+    if len(kinds) > 1:
+      raise UserError(f"{os.path.join(root, d)}: the folder's name says it holds the "
+                      f"{' and '.join(kinds)} splits together; give each split its own folder "
+                      "(train/, val/, test/) so that held-out images are never trained on")
+    if kinds:
+      found.setdefault(kinds[0], []).append(d)
+    else:
+      other.append(d)
+  for split, ds in found.items():
+    if len(ds) > 1:
+      raise UserError(f"{root}: {', '.join(d + '/' for d in ds)} all name the {split} split; "
+                      "keep one (merge or move the others)")
+  if not found:
+    return {}
+  if "train" not in found:
+    names = ", ".join(found[s][0] + "/" for s in SPLITS if s in found)
+    raise UserError(f"{root}: split folders {names} but none for training (train/, "
+                    "training/, ...): rename the folder of training images, or give a "
+                    "folder without split sub-folders")
+  if notes is not None:
+    for d in other:
+      notes.setdefault("a sub-folder beside the split folders whose name is no split (train/ "
+                       "val/ test/ or a usual variant), not read", []).append(
+                           os.path.join(root, d))
+  return {split: os.path.join(root, ds[0]) for split, ds in found.items()}
+
+
+def check_not_held_out(folder: str, files):
+  """Refuses training images that lie in a sub-folder of `folder` whose name
+  says it is a validation or test split (e.g. faces/celeba/test/...).
+
+  Raises:
+    UserError: naming that sub-folder.
+  """
+  seen = set()
+  for f in files:
+    rel = os.path.relpath(os.path.dirname(f), folder)
+    if rel == "." or rel in seen:
+      continue
+    seen.add(rel)
+    parts = rel.split(os.sep)
+    for i, part in enumerate(parts):
+      held = [k for k in split_of_name(part) if k != "train"]
+      held += ["held-out"] * any(w.lower() in _HELD_OUT_WORDS
+                                 for w in re.findall(r"[A-Za-z]+", part))
+      if held:
+        where = os.path.join(folder, *parts[:i + 1])
+        raise UserError(f"{where}: a folder named as a {held[0]} split among the training "
+                        f"images of {folder}; lay the data out as train/ val/ test/ (or rename "
+                        "it), so that held-out images are never trained on")
+
+
+def synface_pairs(root: str, split: str, notes=None, folder=None):
+  """The (name, image path, depth path) triples of DIR/{split}/{image,depth}
+  (or of `folder`/{image,depth}: the split's folder under another name),
   sorted by name; every file without its twin is a one-line UserError, and
   files that are not *_image.png / *_depth.png are recorded in `notes`."""
   if not os.path.isdir(root):
     raise UserError(f"{root}: synface folder not found")
-  img_dir = os.path.join(root, split, "image")
-  dep_dir = os.path.join(root, split, "depth")
+  folder = folder or os.path.join(root, split)  # the split's folder, under its own name
+  img_dir = os.path.join(folder, "image")
+  dep_dir = os.path.join(folder, "depth")
   for d in (img_dir, dep_dir):
     if not os.path.isdir(d):
       raise UserError(f"{d}: missing folder (expected {split}/image and {split}/depth "
@@ -472,7 +611,7 @@ def read_folder_image(path: str, image_size, crop, notes=None) -> np.ndarray:
 
 
 def load_synface(root: str, split: str = "train", image_size=64, crop=None,
-                 limit=None) -> dict:
+                 limit=None, folder=None) -> dict:
   """Reads DIR/{split}/{image,depth}/*_{image,depth}.png.
 
   Optional centre crop to `crop` px (None: the largest centred square, a no-op
@@ -481,10 +620,11 @@ def load_synface(root: str, split: str = "train", image_size=64, crop=None,
   depth float32 NxHxW (metric z), names ["NNNNNN", ...] (sorted). Images go
   through `read_image` (EXIF orientation, transparency on the training
   background); depth PNGs may be 16-bit grayscale, 8-bit gray or RGB with
-  equal channels (a colour-mapped RGB depth raises UserError).
+  equal channels (a colour-mapped RGB depth raises UserError). folder: the
+  split's folder when it has another name than `split` (`split_folders`).
   """
   notes = {}
-  pairs = synface_pairs(root, split, notes)[:limit]
+  pairs = synface_pairs(root, split, notes, folder)[:limit]
   images, depths = [], []
   for _, ip, dp in pairs:
     im, z = read_synface_pair(ip, dp, image_size, crop, notes)

@@ -240,6 +240,22 @@ def summarize(per_image: Union[Mapping, Sequence[Mapping]]) -> dict:
   return out
 
 
+SIDE_UNIT = "x1e-2 (side_mean = 100 * SIDE; side_raw_* hold SIDE itself, as Unsup3D's files)"
+MAD_UNIT = "degrees"
+
+
+def with_units(summary: dict) -> dict:
+  """A `summarize` dict as written to JSON for people and other tools: the
+  same keys (side_* scaled x1e-2, as the paper's tables) plus side_raw_mean /
+  side_raw_std (unscaled SIDE, what Unsup3D writes) and the units of each."""
+  out = dict(summary)
+  for k in ("mean", "std"):
+    if f"side_{k}" in out:
+      out[f"side_raw_{k}"] = out[f"side_{k}"] / 100.0
+  out.update(side_unit=SIDE_UNIT, mad_unit=MAD_UNIT)
+  return out
+
+
 # ----------------------------------------------------------------------------
 # Baselines (use an all-ones prediction-valid mask with both)
 # ----------------------------------------------------------------------------

@@ -13,11 +13,30 @@ import jax
 import numpy as np
 
 from scr_jax import structure as structure_lib
+from scr_jax.errors import UserError
 
 
 def data_mesh():
   """1-D mesh over all devices (local and, after jax.distributed, remote)."""
   return jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+
+
+def check_batch_size(batch_size: int, what: str = "batch_size"):
+  """The batch is split evenly over all devices (the "data" axis): one line,
+  before any work, when `batch_size` does not divide over them.
+
+  Raises:
+    UserError: naming the batch size, the device count and the nearest fits.
+  """
+  n = len(jax.devices())
+  if batch_size % n == 0:
+    return
+  lo, hi = batch_size // n * n, -(-batch_size // n) * n
+  fits = " or ".join(f"{what}={b}" for b in (lo, hi) if b > 0)
+  raise UserError(f"{what} {batch_size} does not divide over the {n} devices JAX sees "
+                  f"({jax.devices()[0].platform}): the batch is split evenly over them; use a "
+                  f"multiple of {n} (--set {fits}) or fewer devices (CUDA_VISIBLE_DEVICES, "
+                  "XLA_FLAGS=--xla_force_host_platform_device_count)")
 
 
 def shard_batch(x, mesh):

@@ -14,7 +14,10 @@ modification times of the files read, so a changed source is detected
 
 Layouts (as the loaders read them): DIR/{train,val,test}/{image,depth}/
 (synface), DIR/{split}/[image/] images only, or a plain (nested) folder of
-images, which becomes the split "train".
+images, which becomes the split "train". Split folders go by their usual
+names too (Training/, validation/, valid/, dev/, testing/, ...:
+`folders.split_folders`); a folder named as a held-out split is never
+trained on (refused inside a plain folder, `folders.check_not_held_out`).
 
 TensorFlow is never imported: TFDS writes and reads array_record with numpy.
 """
@@ -41,7 +44,7 @@ import numpy as np
 from scr_jax import folders
 from scr_jax.errors import UserError
 
-SPLITS = ("train", "val", "test")
+SPLITS = folders.SPLITS
 MANIFEST = "manifest.json"
 FORMAT = "scr_prepared/2"
 NAME = "scr_prepared"
@@ -66,23 +69,28 @@ def scan(src: str) -> dict:
   if not os.path.isdir(src):
     raise UserError(f"data folder {src} not found")
   notes, splits = {}, {}
-  if os.path.isdir(os.path.join(src, "train")):
+  found = folders.split_folders(src, notes)  # train/ val/ test/ under their usual names
+  if found:
     layout = "split-images"
     for split in SPLITS:
-      root = os.path.join(src, split)
-      if not os.path.isdir(root):
+      root = found.get(split)
+      if root is None:
         continue
       if os.path.isdir(os.path.join(root, "depth")):
         layout = "synface"
-        splits[split] = folders.synface_pairs(src, split, notes)
+        splits[split] = folders.synface_pairs(src, split, notes, folder=root)
       else:
         imgs = os.path.join(root, "image")
         folder = imgs if os.path.isdir(imgs) else root
-        splits[split] = [(_name(f, folder), f, None)
-                         for f in folders.list_images(folder, True, notes)]
+        files = folders.list_images(folder, True, notes)
+        if split == "train":
+          folders.check_not_held_out(folder, files)
+        splits[split] = [(_name(f, folder), f, None) for f in files]
   else:
     layout = "images"
-    splits["train"] = [(_name(f, src), f, None) for f in folders.list_images(src, True, notes)]
+    files = folders.list_images(src, True, notes)
+    folders.check_not_held_out(src, files)  # faces/celeba/test/... is never trained on
+    splits["train"] = [(_name(f, src), f, None) for f in files]
   return dict(layout=layout, splits=splits, notes=notes)
 
 
@@ -113,7 +121,7 @@ def read_manifest(out: str, current: bool = True):
   if not os.path.isfile(path):
     return None
   try:
-    with open(path) as fh:
+    with open(path, encoding="utf-8-sig") as fh:
       man = json.load(fh)
   except (OSError, ValueError) as e:
     raise UserError(f"{path}: unreadable manifest ({type(e).__name__}); prepare again") from None

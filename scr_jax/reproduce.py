@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import (checkpoint, config, dataset, evaluator, model, render, search, structure,
-                     train, train_step, visualize, workdir as workdir_lib)
+from scr_jax import (checkpoint, config, dataset, evaluator, lock, model, parallel, render,
+                     search, structure, train, train_step, visualize, workdir as workdir_lib)
 from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.errors import UserError
 
@@ -44,7 +44,7 @@ def _log(msg):
 
 def _done(path):
   if os.path.exists(path):
-    with open(path) as fh:
+    with open(path, encoding="utf-8-sig") as fh:
       return json.load(fh)
   return None
 
@@ -317,36 +317,38 @@ def reproduce(out, preset="cpu_small", seeds=3, data="builtin", steps=None, sear
   cfg = config.validate(cfg)
   search_steps = search_steps or max(cfg.steps // 5, 1)
   fig6_steps = fig6_steps or cfg.steps
+  parallel.check_batch_size(cfg.batch_size)
   checkpoint.probe_writable(out)
-  settings = dict(preset=preset, seeds=seeds, data=data, steps=cfg.steps,
-                  search_steps=search_steps, fig6_steps=fig6_steps, sets=list(sets))
-  prev = _done(os.path.join(out, "settings.json"))
-  if prev and prev != settings:
-    raise UserError(f"{out} holds a reproduction with other settings ({prev}); "
-                    "use another --out")
-  _save(os.path.join(out, "settings.json"), settings)
-  checkpoint.save_config(out, cfg)
-  rep = Reproduction(out, cfg, data, list(range(seeds)), search_steps, fig6_steps, True,
-                     lambda split: dataset.load_split(data, split, cfg))
-  t1, labels = rep.table1()
-  t2 = rep.table2()
-  f6 = rep.fig6()
-  plot_fig6(f6, os.path.join(out, "fig6.png"))
-  fig8_runs = {"independent": "independent-SCR_s0", "dense (BO)": "dense-SCR-bo_s0",
-               "generic (Eq. 6)": "generic-SCR-unroll-masked_s0",
-               "dynamic (sigmoid)": "dynamic-SCR-sigmoid_s0"}
-  plot_fig8({k: read_curves(os.path.join(out, "runs", v)) for k, v in fig8_runs.items()},
-            os.path.join(out, "fig8.png"))
-  qual = {}
-  for name, variant, how in SCR_ROWS:
-    key = name.split(" (")[0].replace(" ", "-") + (f"-{how}" if how else "")
-    qual[name] = os.path.join(out, "runs", f"{key}_s0")
-  rep.qualitative(qual, os.path.join(out, "qualitative.png"))
-  wall = time.time() - t0
-  summary = write_results(out, cfg, settings, t1, labels, t2, f6, wall, command)
-  _save(os.path.join(out, "reproduce.json"), summary)
-  _log(f"reproduce done in {wall:.0f}s (this invocation): {os.path.join(out, 'results.md')}")
-  return summary
+  with lock.hold(out, _log):  # one job per output folder
+    settings = dict(preset=preset, seeds=seeds, data=data, steps=cfg.steps,
+                    search_steps=search_steps, fig6_steps=fig6_steps, sets=list(sets))
+    prev = _done(os.path.join(out, "settings.json"))
+    if prev and prev != settings:
+      raise UserError(f"{out} holds a reproduction with other settings ({prev}); "
+                      "use another --out")
+    _save(os.path.join(out, "settings.json"), settings)
+    checkpoint.save_config(out, cfg)
+    rep = Reproduction(out, cfg, data, list(range(seeds)), search_steps, fig6_steps, True,
+                       lambda split: dataset.load_split(data, split, cfg))
+    t1, labels = rep.table1()
+    t2 = rep.table2()
+    f6 = rep.fig6()
+    plot_fig6(f6, os.path.join(out, "fig6.png"))
+    fig8_runs = {"independent": "independent-SCR_s0", "dense (BO)": "dense-SCR-bo_s0",
+                 "generic (Eq. 6)": "generic-SCR-unroll-masked_s0",
+                 "dynamic (sigmoid)": "dynamic-SCR-sigmoid_s0"}
+    plot_fig8({k: read_curves(os.path.join(out, "runs", v)) for k, v in fig8_runs.items()},
+              os.path.join(out, "fig8.png"))
+    qual = {}
+    for name, variant, how in SCR_ROWS:
+      key = name.split(" (")[0].replace(" ", "-") + (f"-{how}" if how else "")
+      qual[name] = os.path.join(out, "runs", f"{key}_s0")
+    rep.qualitative(qual, os.path.join(out, "qualitative.png"))
+    wall = time.time() - t0
+    summary = write_results(out, cfg, settings, t1, labels, t2, f6, wall, command)
+    _save(os.path.join(out, "reproduce.json"), summary)
+    _log(f"reproduce done in {wall:.0f}s (this invocation): {os.path.join(out, 'results.md')}")
+    return summary
 
 
 # Two-sided 95% critical values of Student's t for 1..10 degrees of freedom.

@@ -11,8 +11,9 @@ import time
 
 import numpy as np
 
-from scr_jax import (checkpoint, config, data, dataset, diagnostics, evaluator, model,
-                     predict as predict_lib, structure, train, workdir as workdir_lib)
+from scr_jax import (checkpoint, config, data, dataset, diagnostics, evaluator, lock, metrics,
+                     model, parallel, predict as predict_lib, structure, train,
+                     workdir as workdir_lib)
 from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.cliutil import log as _log
 from scr_jax.errors import UserError
@@ -94,8 +95,10 @@ def train_run(cfg, workdir: str, data: str = "builtin", *, candidates=None, resu
   """Trains cfg's structure (or the `candidates` orderings together) on the
   --data argument `data` in `workdir`, resumably; what `run.py train` does.
 
-  Every check that can refuse (settings of a resume, an occupied workdir,
-  --init-from shapes) runs before any data is read or anything compiled.
+  Every check that can refuse (a batch that does not divide over the
+  devices, a workdir another job holds (`lock.hold`), settings of a resume,
+  an occupied workdir, --init-from shapes) runs before any data is read or
+  anything compiled.
   Returns `train.fit`'s summary dict.
 
   Raises:
@@ -103,12 +106,19 @@ def train_run(cfg, workdir: str, data: str = "builtin", *, candidates=None, resu
   """
   st = structure.resolve_structure(cfg)
   check_data_arg(data)
+  parallel.check_batch_size(cfg.batch_size)
   # A resumed "fit" prior is compared as the numbers it was fitted to.
   cfg = train.resolve_prior_ellipse(cfg, workdir, resume and not restart)
   if candidates:  # K dense orderings trained together (vmapped), same batches and init
     st = structure.candidates(candidate_orders(candidates, cfg))
   checkpoint.probe_writable(workdir)
-  resume = resume and not restart
+  with lock.hold(workdir, log):  # one job per workdir, from before the first check on
+    return _train_locked(cfg, workdir, data, st, resume and not restart, restart, max_seconds,
+                         init_from, log, cache, workers)
+
+
+def _train_locked(cfg, workdir, data, st, resume, restart, max_seconds, init_from, log, cache,
+                  workers):
   info = dict(data=data_spec(data, cfg))
   # Before any data is read or generated and before anything is compiled:
   # the requested settings against those of the workdir's newest checkpoint.
@@ -151,7 +161,9 @@ def eval_run(workdir: str, data_arg: str, split: str = "test", cache=None,
   split with depth; a candidates workdir gives one result per candidate.
   save_predictions: an .npz path for the predicted depth, mask and names
   (single-structure workdirs only).
-  Returns the summary dict (also what `eval --out` writes). Raises UserError.
+  Returns the summary dict (also what `eval --out` writes): side_mean /
+  side_std scaled x1e-2 as the paper's tables, side_raw_* unscaled, with
+  side_unit and mad_unit saying so (`metrics.with_units`). Raises UserError.
   """
   check_data_arg(data_arg)
   r = workdir_lib.restore(workdir)
@@ -164,14 +176,15 @@ def eval_run(workdir: str, data_arg: str, split: str = "test", cache=None,
     rows = []
     for order, (params_i, st_i) in zip(st.orders or range(r.k), each_candidate(params, st)):
       res, _, _ = ev.evaluate(params_i, d, st_i)
-      rows.append(dict(res, order=order))
+      rows.append(dict(metrics.with_units(res), order=order))
       log(f"  {order}: SIDE {res['side_mean']:.3f}  MAD {res['mad_mean']:.2f}")
     summ = dict(candidates=rows)
   else:
     summ, pred, valid = ev.evaluate(params, d, st)
+    summ = metrics.with_units(summ)
     base = evaluator.baselines_for(data_arg, d, cfg)
     if base is not None:  # the reference predictions on the same images
-      summ["baselines"] = base
+      summ["baselines"] = {name: metrics.with_units(b) for name, b in base.items()}
       for name, b in base.items():
         log(f"  baseline {name}: SIDE {b['side_mean']:.3f}  MAD {b['mad_mean']:.2f}")
     if save_predictions:
@@ -248,6 +261,13 @@ def quickstart(workdir: str, steps=None, max_seconds=None, sets=(), log=_log) ->
   template), `predict` on four test images, the diagnostics, and a summary
   table printed. Returns dict(eval=..., baselines=..., diagnostics=...)."""
   cfg = make_config("cpu_small", sets, log, steps=steps)
+  parallel.check_batch_size(cfg.batch_size)
+  checkpoint.probe_writable(workdir)
+  with lock.hold(workdir, log):  # also over eval, predict and the files written after training
+    return _quickstart(cfg, workdir, max_seconds, log)
+
+
+def _quickstart(cfg, workdir, max_seconds, log):
   t0 = time.time()
   root = dataset.ensure_builtin(cfg.image_size)
   d = data.load_synface(root, "train", None, None, limit=8)

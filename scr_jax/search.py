@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import (bilevel, bo, checkpoint, cliutil, config, dataset, evaluator, runner,
-                     structure, train, train_step, workdir as workdir_lib)
+from scr_jax import (bilevel, bo, checkpoint, cliutil, config, dataset, evaluator, lock,
+                     parallel, runner, structure, train, train_step, workdir as workdir_lib)
 from scr_jax.errors import UserError
 
 # ----------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def train_orders(cfg, workdir, train_data, val_data, orders, q=None, quiet=True)
   from workdir/scores.json). Returns the per-candidate scores."""
   path = os.path.join(workdir, "scores.json")
   if os.path.exists(path):
-    with open(path) as fh:
+    with open(path, encoding="utf-8-sig") as fh:
       saved = json.load(fh)
     if saved.get("orders") == list(orders) and saved.get("steps") == cfg.steps:
       return saved["scores"]
@@ -334,49 +334,51 @@ def run_search(workdir: str, data: str, method: str, *, preset: str = "cpu_small
     if not init <= evals <= len(structure.ALL_ORDERS):
       raise UserError(f"--evals must be between --init ({init}) and "
                       f"{len(structure.ALL_ORDERS)} (all orderings), got {evals}")
+  parallel.check_batch_size(cfg.batch_size)
   checkpoint.probe_writable(workdir)
-  # A rerun in the same workdir reuses finished evaluations: only with the
-  # same settings (compared before any data is read).
-  if os.path.exists(os.path.join(workdir, "config.json")):
-    with open(os.path.join(workdir, "config.json")) as fh:
-      old = dict(config=json.load(fh))
-    changed, harmless = checkpoint.compare_settings(old, dict(config=json.loads(cfg.to_json())))
-    if changed:
-      raise UserError(f"{workdir} holds a search with other settings ("
-                      + "; ".join(f"{n}: {o} -> {v}" for n, o, v in changed)
-                      + "); use another --workdir")
-    if harmless:
-      log(f"note: {workdir} holds a search with other settings that do not change "
-          "its result: " + "; ".join(f"{n}: {o} -> {v}" for n, o, v in harmless))
-  checkpoint.save_config(workdir, cfg)
-  # Search trains many short runs on one in-memory copy of the split.
-  if not dataset.has_depth(data, cfg, "val", cache):
-    raise UserError(f"search needs a val split in {data}")
-  train_data = dataset.load_split(data, "train", cfg, need_depth=False, with_gt=False,
-                                  cache=cache)
-  val_data = dataset.load_split(data, "val", cfg, cache=cache)
-  log(f"search --method {method}: preset {cfg.preset}, {train_data['images'].shape[0]} "
-      f"train / {val_data['images'].shape[0]} val images")
-  t0 = time.time()
-  if method in ("bo", "exhaustive"):
-    s, _ = search_orders(cfg, workdir, train_data, val_data, method=method, n_init=init,
-                         n_evals=evals, batch=batch, objective=objective)
-  else:
-    masked = None
-    if method == "unroll-masked":
-      if order:
-        masked = structure.check_order(order)
-      elif structure_path:
-        masked = structure.load_structure(structure_path)["order"]
-      else:
-        raise UserError("--method unroll-masked needs the dense ordering: --order DVAL or "
-                        "--structure W/structure.json (from --method bo)")
-    s, _ = search_unroll(cfg, workdir, train_data, val_data, masked_order=masked,
-                         steps=cfg.steps, unroll_k=unroll, inner=inner, outer_lr=outer_lr,
-                         lam_dag=lam_dag, augmented=augmented, tau=tau,
-                         binarize=not keep_weights, on_cycle=on_cycle)
-  log(f"search done in {time.time() - t0:.0f}s; train with: python experiments/run.py train "
-      f"--variant {'dense' if 'M' not in s else 'generic'} --structure "
-      f"{os.path.join(workdir, 'structure.json')} --preset {preset} --data {data} "
-      "--workdir RUN")
-  return s
+  with lock.hold(workdir, log):  # one job per workdir
+    # A rerun in the same workdir reuses finished evaluations: only with the
+    # same settings (compared before any data is read).
+    if os.path.exists(os.path.join(workdir, "config.json")):
+      with open(os.path.join(workdir, "config.json"), encoding="utf-8-sig") as fh:
+        old = dict(config=json.load(fh))
+      changed, harmless = checkpoint.compare_settings(old, dict(config=json.loads(cfg.to_json())))
+      if changed:
+        raise UserError(f"{workdir} holds a search with other settings ("
+                        + "; ".join(f"{n}: {o} -> {v}" for n, o, v in changed)
+                        + "); use another --workdir")
+      if harmless:
+        log(f"note: {workdir} holds a search with other settings that do not change "
+            "its result: " + "; ".join(f"{n}: {o} -> {v}" for n, o, v in harmless))
+    checkpoint.save_config(workdir, cfg)
+    # Search trains many short runs on one in-memory copy of the split.
+    if not dataset.has_depth(data, cfg, "val", cache):
+      raise UserError(f"search needs a val split in {data}")
+    train_data = dataset.load_split(data, "train", cfg, need_depth=False, with_gt=False,
+                                    cache=cache)
+    val_data = dataset.load_split(data, "val", cfg, cache=cache)
+    log(f"search --method {method}: preset {cfg.preset}, {train_data['images'].shape[0]} "
+        f"train / {val_data['images'].shape[0]} val images")
+    t0 = time.time()
+    if method in ("bo", "exhaustive"):
+      s, _ = search_orders(cfg, workdir, train_data, val_data, method=method, n_init=init,
+                           n_evals=evals, batch=batch, objective=objective)
+    else:
+      masked = None
+      if method == "unroll-masked":
+        if order:
+          masked = structure.check_order(order)
+        elif structure_path:
+          masked = structure.load_structure(structure_path)["order"]
+        else:
+          raise UserError("--method unroll-masked needs the dense ordering: --order DVAL or "
+                          "--structure W/structure.json (from --method bo)")
+      s, _ = search_unroll(cfg, workdir, train_data, val_data, masked_order=masked,
+                           steps=cfg.steps, unroll_k=unroll, inner=inner, outer_lr=outer_lr,
+                           lam_dag=lam_dag, augmented=augmented, tau=tau,
+                           binarize=not keep_weights, on_cycle=on_cycle)
+    log(f"search done in {time.time() - t0:.0f}s; train with: python experiments/run.py train "
+        f"--variant {'dense' if 'M' not in s else 'generic'} --structure "
+        f"{os.path.join(workdir, 'structure.json')} --preset {preset} --data {data} "
+        "--workdir RUN")
+    return s

@@ -228,7 +228,7 @@ def load_structure(path: str) -> dict:
   if not os.path.exists(path):
     raise UserError(f"structure file {path} not found")
   try:
-    with open(path) as fh:
+    with open(path, encoding="utf-8-sig") as fh:  # utf-8-sig: Notepad's byte-order mark
       s = json.load(fh)
   except (OSError, ValueError) as e:
     raise UserError(f"structure file {path} is not valid JSON: {e}") from None

@@ -719,7 +719,7 @@ def write_missing_gt(root: str, verbose: bool = True) -> list:
   path = os.path.join(root, "meta.json")
   if not os.path.isfile(path):
     return []
-  with open(path) as fh:
+  with open(path, encoding="utf-8-sig") as fh:
     meta = json.load(fh)
   if meta.get("generator") != "scr_jax.data":
     return []
@@ -759,7 +759,7 @@ def load_gt(root: str, split: str, names, image_size=None, crop=None,
     return None
   meta_path = os.path.join(root, "meta.json")
   if camera is not None and os.path.isfile(meta_path):
-    with open(meta_path) as fh:
+    with open(meta_path, encoding="utf-8-sig") as fh:
       gen = GenConfig.from_json(json.load(fh).get("config", {}))
     if (gen.fov_deg, gen.min_depth, gen.max_depth) != (
         camera.fov_deg, camera.min_depth, camera.max_depth):

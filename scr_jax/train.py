@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import (checkpoint, config as config_lib, dataset, diagnostics, model, runlog,
-                     structure as structure_lib)
+from scr_jax import (checkpoint, config as config_lib, dataset, diagnostics, lock, model,
+                     parallel, runlog, structure as structure_lib)
 from scr_jax.errors import NonFiniteError, UserError
 from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.parallel import (any_process, barrier, compile_in_step, data_mesh, place_candidates,
@@ -111,17 +111,25 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
   state, nets, structure, cfg: the config trained, `depth_prior_ellipse="fit"`
   resolved by `resolve_prior_ellipse`).
 
+  The workdir is held (`lock.hold`) while it trains: another job in it is refused.
+
   Raises:
     UserError: the resume would change settings that change what is learned,
-      or resume=False on a workdir that already holds checkpoints.
+      resume=False on a workdir that already holds checkpoints, a batch that
+      does not divide over the devices, or a workdir in use by another job.
   """
-
+  parallel.check_batch_size(cfg.batch_size)
   checkpoint.probe_writable(workdir)
+  with lock.hold(workdir):
+    return _fit(cfg, workdir, train_data, val_data, structure, resume, quiet, max_seconds, log,
+                run_info, init_params)
+
+
+def _fit(cfg, workdir, train_data, val_data, structure, resume, quiet, max_seconds, log,
+         run_info, init_params):
   cfg = resolve_prior_ellipse(cfg, workdir, resume, train_data,
                               None if quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
   mesh = data_mesh()
-  if cfg.batch_size % len(jax.devices()):
-    raise ValueError(f"batch_size {cfg.batch_size} must divide over {len(jax.devices())} devices")
   st = structure_lib.resolve_structure(cfg) if structure is None else structure
   k = st.k
   st_dev = st.replace(m=jnp.asarray(st.m, jnp.float32))  # placed on the mesh below

@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import checkpoint, nets as nets_lib, structure, train_step, workdir as workdir_lib
+from scr_jax import (checkpoint, lock, nets as nets_lib, structure, train_step,
+                     workdir as workdir_lib)
 from scr_jax.errors import UserError
 
 NETS = ("netV", "netD", "netL", "netA", "netC")
@@ -250,6 +251,107 @@ def _materialise(obj):
 # Mapping Unsup3D's layers onto ours
 # ----------------------------------------------------------------------------
 
+# Checkpoints as people save them: the networks may sit in a wrapper dict
+# ({'state_dict': ...}, {'model': ...}), their keys may carry a wrapper's prefix
+# (DataParallel / DDP 'module.', torch.compile '_orig_mod.', 'model.'), or one
+# flat state dict may hold all five ('netD.network.0.weight'); optimiser,
+# scheduler and epoch entries sit beside them.
+_SEGMENTS = ("network", "out_net1", "out_net2")  # Unsup3D's nn.Sequential names
+
+
+def _flatten(obj, prefix=(), out=None):
+  """{dotted key path (tuple of str): ndarray} of every array in nested dicts / lists."""
+  out = {} if out is None else out
+  if isinstance(obj, np.ndarray):
+    out[prefix] = obj
+  elif isinstance(obj, dict):
+    for k, v in obj.items():
+      _flatten(v, prefix + tuple(str(k).split(".")), out)
+  elif type(obj) in (list, tuple):
+    for i, v in enumerate(obj):
+      _flatten(v, prefix + (str(i),), out)
+  return out
+
+
+def _key_names(obj, out=None) -> set:
+  """Every part of every dict key in nested dicts (what the file names)."""
+  out = set() if out is None else out
+  if isinstance(obj, dict):
+    for k, v in obj.items():
+      out.update(str(k).split("."))
+      _key_names(v, out)
+  elif type(obj) in (list, tuple):
+    for v in obj:
+      _key_names(v, out)
+  return out
+
+
+def _summary(keys, limit: int = 6) -> str:
+  """'encoder.* 24, decoder.* 30, ...': tensor counts by their first two key parts."""
+  counts = collections.Counter(".".join(k[:2]) + (".*" if len(k) > 2 else "") for k in keys)
+  shown = ", ".join(f"{k} {n}" for k, n in counts.most_common(limit))
+  return shown + (f", ... ({len(counts)} prefixes)" if len(counts) > limit else "")
+
+
+def networks(ckpt) -> tuple:
+  """Unsup3D's state dicts {netV, netD, netL, netA[, netC]: {'network.N.weight':
+  array, ...}} wherever the checkpoint holds them, and notes.
+
+  Each array's key path (nested dicts joined with '.') is read as
+  [wrapping...] netX [wrapping...] network|out_net1|out_net2 . N . weight|bias:
+  wrapper dicts, a wrapper's prefixes ('module.', '_orig_mod.', 'model.') and
+  extra entries (optimisers, schedulers, epoch) are passed over. When several
+  wrappings hold a full set (weights and an EMA copy), the shallowest is used
+  and the others named in a note.
+
+  Raises:
+    UserError: no full set of netV, netD, netL, netA, or two different
+      tensors for one layer: one line with what was found (key prefixes,
+      counts) against what was expected.
+  """
+  flat = _flatten(ckpt)
+  by_root, other = {}, []
+  for key, arr in flat.items():
+    net = next((i for i, part in enumerate(key) if part in NETS), None)
+    seg = None if net is None else next(
+        (j for j in range(net + 1, len(key) - 2)
+         if key[j] in _SEGMENTS and key[j + 1].isdigit()), None)
+    if seg is None:
+      other.append(key)
+      continue
+    root = ".".join(key[:net])
+    sd = by_root.setdefault(root, {}).setdefault(key[net], {})
+    name = ".".join(key[seg:])
+    if name in sd and not np.array_equal(sd[name], arr):
+      raise UserError(f"{'.'.join(key[:net + 1])}: two different tensors for {name} (keys "
+                      f"wrapped in two ways); save one copy of the network")
+    sd[name] = arr
+  full = sorted((r for r, nets in by_root.items() if all(n in nets for n in NETS[:4])),
+                key=lambda r: (r.count(".") + bool(r), r))
+  if not full:
+    have = {n for nets in by_root.values() for n in nets}
+    named = _key_names(ckpt)
+    absent = [n for n in NETS[:4] if n not in have and n not in named]
+    unusable = [n for n in NETS[:4] if n not in have and n in named]
+    # What the file holds under each name it has but cannot use, else overall.
+    parts = []
+    for n in unusable:
+      keys = [k[k.index(n):] for k in flat if n in k]
+      parts.append(f"{n}: {len(keys)} tensors" + (f" ({_summary(keys)})" if keys else ""))
+    found = "; ".join(parts) or (f"{len(flat)} tensors" + (f" ({_summary(flat)})" if flat else ""))
+    what = "; ".join(x for x in (absent and "no " + ", ".join(absent),
+                                 unusable and "no usable " + ", ".join(unusable)) if x)
+    raise UserError(f"not an Unsup3D checkpoint: {what} (expected the state dicts of netV, "
+                    "netD, netL, netA (+ netC), keys like netD.network.0.weight, also under "
+                    f"module. / _orig_mod. / state_dict; found {found})")
+  notes = []
+  if len(full) > 1:
+    notes.append(f"the checkpoint holds the networks {len(full)} times (under "
+                 f"{', '.join(repr(r or '(top level)') for r in full)}); using "
+                 f"{full[0] or 'the top level'!r}")
+  return by_root[full[0]], notes
+
+
 def _layers(state: dict, segments) -> list:
   """The weight-bearing layers of nn.Sequential `segments` in forward order:
   ("gn", weight, bias) for GroupNorm (the only layers with a bias), ("w",
@@ -342,7 +444,8 @@ def convert(ckpt: dict, like_params: dict, image_size: int):
 
   Args:
     ckpt: the loaded checkpoint: {"netD", "netA", "netL", "netV"[, "netC"]}
-      state dicts (key -> array, PyTorch layouts).
+      state dicts (key -> array, PyTorch layouts), as Unsup3D saves it or
+      wrapped as `networks` reads it.
     like_params: our initialised params {"params": {...}} (values of the
       confidence net are kept when the checkpoint has no netC).
     image_size: 64 for Unsup3D's models (the number of stride-2 stages).
@@ -350,15 +453,12 @@ def convert(ckpt: dict, like_params: dict, image_size: int):
     (params with the same structure and shapes as like_params, notes).
   Raises:
     UserError: a network is missing or a layer does not fit (one line naming
-      the network, the layer and both shapes).
+      the network, the layer and both shapes, or what was found).
   """
   n = _stages(image_size)
-  missing = [k for k in NETS[:4] if k not in ckpt]
-  if missing:
-    found = ", ".join(sorted(k for k in ckpt if isinstance(k, str)))[:200]
-    raise UserError(f"not an Unsup3D checkpoint: no {', '.join(missing)} (it holds: {found})")
+  raw = ckpt
+  ckpt, notes = networks(ckpt)
   params = _deep_copy(like_params["params"])
-  notes = []
   jobs = [("netV", "V", _plan_encoder(n), ["network"]),
           ("netL", "L", _plan_encoder(n), ["network"]),
           ("netD", "D", _plan_ed(n), ["network"]), ("netA", "A", _plan_ed(n), ["network"])]
@@ -368,12 +468,13 @@ def convert(ckpt: dict, like_params: dict, image_size: int):
     notes.append("the checkpoint has no netC (trained without confidence maps): the "
                  "confidence net keeps its initialisation")
   for net, factor, plan, segments in jobs:
-    if not isinstance(ckpt[net], dict) or not all(isinstance(k, str) for k in ckpt[net]):
-      raise UserError(f"{net}: not a state dict (names -> tensors)")
     layers = _layers(ckpt[net], segments)
     if len(layers) != len(plan):
+      keys = [k for k in _flatten(raw) if net in k]
       raise UserError(f"{net}: {len(layers)} layers with weights, Unsup3D's {net} at "
-                      f"{image_size}px has {len(plan)}")
+                      f"{image_size}px has {len(plan)} (found {len(keys)} tensors under "
+                      f"{net}: {_summary([k[k.index(net):] for k in keys]) or 'none'}; "
+                      f"expected {', '.join(s_ + '.N.weight' for s_ in segments)})")
     for layer, (scope, name, kind) in zip(layers, plan):
       top = "conf" if factor is None else f"{scope}_{factor}"
       where = params[top]
@@ -418,14 +519,20 @@ def import_checkpoint(path: str, workdir: str, cfg, log=print) -> dict:
     The settings saved with the checkpoint.
   Raises:
     UserError: the file is not an Unsup3D checkpoint, the config's shapes
-      differ from Unsup3D's, or the workdir already holds a run.
+      differ from Unsup3D's, or the workdir already holds a run or is in use.
   """
+  checkpoint.probe_writable(workdir)
+  with lock.hold(workdir):  # two imports at once: the second is refused, not overwriting
+    return _import(path, workdir, cfg, log)
+
+
+def _import(path: str, workdir: str, cfg, log) -> dict:
   if checkpoint.has_checkpoints(workdir):
     raise UserError(f"--workdir {workdir} already holds checkpoints; import into a new one")
   ckpt = load_pth(path)
   if not isinstance(ckpt, dict):
     raise UserError(f"{path}: holds a {type(ckpt).__name__}, not Unsup3D's dict of networks")
-  if "netC" in ckpt:  # every value comes from the file: shapes are enough (and fast)
+  if "netC" in networks(ckpt)[0]:  # every value comes from the file: shapes are enough (fast)
     like = jax.eval_shape(lambda: train_step.init_state(cfg, jax.random.PRNGKey(cfg.seed))[1])
     like = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), like.params)
   else:
@@ -434,6 +541,8 @@ def import_checkpoint(path: str, workdir: str, cfg, log=print) -> dict:
   params = jax.tree_util.tree_map(jnp.asarray, params)
   state = train_step.new_state(nets_lib.make_nets(cfg), cfg, params)
   epoch = ckpt.get("epoch")
+  if epoch is None:  # a wrapper dict: {'state_dict': ..., 'epoch': N} one level down
+    epoch = next((v.get("epoch") for v in ckpt.values() if isinstance(v, dict)), None)
   imported = dict(file=os.path.abspath(path), sha256=file_sha256(path), format="unsup3d",
                   epoch=epoch if isinstance(epoch, int) else None)
   settings = workdir_lib.save(

@@ -1,8 +1,11 @@
 """Pictures: reconstructions, normal maps, textureless shading, turn-table GIFs and MP4s."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -91,27 +94,111 @@ def turntable_video_frames(canon_depth_HxW, canon_image_HxWx3, cam, size: int = 
   return to_uint8(jnp.concatenate([tex, shape], axis=2))
 
 
-def save_mp4(path, frames_NxHxWx3, fps: int = 12) -> int:
-  """Writes frames (uint8 or float in [0, 1], RGB) as an MPEG-4 video with
-  OpenCV's VideoWriter ('mp4v', the encoder its wheels carry). Returns the
-  number of frames written. Raises UserError if OpenCV cannot write it."""
+# Codecs tried per container, browser-playable first: (OpenCV fourcc, name).
+# OpenCV's pip wheels carry no H.264 encoder (avc1 then fails) but do write
+# VP8 / VP9; VP8 first: it encodes ~4x faster, and browsers play both.
+VIDEO_CODECS = {
+    ".mp4": (("avc1", "H.264"), ("mp4v", "MPEG-4 Part 2")),
+    ".webm": (("VP80", "VP8"), ("VP90", "VP9")),
+}
+BROWSER_CODECS = ("H.264", "VP9", "VP8")
+
+
+def _cv2():
   try:
     import cv2
   except ImportError as e:
-    raise UserError(f"MP4 export needs OpenCV: pip install opencv-python-headless==4.* ({e})"
+    raise UserError(f"video export needs OpenCV: pip install opencv-python-headless==4.* ({e})"
                     ) from None
-  frames = np.asarray(frames_NxHxWx3)
-  if frames.dtype != np.uint8:
-    frames = to_uint8(frames)
+  return cv2
+
+
+@contextlib.contextmanager
+def _quiet_stderr_fd():
+  """FFmpeg inside OpenCV prints its failed encoder probes straight to fd 2."""
+  sys.stderr.flush()
+  saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(null, 2)
+  try:
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(null)
+
+
+def _write(cv2, path, fourcc, frames, fps) -> bool:
   n, h, w = frames.shape[:3]
-  if h % 2 or w % 2:  # the encoder would silently drop the odd row / column
-    raise UserError(f"{path}: MP4 frames need an even width and height, got {w}x{h}")
-  writer = cv2.VideoWriter(os.fspath(path), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (w, h))
+  writer = cv2.VideoWriter(os.fspath(path), cv2.VideoWriter_fourcc(*fourcc), float(fps), (w, h))
   if not writer.isOpened():
-    raise UserError(f"{path}: OpenCV {cv2.__version__} could not open an mp4v video writer")
+    return False
   try:
     for f in frames:
       writer.write(cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2BGR))
   finally:
     writer.release()
+  return True
+
+
+def _frames_read(cv2, path) -> int:
+  cap = cv2.VideoCapture(os.fspath(path))
+  n = 0
+  try:
+    while cap.isOpened() and cap.read()[0]:
+      n += 1
+  finally:
+    cap.release()
   return n
+
+
+@functools.lru_cache(maxsize=None)
+def video_codec(ext: str):
+  """(fourcc, name) of the first codec in VIDEO_CODECS[ext] that this OpenCV
+  both writes and reads back (a writer can open and still leave an empty
+  file), probed once on a tiny clip; None when none works."""
+  cv2 = _cv2()
+  frames = np.zeros((4, 16, 32, 3), np.uint8)
+  frames[:, :, :16] = 200
+  with tempfile.TemporaryDirectory() as tmp:
+    for fourcc, name in VIDEO_CODECS[ext]:
+      path = os.path.join(tmp, f"probe_{fourcc}{ext}")
+      with _quiet_stderr_fd():
+        ok = _write(cv2, path, fourcc, frames, 12) and _frames_read(cv2, path) == len(frames)
+      if ok:
+        return fourcc, name
+  return None
+
+
+def save_video(path, frames_NxHxWx3, fps: int = 12) -> str:
+  """Writes frames (uint8 or float in [0, 1], RGB) as a video whose container
+  is the path's extension (.mp4, .webm), with the first codec of
+  VIDEO_CODECS this OpenCV writes and reads back (`video_codec`). Returns the
+  codec's name (e.g. 'H.264', 'MPEG-4 Part 2', 'VP8').
+
+  Raises:
+    UserError: odd frame sizes, no OpenCV, or no codec for the container.
+  """
+  cv2 = _cv2()
+  frames = np.asarray(frames_NxHxWx3)
+  if frames.dtype != np.uint8:
+    frames = to_uint8(frames)
+  n, h, w = frames.shape[:3]
+  if h % 2 or w % 2:  # the encoder would silently drop the odd row / column
+    raise UserError(f"{path}: video frames need an even width and height, got {w}x{h}")
+  ext = os.path.splitext(os.fspath(path))[1].lower()
+  codec = video_codec(ext)
+  if codec is None:
+    raise UserError(f"{path}: OpenCV {cv2.__version__} can write none of "
+                    f"{', '.join(c for c, _ in VIDEO_CODECS[ext])} into {ext}")
+  with _quiet_stderr_fd():  # FFmpeg's note on the fourcc tag, at every write
+    ok = _write(cv2, path, codec[0], frames, fps)
+  if not ok:
+    raise UserError(f"{path}: OpenCV {cv2.__version__} could not open a {codec[0]} video writer")
+  return codec[1]
+
+
+def save_mp4(path, frames_NxHxWx3, fps: int = 12) -> int:
+  """`save_video` into an .mp4 (H.264 where this OpenCV encodes it, else
+  MPEG-4 Part 2); returns the number of frames written."""
+  save_video(path, frames_NxHxWx3, fps)
+  return int(np.shape(frames_NxHxWx3)[0])

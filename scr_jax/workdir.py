@@ -19,7 +19,8 @@ from typing import Any
 
 import jax
 
-from scr_jax import checkpoint, nets as nets_lib, structure as structure_lib, train_step
+from scr_jax import (checkpoint, lock, nets as nets_lib, structure as structure_lib,
+                     train_step)
 from scr_jax.cliutil import log as _log
 from scr_jax.config import Config
 from scr_jax.errors import UserError
@@ -139,7 +140,11 @@ def restore(workdir: str) -> Restored:
     state = train_step.init_state(cfg, jax.random.PRNGKey(cfg.seed))[1]
     return train_step.stack_state(state, k) if k else state
 
-  restored = checkpoint.restore_step(mngr, step, jax.eval_shape(lambda: like().tree()))
+  # Shapes only: restored onto this machine's devices, whatever the saving one had.
+  restored = checkpoint.restore_step(
+      mngr, step, jax.eval_shape(lambda: like().tree()),
+      hint="it does not match the settings saved with it (a workdir edited by hand, or made "
+           "by another version?); move that step folder away to use an earlier one")
   return Restored(cfg=cfg, structure=st, params=restored["params"],
                   step=int(restored["step"]), nets=nets, settings=settings)
 
@@ -161,13 +166,14 @@ def save(workdir: str, cfg: Config, structure: structure_lib.Structure, state: d
   settings = checkpoint.run_settings(cfg, structure, data)
   settings.update(extra or {})
   checkpoint.probe_writable(workdir)
-  mngr = checkpoint.manager(workdir, cfg.keep_checkpoints)
-  step = int(jax.device_get(state.step))
-  if step in mngr.all_steps():
-    mngr.delete(step)
-  checkpoint.save(mngr, state.tree(), settings)
-  if describe:
-    checkpoint.save_run_files(workdir, settings)
-  else:
-    checkpoint.save_adjacency(workdir, settings["structure"])
+  with lock.hold(workdir):
+    mngr = checkpoint.manager(workdir, cfg.keep_checkpoints)
+    step = int(jax.device_get(state.step))
+    if step in mngr.all_steps():
+      mngr.delete(step)
+    checkpoint.save(mngr, state.tree(), settings)
+    if describe:
+      checkpoint.save_run_files(workdir, settings)
+    else:
+      checkpoint.save_adjacency(workdir, settings["structure"])
   return settings

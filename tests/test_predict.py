@@ -121,7 +121,9 @@ def test_cat_and_human_cascades_are_bundled():
 def test_first_bad_file_stops_with_one_line_before_the_model(tmp_path, capfd, no_ckpt):
   ins = tmp_path / "in"
   ins.mkdir()
-  Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(ins / "a_good.png")
+  # (a picture: a flat one would be skipped too, as a degenerate input)
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+      ins / "a_good.png")
   (ins / "b_bad.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
   (ins / "c_empty.png").write_bytes(b"")
   out = tmp_path / "out"
@@ -243,10 +245,16 @@ def test_predict_exports_and_unique_names(tmp_path, capfd, workdir, faces):
   assert any("centre-cropped to 24 px" in x for x in err), err  # the train crop is not reused
   stems = sorted(os.listdir(out))
   assert stems == ["a_jpg", "in_a_png", "other_a_png"]
-  n_files = len(export.FILES)
+  files = export.video_plan(export.FILES)[0]  # (the videos this OpenCV writes)
+  assert "turn.mp4" in files
+  n_files = len(files)
   assert f"wrote {3 * n_files} files for 3 images" in err[-1], err
   for s in stems:
-    assert sorted(os.listdir(out / s)) == sorted(export.FILES)
+    assert sorted(os.listdir(out / s)) == sorted(files)
+  # a batch: progress lines with the rate and ETA (after the first image, at the last)
+  prog = [x for x in err if x.startswith("[predict] ")]
+  assert prog[0].startswith("[predict] 1/3 images") and prog[-1].startswith("[predict] 3/3")
+  assert all("s/image, ETA " in x for x in prog)
   assert all(p.read_bytes() == b for p, b in before.items())  # inputs untouched
 
   d = out / "in_a_png"
@@ -290,9 +298,17 @@ def test_predict_exports_and_unique_names(tmp_path, capfd, workdir, faces):
   np.testing.assert_allclose(np.sort(1.0 - mesh.vertices[:, 2]), np.sort(canon.ravel()),
                              atol=1e-5)  # z_obj = rot_center_depth - z
 
-  # Turn-tables: the MP4 has every frame, [textured | shape] at --video-size.
+  # Turn-tables: the MP4 has every frame, [textured | shape] at --video-size;
+  # the WebM (browsers play it) too, where this OpenCV writes one.
   n, shape = _mp4_frames(str(d / "turn.mp4"))
   assert n == 48 and shape == (16, 32, 3)
+  codecs = meta["video_codecs"]
+  assert codecs["turn.mp4"] in ("H.264", "MPEG-4 Part 2")
+  if codecs["turn.mp4"] != "H.264":  # said, not silent
+    assert any("turn.mp4 is MPEG-4 Part 2" in x and "browsers" in x for x in err), err
+  if "turn.webm" in files:
+    assert codecs["turn.webm"] in ("VP8", "VP9")
+    assert _mp4_frames(str(d / "turn.webm")) == (48, (16, 32, 3))
   with Image.open(d / "turn.gif") as im:
     assert im.n_frames == 24 and im.size == (3 * S, 3 * S)
 
@@ -341,4 +357,93 @@ def test_user_report_cases(tmp_path, capfd, workdir):
                                      "webcam_640x480"]
   meta = json.loads((out / "webcam_640x480" / "params.json").read_text())
   assert meta["source"]["crop_px"] == [80, 0, 480]
-  assert f"wrote {5 * len(export.FILES)} files for 5 images" in err[-1]
+  assert f"wrote {5 * len(export.video_plan(export.FILES)[0])} files for 5 images" in err[-1]
+
+
+# ----------------------------------------------------------------------------
+# Issue 23: degenerate model inputs, choosing the outputs
+# ----------------------------------------------------------------------------
+
+def _degenerate_inputs(folder, faces):
+  """Inputs whose crop (the model's input) is no picture, and one that is."""
+  rng = np.random.default_rng(1)
+  wide = np.full((80, 400, 3), 200, np.uint8)  # faces at the sides, an empty centre square
+  wide[:64, :64], wide[:64, -64:] = faces[0], faces[1]
+  cases = dict(
+      black=np.zeros((48, 64, 3), np.uint8),  # a frame of padding
+      white_noise_wall=np.clip(180 + rng.normal(0, 2, (40, 40, 3)), 0, 255).astype(np.uint8),
+      wide_empty_centre=wide,
+      letterbox=np.pad(np.full((4, 60, 3), 90, np.uint8), ((28, 28), (0, 0), (0, 0))),
+  )
+  for name, a in cases.items():
+    Image.fromarray(a).save(folder / f"{name}.png")
+  Image.fromarray(faces[2]).save(folder / "face.png")
+  return sorted(cases)
+
+
+def test_flat_image_check():
+  """The built-in data's faces (and its cats and cars, on black) are pictures;
+  blank, constant and nearly-constant crops are not."""
+  for variant in ("default", "cat", "car", "frame"):
+    imgs = data.generate_split(16, 32, seed=0, split="test",
+                               cfg=data.get_variant(variant).gen)["images"]
+    assert all(data_flat(im / 255.0) is None for im in imgs), variant
+  assert "blank or nearly constant" in data_flat(np.full((16, 16, 3), 0.5))
+  assert "flat colour" in data_flat(np.pad(np.ones((3, 3, 3)), ((7, 6), (7, 6), (0, 0))))
+
+
+def data_flat(x):
+  from scr_jax import folders
+  return folders.flat_image(x)
+
+
+def test_degenerate_inputs_are_named_or_skipped(tmp_path, capfd, workdir, faces):
+  """Kind 4: a crop that is blank, constant or nearly so gets a note naming
+  the input before the model runs (and params.json says so); --skip-bad
+  skips it, named. A real face gets neither."""
+  ins = tmp_path / "in"
+  ins.mkdir()
+  bad = _degenerate_inputs(ins, faces)
+  out = tmp_path / "out"
+  code, err = _cli(capfd, "predict", "--workdir", workdir, "--images", str(ins), "--out",
+                   str(out), "--outputs", "depth", "--crop", "none")
+  assert code == 0, err
+  (line,) = [x for x in err if "blank or nearly one flat colour" in x]
+  assert line.startswith("note: ") and f"and {len(bad) - 1} more" in line, line
+  for name in bad:
+    meta = json.loads((out / name / "params.json").read_text())
+    assert meta["source"]["input_check"], name
+  assert "input_check" not in json.loads((out / "face" / "params.json").read_text())["source"]
+  code, err = _cli(capfd, "predict", "--workdir", workdir, "--images", str(ins), "--out",
+                   str(tmp_path / "out2"), "--outputs", "depth", "--skip-bad")
+  assert code == 0, err
+  assert os.listdir(tmp_path / "out2") == ["face"]
+  for name in bad:
+    assert any(x.startswith(f"note: skipped {ins / name}.png: the model's input") for x in err)
+  assert f"skipped {len(bad)} (named above)" in err[-1]
+
+
+def test_outputs_choose_what_is_written(tmp_path, capfd, workdir, faces):
+  """--outputs depth,normal,mesh and --no-video write only those (params.json
+  always); a name it does not know is one line before any model work."""
+  ins = tmp_path / "in"
+  ins.mkdir()
+  for i in range(2):
+    Image.fromarray(faces[i]).save(ins / f"f{i}.png")
+  out = tmp_path / "out"
+  code, err = _cli(capfd, "predict", "--workdir", workdir, "--images", str(ins), "--out",
+                   str(out), "--outputs", "depth,normal,mesh")
+  assert code == 0, err
+  want = sorted(export.OUTPUTS["depth"] + export.OUTPUTS["mesh"] + ("normal.png", "params.json"))
+  assert sorted(os.listdir(out / "f0")) == want
+  assert json.loads((out / "f0" / "params.json").read_text())["files"] == [
+      f for f in export.FILES if f in want]
+  code, err = _cli(capfd, "predict", "--workdir", workdir, "--images", str(ins / "f0.png"),
+                   "--out", str(tmp_path / "nv"), "--no-video")
+  assert code == 0, err
+  got = set(os.listdir(tmp_path / "nv" / "f0"))
+  assert got == set(export.FILES) - {"turn.mp4", "turn.webm"}
+  code, err = _cli(capfd, "predict", "--workdir", workdir, "--images", str(ins), "--out",
+                   str(tmp_path / "bad"), "--outputs", "depth,pointcloud")
+  assert code == 2 and len(err) == 1 and "unknown pointcloud" in err[0] and "mesh" in err[0]
+  assert not (tmp_path / "bad").exists()

@@ -4,6 +4,7 @@ numerical faults, unwritable workdirs, cyclic structures. Each failure is one
 traceback. The slow cases (SIGKILL at random moments, several trials) are in
 experiments/bench_faults.py."""
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -478,3 +479,255 @@ def test_distributed_without_a_cluster_is_one_line(tmp_path, tiny):
   assert "Traceback" not in res.stderr
   _assert_one_error(res, 2, "--distributed", "jax.distributed.initialize() failed", "SLURM")
   assert not os.path.exists(wd)
+
+
+# ----------------------------------------------------------------------------
+# Issue 23: workdirs across machines and jobs, split folder names, batch size
+# over devices, JSON written by Windows editors
+# ----------------------------------------------------------------------------
+
+TWO_DEVICES = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=2")
+
+
+def _cli_in_process(capfd, *argv):
+  """run.py in this process: (exit code, stderr lines)."""
+  from experiments import run
+  capfd.readouterr()
+  code, stderr = 0, sys.stderr
+  try:
+    run.main([str(a) for a in argv])
+  except SystemExit as e:
+    code = e.code
+  finally:
+    sys.stderr = stderr  # cliutil.fail silences stderr after its one line
+  return code, [x for x in capfd.readouterr().err.splitlines() if x.strip()]
+
+
+def test_workdir_trained_on_two_devices_is_used_on_one(tmp_path, tiny, capfd):
+  """Kind 1: a single-structure and a candidates workdir trained on 2 devices
+  (the candidates sharded over them) are evaluated, predicted on and resumed
+  here, on 1 device: the checkpoint is restored onto this machine's devices."""
+  root = tiny[0]
+  wd, wdk = str(tmp_path / "wd2"), str(tmp_path / "wdk2")
+  script = ("import sys\nfrom experiments import run\n"
+            "a = ['train', '--preset', 'test_tiny', '--data', sys.argv[1], '--steps', '2']\n"
+            "run.main(a + ['--workdir', sys.argv[2]])\n"
+            "run.main(a + ['--workdir', sys.argv[3], '--candidates', 'DVAL,LADV'])\n"
+            "import jax; print('devices', len(jax.devices()))\n")
+  res = subprocess.run([sys.executable, "-c", script, root, wd, wdk], capture_output=True,
+                       text=True, cwd=ROOT, env=TWO_DEVICES, timeout=600)
+  assert res.returncode == 0 and "devices 2" in res.stdout, res.stderr[-3000:]
+  assert len(jax.devices()) == 1
+  img = sorted(glob.glob(os.path.join(root, "test", "image", "*.png")))[0]
+  for w, extra in ((wd, []), (wdk, ["--candidate", "LADV"])):
+    code, err = _cli_in_process(capfd, "eval", "--workdir", w, "--data", root, "--out",
+                                str(tmp_path / "e.json"))
+    assert code in (0, None), err
+    assert not any("Topology" in x or x.startswith("error") for x in err), err
+    code, err = _cli_in_process(capfd, "predict", "--workdir", w, "--images", img, "--out",
+                                str(tmp_path / ("p" + os.path.basename(w))), "--video-size",
+                                "16", *extra)
+    assert code in (0, None), err
+  # training resumes it here too (one more step, one device)
+  code, err = _cli_in_process(capfd, "train", "--preset", "test_tiny", "--data", root,
+                              "--workdir", wd, "--steps", "3")
+  assert code in (0, None), err
+  assert checkpoint.saved_run(wd)[0] == 3
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--preset", "test_tiny", "--set", "batch_size=3"],
+    ["search", "--method", "unroll", "--preset", "test_tiny", "--set", "batch_size=5"],
+])
+def test_batch_size_not_dividing_over_devices_is_one_line(tmp_path, tiny, argv):
+  """Kind 6: a batch that does not split evenly over 2 devices: one line
+  naming both numbers and a fitting size, before any data or workdir file."""
+  wd = str(tmp_path / "wd")
+  res = subprocess.run(RUN + argv + ["--data", tiny[0], "--workdir", wd], capture_output=True,
+                       text=True, cwd=ROOT, env=TWO_DEVICES, timeout=300)
+  n = argv[-1].split("=")[1]
+  _assert_one_error(res, 2, f"batch_size {n} does not divide over the 2 devices",
+                    "multiple of 2")
+  assert "Traceback" not in res.stderr
+  assert not os.path.exists(os.path.join(wd, "config.json"))
+  parallel.check_batch_size(3)  # one device here: any batch fits
+
+
+def test_second_training_in_a_workdir_in_use_is_refused(tmp_path, tiny):
+  """Kind 2: a second `train` on a workdir another training is using exits 2
+  with one line naming the holder's pid and host, before touching anything;
+  the first run goes on, and on SIGTERM saves, exits and releases the lock:
+  metrics.csv has each step once, one event file."""
+  import signal
+  import socket
+  import time
+  wd = str(tmp_path / "wd")
+  args = ["train", "--preset", "test_tiny", "--data", tiny[0], "--workdir", wd, "--set",
+          "eval_every=100000", "--set", "ckpt_every=50"]
+  first = subprocess.Popen(RUN + args + ["--steps", "100000"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=ROOT)
+  try:
+    csv_path = os.path.join(wd, "metrics.csv")
+    t0 = time.time()
+    while not os.path.exists(csv_path) and first.poll() is None and time.time() - t0 < 300:
+      time.sleep(0.2)
+    assert first.poll() is None, first.communicate()[1][-3000:]
+    res = _cli("train", "--preset", "test_tiny", "--data", tiny[0], "--workdir", wd, "--seed", "7",
+               "--steps", "100000")
+    _assert_one_error(res, 2, wd, "in use", f"pid {first.pid}", socket.gethostname())
+    assert first.poll() is None  # the first run goes on
+    holder = json.load(open(os.path.join(wd, "workdir.lock")))
+    assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+  finally:
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=300)
+  assert first.returncode == 143, err[-3000:]
+  assert not os.path.exists(os.path.join(wd, "workdir.lock"))
+  with open(os.path.join(wd, "metrics.csv")) as fh:
+    rows = [r.split(",")[:2] for r in fh.read().splitlines()[1:]]
+  assert len(rows) == len({tuple(r) for r in rows})  # each (step, key) once
+  assert len(os.listdir(os.path.join(wd, "tb"))) == 1
+
+
+def test_lock_stale_and_foreign_holders(tmp_path):
+  """Kind 2: a lock of a killed process on this host is taken over with a
+  note; one from another host is refused naming it, with how to override;
+  the lock is re-entrant in a process and released on exceptions."""
+  import signal
+  import socket
+  from scr_jax import lock
+  wd = str(tmp_path / "wd")
+  holder = subprocess.Popen([sys.executable, "-c",
+                             "import sys, time\nfrom scr_jax import lock\n"
+                             "with lock.hold(sys.argv[1]):\n  print('held', flush=True)\n"
+                             "  time.sleep(300)\n", wd], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(UserError) as err:  # held: refused, naming it
+      with lock.hold(wd):
+        pass
+    assert f"pid {holder.pid} on host {socket.gethostname()}" in str(err.value)
+  finally:
+    holder.send_signal(signal.SIGKILL)  # dies without releasing: a stale lock file
+    holder.wait()
+  assert lock.read_holder(wd)["pid"] == holder.pid
+  notes = []
+  with lock.hold(wd, log=notes.append):
+    assert lock.read_holder(wd)["pid"] == os.getpid()
+    with lock.hold(wd):  # re-entrant
+      pass
+    assert os.path.exists(lock.lock_path(wd))
+    import threading
+    errs = []
+
+    def other_thread():
+      try:
+        with lock.hold(wd):
+          pass
+      except UserError as e:
+        errs.append(str(e))
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join()
+    assert len(errs) == 1 and "another thread" in errs[0]
+  assert len(notes) == 1 and "stale lock" in notes[0] and str(holder.pid) in notes[0]
+  assert not os.path.exists(lock.lock_path(wd))
+  # another machine's lock on a shared folder: its flock may not be visible here
+  with open(lock.lock_path(wd), "w") as fh:
+    json.dump(dict(pid=4242, host="other-machine", started="2024-01-01T00:00:00+00:00"), fh)
+  with pytest.raises(UserError) as err:
+    with lock.hold(wd):
+      pass
+  msg = str(err.value)
+  assert "pid 4242 on host other-machine" in msg and "delete " + lock.lock_path(wd) in msg
+  assert "\n" not in msg
+  os.remove(lock.lock_path(wd))
+  with pytest.raises(RuntimeError):
+    with lock.hold(wd):
+      raise RuntimeError("boom")
+  assert not os.path.exists(lock.lock_path(wd))
+
+
+def _split_tree(root, names, n=(3, 2, 2)):
+  """Image folders root/<name>/ with n[i] images each (distinct contents)."""
+  k = 0
+  for name, count in zip(names, n):
+    for i in range(count):
+      rng = np.random.default_rng(k)
+      k += 1
+      fault_cases.write(os.path.join(root, name, f"{i:03d}.png"),
+                        _png_bytes(rng.integers(0, 255, (S, S, 3), dtype=np.uint8)))
+  return root
+
+
+def _png_bytes(a):
+  import io
+  from PIL import Image
+  buf = io.BytesIO()
+  Image.fromarray(a).save(buf, format="png")
+  return buf.getvalue()
+
+
+@pytest.mark.parametrize("names", [
+    ("training", "validation", "testing"), ("Train", "Val", "Test"),
+    ("train", "valid", "test"), ("train_set", "dev_set", "test_set"),
+    ("TrainImages", "ValidationImages", "TestImages"), ("train", "validation", "test"),
+])
+def test_split_folders_under_usual_names(tmp_path, names):
+  """Kind 3: split folders named other than exactly train/val/test are read as
+  their splits (never merged into training), by prepare and by the in-memory
+  reader, and --split takes the usual names too."""
+  from scr_jax import dataset, prepare
+  root = _split_tree(str(tmp_path / "faces"), names)
+  scan = prepare.scan(root)
+  assert {s: len(v) for s, v in scan["splits"].items()} == dict(train=3, val=2, test=2)
+  assert all(os.sep + names[0] + os.sep in p for _, p, _ in scan["splits"]["train"])
+  cfg = config.get_config("test_tiny")
+  d, _ = dataset._read_folder(root, "val", cfg, need_depth=False)
+  assert len(d["images"]) == 2
+  d, _ = dataset._read_folder(root, "train", cfg, need_depth=False)
+  assert len(d["images"]) == 3
+  got = dataset.load_split(root, "validation", cfg, need_depth=False, with_gt=False,
+                           cache=str(tmp_path / "cache"))
+  assert len(got["images"]) == 2
+
+
+@pytest.mark.parametrize("layout,needles", [
+    (dict(names=("faces", "faces/celeba/test"), n=(3, 2)), ["faces/celeba/test", "test split"]),
+    (dict(names=("a", "a/Validation_Set"), n=(3, 2)), ["Validation_Set", "val split"]),
+    (dict(names=("holdout",), n=(2,)), ["holdout", "held-out"]),
+    (dict(names=("val", "validation", "train"), n=(1, 1, 2)), ["val/", "validation/", "keep one"]),
+    (dict(names=("validation", "test"), n=(2, 2)), ["validation/", "test/", "none for training"]),
+    (dict(names=("trainval", "test"), n=(2, 2)), ["trainval", "train and val"]),
+    (dict(names=("train", "train/test_hard"), n=(2, 2)), ["test_hard", "test split"]),
+])
+def test_held_out_folders_are_never_trained_on(tmp_path, layout, needles):
+  """Kind 3: a folder named as a test / validation split inside the training
+  images, two folders for one split, split folders without a training one, a
+  folder joining splits: `train` refuses in one line naming the folders,
+  before anything is prepared or written."""
+  root = _split_tree(str(tmp_path / "data"), layout["names"], layout["n"])
+  before = fault_cases.snapshot(root)
+  wd = str(tmp_path / "wd")
+  res = _cli("train", "--preset", "test_tiny", "--data", root, "--workdir", wd, "--steps", "1")
+  _assert_one_error(res, 2, *needles)
+  assert fault_cases.snapshot(root) == before
+  assert not os.path.exists(os.path.join(wd, "config.json"))
+  assert not glob.glob(os.path.join(root + ".prepared", "*", "manifest.json"))
+
+
+def test_json_with_a_byte_order_mark_is_read(tmp_path):
+  """structure.json (and the workdir's config.json) saved by Windows Notepad
+  start with a UTF-8 BOM: read as JSON."""
+  p = str(tmp_path / "structure.json")
+  with open(p, "w", encoding="utf-8-sig") as fh:
+    json.dump(dict(factors=["V", "D", "L", "A"], order="DVAL"), fh)
+  assert open(p, "rb").read(3) == b"\xef\xbb\xbf"
+  assert structure.load_structure(p)["order"] == "DVAL"
+  wd = str(tmp_path / "wd")
+  os.makedirs(wd)
+  with open(os.path.join(wd, "config.json"), "w", encoding="utf-8-sig") as fh:
+    fh.write(config.get_config("test_tiny").to_json())
+  assert checkpoint.load_config(wd).preset == "test_tiny"
+  assert config.Config.from_json("\ufeff" + config.get_config("test_tiny").to_json()).steps == 4

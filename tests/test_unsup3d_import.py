@@ -444,3 +444,111 @@ def test_torch_replica_gives_the_same_outputs(small_import, tmp_path):
       assert ours.shape == theirs.shape
       scale = float(np.abs(theirs).max())
       np.testing.assert_allclose(np.asarray(ours), theirs, atol=2e-5 * max(scale, 1.0), rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# Issue 23: checkpoints as people save them
+# ----------------------------------------------------------------------------
+
+def _prefixed(state, prefix):
+  return {n: collections.OrderedDict((prefix + k, v) for k, v in sd.items())
+          for n, sd in state.items()}
+
+
+def _wrappings(state):
+  """name -> the same weights saved the ways training scripts save them."""
+  flat = collections.OrderedDict((f"{n}.{k}", v) for n, sd in state.items()
+                                 for k, v in sd.items())
+  extra = dict(epoch=7, optimizerD={"state": {0: {"exp_avg": np.zeros(3, np.float32)}},
+                                    "param_groups": [{"lr": 1e-4}]},
+               scheduler={"last_epoch": 7}, best_metric=0.5)
+  return {
+      "ddp_module": dict(_prefixed(state, "module."), epoch=7),
+      "torch_compile": dict(_prefixed(state, "_orig_mod."), epoch=7),
+      "compile_in_ddp": dict(_prefixed(state, "module._orig_mod.")),
+      "state_dict": {"state_dict": dict(state), **extra},
+      "model": {"model": _prefixed(state, "module."), "epoch": 7},
+      "flat_one_dict": {"state_dict": collections.OrderedDict(
+          ("module." + k, v) for k, v in flat.items()), **extra},
+      "extra_entries": dict(state, **extra),
+  }
+
+
+def test_wrapped_checkpoints_import_as_the_plain_one(tmp_path):
+  """Kind 5: a wrapper's key prefix (DataParallel / DDP 'module.', torch.compile
+  '_orig_mod.'), a nested {'state_dict': ...} / {'model': ...} dict, one flat
+  state dict and extra optimiser / scheduler / epoch entries all give exactly
+  the parameters of Unsup3D's own file."""
+  layers = _unsup3d_layers(**SMALL)
+  state = _random_state(layers, np.random.default_rng(11))
+  cfg = config.override(config.get_config("paper"), SMALL_SETS)
+  model = nets.make_nets(cfg)
+  like = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
+  p = str(tmp_path / "plain.pth")
+  write_pth(p, dict(state, epoch=7))
+  ref, _ = ui.convert(ui.load_pth(p), like, 64)
+  for name, obj in _wrappings(state).items():
+    p = str(tmp_path / f"{name}.pth")
+    write_pth(p, obj)
+    got, notes = ui.convert(ui.load_pth(p), like, 64)
+    assert notes == [], (name, notes)
+    for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)):
+      np.testing.assert_array_equal(a, b)
+  # weights and an EMA copy: the shallower set, the other named in a note
+  ema = {n: {k: v + 1 for k, v in sd.items()} for n, sd in state.items()}
+  p = str(tmp_path / "ema.pth")
+  write_pth(p, dict(state, ema=ema))
+  got, notes = ui.convert(ui.load_pth(p), like, 64)
+  assert len(notes) == 1 and "'ema'" in notes[0]
+  for a, b in zip(jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_wrapped_checkpoint_through_the_cli(tmp_path):
+  """Kind 5, the reported case: a DDP-saved {'state_dict': {'module.netD...'}}
+  file imports (it was 'netV: 0 layers with weights')."""
+  layers = _unsup3d_layers(**SMALL)
+  state = _random_state(layers, np.random.default_rng(12))
+  p = str(tmp_path / "ddp.pth")
+  write_pth(p, _wrappings(state)["flat_one_dict"])
+  wd = str(tmp_path / "wd")
+  sets = [a for s in SMALL_SETS for a in ("--set", s)]
+  res = _cli("import-unsup3d", p, "--workdir", wd, *sets)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert checkpoint.load_settings(wd, 0)["imported_from"]["epoch"] == 7
+
+
+@pytest.mark.parametrize("case,needles", [
+    ("no_nets", ["no netV, netD, netL, netA", "found 2 tensors", "encoder.0.* 1"]),
+    ("other_layout", ["no usable netV", "netV: 6 tensors (netV.encoder.* 6)",
+                      "netD.network.0.weight"]),
+    ("missing_layer", ["netV: 5 layers with weights", "has 6", "netV.network.* 5"]),
+    ("two_copies", ["netD", "two different tensors", "network.0.weight"]),
+])
+def test_mismatching_checkpoint_says_what_it_found(tmp_path, case, needles):
+  """Kind 5: a file that really does not match: one line with what it holds
+  (key prefixes and counts) against what was expected."""
+  layers = _unsup3d_layers(**SMALL)
+  state = _random_state(layers, np.random.default_rng(13))
+  if case == "no_nets":
+    obj = {"encoder": {"0": {"weight": np.zeros((2, 3, 4, 4), np.float32)},
+                       "1": {"weight": np.zeros(2, np.float32)}}, "epoch": 1}
+  elif case == "other_layout":
+    obj = dict(state, netV={k.replace("network", "encoder"): v for k, v in state["netV"].items()})
+  elif case == "missing_layer":
+    obj = dict(state, netV={k: v for k, v in state["netV"].items()
+                            if not k.startswith("network.8")})
+  else:
+    obj = dict(state, netD=dict(state["netD"], **{"module.network.0.weight":
+                                                  state["netD"]["network.0.weight"] + 1}))
+  p = str(tmp_path / f"{case}.pth")
+  write_pth(p, obj)
+  cfg = config.override(config.get_config("paper"), SMALL_SETS)
+  like = jax.device_get(nets.make_nets(cfg).init(jax.random.PRNGKey(0),
+                                                  jnp.zeros((1, 64, 64, 3))))
+  with pytest.raises(UserError) as err:
+    ui.convert(ui.load_pth(p), like, 64)
+  msg = str(err.value)
+  assert "\n" not in msg
+  for n in needles:
+    assert n in msg, (n, msg)

@@ -51,13 +51,18 @@ def _eval_and_predict(capfd, tmp_path, wd, data, image, candidate=None):
   for row in rows:
     assert row["n"] + row["n_skipped"] == 8 and row["n"] > 0  # (2 steps: some skipped)
     assert np.isfinite(row["mad_mean"]) and 0 <= row["mad_mean"] <= 90
+    # units said beside the numbers: side_* x1e-2 (as the paper), side_raw_* as Unsup3D
+    assert row["side_unit"].startswith("x1e-2") and row["mad_unit"] == "degrees"
+    assert row["side_raw_mean"] == pytest.approx(row["side_mean"] / 100)
+  for b in summ.get("baselines", {}).values():
+    assert b["side_raw_mean"] == pytest.approx(b["side_mean"] / 100)
   pred = str(tmp_path / f"pred_{os.path.basename(wd)}")
   extra = ["--candidate", candidate] if candidate is not None else []
   code, err = _cli(capfd, "predict", "--workdir", wd, "--images", image, "--out", pred,
                    "--video-size", "16", *extra)
   assert code == 0, err[-2000:]
   written = [f for f in os.listdir(os.path.join(pred, "face"))]
-  assert len(written) == len(export.FILES)
+  assert len(written) == len(export.video_plan(export.FILES)[0])
   return summ
 
 
