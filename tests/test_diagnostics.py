@@ -410,7 +410,8 @@ def test_bench_quality_end_to_end_and_resumable(tmp_path):
   d0, d1, med, worst = (float(rows[i][mad]) for i in (1, 2, 3, 4))
   assert med == pytest.approx((d0 + d1) / 2) and worst == max(d0, d1)
   assert float(rows[1][head.index("template MAD")]) < float(rows[1][head.index("avg-GT MAD")])
-  assert "| default | 0 |" in r.stdout and "Goals (issue 10)" in r.stdout
+  assert "| default | 0 |" in r.stdout and "Goals (issue 20" in r.stdout
+  assert "shape corr" in head and "MAD / template" in head
   # Rerun: nothing to train. A run without its result (interrupted after
   # training) resumes from its checkpoint and is only evaluated.
   os.remove(out / "default_s1" / "result.json")
