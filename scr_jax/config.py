@@ -101,6 +101,12 @@ class Config:
   # stays there.
   lr_cosine_steps: int = 0
   weight_decay: float = 5e-4  # coupled L2 added to the gradient, as Unsup3D
+  # "coupled" (Unsup3D: wd * p added to the gradient before Adam) or
+  # "decoupled" (AdamW, Loshchilov & Hutter 2019: p shrinks by lr * wd per
+  # step after Adam). Why: coupled decay goes through Adam's normalisation,
+  # so a network whose loss gradient is small (a warm-up scaling it near 0)
+  # is pulled to 0 at about lr per step and can be erased.
+  weight_decay_mode: str = "coupled"
   steps: int = 2000
   seed: int = 0
   # Bookkeeping.
@@ -231,6 +237,8 @@ def validate(cfg: Config) -> Config:
   need(cfg.batch_size >= 1, "batch_size", "must be >= 1")
   need(cfg.lr > 0, "lr", "must be > 0")
   need(cfg.lr_view_mult > 0, "lr_view_mult", "must be > 0")
+  need(cfg.weight_decay_mode in ("coupled", "decoupled"), "weight_decay_mode",
+       "must be coupled or decoupled")
   need(cfg.lr_cosine_steps >= 0, "lr_cosine_steps", "must be >= 0 (0 = constant lr)")
   need(cfg.steps >= 0, "steps", "must be >= 0")
   for f in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints", "num_eval_images"):

@@ -57,12 +57,15 @@ def make_optimizer(cfg):
   # Unsup3D: Adam with weight decay added to the gradient (coupled L2). With
   # warm-ups on, the decay skips the parameters a warm-up cuts off (see
   # decay_where_trained); without them (paper) it is exactly Unsup3D's.
-  decay = (decay_where_trained(cfg.weight_decay) if uses_warmups(cfg)
-           else optax.add_decayed_weights(cfg.weight_decay))
   # A schedule adds a step count to Adam's state: only when asked for.
   lr = (optax.cosine_decay_schedule(cfg.lr, cfg.lr_cosine_steps, alpha=LR_COSINE_FLOOR)
         if cfg.lr_cosine_steps else cfg.lr)
-  parts = [decay, optax.adam(lr, b1=0.9, b2=0.999)]
+  if cfg.weight_decay_mode == "decoupled":  # AdamW: the decay bypasses Adam's scaling
+    parts = [optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=cfg.weight_decay)]
+  else:
+    decay = (decay_where_trained(cfg.weight_decay) if uses_warmups(cfg)
+             else optax.add_decayed_weights(cfg.weight_decay))
+    parts = [decay, optax.adam(lr, b1=0.9, b2=0.999)]
   if cfg.lr_view_mult != 1.0:  # only then: the optimiser state keeps Unsup3D's shape
     is_view = lambda params: jax.tree_util.tree_map_with_path(
         lambda path, _: getattr(path[1], "key", None) in ("f1_V", "f2_V"), params)
