@@ -109,6 +109,13 @@ class Config:
   weight_decay_mode: str = "coupled"
   steps: int = 2000
   seed: int = 0
+  # Best of K initialisations (scr_jax/init_trials.py): K network
+  # initialisations train init_trial_steps steps side by side, the run starts
+  # from the lowest training loss. 1 = off. init_choice is the choice, saved
+  # with the run (-1: not chosen; 0 is the plain initialisation of `seed`).
+  init_trials: int = 1
+  init_trial_steps: int = 100
+  init_choice: int = -1
   # Bookkeeping.
   log_every: int = 25
   eval_every: int = 250
@@ -239,6 +246,9 @@ def validate(cfg: Config) -> Config:
   need(cfg.lr_view_mult > 0, "lr_view_mult", "must be > 0")
   need(cfg.weight_decay_mode in ("coupled", "decoupled"), "weight_decay_mode",
        "must be coupled or decoupled")
+  need(cfg.init_trials >= 1, "init_trials", "must be >= 1 (1 = one initialisation)")
+  need(cfg.init_trial_steps >= 1, "init_trial_steps", "must be >= 1")
+  need(cfg.init_choice >= -1, "init_choice", "must be >= -1 (-1 = not chosen)")
   need(cfg.lr_cosine_steps >= 0, "lr_cosine_steps", "must be >= 0 (0 = constant lr)")
   need(cfg.steps >= 0, "steps", "must be >= 0")
   for f in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints", "num_eval_images"):

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import (checkpoint, config as config_lib, dataset, diagnostics, lock, model,
-                     parallel, runlog, structure as structure_lib)
+from scr_jax import (checkpoint, config as config_lib, dataset, diagnostics, init_trials, lock,
+                     model, parallel, runlog, structure as structure_lib, train_step)
 from scr_jax.errors import NonFiniteError, UserError
 from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.parallel import (any_process, barrier, compile_in_step, data_mesh, place_candidates,
@@ -131,6 +131,9 @@ def _fit(cfg, workdir, train_data, val_data, structure, resume, quiet, max_secon
                               None if quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
   mesh = data_mesh()
   st = structure_lib.resolve_structure(cfg) if structure is None else structure
+  cfg = init_trials.resolve_init(cfg, workdir, resume, train_data, st,
+                                 None if quiet else (lambda m: print(m, file=sys.stderr,
+                                                                     flush=True)))
   k = st.k
   st_dev = st.replace(m=jnp.asarray(st.m, jnp.float32))  # placed on the mesh below
   info = dict(run_info or {})
@@ -147,7 +150,7 @@ def _fit(cfg, workdir, train_data, val_data, structure, resume, quiet, max_secon
     raise UserError(f"{workdir} already holds checkpoints; starting over (--no-resume) would "
                     "overwrite them: pass --restart to set them aside first, or use another "
                     "--workdir")
-  nets, state = init_state(cfg, jax.random.PRNGKey(cfg.seed))
+  nets, state = init_state(cfg, train_step.init_key(cfg))
   if init_params is not None:
     like = jax.tree_util.tree_map(jnp.shape, state.params)
     if jax.tree_util.tree_map(jnp.shape, init_params) != like:

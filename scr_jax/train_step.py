@@ -96,6 +96,15 @@ def new_state(nets, cfg, params, step: int = 0) -> TrainState:
                     tx=tx, opt_state=tx.init(params))
 
 
+def init_key(cfg, choice=None) -> jax.Array:
+  """The PRNG key of the networks' initialisation: PRNGKey(cfg.seed) for
+  choice 0 (and for cfg.init_choice -1, no choice), else fold_in(PRNGKey(seed),
+  choice); choice defaults to cfg.init_choice (scr_jax/init_trials.py)."""
+  choice = cfg.init_choice if choice is None else choice
+  key = jax.random.PRNGKey(cfg.seed)
+  return key if choice <= 0 else jax.random.fold_in(key, choice)
+
+
 def init_state(cfg, rng):
   """Returns (nets module, TrainState at step 0 from a fresh initialisation)."""
   nets = nets_lib.make_nets(cfg)
