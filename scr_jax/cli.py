@@ -50,10 +50,6 @@ from scr_jax import (  # noqa: E402
 from scr_jax.errors import NonFiniteError, UserError  # noqa: E402
 
 
-def _log(msg):
-  print(msg, file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------------------
 # Commands
 # ----------------------------------------------------------------------------
@@ -79,7 +75,7 @@ def cmd_data(args):
   d = data.load_synface(args.out, "train", None, None, limit=8) if args.n_train else None
   if d is not None:
     data.preview_grid(d["images"], d["depth"], prev)
-    _log(f"preview: {prev}")
+    cliutil.log(f"preview: {prev}")
   print(json.dumps(meta, indent=1, default=str))
 
 
@@ -96,7 +92,7 @@ def cmd_prepare(args):
 
 def make_config(args):
   """The config of --preset, --set and the flags that are shorthands for --set."""
-  return runner.make_config(args.preset, args.set, _log,
+  return runner.make_config(args.preset, args.set, cliutil.log,
                             **{f: getattr(args, f, None) for f in runner.CONFIG_FLAGS})
 
 
@@ -107,7 +103,7 @@ def cmd_train(args):
   res = runner.train_run(cfg, args.workdir, args.data,
                          candidates=getattr(args, "candidates", None), resume=args.resume,
                          restart=getattr(args, "restart", False), max_seconds=args.max_seconds,
-                         init_from=getattr(args, "init_from", None), log=_log,
+                         init_from=getattr(args, "init_from", None), log=cliutil.log,
                          cache=getattr(args, "cache", None),
                          workers=getattr(args, "workers", None))
   if res["reason"] in ("SIGINT", "SIGTERM"):
@@ -121,11 +117,11 @@ def cmd_import_unsup3d(args):
     raise UserError(f"{args.checkpoint}: not found" if not os.path.exists(args.checkpoint)
                     else f"{args.checkpoint} is a folder, not a .pth file")
   cfg = make_config(args)
-  unsup3d_import.import_checkpoint(args.checkpoint, args.workdir, cfg, log=_log)
-  _log(f"imported {args.checkpoint} into {args.workdir} (step 0, independent SCR, preset "
-       f"{cfg.preset}); evaluate with `eval --workdir {args.workdir}`, fine-tune with "
-       f"`train --preset {cfg.preset} --workdir {args.workdir}` or, with another structure, "
-       f"`train --init-from {args.workdir} --workdir NEW ...`")
+  unsup3d_import.import_checkpoint(args.checkpoint, args.workdir, cfg, log=cliutil.log)
+  cliutil.log(f"imported {args.checkpoint} into {args.workdir} (step 0, independent SCR, preset "
+              f"{cfg.preset}); evaluate with `eval --workdir {args.workdir}`, fine-tune with "
+              f"`train --preset {cfg.preset} --workdir {args.workdir}` or, with another structure, "
+              f"`train --init-from {args.workdir} --workdir NEW ...`")
 
 
 def cmd_search(args):
@@ -500,5 +496,5 @@ def main(argv=None):
       raise
     cliutil.fail(f"{e.filename}: {e.strerror}" if e.filename else e.strerror, 2)
   except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
+    cliutil.log("interrupted")
     sys.exit(130)
