@@ -21,6 +21,8 @@ setup: $(VENV)/.installed
 run: setup
 	$(VPY) experiments/run.py main --workdir $(WORK) --max-seconds $(MAX_SECONDS)
 
+# The suite without the `slow` CLI fault cases (pytest.ini); those:
+# $(VPY) -m pytest -q -m slow tests/test_faults.py
 test: setup
 	$(VPY) -m pytest -q tests
 

@@ -12,14 +12,13 @@ Prints a table, then one JSON line (the last line) with vmap_over_sequential_rat
 """
 import argparse
 import json
-import sys
 import time
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from scr_jax import config, nets as nets_lib, structure, train_step  # noqa: E402
+from scr_jax import cliutil, config, nets as nets_lib, structure, train_step  # noqa: E402
 
 
 def main(argv=None):
@@ -74,8 +73,8 @@ def main(argv=None):
   for r in range(args.repeats):  # interleaved so load changes hit both sides
     t = time.perf_counter(); run_seq(); seq_t.append(time.perf_counter() - t)
     t = time.perf_counter(); run_vmap(); vm_t.append(time.perf_counter() - t)
-    print(f"repeat {r + 1}/{args.repeats}: sequential {seq_t[-1]:.2f}s, vmapped {vm_t[-1]:.2f}s",
-          file=sys.stderr, flush=True)
+    cliutil.log(f"repeat {r + 1}/{args.repeats}: sequential {seq_t[-1]:.2f}s, "
+                f"vmapped {vm_t[-1]:.2f}s")
   seq, vm = float(np.median(seq_t)), float(np.median(vm_t))
   cand_steps = args.k * args.steps
   dev = jax.devices()[0]

@@ -332,9 +332,9 @@ def drive(args):
   todo = [(v, s) for s in seeds for v in variants
           if _read_json(os.path.join(out, f"{v}_s{s}", "result.json")) is None]
   n_all = len(variants) * len(seeds)
-  print(f"bench_quality: {n_all - len(todo)} of {n_all} runs done, {len(todo)} to go, "
-        f"{args.jobs} at a time{' (taskset, one core each)' if _cores(args.jobs) else ''}; "
-        f"results in {out}", file=sys.stderr, flush=True)
+  cliutil.log(f"bench_quality: {n_all - len(todo)} of {n_all} runs done, {len(todo)} to go, "
+              f"{args.jobs} at a time{' (taskset, one core each)' if _cores(args.jobs) else ''}; "
+              f"results in {out}")
   cores = _cores(args.jobs)
   running = {}  # slot -> (proc, log, wd, variant, seed, t0)
   failed = []
@@ -345,8 +345,8 @@ def drive(args):
           v, s = todo.pop(0)
           proc, log, wd = _launch(args, v, s, out, cores[slot] if cores else None)
           running[slot] = (proc, log, wd, v, s, time.time())
-          print(f"  start {v} seed {s}{f' on core {cores[slot]}' if cores else ''} "
-                f"(log: {wd}/log.txt)", file=sys.stderr, flush=True)
+          cliutil.log(f"  start {v} seed {s}{f' on core {cores[slot]}' if cores else ''} "
+                      f"(log: {wd}/log.txt)")
       time.sleep(0.5)
       for slot, (proc, log, wd, v, s, t0) in list(running.items()):
         rc = proc.poll()
@@ -360,22 +360,22 @@ def drive(args):
           _write_json(os.path.join(wd, "result.json"), r)
         if r is None:
           failed.append(f"{v}_s{s} (exit {rc}, see {wd}/log.txt)")
-          print(f"  FAILED {v} seed {s}: exit {rc}, see {wd}/log.txt", file=sys.stderr,
-                flush=True)
+          cliutil.log(f"  FAILED {v} seed {s}: exit {rc}, see {wd}/log.txt")
         else:
-          print(f"  done {v} seed {s} in {time.time() - t0:.0f}s: MAD {_fmt(r.get('mad'), '{:.2f}')}"
-                f", yaw corr {_fmt(r.get('view_yaw_corr'), '{:.3f}')}, convex "
-                f"{_fmt(r.get('depth_sign'), '{:.2f}')}", file=sys.stderr, flush=True)
+          cliutil.log(f"  done {v} seed {s} in {time.time() - t0:.0f}s: MAD "
+                      f"{_fmt(r.get('mad'), '{:.2f}')}, yaw corr "
+                      f"{_fmt(r.get('view_yaw_corr'), '{:.3f}')}, convex "
+                      f"{_fmt(r.get('depth_sign'), '{:.2f}')}")
   except KeyboardInterrupt:
     # The runs got the SIGINT too: they checkpoint and exit; rerun to resume.
     for proc, log, *_ in running.values():
       proc.wait()
       log.close()
-    print("interrupted; rerun the same command to resume", file=sys.stderr)
+    cliutil.log("interrupted; rerun the same command to resume")
     sys.exit(130)
   print(_write_table(out, variants, seeds, settings))
   if failed:
-    print(f"failed runs (rerun to retry): {', '.join(failed)}", file=sys.stderr)
+    cliutil.log(f"failed runs (rerun to retry): {', '.join(failed)}")
     sys.exit(1)
 
 

@@ -39,7 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from scr_jax import render  # noqa: E402
-from scr_jax import render_reference  # noqa: E402
+import render_reference  # noqa: E402  (experiments/render_reference.py, beside this script)
 
 PEER_PINS = ["jax==0.4.13", "jaxlib==0.4.13", "numpy==1.26.4", "scipy<1.13",
              "jaxrenderer==0.3.2", "jaxtyping==0.2.38"]

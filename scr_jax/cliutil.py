@@ -1,5 +1,7 @@
 """What every command-line entry point shares: argparse with a one-line
-error, the one-line `error: ...` exit, and notes on stderr."""
+error, the one-line `error: ...` exit, and `log`, the one way notes and
+progress lines reach stderr (library modules use it too; this module imports
+nothing of scr_jax, so any module may)."""
 from __future__ import annotations
 
 import argparse
@@ -7,9 +9,11 @@ import os
 import sys
 
 
-def log(msg: str):
-  """A note or progress line for people (stderr, flushed)."""
-  print(msg, file=sys.stderr, flush=True)
+def log(msg: str, end: str = "\n"):
+  """A note or progress line for people: stderr (whatever sys.stderr is at
+  the call: tests capture it, `fail` silences it), flushed. end="" for a live
+  line redrawn with a leading carriage return."""
+  print(msg, end=end, file=sys.stderr, flush=True)
 
 
 class Parser(argparse.ArgumentParser):

@@ -24,6 +24,65 @@ HARMLESS_FIELDS = ("preset", "steps", "log_every", "eval_every", "ckpt_every",
 
 
 @dataclasses.dataclass(frozen=True)
+class Warmup:
+  """The training-only warm-ups (0 steps = off = Unsup3D), one group of Config.
+
+  Each holds part of the model fixed early in training; `warmup.warmups(cfg,
+  step)` turns them into the scales the forward pass and the loss apply, and
+  evaluation always sees the free model. On disk and in `--set` each field
+  keeps its flat name `<kind>_warmup_<what>` (`depth_steps` is
+  `depth_warmup_steps`, see `FLAT_WARMUP`), so older config.json files load
+  unchanged. Adding a warm-up: a field here, its scale in `warmup.Warmups`
+  (with its schedule in `warmup.warmups`) and the one place that applies it.
+  """
+  # Confidence: for the first N steps the predicted confidence maps are
+  # replaced by sigma = 1, so the flipped twin's loss cannot be discounted
+  # while the view is still being learned.
+  conf_steps: int = 0
+  # Symmetry: the canonical depth and albedo are forced left-right symmetric
+  # for the first half of N steps and released linearly over the second half,
+  # so every asymmetry of the input must first be explained by the view (yaw)
+  # rather than absorbed into an asymmetric canonical face.
+  sym_steps: int = 0
+  # Which canonical maps the symmetry warm-up holds symmetric: "depth,albedo"
+  # (both), "albedo" or "depth".
+  sym_maps: str = "depth,albedo"
+  # Translation: the view's x/y/z translation is held at 0 for the first half
+  # of N steps and released linearly over the second half. A free translation
+  # early on absorbs the yaw (a turned face is explained as a shifted one and
+  # the yaw collapses; docs/learning.md).
+  trans_steps: int = 0
+  # Tilt: the same schedule for the view's pitch and roll, so that early on
+  # only the yaw (the pose that the flipped twin measures) can explain the
+  # input's asymmetry.
+  tilt_steps: int = 0
+  # Depth: the depth net's output is scaled by the same schedule, so the view
+  # is first learned against the fixed convex prior shape (`depth_prior`),
+  # which settles the sign of the yaw before the shape is free to change
+  # (convex/concave ambiguity).
+  depth_steps: int = 0
+
+  def any_on(self) -> bool:
+    """Whether any warm-up runs (any `*_steps` > 0)."""
+    return any(getattr(self, f.name) > 0 for f in dataclasses.fields(self)
+               if f.name.endswith("_steps"))
+
+  def sym_map_names(self) -> tuple:
+    """The canonical maps the symmetry warm-up holds, e.g. ("depth", "albedo")."""
+    return tuple(m.strip() for m in self.sym_maps.split(","))
+
+
+def _flat_name(field: str) -> str:
+  kind, what = field.split("_", 1)
+  return f"{kind}_warmup_{what}"
+
+
+# The flat (on-disk, `--set`) name of each Warmup field: depth_warmup_steps ->
+# depth_steps, ...
+FLAT_WARMUP = {_flat_name(f.name): f.name for f in dataclasses.fields(Warmup)}
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   """Everything a run needs; saved as config.json beside its checkpoints."""
   preset: str = "cpu_small"
@@ -64,33 +123,8 @@ class Config:
   # object silhouette of the training images when training starts (the
   # fitted numbers are saved with the run: model.fit_prior_ellipse).
   depth_prior_ellipse: str = ""
-  # Confidence warm-up (0 = Unsup3D): for the first N steps the predicted
-  # confidence maps are replaced by sigma = 1, so the flipped twin's loss
-  # cannot be discounted while the view is still being learned.
-  conf_warmup_steps: int = 0
-  # Symmetry warm-up (0 = Unsup3D): the canonical depth and albedo are forced
-  # left-right symmetric for the first half of N steps and released linearly
-  # over the second half, so every asymmetry of the input must first be
-  # explained by the view (yaw) rather than absorbed into an asymmetric
-  # canonical face.
-  sym_warmup_steps: int = 0
-  # Which canonical maps the symmetry warm-up holds symmetric: "depth,albedo"
-  # (both), "albedo" or "depth".
-  sym_warmup_maps: str = "depth,albedo"
-  # Translation warm-up (0 = Unsup3D): the view's x/y/z translation is held at
-  # 0 for the first half of N steps and released linearly over the second
-  # half. A free translation early on absorbs the yaw (a turned face is
-  # explained as a shifted one and the yaw collapses; README, "Learning").
-  trans_warmup_steps: int = 0
-  # Tilt warm-up (0 = Unsup3D): the same schedule for the view's pitch and
-  # roll, so that early on only the yaw (the pose that the flipped twin
-  # measures) can explain the input's asymmetry.
-  tilt_warmup_steps: int = 0
-  # Depth warm-up (0 = Unsup3D): the depth net's output is scaled by the same
-  # schedule, so the view is first learned against the fixed convex prior
-  # shape (`depth_prior`), which settles the sign of the yaw before the shape
-  # is free to change (convex/concave ambiguity).
-  depth_warmup_steps: int = 0
+  # The training-only warm-ups (all off = Unsup3D), one group: see `Warmup`.
+  warmup: Warmup = dataclasses.field(default_factory=Warmup)
   vgg_weights: str = ""
   # Optimisation.
   batch_size: int = 32
@@ -125,16 +159,23 @@ class Config:
   on_nonfinite: str = "stop"  # stop | skip
 
   def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+    """The config as JSON, flat: the warm-ups under their flat names
+    (`FLAT_WARMUP`), as config.json has always held them."""
+    flat = dataclasses.asdict(self)
+    group = flat.pop("warmup")
+    flat.update({_flat_name(k): v for k, v in group.items()})
+    return json.dumps(flat, indent=2, sort_keys=True)
 
   @classmethod
   def from_json(cls, text: str) -> "Config":
+    """A validated Config from `to_json`'s text (any older config.json too:
+    fields it lacks take their defaults). Raises UserError on unknown fields."""
     raw = json.loads(text.lstrip("\ufeff"))  # a byte-order mark from a Windows editor
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    names = {f.name for f in dataclasses.fields(cls)} - {"warmup"}
+    unknown = sorted(set(raw) - names - set(FLAT_WARMUP))
     if unknown:
       raise UserError(f"config has unknown fields: {', '.join(unknown)}")
-    return validate(cls(**raw))
+    return validate(replace(cls(), **raw))
 
 
 PRESETS = {
@@ -146,8 +187,7 @@ PRESETS = {
     # is released, the view could run away to the tanh limits within ~15
     # steps and never come back), measured in README "Learning on CPU".
     "cpu_small": Config(lr=5e-4, lr_view_mult=5.0, min_sigma=0.05, depth_prior=1.0,
-                        trans_warmup_steps=200, depth_warmup_steps=300,
-                        tilt_warmup_steps=300),
+                        warmup=Warmup(trans_steps=200, depth_steps=300, tilt_steps=300)),
     # The paper / Unsup3D setting: 64x64 synface, Unsup3D widths, batch 64.
     "paper": Config(preset="paper", image_size=64, crop=170, embed_dim=256,
                     nf_encoder=32, nf_ed=64, nf_conf=64, conf_zdim=128,
@@ -186,9 +226,33 @@ def _parse_value(name: str, typ, text: str):
   return text
 
 
-def override(cfg: Config, assignments) -> Config:
-  """Applies 'key=value' strings; unknown keys and bad types are UserErrors."""
+def _field_types() -> dict:
+  """Every settable name -> its type: Config's fields, and the warm-ups under
+  both their flat names (depth_warmup_steps) and grouped ones (warmup.depth_steps)."""
   hints = typing.get_type_hints(Config)
+  del hints["warmup"]
+  group = typing.get_type_hints(Warmup)
+  hints.update({flat: group[f] for flat, f in FLAT_WARMUP.items()})
+  hints.update({f"warmup.{f}": t for f, t in group.items()})
+  return hints
+
+
+def replace(cfg: Config, **changes) -> Config:
+  """dataclasses.replace that also takes the warm-ups by their flat names
+  (`depth_warmup_steps=300`, as config.json and `--set` name them) or as a
+  whole `warmup=Warmup(...)`. Not validated (`override` and `from_json` are)."""
+  group = {FLAT_WARMUP[k]: changes.pop(k) for k in list(changes) if k in FLAT_WARMUP}
+  if group:
+    changes["warmup"] = dataclasses.replace(changes.get("warmup", cfg.warmup), **group)
+  return dataclasses.replace(cfg, **changes)
+
+
+def override(cfg: Config, assignments) -> Config:
+  """Applies 'key=value' strings; unknown keys and bad types are UserErrors.
+
+  A warm-up is named flat (`depth_warmup_steps=300`) or grouped
+  (`warmup.depth_steps=300`)."""
+  hints = _field_types()
   changes = {}
   for item in assignments or ():
     if "=" not in item:
@@ -197,13 +261,9 @@ def override(cfg: Config, assignments) -> Config:
     key = key.strip()
     if key not in hints:
       raise UserError(f"--set {key}: unknown config field (see scr_jax/config.py)")
-    changes[key] = _parse_value(key, hints[key], value.strip())
-  return validate(dataclasses.replace(cfg, **changes))
-
-
-def sym_warmup_maps(cfg: Config) -> tuple:
-  """The canonical maps the symmetry warm-up holds, e.g. ("depth", "albedo")."""
-  return tuple(m.strip() for m in cfg.sym_warmup_maps.split(","))
+    value = _parse_value(key, hints[key], value.strip())
+    changes[_flat_name(key[len("warmup."):]) if key.startswith("warmup.") else key] = value
+  return validate(replace(cfg, **changes))
 
 
 DEFAULT_PRIOR_ELLIPSE = (0.8, 0.9, 0.0, 0.0)
@@ -256,14 +316,14 @@ def validate(cfg: Config) -> Config:
   need(cfg.on_nonfinite in ("stop", "skip"), "on_nonfinite", "must be stop or skip")
   need(cfg.lam_flip >= 0 and cfg.lam_perc >= 0, "lam_flip", "loss weights must be >= 0")
   need(cfg.min_sigma >= 0, "min_sigma", "must be >= 0")
-  need(cfg.conf_warmup_steps >= 0, "conf_warmup_steps", "must be >= 0")
-  need(cfg.sym_warmup_steps >= 0, "sym_warmup_steps", "must be >= 0")
-  maps = sym_warmup_maps(cfg)
-  need(set(maps) <= {"depth", "albedo"} and len(set(maps)) == len(maps),
-       "sym_warmup_maps", "must be a comma list of depth and/or albedo")
-  need(cfg.trans_warmup_steps >= 0, "trans_warmup_steps", "must be >= 0")
-  need(cfg.tilt_warmup_steps >= 0, "tilt_warmup_steps", "must be >= 0")
-  need(cfg.depth_warmup_steps >= 0, "depth_warmup_steps", "must be >= 0")
+  for flat, f in FLAT_WARMUP.items():
+    value = getattr(cfg.warmup, f)
+    if f.endswith("_steps") and value < 0:
+      raise UserError(f"config {flat}={value!r}: must be >= 0")
+  maps = cfg.warmup.sym_map_names()
+  if not (set(maps) <= {"depth", "albedo"} and len(set(maps)) == len(maps)):
+    raise UserError(f"config sym_warmup_maps={cfg.warmup.sym_maps!r}: "
+                    "must be a comma list of depth and/or albedo")
   ell = cfg.depth_prior_ellipse.strip()
   if ell not in ("", "fit"):
     try:

@@ -24,23 +24,18 @@ import functools
 import hashlib
 import json
 import os
-import sys
 import time
 
 import jax
 import numpy as np
 
-from scr_jax import folders, model, prepare, synthetic
+from scr_jax import cliutil, folders, model, prepare, synthetic
 from scr_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILTIN_COUNTS = dict(n_train=4000, n_val=500, n_test=500)
 IN_MEMORY_BYTES = 256 << 20  # uint8 pixels held in memory below this
 CACHE_SUFFIX = ".prepared"
-
-
-def _log(msg):
-  print(msg, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------
@@ -63,8 +58,8 @@ def ensure_builtin(size: int, seed: int = 0, variant: str = "default", counts=No
   path = builtin_dir(size, seed, variant, data_root)
   with prepare.exclusive(path):  # two runs started at once: one generates
     if not os.path.exists(os.path.join(path, "meta.json")):
-      _log(f"generating built-in synthetic faces ({variant}) at {size}x{size} into {path} "
-           "(once)")
+      cliutil.log(f"generating built-in synthetic faces ({variant}) at {size}x{size} into {path} "
+                  "(once)")
       synthetic.export_synface(path, size=size, seed=seed, overwrite=True, cfg=gen,
                                **(counts or BUILTIN_COUNTS))
     else:
@@ -94,8 +89,8 @@ def missing_packages():
     import grain  # noqa: F401
     import tensorflow_datasets  # noqa: F401
   except ImportError as e:
-    _log(f"note: prepared datasets need tensorflow-datasets, array_record and grain ({e}); "
-         "reading data folders straight into memory instead")
+    cliutil.log(f"note: prepared datasets need tensorflow-datasets, array_record and grain ({e}); "
+                "reading data folders straight into memory instead")
     return str(e)
   return None
 
@@ -185,7 +180,7 @@ def open_prepared(spec: str, cfg, cache=None, workers=None, notes=None) -> Prepa
               f"{f', crop {crop}' if crop else ''}, {man['seconds']:.1f}s): later runs read "
               "it from there" + (f"; {why}" if why else ""))
       if notes is None:
-        _log(note)
+        cliutil.log(note)
       else:
         notes.append(note)
   return Prepared(out, man)
@@ -297,8 +292,8 @@ def load_split(spec: str, split: str, cfg, need_depth: bool = True, with_gt: boo
     try:  # a folder this generator exported before sidecars existed: add them
       synthetic.write_missing_gt(source)
     except OSError as e:
-      _log(f"note: {source}: cannot add the ground-truth sidecars ({e.strerror}); "
-           "no diagnostics")
+      cliutil.log(f"note: {source}: cannot add the ground-truth sidecars ({e.strerror}); "
+                  "no diagnostics")
     gt = synthetic.load_gt(source, split, d["names"], cfg.image_size, cfg.crop or None,
                            model.camera(cfg))
     if gt is not None:

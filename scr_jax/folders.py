@@ -18,11 +18,11 @@ from __future__ import annotations
 import functools
 import os
 import re
-import sys
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from scr_jax import cliutil
 from scr_jax.errors import UserError
 
 # Unsup3D's depth PNG mapping (fixed, independent of the camera range).
@@ -374,7 +374,7 @@ def _report(notes: dict):
   """One stderr line per kind of conversion or skip: the first file and the count."""
   for what, paths in notes.items():
     more = f" and {len(paths) - 1} more" if len(paths) > 1 else ""
-    print(f"note: {paths[0]}{more}: {what}", file=sys.stderr, flush=True)
+    cliutil.log(f"note: {paths[0]}{more}: {what}")
 
 
 def _list_files(folder: str, suffixes) -> list:

@@ -31,14 +31,11 @@ import socket
 import sys
 import threading
 
+from scr_jax import cliutil
 from scr_jax.errors import UserError
 
 LOCK_FILE = "workdir.lock"
 _HELD = {}  # realpath of a workdir -> [fd, depth, thread]: re-entrant within a thread
-
-
-def _log(msg: str):
-  print(msg, file=sys.stderr, flush=True)
 
 
 def lock_path(workdir: str) -> str:
@@ -142,7 +139,7 @@ def _sigterm_to_exit(signum, frame):
 
 
 @contextlib.contextmanager
-def hold(workdir: str, log=_log):
+def hold(workdir: str, log=cliutil.log):
   """Holds workdir W's lock for the duration of the block (see module doc).
 
   Raises:

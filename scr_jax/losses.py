@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from scr_jax.warmup import Warmups
+
 EPS = 1e-7
 
 
@@ -16,15 +18,18 @@ def photometric(recon_BxSxSxC, target_BxSxSxC, mask_BxSxS, sigma_BxSxS):
   return jnp.sum(per * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def total_loss(out, cfg, perceptual_fn=None, step=None):
+def total_loss(out, cfg, perceptual_fn=None, warmups: Warmups = Warmups()):
   """L = L1(orig) + lam_flip L1(flip) [+ lam_perc (Lp + lam_flip Lp_flip)].
 
   out: a `model.ForwardOutput`; the reconstructions are compared with its
     input_BxSxSx3 (the input in the model's range [-1, 1]).
   perceptual_fn: None, or (out, mask_both_BxSxS) -> (Lp, Lp_flip)
     (`perceptual.make_perceptual_fn`).
-  step: the training step (int32 scalar), for `cfg.conf_warmup_steps`; None
-    (evaluation, search objectives) uses the predicted confidence.
+  warmups: the training warm-ups' scales (`warmup.warmups(cfg, step)`, the
+    same value the forward pass took); its `conf_hold` (True while the
+    confidence warm-up runs) replaces the predicted confidence by sigma = 1.
+    The default, `Warmups.none()` (evaluation, search objectives), uses the
+    predicted confidence.
   Returns (loss, metrics dict).
   """
   target = out.input_BxSxSx3
@@ -32,8 +37,8 @@ def total_loss(out, cfg, perceptual_fn=None, step=None):
   # flows through coverage (as Unsup3D detaches it).
   both = jax.lax.stop_gradient(out.orig.recon_mask_BxSxS * out.flip.recon_mask_BxSxS)
   sig = out.sigma_l1_BxSxSx2 + cfg.min_sigma
-  if step is not None and cfg.conf_warmup_steps > 0:
-    sig = jnp.where(step < cfg.conf_warmup_steps, jnp.ones_like(sig), sig)
+  if warmups.conf_hold is not None:
+    sig = jnp.where(warmups.conf_hold, jnp.ones_like(sig), sig)
   l1 = photometric(out.orig.recon_im_BxSxSx3, target, both, sig[..., 0])
   l1_flip = photometric(out.flip.recon_im_BxSxSx3, target, both, sig[..., 1])
   loss = l1 + cfg.lam_flip * l1_flip

@@ -1,6 +1,8 @@
 """The SCR forward pass: image -> embeddings -> (structure) -> factors -> render.
 
-`forward(nets, params, img_BxSxSx3, structure, cfg)` is a pure function; the
+`forward(nets, params, img_BxSxSx3, structure, cfg, warmups)` is a pure
+function (warmups: `warmup.Warmups`, the training warm-ups' scales; by default
+none, the free model); the
 causal structure is an argument (a single `structure.Structure`: M 4x4, or the
 dense mask of dynamic SCR with q, whose `adjacency(u)` gives M per image), so
 any structure — and a vmap over a stack of them — uses this one path.
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scr_jax import config as config_lib, render, structure as structure_lib
+from scr_jax.warmup import Warmups
 
 
 def camera(cfg) -> render.Camera:
@@ -89,9 +92,9 @@ def view_from_raw(raw_Bx6, cfg, trans=None, tilt=None):
   """tanh outputs -> (rx, ry, rz in radians, tx, ty, tz).
 
   trans: None, or a scalar in [0, 1] scaling the translation ranges
-    (`Config.trans_warmup_steps`).
+    (`Warmups.trans`).
   tilt: None, or a scalar in [0, 1] scaling pitch rx and roll rz
-    (`Config.tilt_warmup_steps`).
+    (`Warmups.tilt`).
   """
   rot = raw_Bx6[:, :3] * np.deg2rad(cfg.xyz_rotation_range)
   if tilt is not None:
@@ -199,42 +202,40 @@ class ForwardOutput:
   input_BxSxSx3: jax.Array
 
 
-def factors(nets, params, img_BxSxSx3, structure, cfg, sym=None, trans=None, tilt=None,
-            dscale=None) -> Factors:
+def factors(nets, params, img_BxSxSx3, structure, cfg,
+            warmups: Warmups = Warmups()) -> Factors:
   """Image in [0, 1] -> `Factors` (canonical depth, albedo, light, view,
   embeddings u_Bx4xd and the adjacency actually used, 4x4 or Bx4x4).
 
   structure: a single `structure.Structure` (m 4x4; vmap over a stack).
-
-  sym: None, or a scalar weight in [0, 1] that makes the canonical depth and / or
-    albedo (`Config.sym_warmup_maps`) (partly) left-right symmetric
-    (`Config.sym_warmup_steps`).
-  trans, tilt: None, or scalars in [0, 1] scaling the view's translation and
-    its pitch / roll (`Config.trans_warmup_steps`, `Config.tilt_warmup_steps`).
-  dscale: None, or a scalar in [0, 1] scaling the depth net's output
-    (`Config.depth_warmup_steps`).
+  warmups: the training warm-ups' scales (`warmup.warmups(cfg, step)`);
+    the default, `Warmups.none()`, is the free model. This is the one place
+    they are applied to the factors: `sym` blends the canonical depth and / or
+    albedo (`Config.warmup.sym_maps`) towards their mirror image, `trans` and
+    `tilt` scale the view's translation and its pitch / roll, `depth` scales
+    the depth net's output.
   """
-  return _factors(nets, params, to_model_range(img_BxSxSx3), structure, cfg, sym, trans, tilt,
-                  dscale)
+  return _factors(nets, params, to_model_range(img_BxSxSx3), structure, cfg, warmups)
 
 
-def _factors(nets, params, x_BxSxSx3, structure, cfg, sym, trans, tilt, dscale) -> Factors:
+def _factors(nets, params, x_BxSxSx3, structure, cfg, warmups: Warmups) -> Factors:
   """`factors` of an input already in [-1, 1]."""
   u = nets.apply(params, x_BxSxSx3, method=nets.encode)
   adj = structure.adjacency(u)
   raw = nets.apply(params, structure_lib.mix(u, adj), method=nets.decode)
   cam = camera(cfg)
   ambient, diffuse, light_dxy = light_from_raw(raw["L"])
-  depth = depth_from_raw(raw["D"][..., 0], cam, cfg.depth_prior, dscale,
+  depth = depth_from_raw(raw["D"][..., 0], cam, cfg.depth_prior, warmups.depth,
                          config_lib.prior_ellipse(cfg) if cfg.depth_prior else None)
   albedo = raw["A"]  # [-1, 1]
-  if sym is not None:
-    maps = config_lib.sym_warmup_maps(cfg)
-    depth = symmetrize(depth, sym) if "depth" in maps else depth
-    albedo = symmetrize(albedo, sym) if "albedo" in maps else albedo
+  if warmups.sym is not None:
+    maps = cfg.warmup.sym_map_names()
+    depth = symmetrize(depth, warmups.sym) if "depth" in maps else depth
+    albedo = symmetrize(albedo, warmups.sym) if "albedo" in maps else albedo
   return Factors(depth_BxSxS=depth, albedo_BxSxSx3=albedo, ambient_B=ambient,
                  diffuse_B=diffuse, light_dxy_Bx2=light_dxy,
-                 view_Bx6=view_from_raw(raw["V"], cfg, trans, tilt), u_Bx4xd=u, adjacency=adj)
+                 view_Bx6=view_from_raw(raw["V"], cfg, warmups.trans, warmups.tilt),
+                 u_Bx4xd=u, adjacency=adj)
 
 
 def shade_canonical(depth_BxSxS, albedo_BxSxSx3, ambient, diffuse, light_dxy, cam):
@@ -261,12 +262,13 @@ def render_factors(f: Factors, cam: render.Camera) -> tuple[Rendering, Rendering
   return Rendering(*(a[:b] for a in both)), Rendering(*(a[b:] for a in both))
 
 
-def forward(nets, params, img_BxSxSx3, structure, cfg, sym=None, trans=None, tilt=None,
-            dscale=None) -> ForwardOutput:
+def forward(nets, params, img_BxSxSx3, structure, cfg,
+            warmups: Warmups = Warmups()) -> ForwardOutput:
   """Image in [0, 1] -> `ForwardOutput` (factors, the original and flipped
-  renderings, confidence maps). Arguments as `factors`."""
+  renderings, confidence maps). Arguments as `factors`; the confidence
+  warm-up (`warmups.conf_hold`) is the loss's (`losses.total_loss`)."""
   x = to_model_range(img_BxSxSx3)
-  f = _factors(nets, params, x, structure, cfg, sym, trans, tilt, dscale)
+  f = _factors(nets, params, x, structure, cfg, warmups)
   orig, flip = render_factors(f, camera(cfg))
   sigma_l1, sigma_perc = nets.apply(params, x, method=nets.confidence)
   return ForwardOutput(factors=f, orig=orig, flip=flip, sigma_l1_BxSxSx2=sigma_l1,

@@ -41,7 +41,7 @@ import time
 
 import numpy as np
 
-from scr_jax import folders
+from scr_jax import cliutil, folders
 from scr_jax.errors import UserError
 
 SPLITS = folders.SPLITS
@@ -214,16 +214,15 @@ class _Progress:
     if self.quiet or now - self.last < (0.5 if self.tty else 10.0):
       return
     self.last = now
-    print(("\r" if self.tty else "") + self.line(done), end="" if self.tty else "\n",
-          file=sys.stderr, flush=True)
+    cliutil.log(("\r" if self.tty else "") + self.line(done), end="" if self.tty else "\n")
 
   def finish(self, done: int):
     if self.tty and not self.quiet and not self.summary:
-      print("\r\033[K", end="", file=sys.stderr, flush=True)  # clear the live line
+      cliutil.log("\r\033[K", end="")  # clear the live line
     if not self.quiet and self.summary:
-      print(f"{chr(13) if self.tty else ''}[prepare] {self.split}: {done} images in "
-            f"{time.time() - self.t0:.1f}s ({done / max(time.time() - self.t0, 1e-9):.0f} "
-            "img/s)", file=sys.stderr, flush=True)
+      cliutil.log(f"{chr(13) if self.tty else ''}[prepare] {self.split}: {done} images in "
+                  f"{time.time() - self.t0:.1f}s ({done / max(time.time() - self.t0, 1e-9):.0f} "
+                  "img/s)")
 
 
 # ----------------------------------------------------------------------------
@@ -471,6 +470,5 @@ def prepare(src: str, out: str, image_size: int = 64, crop=None, workers=None,
   os.replace(tmp, os.path.join(out, MANIFEST))
   if not quiet and summary:
     counts = ", ".join(f"{s} {v['n']}" for s, v in man["splits"].items())
-    print(f"[prepare] {counts} images at {image_size}px in {man['seconds']:.1f}s -> {out}",
-          file=sys.stderr, flush=True)
+    cliutil.log(f"[prepare] {counts} images at {image_size}px in {man['seconds']:.1f}s -> {out}")
   return man

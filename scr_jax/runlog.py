@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 import time
 
 import numpy as np
+
+from scr_jax import cliutil
 
 
 def _fmt_time(s: float) -> str:
@@ -53,9 +54,8 @@ class RunLog:
       rate = done * self.batch_size / max(now - self._t0, 1e-9)
       eta = _fmt_time((self.total - step) * (now - self._t0) / done)
     if not self.quiet:
-      print(f"step {step:>6}/{self.total} | loss {loss:8.4f} | {rate:7.1f} img/s"
-            f" | ETA {eta or '?':>6}{' | ' + extra if extra else ''}",
-            file=sys.stderr, flush=True)
+      cliutil.log(f"step {step:>6}/{self.total} | loss {loss:8.4f} | {rate:7.1f} img/s"
+                  f" | ETA {eta or '?':>6}{' | ' + extra if extra else ''}")
 
   def close(self):
     self.tb.flush()

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from scr_jax import render
+from scr_jax import cliutil, render
 from scr_jax.errors import UserError
 from scr_jax.folders import (_list_files, _resize_plane, _save_depth_png,
                              depth_to_png_value, png_value_to_depth)
@@ -754,8 +754,7 @@ def load_gt(root: str, split: str, names, image_size=None, crop=None,
   if not os.path.isfile(path) or not len(names):
     return None
   if crop:
-    print(f"note: {path}: not used with crop={crop} (a crop changes the camera)",
-          file=sys.stderr, flush=True)
+    cliutil.log(f"note: {path}: not used with crop={crop} (a crop changes the camera)")
     return None
   meta_path = os.path.join(root, "meta.json")
   if camera is not None and os.path.isfile(meta_path):
@@ -763,22 +762,20 @@ def load_gt(root: str, split: str, names, image_size=None, crop=None,
       gen = GenConfig.from_json(json.load(fh).get("config", {}))
     if (gen.fov_deg, gen.min_depth, gen.max_depth) != (
         camera.fov_deg, camera.min_depth, camera.max_depth):
-      print(f"note: {path}: not used, the data's camera (fov {gen.fov_deg}, depth "
-            f"{gen.min_depth}-{gen.max_depth}) differs from the model's", file=sys.stderr,
-            flush=True)
+      cliutil.log(f"note: {path}: not used, the data's camera (fov {gen.fov_deg}, depth "
+                  f"{gen.min_depth}-{gen.max_depth}) differs from the model's")
       return None
   try:
     with np.load(path) as z:
       arr = {k: z[k] for k in z.files}
   except Exception as e:  # a damaged sidecar only costs the diagnostics
-    print(f"note: {path}: unreadable ({type(e).__name__}), diagnostics skipped",
-          file=sys.stderr, flush=True)
+    cliutil.log(f"note: {path}: unreadable ({type(e).__name__}), diagnostics skipped")
     return None
   index = {str(n): i for i, n in enumerate(arr["names"])}
   missing = [n for n in names if str(n) not in index]
   if missing:
-    print(f"note: {path}: no entry for {missing[0]} ({len(missing)} in all), diagnostics "
-          "skipped", file=sys.stderr, flush=True)
+    cliutil.log(f"note: {path}: no entry for {missing[0]} ({len(missing)} in all), diagnostics "
+                "skipped")
     return None
   sel = np.asarray([index[str(n)] for n in names], np.int64)
   depth = png_value_to_depth(arr["canon_depth"][sel].astype(np.float32) / 65535.0)

@@ -1,4 +1,4 @@
-"""The training step: loss, warm-up scales, optimiser, and the jitted step.
+"""The training step: loss, optimiser, and the jitted step.
 
 `make_train_step(nets, cfg)` gives train_step(state, img_BxSxSx3, structure)
 -> (state, metrics), pure; state is a `TrainState` (flax's: apply_fn and the
@@ -18,15 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from scr_jax import losses, model, nets as nets_lib, perceptual, structure as structure_lib
-
-
-WARMUP_FIELDS = ("conf_warmup_steps", "sym_warmup_steps", "trans_warmup_steps",
-                 "tilt_warmup_steps", "depth_warmup_steps")
-
-
-def uses_warmups(cfg) -> bool:
-  return any(getattr(cfg, f) > 0 for f in WARMUP_FIELDS)
+from scr_jax import losses, model, nets as nets_lib, perceptual, structure as structure_lib, warmup
 
 
 def decay_where_trained(weight_decay: float) -> optax.GradientTransformation:
@@ -63,7 +55,7 @@ def make_optimizer(cfg):
   if cfg.weight_decay_mode == "decoupled":  # AdamW: the decay bypasses Adam's scaling
     parts = [optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=cfg.weight_decay)]
   else:
-    decay = (decay_where_trained(cfg.weight_decay) if uses_warmups(cfg)
+    decay = (decay_where_trained(cfg.weight_decay) if cfg.warmup.any_on()
              else optax.add_decayed_weights(cfg.weight_decay))
     parts = [decay, optax.adam(lr, b1=0.9, b2=0.999)]
   if cfg.lr_view_mult != 1.0:  # only then: the optimiser state keeps Unsup3D's shape
@@ -122,44 +114,13 @@ def _flat_initial_depth(params):
   return p
 
 
-def _warmup(n: int, step):
-  """1 for the first half of an n-step warm-up, then linearly down to 0;
-  None when off (n = 0) or outside training (step None)."""
-  if step is None or n <= 0:
-    return None
-  return jnp.clip((n - step) / (n / 2), 0.0, 1.0)
-
-
-def sym_weight(cfg, step):
-  """Weight of the symmetry warm-up at `step` (Config.sym_warmup_steps)."""
-  return _warmup(cfg.sym_warmup_steps, step)
-
-
-def trans_scale(cfg, step):
-  """Scale of the view translation at `step` (Config.trans_warmup_steps):
-  0 during the first half of the warm-up, then up to 1; None when off."""
-  w = _warmup(cfg.trans_warmup_steps, step)
-  return None if w is None else 1.0 - w
-
-
-def tilt_scale(cfg, step):
-  """Scale of the view's pitch and roll at `step` (Config.tilt_warmup_steps)."""
-  w = _warmup(cfg.tilt_warmup_steps, step)
-  return None if w is None else 1.0 - w
-
-
-def depth_scale(cfg, step):
-  """Scale of the depth net's output at `step` (Config.depth_warmup_steps)."""
-  w = _warmup(cfg.depth_warmup_steps, step)
-  return None if w is None else 1.0 - w
-
-
 def loss_fn(params, nets, img, structure, cfg, perceptual_fn=None, step=None):
   """(total loss, metrics) of one batch img_BxSxSx3 in [0, 1] under a single
-  structure; `step` (None outside training) sets the warm-up scales."""
-  out = model.forward(nets, params, img, structure, cfg, sym_weight(cfg, step),
-                      trans_scale(cfg, step), tilt_scale(cfg, step), depth_scale(cfg, step))
-  return losses.total_loss(out, cfg, perceptual_fn, step)
+  structure; `step` (None outside training) sets the warm-ups, one
+  `warmup.Warmups` value for both the forward pass and the loss."""
+  warm = warmup.warmups(cfg, step)
+  out = model.forward(nets, params, img, structure, cfg, warm)
+  return losses.total_loss(out, cfg, perceptual_fn, warm)
 
 
 def perceptual_for(cfg):

@@ -16,6 +16,19 @@ from scr_jax import render
 from scr_jax.errors import UserError
 
 
+def figure(width_in: float, height_in: float, dpi: int = 100):
+  """The one matplotlib set-up: a `matplotlib.figure.Figure` of width_in x
+  height_in inches with an Agg canvas attached (`fig.savefig(path)` writes a
+  PNG). No pyplot: no global figure state and no backend switch, so it is
+  safe in any process (tests, headless machines, threads); matplotlib is
+  imported only here, when a plot is asked for."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(width_in, height_in), dpi=dpi)
+  FigureCanvasAgg(fig)
+  return fig
+
+
 def to_uint8(x):
   return (np.clip(np.asarray(x, np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
 

@@ -1,26 +1,34 @@
 """Training aids that make unsupervised learning robust (Config fields that are
 0 / off in the `paper` preset): what each one changes, and that off is a no-op."""
 import dataclasses
+import json
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scr_jax import config, losses, model, structure, train_step
+from scr_jax import config, losses, model, structure, train_step, warmup
+from scr_jax.warmup import Warmups
 from scr_jax.errors import UserError
 
 
 def _tiny(**kw):
-  return dataclasses.replace(config.get_config("test_tiny"), **kw)
+  # config.replace: the warm-ups by their flat names (sym_warmup_steps=10)
+  return config.replace(config.get_config("test_tiny"), **kw)
+
+
+def _warm(cfg, s):
+  return warmup.warmups(cfg, None if s is None else jnp.int32(s))
 
 
 def test_sym_weight_schedule():
   cfg = _tiny(sym_warmup_steps=10)
-  got = [float(train_step.sym_weight(cfg, jnp.int32(s))) for s in (0, 4, 5, 6, 8, 10, 50)]
+  got = [float(_warm(cfg, s).sym) for s in (0, 4, 5, 6, 8, 10, 50)]
   np.testing.assert_allclose(got, [1, 1, 1, 0.8, 0.4, 0, 0], atol=1e-6)
-  assert train_step.sym_weight(cfg, None) is None  # evaluation: never symmetrised
-  assert train_step.sym_weight(_tiny(), jnp.int32(0)) is None  # off by default
+  assert _warm(cfg, None).sym is None  # evaluation: never symmetrised
+  assert _warm(_tiny(), 0).sym is None  # off by default
 
 
 def test_symmetrize_makes_canonical_maps_mirror_symmetric():
@@ -34,8 +42,8 @@ def test_symmetrize_makes_canonical_maps_mirror_symmetric():
   img = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3))
   m = structure.Structure(m=jnp.zeros((4, 4)))
   free = model.factors(nets, state.params, img, m, cfg)
-  full = model.factors(nets, state.params, img, m, cfg, sym=1.0)
-  half = model.factors(nets, state.params, img, m, cfg, sym=0.5)
+  full = model.factors(nets, state.params, img, m, cfg, Warmups(sym=1.0))
+  half = model.factors(nets, state.params, img, m, cfg, Warmups(sym=0.5))
   for k in ("depth_BxSxS", "albedo_BxSxSx3"):
     a = np.asarray(getattr(full, k))
     np.testing.assert_allclose(a, a[:, :, ::-1], atol=1e-6)
@@ -43,18 +51,19 @@ def test_symmetrize_makes_canonical_maps_mirror_symmetric():
     assert np.abs(f - f[:, :, ::-1]).max() > 1e-4  # the free maps are not symmetric
     np.testing.assert_allclose(np.asarray(getattr(half, k)), (f + a) / 2, atol=1e-6)
     np.testing.assert_allclose(np.asarray(getattr(model.factors(
-        nets, state.params, img, m, cfg, sym=0.0), k)), f, atol=1e-6)
+        nets, state.params, img, m, cfg, Warmups(sym=0.0)), k)), f, atol=1e-6)
   # view and light are untouched
   np.testing.assert_allclose(np.asarray(full.view_Bx6), np.asarray(free.view_Bx6))
   # sym_warmup_maps: only the maps named are held symmetric
   both = model.factors(nets, state.params, img, m, _tiny(sym_warmup_maps=" albedo, depth"),
-                       sym=1.0)
+                       Warmups(sym=1.0))
   for k in ("depth_BxSxS", "albedo_BxSxSx3"):  # spaces and order do not matter
     np.testing.assert_allclose(np.asarray(getattr(both, k)), np.asarray(getattr(full, k)),
                                atol=1e-6)
   for maps, held, kept in (("albedo", "albedo_BxSxSx3", "depth_BxSxS"),
                            ("depth", "depth_BxSxS", "albedo_BxSxSx3")):
-    one = model.factors(nets, state.params, img, m, _tiny(sym_warmup_maps=maps), sym=1.0)
+    one = model.factors(nets, state.params, img, m, _tiny(sym_warmup_maps=maps),
+                        Warmups(sym=1.0))
     np.testing.assert_allclose(np.asarray(getattr(one, held)), np.asarray(getattr(full, held)),
                                atol=1e-6)
     np.testing.assert_allclose(np.asarray(getattr(one, kept)), np.asarray(getattr(free, kept)),
@@ -77,8 +86,8 @@ def test_confidence_warmup_replaces_sigma_until_its_step():
                             sigma_perc_BxTxTx2=None, input_BxSxSx3=model.to_model_range(img))
   l1_sigma1 = 0.5 * np.sqrt(2.0)  # |0 - 0.5| sqrt(2) / 1 + log 1
   l1_pred = 0.5 * np.sqrt(2.0) / 0.25 + np.log(0.25)
-  during, _ = losses.total_loss(out, cfg, step=jnp.int32(4))
-  after, _ = losses.total_loss(out, cfg, step=jnp.int32(5))
+  during, _ = losses.total_loss(out, cfg, warmups=_warm(cfg, 4))
+  after, _ = losses.total_loss(out, cfg, warmups=_warm(cfg, 5))
   evaluation, _ = losses.total_loss(out, cfg)
   np.testing.assert_allclose(float(during), (1 + cfg.lam_flip) * l1_sigma1, rtol=1e-5)
   np.testing.assert_allclose(float(after), (1 + cfg.lam_flip) * l1_pred, rtol=1e-5)
@@ -105,9 +114,9 @@ def test_train_step_uses_the_state_step_for_warmups():
 
 def test_translation_warmup_holds_the_view_translation_at_zero():
   cfg = _tiny(trans_warmup_steps=10, xy_translation_range=0.1)
-  got = [float(train_step.trans_scale(cfg, jnp.int32(s))) for s in (0, 5, 6, 8, 10, 50)]
+  got = [float(_warm(cfg, s).trans) for s in (0, 5, 6, 8, 10, 50)]
   np.testing.assert_allclose(got, [0, 0, 0.2, 0.6, 1, 1], atol=1e-6)
-  assert train_step.trans_scale(cfg, None) is None and train_step.trans_scale(_tiny(), jnp.int32(0)) is None
+  assert _warm(cfg, None).trans is None and _warm(_tiny(), 0).trans is None
   raw = jnp.array([[0.5, -0.5, 0.25, 0.8, -0.6, 0.3]])
   full = np.asarray(model.view_from_raw(raw, cfg))
   held = np.asarray(model.view_from_raw(raw, cfg, trans=0.0))
@@ -121,9 +130,8 @@ def test_translation_warmup_holds_the_view_translation_at_zero():
 def test_tilt_warmup_holds_pitch_and_roll_not_yaw():
   cfg = _tiny(tilt_warmup_steps=10)
   np.testing.assert_allclose(
-      [float(train_step.tilt_scale(cfg, jnp.int32(s))) for s in (0, 5, 8, 10)], [0, 0, 0.6, 1],
-      atol=1e-6)
-  assert train_step.tilt_scale(_tiny(), jnp.int32(0)) is None
+      [float(_warm(cfg, s).tilt) for s in (0, 5, 8, 10)], [0, 0, 0.6, 1], atol=1e-6)
+  assert _warm(_tiny(), 0).tilt is None
   raw = jnp.array([[0.5, -0.5, 0.25, 0.8, -0.6, 0.3]])
   full = np.asarray(model.view_from_raw(raw, cfg))
   held = np.asarray(model.view_from_raw(raw, cfg, tilt=jnp.float32(0.0)))
@@ -137,13 +145,13 @@ def test_depth_warmup_starts_from_the_convex_prior():
   cam = model.camera(cfg)
   raw = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16))
   prior_only = np.asarray(model.depth_from_raw(jnp.zeros((2, 16, 16)), cam, 1.0))
-  held = np.asarray(model.depth_from_raw(raw, cam, 1.0, train_step.depth_scale(cfg, jnp.int32(3))))
+  held = np.asarray(model.depth_from_raw(raw, cam, 1.0, _warm(cfg, 3).depth))
   free = np.asarray(model.depth_from_raw(raw, cam, 1.0))
   np.testing.assert_allclose(held, prior_only, atol=1e-6)  # the network is muted
   assert np.abs(free - prior_only).max() > 1e-3
-  late = np.asarray(model.depth_from_raw(raw, cam, 1.0, train_step.depth_scale(cfg, jnp.int32(10))))
+  late = np.asarray(model.depth_from_raw(raw, cam, 1.0, _warm(cfg, 10).depth))
   np.testing.assert_allclose(late, free, atol=1e-6)
-  assert train_step.depth_scale(_tiny(), jnp.int32(0)) is None
+  assert _warm(_tiny(), 0).depth is None
 
 
 def _depth_leaves(params):
@@ -183,7 +191,7 @@ def test_decay_where_trained_is_coupled_l2_where_the_gradient_is_not_zero():
 
 def test_paper_optimizer_is_unsup3d_coupled_l2():
   cfg = config.get_config("paper")
-  assert not train_step.uses_warmups(cfg)
+  assert not cfg.warmup.any_on()
   tx = train_step.make_optimizer(cfg)
   g = {"a": jnp.array([0.0, 1.0])}
   p = {"a": jnp.array([4.0, 4.0])}
@@ -309,3 +317,68 @@ def test_fit_resolves_the_prior_for_every_caller(tmp_path):
   depth = Evaluator(res["nets"], res["cfg"]).depth(res["state"].params, train_data["images"][:2],
                                                     res["structure"])
   assert np.all(np.isfinite(np.asarray(depth[0] if isinstance(depth, tuple) else depth)))
+
+
+def test_warmups_off_or_outside_training_are_the_free_model():
+  cfg = config.get_config("cpu_small")  # trans / tilt / depth warm-ups on
+  assert warmup.warmups(cfg, None) == Warmups.none() == Warmups()
+  assert warmup.warmups(config.get_config("paper"), jnp.int32(0)) == Warmups.none()
+  w = warmup.warmups(cfg, jnp.int32(0))
+  assert w.conf_hold is None and w.sym is None  # off in cpu_small
+  assert [float(w.trans), float(w.tilt), float(w.depth)] == [0.0, 0.0, 0.0]
+  # a pytree: it can cross jit and vmap like any argument
+  assert len(jax.tree_util.tree_leaves(w)) == 3
+
+
+def test_one_warmups_value_reaches_the_forward_pass_and_the_loss():
+  """loss_fn at a step = forward and total_loss given warmups(cfg, step);
+  the free model (no step) differs while a warm-up holds."""
+  cfg = _tiny(conf_warmup_steps=4, sym_warmup_steps=4, trans_warmup_steps=4,
+              tilt_warmup_steps=4, depth_warmup_steps=4)
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
+  img = jax.random.uniform(jax.random.PRNGKey(2), (2, 16, 16, 3))
+  m = structure.Structure(m=jnp.zeros((4, 4)))
+  step = jnp.int32(1)
+  got = float(train_step.loss_fn(state.params, nets, img, m, cfg, step=step)[0])
+  w = warmup.warmups(cfg, step)
+  out = model.forward(nets, state.params, img, m, cfg, w)
+  assert got == float(losses.total_loss(out, cfg, warmups=w)[0])
+  free = model.forward(nets, state.params, img, m, cfg)
+  assert got != float(losses.total_loss(free, cfg)[0])
+  # the view is held (translation, pitch, roll at 0) inside the forward pass
+  np.testing.assert_array_equal(np.asarray(out.factors.view_Bx6)[:, [0, 2, 3, 4, 5]], 0.0)
+
+
+def test_warmup_group_keeps_the_flat_names_on_disk_and_in_set():
+  base = config.get_config("test_tiny")
+  flat = config.override(base, ["depth_warmup_steps=300", "sym_warmup_maps=albedo"])
+  grouped = config.override(base, ["warmup.depth_steps=300", "warmup.sym_maps=albedo"])
+  assert flat == grouped
+  assert flat.warmup == config.Warmup(depth_steps=300, sym_maps="albedo")
+  assert flat.warmup.any_on() and not base.warmup.any_on()
+  raw = json.loads(flat.to_json())
+  assert "warmup" not in raw and raw["depth_warmup_steps"] == 300
+  assert raw["sym_warmup_maps"] == "albedo"
+  assert set(config.FLAT_WARMUP) <= set(raw)
+  assert config.Config.from_json(flat.to_json()) == flat
+  # an older config.json: flat fields, some missing (their defaults apply)
+  old = dict(preset="test_tiny", image_size=16, trans_warmup_steps=200, tilt_warmup_steps=300)
+  cfg = config.Config.from_json(json.dumps(old))
+  assert cfg.warmup == config.Warmup(trans_steps=200, tilt_steps=300)
+  # config.replace takes both forms as well
+  assert config.replace(base, depth_warmup_steps=300, sym_warmup_maps="albedo") == flat
+  assert config.replace(base, warmup=flat.warmup) == flat
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["depth_warmup_steps=-1"], "config depth_warmup_steps=-1: must be >= 0"),
+    (["warmup.conf_steps=-2"], "config conf_warmup_steps=-2: must be >= 0"),
+    (["warmup.depth=3"], "--set warmup.depth: unknown config field"),
+    (["warmup=3"], "--set warmup: unknown config field"),
+    (["tilt_warmup_steps=x"], "--set tilt_warmup_steps: expected an integer"),
+])
+def test_warmup_overrides_fail_in_one_line(sets, needle):
+  with pytest.raises(UserError, match=re.escape(needle)):
+    config.override(config.get_config("test_tiny"), sets)
+  with pytest.raises(UserError, match="unknown fields: warmup"):
+    config.Config.from_json(json.dumps(dict(warmup=dict(depth_steps=3))))

@@ -16,8 +16,7 @@ from PIL import Image
 import pytest
 
 from conftest import user_case as _case
-from experiments import run
-from scr_jax import data, detect, export
+from scr_jax import cli, data, detect, export
 from scr_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +28,7 @@ def _cli(capfd, *argv):
   capfd.readouterr()
   code, stderr = 0, sys.stderr
   try:
-    run.main(list(argv))
+    cli.main(list(argv))
   except SystemExit as e:
     code = e.code
   finally:
@@ -50,7 +49,7 @@ def workdir(tmp_path_factory, faces):
   for i, im in enumerate(data.generate_split(8, 32, seed=1, split="train")["images"]):
     Image.fromarray(im).save(imgs / f"{i:03d}.png")
   wd = str(root / "wd")
-  run.main(["train", "--preset", "test_tiny", "--data", str(imgs), "--workdir", wd,
+  cli.main(["train", "--preset", "test_tiny", "--data", str(imgs), "--workdir", wd,
             "--steps", "1", "--set", "crop=24"])
   return wd
 

@@ -14,7 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from scr_jax import bilevel, checkpoint, config, data, fault_cases, search, structure, train
+import fault_cases  # tests/fault_cases.py
+from scr_jax import bilevel, checkpoint, config, data, search, structure, train
 from scr_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

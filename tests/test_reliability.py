@@ -1,8 +1,8 @@
 """Reliability (issue 6), fast cases: bad input, half-written checkpoints,
 numerical faults, unwritable workdirs, cyclic structures. Each failure is one
 `error: ...` line naming the file or field, with a non-zero exit and no
-traceback. The slow cases (SIGKILL at random moments, several trials) are in
-experiments/bench_faults.py."""
+traceback. The slow cases (SIGKILL at random moments, several trials, through
+the CLI in subprocesses) are in tests/test_faults.py."""
 import dataclasses
 import glob
 import json
@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scr_jax import (checkpoint, config, data, fault_cases, losses, model, parallel,
-                     render_reference, structure, train, train_step)
+import fault_cases  # tests/fault_cases.py
+from experiments import render_reference
+from scr_jax import (checkpoint, config, data, losses, model, parallel, structure, train,
+                     train_step)
 from scr_jax.errors import NonFiniteError, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -273,7 +275,7 @@ def test_free_space_check(tmp_path, monkeypatch):
 def test_cli_disk_error_mid_run_is_one_line(monkeypatch, capsys):
   """ENOSPC / EROFS raised anywhere (logs, tensorboard) ends as one line, exit 2."""
   import errno
-  from experiments import run as cli
+  from scr_jax import cli
 
   def full(args):
     raise OSError(errno.ENOSPC, "No space left on device", "/w/metrics.csv")
@@ -492,11 +494,11 @@ TWO_DEVICES = dict(os.environ, JAX_PLATFORMS="cpu",
 
 def _cli_in_process(capfd, *argv):
   """run.py in this process: (exit code, stderr lines)."""
-  from experiments import run
+  from scr_jax import cli
   capfd.readouterr()
   code, stderr = 0, sys.stderr
   try:
-    run.main([str(a) for a in argv])
+    cli.main([str(a) for a in argv])
   except SystemExit as e:
     code = e.code
   finally:
@@ -510,10 +512,10 @@ def test_workdir_trained_on_two_devices_is_used_on_one(tmp_path, tiny, capfd):
   here, on 1 device: the checkpoint is restored onto this machine's devices."""
   root = tiny[0]
   wd, wdk = str(tmp_path / "wd2"), str(tmp_path / "wdk2")
-  script = ("import sys\nfrom experiments import run\n"
+  script = ("import sys\nfrom scr_jax import cli\n"
             "a = ['train', '--preset', 'test_tiny', '--data', sys.argv[1], '--steps', '2']\n"
-            "run.main(a + ['--workdir', sys.argv[2]])\n"
-            "run.main(a + ['--workdir', sys.argv[3], '--candidates', 'DVAL,LADV'])\n"
+            "cli.main(a + ['--workdir', sys.argv[2]])\n"
+            "cli.main(a + ['--workdir', sys.argv[3], '--candidates', 'DVAL,LADV'])\n"
             "import jax; print('devices', len(jax.devices()))\n")
   res = subprocess.run([sys.executable, "-c", script, root, wd, wdk], capture_output=True,
                        text=True, cwd=ROOT, env=TWO_DEVICES, timeout=600)

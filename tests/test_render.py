@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from scr_jax import render as R
-from scr_jax import render_reference as RR
+from experiments import render_reference as RR
 
 
 def ray_dirs(cam):

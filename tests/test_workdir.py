@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from experiments import run
+from scr_jax import cli
 from scr_jax import config, dataset, export, reproduce, structure, train, workdir
 
 STEPS = ["--steps", "2"]
@@ -22,7 +22,7 @@ def _cli(capfd, *argv):
   capfd.readouterr()
   code, stderr = 0, sys.stderr
   try:
-    run.main([str(a) for a in argv])
+    cli.main([str(a) for a in argv])
   except SystemExit as e:
     code = e.code
   finally:
@@ -148,7 +148,7 @@ def test_make_run_job_end_to_end(capfd, tmp_path):
   capfd.readouterr()
   code = 0
   try:
-    run.main(["main", "--workdir", wd, "--steps", "2", "--set", "eval_every=2", "--set",
+    cli.main(["main", "--workdir", wd, "--steps", "2", "--set", "eval_every=2", "--set",
               "ckpt_every=2"])
   except SystemExit as e:
     code = e.code

@@ -1,11 +1,19 @@
 #!/usr/bin/env python
-"""Fault injection (issue 6): bad input, interrupted runs, numerical faults,
-unwritable workdirs. Every case runs the real CLI (`experiments/run.py`) in a
-subprocess, except the renderer and structure checks (in-process).
+"""Fault injection through the CLI (issue 6): bad input, interrupted runs,
+numerical faults, unwritable workdirs. Every case runs the real CLI
+(`experiments/run.py`) in a subprocess, except the renderer and structure
+checks (in-process). The fast in-process cases are tests/test_reliability.py.
 
-  python experiments/bench_faults.py [--quick] [--trials 5] [--seed 0] [--keep]
+As tests (the CLI cases are marked `slow`, which `make test` leaves out):
 
-Prints a markdown table `case | expected | outcome | ok`, then one JSON line
+  python -m pytest -q -m slow tests/test_faults.py     (2 SIGKILL trials)
+
+As a report (the table README quotes; the repo root on the path for
+`experiments.render_reference`):
+
+  PYTHONPATH=. python tests/test_faults.py [--quick] [--trials 5] [--seed 0] [--keep]
+
+prints a markdown table `case | expected | outcome | ok`, then one JSON line
 (the last line): {"cases": N, "ok": M, ...}. Disk cases mount a small tmpfs in
 a private mount namespace (`unshare -rm`); without it they are skipped.
 """
@@ -29,9 +37,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
-from scr_jax import (config, fault_cases, losses, model, render_reference, structure,  # noqa: E402
-                     workdir)
+import fault_cases  # noqa: E402  (tests/fault_cases.py, beside this file)
+from experiments import render_reference  # noqa: E402
+from scr_jax import config, losses, model, structure, workdir  # noqa: E402
 from scr_jax.errors import UserError  # noqa: E402
 
 RUN = [sys.executable, os.path.join(ROOT, "experiments", "run.py")]
@@ -408,6 +418,107 @@ def disk_fill_midrun(base, data_dir, ref):
 
 
 # ----------------------------------------------------------------------------
+# The shared inputs, and the cases as tests
+# ----------------------------------------------------------------------------
+
+def _make_data(base):
+  """A 24 / 8 / 8 synface folder at S px (the CLI's `data`)."""
+  data_dir = os.path.join(base, "synface")
+  res = cli("data", "--out", data_dir, "--n-train", "24", "--n-val", "8", "--n-test", "8",
+            "--size", str(S), "--seed", "3")
+  assert res.returncode == 0, res.stderr
+  return data_dir
+
+
+def _reference(base, data_dir):
+  """The uninterrupted run every interrupted one must end equal to:
+  (workdir, parameter leaves)."""
+  ref_wd = os.path.join(base, "wd_ref")
+  t = time.time()
+  res = cli(*_train_args(data_dir, ref_wd))
+  assert res.returncode == 0, res.stderr[-2000:]
+  print(f"reference run: {time.time() - t:.1f}s", file=sys.stderr, flush=True)
+  return ref_wd, _params(ref_wd)[1]
+
+
+def _check(case, *args):
+  """Runs one case function; fails on any row not ok, skips when all its
+  rows were skipped (no `unshare`, say)."""
+  start = len(ROWS)
+  case(*args)
+  rows = ROWS[start:]
+  assert rows, f"{case.__name__} reported nothing"
+  if all(ok is None for *_, ok in rows):
+    pytest.skip(rows[0][2])
+  bad = [f"{name}: {outcome} (expected: {want})" for name, want, outcome, ok in rows
+         if ok is False]
+  assert not bad, "\n".join(bad)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("faults"))
+
+
+@pytest.fixture(scope="module")
+def data_dir(base):
+  return _make_data(base)
+
+
+@pytest.fixture(scope="module")
+def reference(base, data_dir):
+  return _reference(base, data_dir)
+
+
+def test_structure_cyclic_m_is_never_written(tmp_path):
+  _check(structure_case, str(tmp_path))
+
+
+def test_renderer_finite_at_the_limits():
+  _check(renderer_case)
+
+
+@pytest.mark.slow
+def test_bad_data_is_one_line_and_untouched(base):
+  _check(data_cases, base)
+
+
+@pytest.mark.slow
+def test_non_fatal_data_loads_with_one_note_each(base):
+  _check(data_non_fatal, base)
+
+
+@pytest.mark.slow
+def test_bad_config_is_one_line(base):
+  _check(config_cases, base)
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_equals_uninterrupted(base, data_dir, reference):
+  _check(kill_trials, base, data_dir, reference[1], 2, 0)
+
+
+@pytest.mark.slow
+def test_half_written_latest_step_is_set_aside(base, data_dir, reference):
+  _check(half_written_case, base, data_dir, *reference)
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_or_skips(base, data_dir):
+  _check(nonfinite_cases, base, data_dir)
+
+
+@pytest.mark.slow
+def test_unwritable_or_full_disk_is_one_line_before_training(base, data_dir):
+  _check(disk_cases, base, data_dir)
+
+
+@pytest.mark.slow
+def test_disk_filling_mid_run_then_rerun(base, data_dir, reference):
+  _check(disk_fill_midrun, base, data_dir, reference[1])
+
+
+# ----------------------------------------------------------------------------
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -417,23 +528,15 @@ def main():
   ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
   args = ap.parse_args()
   trials = args.trials if args.trials is not None else (2 if args.quick else 5)
-  base = tempfile.mkdtemp(prefix="bench_faults_")
+  base = tempfile.mkdtemp(prefix="test_faults_")
   t0 = time.time()
   try:
-    data_dir = os.path.join(base, "synface")
-    res = cli("data", "--out", data_dir, "--n-train", "24", "--n-val", "8", "--n-test", "8",
-              "--size", str(S), "--seed", "3")
-    assert res.returncode == 0, res.stderr
+    data_dir = _make_data(base)
     data_cases(base)
     data_non_fatal(base)
     config_cases(base)
     structure_case(base)
-    ref_wd = os.path.join(base, "wd_ref")
-    t = time.time()
-    res = cli(*_train_args(data_dir, ref_wd))
-    assert res.returncode == 0, res.stderr[-2000:]
-    print(f"reference run: {time.time() - t:.1f}s", file=sys.stderr, flush=True)
-    _, ref = _params(ref_wd)
+    ref_wd, ref = _reference(base, data_dir)
     kill_trials(base, data_dir, ref, trials, args.seed)
     half_written_case(base, data_dir, ref_wd, ref)
     nonfinite_cases(base, data_dir)

@@ -1,6 +1,7 @@
-"""Bad inputs a user can hand the CLI, written once for the tests
-(tests/test_reliability.py) and the fault-injection benchmark
-(experiments/bench_faults.py), so both check the same cases.
+"""Bad inputs a user can hand the CLI, written once for the fast in-process
+tests (tests/test_reliability.py, test_provenance.py) and the CLI fault cases
+(tests/test_faults.py), so both check the same cases. A test helper, imported
+as `import fault_cases` (pytest puts tests/ on the path).
 
 Each bad-data case `make(root, size) -> (culprit path, words the one-line
 error must contain)` writes a small synface-layout (or image) folder at `root`

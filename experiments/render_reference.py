@@ -1,5 +1,9 @@
 """Slow, obviously-correct references for the rasterizer (tests, benchmarks).
 
+Not part of the package: `experiments/bench_render.py` imports it as its
+sibling, tests as `from experiments import render_reference` (pytest.ini puts
+the repo root on the path).
+
 * `rasterize_numpy`: float64 NumPy, one face at a time against the pixels of
   its bounding box, explicit z-buffer. Shares no code with `render.rasterize`.
 * `rasterize_brute_jax`: every face against every pixel (chunked over faces),
@@ -98,7 +102,7 @@ def warp_depth_reference(canon_depth_HxW, view_6, cam: render.Camera, face_valid
 
 def limit_factors(cam, views):
   """Factors at the limits the heads can emit, for fault checks (tests and
-  experiments/bench_faults.py): every combination of three canonical depths
+  tests/test_faults.py): every combination of three canonical depths
   (all min_depth, all max_depth, a min/max checkerboard) with `views`
   (list of 6-vectors: rx, ry, rz in radians, tx, ty, tz), and extreme
   albedo (-1 / 1), ambient / diffuse (0 / 1) and light directions (+-1).
