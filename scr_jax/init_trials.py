@@ -65,6 +65,7 @@ def resolve_init(cfg, workdir: str, resume: bool, train_data, structure, log=Non
   """cfg with `init_choice` resolved (>= 0) when cfg.init_trials > 1: on a
   resume, the choice the run was started with (its saved config); otherwise
   the trial (`trial_losses`), its losses told to `log`. Unchanged when
+  train_data is None (and this is not a resume),
   init_trials <= 1, init_choice is already set, or `structure` holds K
   candidates (they share one initialisation by design: noted to `log`)."""
   if cfg.init_trials <= 1 or cfg.init_choice >= 0:
@@ -73,6 +74,8 @@ def resolve_init(cfg, workdir: str, resume: bool, train_data, structure, log=Non
     saved = checkpoint.load_config(workdir).init_choice
     if saved >= 0:
       return dataclasses.replace(cfg, init_choice=saved)
+  if train_data is None:  # a check before the data is read: only the resume above
+    return cfg
   if structure.k:
     if log is not None:
       log(f"note: init_trials={cfg.init_trials} is skipped for {structure.k} candidate "

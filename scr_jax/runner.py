@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
-from scr_jax import (checkpoint, config, data, dataset, diagnostics, evaluator, lock, metrics,
-                     model, parallel, predict as predict_lib, structure, train,
+from scr_jax import (checkpoint, config, data, dataset, diagnostics, evaluator, init_trials,
+                     lock, metrics, model, parallel, predict as predict_lib, structure, train,
                      workdir as workdir_lib)
 from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.cliutil import log as _log
@@ -109,6 +109,7 @@ def train_run(cfg, workdir: str, data: str = "builtin", *, candidates=None, resu
   parallel.check_batch_size(cfg.batch_size)
   # A resumed "fit" prior is compared as the numbers it was fitted to.
   cfg = train.resolve_prior_ellipse(cfg, workdir, resume and not restart)
+  cfg = init_trials.resolve_init(cfg, workdir, resume and not restart, None, st)  # likewise
   if candidates:  # K dense orderings trained together (vmapped), same batches and init
     st = structure.candidates(candidate_orders(candidates, cfg))
   checkpoint.probe_writable(workdir)
