@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
 
-from scr_jax import cliutil, data, dataset, diagnostics, evaluator, runner  # noqa: E402
+from scr_jax import cliutil, data, dataset, diagnostics, evaluator, jsonio, runner  # noqa: E402
 from scr_jax.errors import NonFiniteError, UserError  # noqa: E402
 from scr_jax.evaluator import Evaluator  # noqa: E402
 
@@ -56,11 +56,7 @@ BASELINE_COLUMNS = (("constant null depth", "const MAD"), ("average GT depth", "
                     ("template depth, true view", "template MAD"))
 
 
-def _write_json(path, obj):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as fh:
-    json.dump(obj, fh, indent=1)
-  os.replace(tmp, path)  # a result is either complete or absent
+_write_json = jsonio.write_json  # a result is either complete or absent
 
 
 def _read_json(path):

@@ -1,12 +1,20 @@
 """Orbax checkpoints of the train state, each with the settings that made it.
 
-Every step folder `W/checkpoints/N/` holds, next to orbax's files,
-`scr_settings.json`: the resolved config, the structure trained (variant, M,
-q, candidate orderings) and the training data (path, image count, content
-hash). Evaluation rebuilds the model from the settings of the checkpoint it
+Every step `W/checkpoints/N/` is one orbax composite of three items, committed
+whole or not at all (one atomic rename of the step folder):
+  state/     the train state {params, opt_state, step} (StandardSave)
+  settings/  the resolved config, the structure trained (variant, M, q,
+             candidate orderings) and the training data (path, image count,
+             content hash) (JsonSave)
+  data/      the training batches' iterator state (`dataset.Batches.state()`)
+Evaluation rebuilds the model from the settings of the checkpoint it
 restores, and a resume is compared with them before any work
-(`check_resume`). `W/config.json` (and `adjacency.json`) describe the latest
-run for people; older workdirs that have only those are still read, with a note.
+(`check_resume`, called by `workdir.Run`). `W/config.json` (and
+`adjacency.json`) describe the latest run for people.
+Older step folders still restore: orbax's single item `default/` with the
+settings and data state as side files (`scr_settings.json`,
+`data_state.json`) beside it, or without them (settings then read from
+config.json, with a note).
 """
 from __future__ import annotations
 
@@ -24,33 +32,35 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from scr_jax import jsonio
 from scr_jax.config import FACTORS, HARMLESS_FIELDS, Config
 from scr_jax.errors import UserError
 
 _COMMIT_FILE = "commit_success.txt"  # orbax's atomicity_types.COMMIT_SUCCESS_FILE
+# The composite items of a step; LEGACY_ITEM: the one item of older steps.
+STATE_ITEM, SETTINGS_ITEM, DATA_ITEM, LEGACY_ITEM = "state", "settings", "data", "default"
+# Side files of older steps (written beside orbax's files after its commit).
 SETTINGS_FILE = "scr_settings.json"
-DATA_STATE_FILE = "data_state.json"  # the training batches' iterator state (dataset.Batches)
-
-
-def probe_writable(workdir: str):
-  """Fails early (before any compile or training) if the workdir can't be written."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_probe")
-    with open(probe, "wb") as fh:
-      fh.write(b"\0" * 65536)
-      fh.flush()
-      os.fsync(fh.fileno())
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+DATA_STATE_FILE = "data_state.json"
 
 
 def manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
+  """The orbax manager of W/checkpoints (created if missing): composite steps
+  (state, settings, data), older single-item steps readable (`restore_step`).
+  `workdir.Run` builds one per run."""
   path = os.path.abspath(os.path.join(workdir, "checkpoints"))
   opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                       enable_async_checkpointing=False)
-  return ocp.CheckpointManager(path, options=opts)
+  return ocp.CheckpointManager(path, options=opts,
+                               item_names=(STATE_ITEM, SETTINGS_ITEM, DATA_ITEM, LEGACY_ITEM))
+
+
+def _step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(os.fspath(mngr.directory), str(step))
+
+
+def _is_composite(mngr: ocp.CheckpointManager, step: int) -> bool:
+  return os.path.isdir(os.path.join(_step_dir(mngr, step), STATE_ITEM))
 
 
 def state_bytes(state: dict) -> int:
@@ -72,22 +82,30 @@ def check_free_space(workdir: str, state: dict, keep: int):
 
 def save(mngr: ocp.CheckpointManager, state: dict, settings: dict | None = None,
          data_state: dict | None = None):
-  """Saves `state` as step state["step"]; with `settings` (from `run_settings`)
-  and `data_state` (`dataset.Batches.state()`), writes them into the step
-  folder once orbax has committed it. Returns the step.
+  """Saves `state` as step state["step"], with `settings` (from `run_settings`,
+  stamped with the step and the time) and `data_state`
+  (`dataset.Batches.state()`) as items of the same orbax step: one commit, so
+  a step on disk always has the settings it was saved with. Returns the step.
 
   Raises:
     UserError: the write failed (disk full, read-only...): one line naming the
       last complete checkpoint.
   """
   step = int(jax.device_get(state["step"]))
+  items = {STATE_ITEM: ocp.args.StandardSave(state)}
+  if settings is not None:
+    items[SETTINGS_ITEM] = ocp.args.JsonSave(dict(
+        settings, step=step,
+        saved_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")))
+  if data_state is not None:
+    items[DATA_ITEM] = ocp.args.JsonSave(data_state)
   # A failing write makes orbax's threads log and print a traceback each; they
   # are held back and dropped on failure (re-emitted on success).
   quiet, held = _DropErrors(), io.StringIO()
   logging.getLogger("absl").addFilter(quiet)
   try:
     with contextlib.redirect_stderr(held):
-      mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+      mngr.save(step, args=ocp.args.Composite(**items), force=True)
       mngr.wait_until_finished()
     sys.stderr.write(held.getvalue())
   except (OSError, ValueError, RuntimeError) as e:  # disk full, quota, read-only...
@@ -100,33 +118,31 @@ def save(mngr: ocp.CheckpointManager, state: dict, settings: dict | None = None,
                     f"last complete checkpoint: {last}") from None
   finally:
     logging.getLogger("absl").removeFilter(quiet)
-  if settings is not None and jax.process_index() == 0:
-    _write_json(os.path.join(os.fspath(mngr.directory), str(step), SETTINGS_FILE),
-                dict(settings, step=step,
-                     saved_at=datetime.datetime.now(datetime.timezone.utc).isoformat(
-                         timespec="seconds")))
-  if data_state is not None and jax.process_index() == 0:
-    _write_json(os.path.join(os.fspath(mngr.directory), str(step), DATA_STATE_FILE), data_state)
   return step
 
 
-def load_data_state(mngr: ocp.CheckpointManager, step: int):
-  """The data iterator state saved with checkpoint `step` (None: none saved,
-  e.g. a checkpoint older than it; the batches are a function of the step, so
-  the loader then starts fresh at `step`)."""
-  path = os.path.join(os.fspath(mngr.directory), str(step), DATA_STATE_FILE)
-  try:
-    with open(path, encoding="utf-8-sig") as fh:
-      return json.load(fh)
-  except (OSError, ValueError):
+def _read_item(mngr: ocp.CheckpointManager, step: int, item: str, side_file: str):
+  """JSON item `item` of step `step` (a composite step), or the older side file
+  `side_file` in its folder; None when the step has neither."""
+  if _is_composite(mngr, step):
+    if not os.path.isdir(os.path.join(_step_dir(mngr, step), item)):
+      return None
+    return mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+  path = os.path.join(_step_dir(mngr, step), side_file)
+  if not os.path.exists(path):
     return None
+  with open(path, encoding="utf-8-sig") as fh:
+    return json.load(fh)
 
 
-def _write_json(path: str, obj):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as fh:
-    json.dump(obj, fh, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+def load_data_state(mngr: ocp.CheckpointManager, step: int):
+  """The data iterator state saved with checkpoint `step` (None: none saved or
+  unreadable, e.g. a checkpoint older than it; the batches are a function of
+  the step, so the loader then starts fresh at `step`)."""
+  try:
+    return _read_item(mngr, step, DATA_ITEM, DATA_STATE_FILE)
+  except Exception:  # noqa: BLE001 (orbax wraps a bad item in its own errors)
+    return None
 
 
 class _DropErrors(logging.Filter):
@@ -197,8 +213,10 @@ def restore_step(mngr: ocp.CheckpointManager, step: int, like_state: dict,
     UserError: the checkpoint does not fit `like_state` or cannot be read.
   """
   abstract = jax.tree_util.tree_map(_onto_this_machine, like_state)
+  item = STATE_ITEM if _is_composite(mngr, step) else LEGACY_ITEM
   try:
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    return mngr.restore(step, args=ocp.args.Composite(
+        **{item: ocp.args.StandardRestore(abstract)}))[item]
   except Exception as e:
     why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     raise UserError(f"checkpoint step {step} in {mngr.directory} cannot be restored ({why}); "
@@ -206,16 +224,13 @@ def restore_step(mngr: ocp.CheckpointManager, step: int, like_state: dict,
 
 
 def save_config(workdir: str, cfg: Config):
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, "config.json.tmp")
-  with open(tmp, "w") as fh:
-    fh.write(cfg.to_json())
-  os.replace(tmp, os.path.join(workdir, "config.json"))
+  jsonio.write_text(os.path.join(workdir, "config.json"), cfg.to_json())
 
 
 def save_adjacency(workdir: str, structure: dict):
   """W/adjacency.json: the structure of the latest run (factors, M, q, variant, orders)."""
-  _write_json(os.path.join(workdir, "adjacency.json"), dict(factors=list(FACTORS), **structure))
+  jsonio.write_json(os.path.join(workdir, "adjacency.json"),
+                    dict(factors=list(FACTORS), **structure), sort_keys=True)
 
 
 def save_run_files(workdir: str, settings: dict):
@@ -264,18 +279,22 @@ def run_settings(cfg: Config, structure, data=None) -> dict:
   return dict(config=conf, structure=structure.record(), data=dict(data or {}))
 
 
-def load_settings(mngr_or_workdir, step: int):
-  """The settings saved in checkpoint `step` (None: made before they were saved)."""
-  ck = (os.path.join(mngr_or_workdir, "checkpoints") if isinstance(mngr_or_workdir, str)
-        else os.fspath(mngr_or_workdir.directory))
-  path = os.path.join(ck, str(step), SETTINGS_FILE)
-  if not os.path.exists(path):
-    return None
+def load_settings(mngr: ocp.CheckpointManager | str, step: int):
+  """The settings saved in checkpoint `step` (None: made before they were saved).
+  mngr: the run's manager, or a workdir path (a manager is made for the call:
+  for tests and tools; a run reads through its own).
+
+  Raises:
+    UserError: they are there but cannot be read.
+  """
+  if isinstance(mngr, str):
+    mngr = manager(mngr)
   try:
-    with open(path, encoding="utf-8-sig") as fh:
-      return json.load(fh)
-  except (OSError, ValueError) as e:
-    raise UserError(f"{path} cannot be read ({e}); move that checkpoint away") from None
+    return _read_item(mngr, step, SETTINGS_ITEM, SETTINGS_FILE)
+  except Exception as e:  # orbax wraps a bad JSON item in its own errors
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise UserError(f"the settings of checkpoint step {step} in {mngr.directory} cannot be "
+                    f"read ({why}); move that checkpoint away") from None
 
 
 def legacy_settings(workdir: str):
@@ -347,35 +366,36 @@ def _diff_text(diffs) -> str:
   return "; ".join(f"{n}: {o} -> {v}" for n, o, v in diffs)
 
 
-def saved_run(workdir: str):
-  """(step, settings, source) of the newest complete checkpoint of a workdir;
-  (None, None, None) without one. source: 'checkpoint' or 'config.json' (an
-  older workdir: settings read from config.json + adjacency.json)."""
-  if not has_checkpoints(workdir):
-    return None, None, None
-  step = latest_step(manager(workdir))
+def saved_run(mngr: ocp.CheckpointManager, workdir: str):
+  """(step, settings, source) of the newest complete checkpoint of `mngr`
+  (W/checkpoints of `workdir`); (None, None, None) without one. source:
+  'checkpoint' or 'config.json' (an older workdir, or a step saved without
+  settings: settings read from config.json + adjacency.json, None without
+  them)."""
+  step = latest_step(mngr)
   if step is None:
     return None, None, None
-  settings = load_settings(workdir, step)
+  settings = load_settings(mngr, step)
   if settings is not None:
     return step, settings, "checkpoint"
   return step, legacy_settings(workdir), "config.json"
 
 
-def check_resume(workdir: str, new: dict, log=None):
+def check_resume(workdir: str, saved: tuple, new: dict, log=None):
   """Compares the settings of a resume with those of the workdir's newest
   checkpoint, before any work.
 
-  Returns the newest step (None for a fresh workdir). Harmless differences
-  are written to `log` as one `note:` line (nothing when log is None).
+  saved: `saved_run(...)` of the workdir, (step, settings, source).
+  Harmless differences are written to `log` as one `note:` line (nothing
+  when log is None).
 
   Raises:
     UserError: a difference that changes what is learned (one line listing
       each field, old -> new).
   """
-  step, old, source = saved_run(workdir)
+  step, old, source = saved
   if step is None or old is None:
-    return step
+    return
   changed, harmless = compare_settings(old, new)
   where = (f"checkpoint step {step}" if source == "checkpoint"
            else f"{os.path.join(workdir, 'config.json')} (older workdir)")
@@ -386,7 +406,6 @@ def check_resume(workdir: str, new: dict, log=None):
   if harmless and log is not None:
     log(f"note: resuming {workdir} from step {step} with changed settings that do not change "
         f"what is learned ({_diff_text(harmless)}; saved ones from {where})")
-  return step
 
 
 def set_aside(workdir: str) -> str | None:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import checkpoint, dataset, train_step
+from scr_jax import dataset, train_step
 
 
 def trial_losses(cfg, train_data, structure) -> np.ndarray:
@@ -61,20 +61,13 @@ def trial_losses(cfg, train_data, structure) -> np.ndarray:
   return np.where(bad, np.inf, total / max(count, 1))
 
 
-def resolve_init(cfg, workdir: str, resume: bool, train_data, structure, log=None):
-  """cfg with `init_choice` resolved (>= 0) when cfg.init_trials > 1: on a
-  resume, the choice the run was started with (its saved config); otherwise
-  the trial (`trial_losses`), its losses told to `log`. Unchanged when
-  train_data is None (and this is not a resume),
-  init_trials <= 1, init_choice is already set, or `structure` holds K
+def resolve_init(cfg, train_data, structure, log=None):
+  """cfg with `init_choice` resolved (>= 0) when cfg.init_trials > 1: the
+  trial (`trial_losses`), its losses told to `log`. Unchanged when
+  init_trials <= 1, init_choice is already set (a resume: `workdir.Run.open`
+  puts the saved choice into the run's config), or `structure` holds K
   candidates (they share one initialisation by design: noted to `log`)."""
   if cfg.init_trials <= 1 or cfg.init_choice >= 0:
-    return cfg
-  if resume and checkpoint.has_checkpoints(workdir):
-    saved = checkpoint.load_config(workdir).init_choice
-    if saved >= 0:
-      return dataclasses.replace(cfg, init_choice=saved)
-  if train_data is None:  # a check before the data is read: only the resume above
     return cfg
   if structure.k:
     if log is not None:

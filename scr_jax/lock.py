@@ -2,8 +2,8 @@
 
 Two trainings in one workdir would interleave their checkpoints, metrics.csv
 rows and event files. Every command that writes a workdir (train, search,
-reproduce, import-unsup3d, `make run`; and `train.fit` / `workdir.save` for
-the library's own producers) holds W/workdir.lock while it runs:
+reproduce, import-unsup3d, `make run`; and `workdir.Run.open` for the
+library's own producers) holds W/workdir.lock while it runs:
 
   * an exclusive `flock` on that file (the kernel drops it when the process
     dies, however it dies), so on one host a held lock is never mistaken for
@@ -36,6 +36,26 @@ from scr_jax.errors import UserError
 
 LOCK_FILE = "workdir.lock"
 _HELD = {}  # realpath of a workdir -> [fd, depth, thread]: re-entrant within a thread
+
+
+def probe_writable(workdir: str):
+  """Fails early (before any compile or training) if the workdir can't be
+  written: 64 KiB written, synced and removed (a full disk or a quota shows
+  here, not at the first checkpoint). Called by `hold` when it takes the lock.
+
+  Raises:
+    UserError: one line with the OS's reason.
+  """
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_probe")
+    with open(probe, "wb") as fh:
+      fh.write(b"\0" * 65536)
+      fh.flush()
+      os.fsync(fh.fileno())
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
 
 
 def lock_path(workdir: str) -> str:
@@ -141,10 +161,14 @@ def _sigterm_to_exit(signum, frame):
 @contextlib.contextmanager
 def hold(workdir: str, log=cliutil.log):
   """Holds workdir W's lock for the duration of the block (see module doc).
+  Taking it (the outermost hold, process 0) first probes that W can be
+  written (`probe_writable`): every writing command holds the lock, so this
+  is the one place the probe runs.
 
   Raises:
-    UserError: another job holds it (same host: its pid, host, start and
-      command; another host: also the lock file to delete if that job is gone).
+    UserError: W is not writable, or another job holds it (same host: its
+      pid, host, start and command; another host: also the lock file to
+      delete if that job is gone).
   """
   try:
     import jax
@@ -165,7 +189,7 @@ def hold(workdir: str, log=cliutil.log):
       if key in _HELD:
         _HELD[key][1] -= 1
     return
-  os.makedirs(workdir, exist_ok=True)
+  probe_writable(workdir)  # (also creates W)
   fd = _acquire(workdir, log)
   _HELD[key] = [fd, 1, me]
   old_term = None

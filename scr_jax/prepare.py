@@ -41,7 +41,7 @@ import time
 
 import numpy as np
 
-from scr_jax import cliutil, folders
+from scr_jax import cliutil, folders, jsonio
 from scr_jax.errors import UserError
 
 SPLITS = folders.SPLITS
@@ -464,10 +464,7 @@ def prepare(src: str, out: str, image_size: int = 64, crop=None, workers=None,
       n_files=n_files, bytes=total, source_hash=digest,
       created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       seconds=round(time.time() - t0, 2))
-  tmp = os.path.join(out, MANIFEST + ".tmp")
-  with open(tmp, "w") as fh:
-    json.dump(man, fh, indent=1)
-  os.replace(tmp, os.path.join(out, MANIFEST))
+  jsonio.write_json(os.path.join(out, MANIFEST), man)
   if not quiet and summary:
     counts = ", ".join(f"{s} {v['n']}" for s, v in man["splits"].items())
     cliutil.log(f"[prepare] {counts} images at {image_size}px in {man['seconds']:.1f}s -> {out}")

@@ -119,7 +119,7 @@ class Reproduction:
       return done
     cfg = config.override(cfg or self.cfg, [f"seed={seed}"])
     _log(f"== train {os.path.relpath(workdir, self.out)} ({cfg.steps} steps)")
-    r = train.fit(cfg, workdir, self.train_data, self.val, st, quiet=True)
+    r = train.fit_workdir(cfg, workdir, self.train_data, self.val, st, quiet=True)
     summ, _, _ = Evaluator(r["nets"], r["cfg"]).evaluate(r["state"].params, self.test,
                                                     r["structure"])
     summ.update(steps=r["step"], seconds=r["seconds"])
@@ -214,7 +214,8 @@ class Reproduction:
     cfg = config.override(self.cfg, [f"steps={self.fig6_steps}", "seed=0",
                                      f"eval_every={10 ** 9}"])
     _log(f"== fig6: 24 orderings + independent, vmapped, {cfg.steps} steps")
-    r = train.fit(cfg, os.path.join(self.out, "fig6"), self.train_data, None, st, quiet=True)
+    r = train.fit_workdir(cfg, os.path.join(self.out, "fig6"), self.train_data, None, st,
+                          quiet=True)
     ev = Evaluator(r["nets"], r["cfg"])
     res = {}
     for o, (params_i, st_i) in zip(orders, each_candidate(r["state"].params, st)):
@@ -318,7 +319,6 @@ def reproduce(out, preset="cpu_small", seeds=3, data="builtin", steps=None, sear
   search_steps = search_steps or max(cfg.steps // 5, 1)
   fig6_steps = fig6_steps or cfg.steps
   parallel.check_batch_size(cfg.batch_size)
-  checkpoint.probe_writable(out)
   with lock.hold(out, _log):  # one job per output folder
     settings = dict(preset=preset, seeds=seeds, data=data, steps=cfg.steps,
                     search_steps=search_steps, fig6_steps=fig6_steps, sets=list(sets))

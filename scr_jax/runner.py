@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
-from scr_jax import (checkpoint, config, data, dataset, diagnostics, evaluator, init_trials,
-                     lock, metrics, model, parallel, predict as predict_lib, structure, train,
+from scr_jax import (config, data, dataset, diagnostics, evaluator, lock,
+                     metrics, model, parallel, predict as predict_lib, structure, train,
                      workdir as workdir_lib)
 from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.cliutil import log as _log
@@ -62,16 +62,16 @@ def candidate_orders(spec: str, cfg):
   return orders
 
 
-def init_params_from(src, cfg, workdir: str, resume: bool, info: dict, log=_log):
+def init_params_from(src, cfg, run, log=_log):
   """--init-from W0: the parameters of W0's newest checkpoint (e.g. an
-  `import-unsup3d` workdir) to start a new run from, with any structure;
-  checked against the config's network shapes before any data is read.
-  Records the source in info["init_from"]. None when src is None or the
-  workdir already holds checkpoints to resume from."""
+  `import-unsup3d` workdir) to start the opened `run` (`workdir.Run`) from,
+  with any structure; checked against the config's network shapes before
+  any data is read. Records the source in the run's settings (init_from).
+  None when src is None or the run resumes a checkpoint."""
   if not src:
     return None
-  if resume and checkpoint.has_checkpoints(workdir):
-    log(f"note: {workdir} already holds checkpoints: resuming from them, --init-from "
+  if run.resume and run.step is not None:
+    log(f"note: {run.workdir} already holds checkpoints: resuming from them, --init-from "
         "is not used")
     return None
   r = workdir_lib.restore(src)
@@ -84,7 +84,7 @@ def init_params_from(src, cfg, workdir: str, resume: bool, info: dict, log=_log)
   if diff:
     raise UserError(f"--init-from {src} has other network shapes ({'; '.join(diff)}); use its "
                     f"preset ({r.cfg.preset})")
-  info["init_from"] = dict(workdir=os.path.abspath(src), step=r.step)
+  run.update(extra=dict(init_from=dict(workdir=os.path.abspath(src), step=r.step)))
   log(f"note: starting from the parameters of {src} (step {r.step}) with a fresh optimiser")
   return r.params
 
@@ -107,48 +107,27 @@ def train_run(cfg, workdir: str, data: str = "builtin", *, candidates=None, resu
   st = structure.resolve_structure(cfg)
   check_data_arg(data)
   parallel.check_batch_size(cfg.batch_size)
-  # A resumed "fit" prior is compared as the numbers it was fitted to.
-  cfg = train.resolve_prior_ellipse(cfg, workdir, resume and not restart)
-  cfg = init_trials.resolve_init(cfg, workdir, resume and not restart, None, st)  # likewise
   if candidates:  # K dense orderings trained together (vmapped), same batches and init
     st = structure.candidates(candidate_orders(candidates, cfg))
-  checkpoint.probe_writable(workdir)
-  with lock.hold(workdir, log):  # one job per workdir, from before the first check on
-    return _train_locked(cfg, workdir, data, st, resume and not restart, restart, max_seconds,
-                         init_from, log, cache, workers)
-
-
-def _train_locked(cfg, workdir, data, st, resume, restart, max_seconds, init_from, log, cache,
-                  workers):
-  info = dict(data=data_spec(data, cfg))
-  # Before any data is read or generated and before anything is compiled:
-  # the requested settings against those of the workdir's newest checkpoint.
-  used = checkpoint.has_checkpoints(workdir)
-  if resume:
-    checkpoint.check_resume(workdir, checkpoint.run_settings(
-        cfg, st, data=dict(spec=info["data"])))
-  elif used and not restart:
-    step, _, _ = checkpoint.saved_run(workdir)
-    raise UserError(f"{workdir} already holds a run (checkpoints up to step {step}); "
-                    "--no-resume would overwrite it: add --restart to set it aside and start "
-                    "over, or use another --workdir")
-  init_params = init_params_from(init_from, cfg, workdir, resume, info, log)
-  if restart and used:
-    moved = checkpoint.set_aside(workdir)
-    log(f"note: --restart: moved the previous run's checkpoints, config and logs to {moved}")
-  notes = []  # a first-use prepare's note: said once the resume is known to go ahead
-  train_data, val_data = dataset.load_train_data(data, cfg, cache, workers, notes)
-  if resume:  # the same data? (its content, now that it is read; nothing compiled yet)
-    info["fingerprint"] = dataset.fingerprint(train_data)
-    checkpoint.check_resume(workdir, checkpoint.run_settings(
-        cfg, st, data=dict(info["fingerprint"], spec=info["data"])))
-  for note in notes:
-    log(note)
-  cfg = train.resolve_prior_ellipse(cfg, workdir, resume, train_data, log)
-  log(f"train: preset {cfg.preset}, variant {st.variant}, {dataset.num_images(train_data)} "
-      f"images at {cfg.image_size}px, {cfg.steps} steps, batch {cfg.batch_size}")
-  res = train.fit(cfg, workdir, train_data, val_data, st, resume=resume,
-                  max_seconds=max_seconds, run_info=info, init_params=init_params)
+  # Opened once, before any data is read or generated and before anything is
+  # compiled: the lock, the requested settings against those of the
+  # workdir's newest checkpoint, --restart.
+  with workdir_lib.Run.open(workdir, cfg, st, dict(spec=data_spec(data, cfg)), resume=resume,
+                            restart=restart, log=log) as run:
+    init_params = init_params_from(init_from, run.cfg, run, log)
+    notes = []  # a first-use prepare's note: said once the resume is known to go ahead
+    train_data, val_data = dataset.load_train_data(data, run.cfg, cache, workers, notes)
+    # The same data? (its content, now that it is read; nothing compiled yet)
+    run.update(data=dataset.fingerprint(train_data))
+    for note in notes:
+      log(note)
+    if run.cfg.depth_prior_ellipse.strip() == "fit":  # (a resume has the saved one)
+      run.update(cfg=train.resolve_prior_ellipse(run.cfg, train_data, log))
+    cfg = run.cfg
+    log(f"train: preset {cfg.preset}, variant {st.variant}, {dataset.num_images(train_data)} "
+        f"images at {cfg.image_size}px, {cfg.steps} steps, batch {cfg.batch_size}")
+    res = train.fit(run, train_data, val_data, max_seconds=max_seconds,
+                    init_params=init_params)
   if res["reason"] != "already trained":
     log(f"trained to step {res['step']} in {res['seconds']:.0f}s ({res['reason']})")
   return res
@@ -263,7 +242,6 @@ def quickstart(workdir: str, steps=None, max_seconds=None, sets=(), log=_log) ->
   table printed. Returns dict(eval=..., baselines=..., diagnostics=...)."""
   cfg = make_config("cpu_small", sets, log, steps=steps)
   parallel.check_batch_size(cfg.batch_size)
-  checkpoint.probe_writable(workdir)
   with lock.hold(workdir, log):  # also over eval, predict and the files written after training
     return _quickstart(cfg, workdir, max_seconds, log)
 

@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import (bilevel, bo, checkpoint, cliutil, config, dataset, evaluator, lock,
-                     parallel, runner, structure, train, train_step, workdir as workdir_lib)
+from scr_jax import (bilevel, bo, checkpoint, cliutil, config, dataset, evaluator, jsonio,
+                     lock, parallel, runner, structure, train, train_step,
+                     workdir as workdir_lib)
 from scr_jax.errors import UserError
 
 # ----------------------------------------------------------------------------
@@ -61,7 +62,7 @@ def train_orders(cfg, workdir, train_data, val_data, orders, q=None, quiet=True)
     if saved.get("orders") == list(orders) and saved.get("steps") == cfg.steps:
       return saved["scores"]
   st = structure.candidates(orders, q)
-  res = train.fit(cfg, workdir, train_data, None, st, quiet=quiet)
+  res = train.fit_workdir(cfg, workdir, train_data, None, st, quiet=quiet)
   scores = candidate_scores(res["cfg"], res["nets"], res["state"].params, st, val_data)
   for o, sc in zip(orders, scores):
     sc["order"] = o
@@ -69,11 +70,7 @@ def train_orders(cfg, workdir, train_data, val_data, orders, q=None, quiet=True)
   return scores
 
 
-def _write_json(path, obj):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as fh:
-    json.dump(obj, fh, indent=1)
-  os.replace(tmp, path)
+_write_json = jsonio.write_json
 
 
 # ----------------------------------------------------------------------------
@@ -335,7 +332,6 @@ def run_search(workdir: str, data: str, method: str, *, preset: str = "cpu_small
       raise UserError(f"--evals must be between --init ({init}) and "
                       f"{len(structure.ALL_ORDERS)} (all orderings), got {evals}")
   parallel.check_batch_size(cfg.batch_size)
-  checkpoint.probe_writable(workdir)
   with lock.hold(workdir, log):  # one job per workdir
     # A rerun in the same workdir reuses finished evaluations: only with the
     # same settings (compared before any data is read).

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scr_jax import jsonio
 from scr_jax.config import FACTORS
 from scr_jax.errors import UserError
 
@@ -273,9 +274,5 @@ def save_structure(path: str, order: str | None = None, m=None, **extra) -> dict
     raise UserError(f"refusing to write {path}: needs an ordering or M")
   s["order"] = check_order(order)
   s.update(extra)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as fh:
-    json.dump(s, fh, indent=1)
-  os.replace(tmp, path)
+  jsonio.write_json(path, s)
   return s

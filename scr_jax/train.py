@@ -7,7 +7,6 @@ The step itself is `scr_jax.train_step`, devices and processes
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import signal
 import sys
 import time
@@ -16,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import (checkpoint, config as config_lib, dataset, diagnostics, init_trials, lock,
-                     model, parallel, runlog, structure as structure_lib, train_step)
+from scr_jax import (config as config_lib, dataset, diagnostics, init_trials, model, parallel,
+                     runlog, structure as structure_lib, train_step, workdir as workdir_lib)
 from scr_jax.errors import NonFiniteError, UserError
 from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.parallel import (any_process, barrier, compile_in_step, data_mesh, place_candidates,
@@ -61,18 +60,12 @@ class _Signals:
       signal.signal(sig, old)
 
 
-def resolve_prior_ellipse(cfg, workdir: str, resume: bool, train_data=None, log=None):
-  """cfg with `depth_prior_ellipse="fit"` resolved: on a resume, the ellipse the
-  run was started with (its saved config: the data is compared by content
-  anyway); otherwise, with train_data, `model.fit_prior_ellipse` of a sample
-  of its images (told to `log`); without train_data, cfg unchanged."""
-  if cfg.depth_prior_ellipse.strip() != "fit":
-    return cfg
-  if resume and checkpoint.has_checkpoints(workdir):
-    saved = checkpoint.load_config(workdir).depth_prior_ellipse
-    if saved.strip() != "fit":
-      return dataclasses.replace(cfg, depth_prior_ellipse=saved)
-  if train_data is None:
+def resolve_prior_ellipse(cfg, train_data=None, log=None):
+  """cfg with `depth_prior_ellipse="fit"` resolved: with train_data,
+  `model.fit_prior_ellipse` of a sample of its images (told to `log`);
+  without, cfg unchanged. (A resume keeps the ellipse the run was started
+  with: `workdir.Run.open` puts it into the run's config.)"""
+  if cfg.depth_prior_ellipse.strip() != "fit" or train_data is None:
     return cfg
   ell = model.fit_prior_ellipse(dataset.sample_images(train_data))
   if log is not None:
@@ -81,75 +74,87 @@ def resolve_prior_ellipse(cfg, workdir: str, resume: bool, train_data=None, log=
   return config_lib.override(cfg, ["depth_prior_ellipse=" + ",".join(f"{v:g}" for v in ell)])
 
 
-def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
-        resume: bool = True, quiet: bool = False, max_seconds=None, log=None,
-        run_info=None, init_params=None):
-  """Trains `cfg.steps` steps (or until `max_seconds`), resumable.
+def _stderr(msg: str):
+  print(msg, file=sys.stderr, flush=True)
+
+
+def fit_workdir(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
+                resume: bool = True, quiet: bool = False, max_seconds=None, log=None,
+                run_info=None, init_params=None):
+  """`fit` on workdir W opened for this run (`workdir.Run.open`), for the
+  library's producers that train a config directly (search evaluations,
+  reproduce, the benchmarks, tests).
 
   structure: the `structure.Structure` to train (default: the config's,
-  `structure.resolve_structure(cfg)`); its M is the adjacency (4x4) or, with
-  q, the dense mask of dynamic SCR; a stack Kx4x4 (`structure.candidates`)
-  trains K candidate structures at once (vmapped, same batches, same initial
-  parameters), with state params/opt_state carrying the K axis.
+  `structure.resolve_structure(cfg)`); a stack Kx4x4 (`structure.candidates`)
+  trains K candidate structures at once.
+  resume: continue W's newest checkpoint (its settings compared first);
+  False refuses a W that holds checkpoints.
+  run_info: optional dict(data=the --data argument, fingerprint=
+  dataset.fingerprint(train data) if already computed, init_from=provenance
+  of init_params), saved with the settings.
+  Returns `fit`'s summary dict.
+
+  Raises:
+    UserError: as `workdir.Run.open` and `fit`.
+  """
+  parallel.check_batch_size(cfg.batch_size)
+  st = structure_lib.resolve_structure(cfg) if structure is None else structure
+  info = dict(run_info or {})
+  data = dict(info.get("fingerprint") or {})
+  if info.get("data"):
+    data["spec"] = info["data"]
+  extra = dict(init_from=info["init_from"]) if info.get("init_from") else None
+  with workdir_lib.Run.open(workdir, cfg, st, data, resume=resume, extra=extra,
+                            log=None if quiet else _stderr) as run:
+    return fit(run, train_data, val_data, quiet=quiet, max_seconds=max_seconds, log=log,
+               init_params=init_params)
+
+
+def fit(run, train_data: dict, val_data=None, quiet: bool = False, max_seconds=None, log=None,
+        init_params=None):
+  """Trains the opened `run` (`workdir.Run.open`: config, structure, resume
+  decided there) for `run.cfg.steps` steps (or until `max_seconds`).
+
+  Its structure's M is the adjacency (4x4) or, with q, the dense mask of
+  dynamic SCR; a stack Kx4x4 (`structure.candidates`) trains K candidate
+  structures at once (vmapped, same batches, same initial parameters), with
+  state params/opt_state carrying the K axis.
   At each validation, SIDE / MAD on val_data and, when val_data carries the
   generator's ground truth (val_data["gt"], see data.load_gt), the
   diagnostics of scr_jax/diagnostics.py go to tensorboard and metrics.csv
   (prefix val/).
-  run_info: optional dict(data=the --data argument,
-  fingerprint=dataset.fingerprint(train data) if already computed,
-  init_from=provenance of init_params), saved with the settings.
   init_params: start from these parameters (e.g. a pretrained or imported
   model; same shapes as this config's) with a fresh optimiser, unless the
-  workdir already holds a checkpoint to resume from.
-  Every checkpoint carries the run's settings (config, structure, a
-  fingerprint of the training images; `checkpoint.run_settings`), and
-  W/config.json + W/adjacency.json describe the run, so any workdir `fit`
-  makes is read back by `workdir.restore` (eval, predict, diagnose). A resume is compared with
-  the newest checkpoint's settings before anything is compiled or written; a
-  workdir already at `cfg.steps` is left untouched.
+  run resumes a checkpoint.
+  Each checkpoint is `run.save(state, data_state)`: the state with the run's
+  settings (config, structure, a fingerprint of the training images, added
+  here if the run has none yet) in one commit; W/config.json +
+  W/adjacency.json describe the run, so any workdir `fit` makes is read back
+  by `workdir.restore` (eval, predict, diagnose). A run already at
+  `cfg.steps` is left untouched.
   Returns a summary dict (step, start_step, seconds, reason, last metrics,
   state, nets, structure, cfg: the config trained, `depth_prior_ellipse="fit"`
   resolved by `resolve_prior_ellipse`).
 
-  The workdir is held (`lock.hold`) while it trains: another job in it is refused.
-
   Raises:
-    UserError: the resume would change settings that change what is learned,
-      resume=False on a workdir that already holds checkpoints, a batch that
-      does not divide over the devices, or a workdir in use by another job.
+    UserError: the data's content differs from the resumed run's, initial
+      parameters of other shapes, a batch that does not divide over the devices.
+    NonFiniteError: a non-finite step with on_nonfinite="stop".
   """
-  parallel.check_batch_size(cfg.batch_size)
-  checkpoint.probe_writable(workdir)
-  with lock.hold(workdir):
-    return _fit(cfg, workdir, train_data, val_data, structure, resume, quiet, max_seconds, log,
-                run_info, init_params)
-
-
-def _fit(cfg, workdir, train_data, val_data, structure, resume, quiet, max_seconds, log,
-         run_info, init_params):
-  cfg = resolve_prior_ellipse(cfg, workdir, resume, train_data,
-                              None if quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
+  workdir = run.workdir
+  parallel.check_batch_size(run.cfg.batch_size)
+  if "hash" not in run.data_info:
+    run.update(data=dataset.fingerprint(train_data))  # compared on a resume
+  if run.cfg.depth_prior_ellipse.strip() == "fit":
+    run.update(cfg=resolve_prior_ellipse(run.cfg, train_data, None if quiet else _stderr))
   mesh = data_mesh()
-  st = structure_lib.resolve_structure(cfg) if structure is None else structure
-  cfg = init_trials.resolve_init(cfg, workdir, resume, train_data, st,
-                                 None if quiet else (lambda m: print(m, file=sys.stderr,
-                                                                     flush=True)))
+  if run.cfg.init_trials > 1 and run.cfg.init_choice < 0:  # (a resume has the saved one)
+    run.update(cfg=init_trials.resolve_init(run.cfg, train_data, run.structure,
+                                            None if quiet else _stderr))
+  cfg, st = run.cfg, run.structure
   k = st.k
   st_dev = st.replace(m=jnp.asarray(st.m, jnp.float32))  # placed on the mesh below
-  info = dict(run_info or {})
-  data_info = dict(info.get("fingerprint") or dataset.fingerprint(train_data))
-  if info.get("data"):
-    data_info["spec"] = info["data"]
-  settings = checkpoint.run_settings(cfg, st, data=data_info)
-  if info.get("init_from"):
-    settings["init_from"] = info["init_from"]
-  note = None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-  if resume:
-    checkpoint.check_resume(workdir, settings, log=note)
-  elif checkpoint.has_checkpoints(workdir):
-    raise UserError(f"{workdir} already holds checkpoints; starting over (--no-resume) would "
-                    "overwrite them: pass --restart to set them aside first, or use another "
-                    "--workdir")
   nets, state = init_state(cfg, train_step.init_key(cfg))
   if init_params is not None:
     like = jax.tree_util.tree_map(jnp.shape, state.params)
@@ -159,22 +164,19 @@ def _fit(cfg, workdir, train_data, val_data, structure, resume, quiet, max_secon
     state = new_state(nets, cfg, params)
   if k:
     state = stack_state(state, k)
-  mngr = checkpoint.manager(workdir, cfg.keep_checkpoints)
-  if resume:
-    restored = checkpoint.restore_latest(mngr, state.tree())
-    if restored is not None:
-      state = state.with_tree(restored)
+  restored = run.restore(state.tree())
+  if restored is not None:
+    state = state.with_tree(restored)
   start = int(jax.device_get(state.step))
-  if start >= cfg.steps and (start or checkpoint.has_checkpoints(workdir)):
+  if start >= cfg.steps and (start or run.step is not None):
     # Nothing to train: nothing is written (config, logs, checkpoints).
     if not quiet:
       print(f"note: {workdir} is already at step {start} (steps={cfg.steps}); nothing trained, "
             "nothing written", file=sys.stderr, flush=True)
     return dict(step=start, start_step=start, seconds=0.0, reason="already trained", last={},
                 state=state, nets=nets, structure=st, cfg=cfg)
-  checkpoint.check_free_space(workdir, state.tree(), cfg.keep_checkpoints)
-  if jax.process_index() == 0:
-    checkpoint.save_run_files(workdir, settings)
+  run.check_free_space(state.tree())
+  run.write_files()
   barrier("fit-start")
   put_batch = lambda x: shard_local_batch(x, mesh)
   shard = (jax.process_index(), jax.process_count())
@@ -189,7 +191,7 @@ def _fit(cfg, workdir, train_data, val_data, structure, resume, quiet, max_secon
     step_fn = make_train_step(nets, cfg)
   # The batches of steps [start, steps): grain, its state saved with each checkpoint.
   batches = dataset.Batches(train_data, cfg.batch_size, cfg.seed, start, cfg.steps, shard=shard,
-                            state=checkpoint.load_data_state(mngr, start) if start else None)
+                            state=run.data_state(start) if start else None)
   first = next(batches)
   step_fn = compile_in_step(step_fn, state, put_batch(first), st_dev)
   evaluator = Evaluator(nets, cfg) if val_data is not None else None
@@ -206,7 +208,7 @@ def _fit(cfg, workdir, train_data, val_data, structure, resume, quiet, max_secon
       step += 1
       if not bool(np.all(jax.device_get(met["finite"]))):
         if cfg.on_nonfinite == "stop":
-          good = mngr.latest_step()
+          good = run.latest_step()
           try:
             log.close()
           except OSError:
@@ -235,14 +237,14 @@ def _fit(cfg, workdir, train_data, val_data, structure, resume, quiet, max_secon
             print(f"  val @ {step}{who}: SIDE {summ['side_mean']:.3f} x1e-2  "
                   f"MAD {summ['mad_mean']:.2f} deg{line}", file=sys.stderr, flush=True)
       if step % cfg.ckpt_every == 0:
-        checkpoint.save(mngr, state.tree(), settings, batches.state())
+        run.save(state, batches.state())
       # Several processes must leave the loop at the same step (collectives).
       over = max_seconds is not None and time.time() - t0 > max_seconds
       if any_process(bool(sig.received) or over):
         reason = sig.received or ("time budget" if over else "stop on another process")
         break
-  if mngr.latest_step() != step:
-    checkpoint.save(mngr, state.tree(), settings, batches.state())
+  if run.latest_step() != step:
+    run.save(state, batches.state())
   log.close()
   if reason in ("SIGINT", "SIGTERM") and not quiet:
     print(f"{reason}: saved checkpoint at step {step} in {workdir}; rerun to resume",

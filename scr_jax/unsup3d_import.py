@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import (checkpoint, lock, nets as nets_lib, structure, train_step,
+from scr_jax import (nets as nets_lib, structure, train_step,
                      workdir as workdir_lib)
 from scr_jax.errors import UserError
 
@@ -521,14 +521,19 @@ def import_checkpoint(path: str, workdir: str, cfg, log=print) -> dict:
     UserError: the file is not an Unsup3D checkpoint, the config's shapes
       differ from Unsup3D's, or the workdir already holds a run or is in use.
   """
-  checkpoint.probe_writable(workdir)
-  with lock.hold(workdir):  # two imports at once: the second is refused, not overwriting
-    return _import(path, workdir, cfg, log)
+  # Two imports at once: the second is refused (the run's lock), not overwriting.
+  with workdir_lib.Run.open(workdir, cfg, _STRUCTURE, resume=False, overwrite=True,
+                            log=log) as run:
+    if run.step is not None:
+      raise UserError(f"--workdir {workdir} already holds checkpoints; import into a new one")
+    return _import(path, run, cfg, log)
 
 
-def _import(path: str, workdir: str, cfg, log) -> dict:
-  if checkpoint.has_checkpoints(workdir):
-    raise UserError(f"--workdir {workdir} already holds checkpoints; import into a new one")
+# What an Unsup3D model is: independent factors, no edges.
+_STRUCTURE = structure.Structure(m=np.zeros((4, 4), np.float32), variant="independent")
+
+
+def _import(path: str, run, cfg, log) -> dict:
   ckpt = load_pth(path)
   if not isinstance(ckpt, dict):
     raise UserError(f"{path}: holds a {type(ckpt).__name__}, not Unsup3D's dict of networks")
@@ -545,9 +550,10 @@ def _import(path: str, workdir: str, cfg, log) -> dict:
     epoch = next((v.get("epoch") for v in ckpt.values() if isinstance(v, dict)), None)
   imported = dict(file=os.path.abspath(path), sha256=file_sha256(path), format="unsup3d",
                   epoch=epoch if isinstance(epoch, int) else None)
-  settings = workdir_lib.save(
-      workdir, cfg, structure.Structure(m=np.zeros((4, 4), np.float32), variant="independent"),
-      state, extra=dict(imported_from=imported))
+  run.update(extra=dict(imported_from=imported))
+  run.save(state)
+  run.write_files()
+  settings = run.settings
   for note in notes:
     log(f"note: {note}")
   return settings

@@ -311,7 +311,7 @@ def test_fit_resolves_the_prior_for_every_caller(tmp_path):
   imgs = data.generate_split(8, 16, seed=0, split="train", cfg=data.get_variant("cat").gen)
   cfg = _tiny(depth_prior=1.0, depth_prior_ellipse="fit", steps=1, eval_every=10)
   train_data = dict(images=imgs["images"].astype(np.float32) / 255.0)
-  res = train.fit(cfg, str(tmp_path / "w"), train_data, quiet=True)
+  res = train.fit_workdir(cfg, str(tmp_path / "w"), train_data, quiet=True)
   ell = config.prior_ellipse(res["cfg"])
   assert ell[3] > 0.05  # the cat heads sit below the frame's centre
   depth = Evaluator(res["nets"], res["cfg"]).depth(res["state"].params, train_data["images"][:2],

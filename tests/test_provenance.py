@@ -113,10 +113,11 @@ def test_eval_uses_the_checkpoints_settings_not_config_json(trained, tmp_path):
   assert mad == mad_ref
   # An older workdir (no settings in its checkpoints) falls back to
   # config.json, with a note: here that is the rewritten one, so MAD moves.
+  # (A step made before settings were saved: its settings item taken out.)
   for n in os.listdir(os.path.join(wd, "checkpoints")):
-    p = os.path.join(wd, "checkpoints", n, checkpoint.SETTINGS_FILE)
+    p = os.path.join(wd, "checkpoints", n, checkpoint.SETTINGS_ITEM)
     if os.path.exists(p):
-      os.remove(p)
+      shutil.rmtree(p)
   mad_old, res = _mad(wd, d1, str(tmp_path))
   assert "note: checkpoint step 6" in res.stderr and "older workdir" in res.stderr
   assert mad_old != mad_ref
@@ -200,10 +201,10 @@ def test_fit_api_refuses_resume_false_on_used_workdir(trained):
   cfg = checkpoint.settings_config(checkpoint.load_settings(wd, 6))
   before = fault_cases.snapshot(wd, contents=True)
   with pytest.raises(UserError, match="already holds checkpoints"):
-    train.fit(cfg, wd, tr, resume=False, quiet=True)
+    train.fit_workdir(cfg, wd, tr, resume=False, quiet=True)
   other = config.override(cfg, ["lr=0.001"])
   with pytest.raises(UserError, match=r"lr: 0\.0001 -> 0\.001"):
-    train.fit(other, wd, tr, quiet=True)
+    train.fit_workdir(other, wd, tr, quiet=True)
   assert fault_cases.snapshot(wd, contents=True) == before
 
 

@@ -19,7 +19,7 @@ import pytest
 import fault_cases  # tests/fault_cases.py
 from experiments import render_reference
 from scr_jax import (checkpoint, config, data, losses, model, parallel, structure, train,
-                     train_step)
+                     train_step, workdir)
 from scr_jax.errors import NonFiniteError, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -308,19 +308,20 @@ def test_nonfinite_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
   bad = _poisoned(tr, cfg, 2)  # the third step sees NaN
   wd = str(tmp_path / "stop")
   with pytest.raises(NonFiniteError) as err:
-    train.fit(cfg, wd, bad, quiet=True)
+    train.fit_workdir(cfg, wd, bad, quiet=True)
   msg = str(err.value)
   assert "step 3" in msg and "step 2" in msg and "\n" not in msg, msg
   _, like = train_step.init_state(cfg, jax.random.PRNGKey(cfg.seed))
   kept = checkpoint.restore_latest(checkpoint.manager(wd), like.tree())
   assert int(kept["step"]) == 2
-  ref = train.fit(dataclasses.replace(cfg, steps=2), str(tmp_path / "ref2"), tr, quiet=True)
+  ref = train.fit_workdir(dataclasses.replace(cfg, steps=2), str(tmp_path / "ref2"), tr,
+                        quiet=True)
   for a, b in zip(_leaves(kept["params"]), _leaves(ref["state"].params)):
     np.testing.assert_array_equal(a, b)  # the good state, bit for bit
 
   # on_nonfinite=skip: the bad batch leaves params and optimiser untouched
   skip = dataclasses.replace(cfg, steps=3, on_nonfinite="skip")
-  res = train.fit(skip, str(tmp_path / "skip"), bad, quiet=True)
+  res = train.fit_workdir(skip, str(tmp_path / "skip"), bad, quiet=True)
   assert res["step"] == 3
   for a, b in zip(_leaves(res["state"].params), _leaves(ref["state"].params)):
     np.testing.assert_array_equal(a, b)
@@ -535,7 +536,7 @@ def test_workdir_trained_on_two_devices_is_used_on_one(tmp_path, tiny, capfd):
   code, err = _cli_in_process(capfd, "train", "--preset", "test_tiny", "--data", root,
                               "--workdir", wd, "--steps", "3")
   assert code in (0, None), err
-  assert checkpoint.saved_run(wd)[0] == 3
+  assert workdir.Run.read(wd).step == 3
 
 
 @pytest.mark.parametrize("argv", [

@@ -281,10 +281,10 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path):
   """Stopping after a checkpoint and resuming gives bit-identical params."""
   _, tr, _, cfg = tiny_data
   cfg = dataclasses.replace(cfg, steps=4, ckpt_every=2, eval_every=1000)
-  full = train.fit(cfg, str(tmp_path / "full"), tr, quiet=True)
-  half = train.fit(dataclasses.replace(cfg, steps=2), str(tmp_path / "split"), tr, quiet=True)
+  full = train.fit_workdir(cfg, str(tmp_path / "full"), tr, quiet=True)
+  half = train.fit_workdir(dataclasses.replace(cfg, steps=2), str(tmp_path / "split"), tr, quiet=True)
   assert half["step"] == 2
-  rest = train.fit(cfg, str(tmp_path / "split"), tr, quiet=True)
+  rest = train.fit_workdir(cfg, str(tmp_path / "split"), tr, quiet=True)
   assert rest["start_step"] == 2 and rest["step"] == 4
   assert _params_close(full["state"].params, rest["state"].params)
   assert not _params_close(full["state"].params, half["state"].params)
@@ -316,7 +316,7 @@ def test_sigkill_then_resume_cli(tiny_data, tmp_path):
                         cwd=ROOT, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
   assert "resuming" in done.stdout + done.stderr or proc.returncode == 0
-  full = train.fit(dataclasses.replace(cfg, steps=steps, ckpt_every=2, eval_every=1000),
+  full = train.fit_workdir(dataclasses.replace(cfg, steps=steps, ckpt_every=2, eval_every=1000),
                    str(tmp_path / "ref"), tr, quiet=True)
   from scr_jax import checkpoint
   nets, like = train_step.init_state(cfg, jax.random.PRNGKey(cfg.seed))

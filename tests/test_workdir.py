@@ -133,7 +133,7 @@ def test_reproduce_runs(capfd, tmp_path, tiny_synface, image):
   grid = rep.qualitative({"dense": wd}, str(tmp_path / "qualitative.png"), n_images=2)
   assert os.path.getsize(grid) > 0
   wd6 = str(tmp_path / "fig6")
-  train.fit(cfg, wd6, rep.train_data, None, structure.candidates(["DVAL", "independent"]),
+  train.fit_workdir(cfg, wd6, rep.train_data, None, structure.candidates(["DVAL", "independent"]),
             quiet=True)
   r6 = workdir.restore(wd6)
   assert r6.structure.orders == ("DVAL", "independent")
