@@ -83,7 +83,7 @@ def resolve_prior_ellipse(cfg, workdir: str, resume: bool, train_data=None, log=
 
 def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
         resume: bool = True, quiet: bool = False, max_seconds=None, log=None,
-        run_info=None, init_params=None):
+        run_info=None, init_params=None, objective=None):
   """Trains `cfg.steps` steps (or until `max_seconds`), resumable.
 
   structure: the `structure.Structure` to train (default: the config's,
@@ -101,6 +101,11 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
   init_params: start from these parameters (e.g. a pretrained or imported
   model; same shapes as this config's) with a fresh optimiser, unless the
   workdir already holds a checkpoint to resume from.
+  objective: None (SCR's loss), or objective(params, batch, structure, step)
+  -> (loss, metrics with "loss"), trained on the same batches by the same
+  optimiser and step (`train_step.make_train_step`), e.g. reproduce's
+  supervised upper bound; a single structure only, and val_data=None
+  (validation evaluates the SCR model).
   Every checkpoint carries the run's settings (config, structure, a
   fingerprint of the training images; `checkpoint.run_settings`), and
   W/config.json + W/adjacency.json describe the run, so any workdir `fit`
@@ -122,16 +127,18 @@ def fit(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
   checkpoint.probe_writable(workdir)
   with lock.hold(workdir):
     return _fit(cfg, workdir, train_data, val_data, structure, resume, quiet, max_seconds, log,
-                run_info, init_params)
+                run_info, init_params, objective)
 
 
 def _fit(cfg, workdir, train_data, val_data, structure, resume, quiet, max_seconds, log,
-         run_info, init_params):
+         run_info, init_params, objective=None):
   cfg = resolve_prior_ellipse(cfg, workdir, resume, train_data,
                               None if quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
   mesh = data_mesh()
   st = structure_lib.resolve_structure(cfg) if structure is None else structure
   k = st.k
+  if objective is not None and (k or val_data is not None):
+    raise ValueError("fit(objective=...) trains a single structure without validation")
   st_dev = st.replace(m=jnp.asarray(st.m, jnp.float32))  # placed on the mesh below
   info = dict(run_info or {})
   data_info = dict(info.get("fingerprint") or dataset.fingerprint(train_data))
@@ -183,7 +190,7 @@ def _fit(cfg, workdir, train_data, val_data, structure, resume, quiet, max_secon
   else:
     state = replicate(state, mesh)
     st_dev = replicate(st_dev, mesh)
-    step_fn = make_train_step(nets, cfg)
+    step_fn = make_train_step(nets, cfg, objective)
   # The batches of steps [start, steps): grain, its state saved with each checkpoint.
   batches = dataset.Batches(train_data, cfg.batch_size, cfg.seed, start, cfg.steps, shard=shard,
                             state=checkpoint.load_data_state(mngr, start) if start else None)
