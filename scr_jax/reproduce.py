@@ -58,7 +58,8 @@ PARTS = ("table1", "table2", "fig6", "beyond")
 # "eq5", "eq6").
 SCR_ROWS = {
     "independent": ("independent (M = 0)", dict(variant="independent")),
-    "dense-random": ("dense, random ordering (one per seed)", dict(variant="dense", order="random")),
+    "dense-random": ("dense, random ordering (one per seed)",
+                     dict(variant="dense", order="random")),
     "dense-bo": ("dense, BO (objective: val photometric loss)",
                  dict(variant="dense", search="bo")),
     "dense-bo-oracle": ("dense, BO, oracle objective (val MAD)",
@@ -361,8 +362,11 @@ class Reproduction:
     return config.override(self.cfg, sets)
 
   def pairing(self, cfg, n: int) -> dict:
-    """init_hash and batch_hash of a run with this config on n images."""
-    key = (cfg.seed, cfg.steps, n)
+    """init_hash and batch_hash of a run: what `train.fit` starts from with
+    this config (the run's own, as `fit` returned it) on n training images:
+    the hash of `init_state(cfg, PRNGKey(cfg.seed))`'s parameters and of the
+    batch indices of every step."""
+    key = (cfg, n)
     if key not in self._init:
       _, state = train_step.init_state(cfg, jax.random.PRNGKey(cfg.seed))
       self._init[key] = dict(init_hash=tree_hash(state.params),
@@ -483,7 +487,8 @@ class Reproduction:
     r = train.fit(cfg, wd, d["train"], d["val"], st, quiet=True)
     res = self._evaluate(r["nets"], r["cfg"], r["state"].params, st, d)
     res.update(resolved_row=row, label=label, structure=st.record(), steps=int(r["step"]),
-               curves=read_curves(wd), **self.pairing(cfg, d["train"]["images"].shape[0]))
+               curves=read_curves(wd),
+               **self.pairing(r["cfg"], d["train"]["images"].shape[0]))
     return res
 
   def _supervised(self, u):
@@ -508,7 +513,7 @@ class Reproduction:
       out[split] = _summary(evaluator.depth_summary(pred, np.ones_like(pred), d[split]["depth"],
                                                    cam, cfg.batch_size))
     out.update(label="GT depth, L1", steps=int(r["step"]),
-               **self.pairing(cfg, tr["images"].shape[0]))
+               **self.pairing(r["cfg"], tr["images"].shape[0]))
     return out
 
   def _fig6(self, u):
@@ -528,7 +533,7 @@ class Reproduction:
       res[o] = dict(test_mad=float(test["mad_mean"]), test_side=float(test["side_mean"]),
                     val_mad=float(val["mad_mean"]), val_loss=float(val_loss[i]))
     return dict(orders=res, steps=int(r["step"]),
-                **self.pairing(cfg, d["train"]["images"].shape[0]))
+                **self.pairing(r["cfg"], d["train"]["images"].shape[0]))
 
 
 # ----------------------------------------------------------------------------
@@ -704,8 +709,9 @@ def report(rep: Reproduction, settings: dict) -> str:
   tab = []
   for key, rs in t1.items():
     struct = "; ".join(r.get("label", "") for r in rs) or "-"
-    tab.append(f"| {labels[key]} | {struct} | {_ms([r['test']['side_mean'] for r in rs], '{:.3f}')} "
-               f"| {_ms([r['test']['mad_mean'] for r in rs])} | "
+    side = _ms([r["test"]["side_mean"] for r in rs], "{:.3f}")
+    mad_ms = _ms([r["test"]["mad_mean"] for r in rs])
+    tab.append(f"| {labels[key]} | {struct} | {side} | {mad_ms} | "
                + ", ".join(f"{r['test']['mad_mean']:.2f}" for r in rs) + " |")
   for name, v in base.items():
     tab.append(f"| {name} (baseline) | - | {v['side_mean']:.3f} ± {v['side_std']:.3f} | "
@@ -752,8 +758,10 @@ def report(rep: Reproduction, settings: dict) -> str:
   lines += [""] + goal_lines
   # -- pairing --------------------------------------------------------------------
   lines += ["", "### Pairing check", "",
-            "Per seed, the initialisation hash and batch-order hash of every Table 1 training "
-            "unit (the supervised row shares both: its batch adds the GT depth as a channel).",
+            "Per seed, over every Table 1 training unit: the hash of the initial parameters "
+            "(`init_state(cfg, PRNGKey(seed))` of the config each run trained with) and of "
+            "its batch indices at every step (the supervised row's batches add the GT depth "
+            "as a channel to the same images).",
             ""]
   for s in range(b.seeds):
     rs = [r for k in t1 for r in t1[k] if r["seed"] == s]
@@ -796,10 +804,11 @@ def report(rep: Reproduction, settings: dict) -> str:
   # -- Table 2 ----------------------------------------------------------------------
   if "table2" in b.parts:
     cols = ("dense", "generic-eq6", "dynamic-sigmoid", "dynamic-cosine")
+    ind2 = [mad["independent"][s] for s in range(b.table2_seeds) if s in mad["independent"]]
     lines += ["", "## Table 2: test MAD per ordering", "",
               f"Mean ± std over {b.table2_seeds} paired seeds; generic (Eq. 6) searched per "
               "seed with the ordering as its mask. Independent (same seeds) for reference: "
-              f"{_ms([mad['independent'][s] for s in range(b.table2_seeds) if s in mad['independent']])}.",
+              f"{_ms(ind2)}.",
               "", "| ordering | dense | generic (Eq. 6) | dynamic (sigmoid) | dynamic (cosine) |",
               "|---|---|---|---|---|"]
     for o in b.table2_orders:
