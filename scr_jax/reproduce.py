@@ -587,6 +587,10 @@ def run_all(rep: Reproduction, units, jobs: int = 1):
       prog.finish(u.name, 0)
     return
   running, failed = {}, []
+  # Workers import this very scr_jax (not another checkout's installed copy).
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
   logs = os.path.join(rep.out, "logs")
   os.makedirs(logs, exist_ok=True)
   while pending or running:
@@ -594,7 +598,8 @@ def run_all(rep: Reproduction, units, jobs: int = 1):
       pending.remove(u)
       fh = open(os.path.join(logs, u.name + ".log"), "a")
       cmd = [sys.executable, "-m", "scr_jax.reproduce", "--worker", u.name, "--out", rep.out]
-      running[u.name] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT), fh)
+      running[u.name] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env),
+                         fh)
       _log(f"[reproduce] start {u.name} (pid {running[u.name][0].pid})")
     if not running:
       if pending and not failed:  # nothing can start: a dependency is missing
