@@ -2,6 +2,7 @@
 whole reproduction at a tiny budget (resumable, --jobs, --report)."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -157,8 +158,10 @@ def test_reproduce_tiny_end_to_end(tmp_path, tiny_synface, variant_folder, monke
     raise AssertionError("a finished reproduction trained again")
   for mod, name in ((train, "fit"), (search, "search_orders"), (search, "search_unroll")):
     monkeypatch.setattr(mod, name, refuse)
-  capfd.readouterr()
+  err = capfd.readouterr().err
+  assert f"[reproduce] {len(units)}/{len(units)} units done" in err and "ETA" in err
   run.main(_argv(out, tiny_synface, variant_folder))
+  assert "[reproduce] start" not in capfd.readouterr().err  # no unit started
   assert stamps == {n: os.path.getmtime(os.path.join(out, "units", n + ".json")) for n in res}
   # --report rewrites the report without training; another budget in the same folder is refused
   os.remove(os.path.join(out, "results.md"))
@@ -166,8 +169,12 @@ def test_reproduce_tiny_end_to_end(tmp_path, tiny_synface, variant_folder, monke
   assert "## Table 1" in capfd.readouterr().out
   assert os.path.exists(os.path.join(out, "results.md"))
   monkeypatch.undo()
-  with pytest.raises(SystemExit):
-    run.main(_argv(out, tiny_synface, variant_folder, "--bo-evals", "3"))
+  stderr = sys.stderr
+  try:
+    with pytest.raises(SystemExit):
+      run.main(_argv(out, tiny_synface, variant_folder, "--bo-evals", "3"))
+  finally:
+    sys.stderr = stderr  # cliutil.fail silences stderr after its one line
   assert "other settings (bo_evals differ)" in capfd.readouterr().err
   # --jobs 2: two removed units are rerun by worker processes (their runs resume as trained)
   for n in ("t1.independent.s1", "baselines.default"):
