@@ -464,7 +464,9 @@ class Reproduction:
     found = self.dep(rec["search"], u.data, u.seed)
     if rec["variant"] == "generic":
       m = np.asarray(found["M"], np.float32)
-      return S(m=m, variant="generic"), row, f"{structure.order_of(m)}, {int((m != 0).sum())} edges"
+      edges = int((m != 0).sum())
+      label = f"{structure.order_of(m)}, {edges} edges" if edges else "0 edges (= independent)"
+      return S(m=m, variant="generic"), row, label
     return (S(m=structure.dense_matrix(found["order"]), q=rec.get("q"), variant=rec["variant"]),
             row, found["order"])
 
