@@ -183,3 +183,48 @@ def test_reproduce_tiny_end_to_end(tmp_path, tiny_synface, variant_folder, monke
   again = json.load(open(os.path.join(out, "units", "t1.independent.s1.json")))
   assert again["test"] == res["t1.independent.s1"]["test"]
   assert os.path.exists(os.path.join(out, "logs", "t1.independent.s1.log"))
+
+
+def test_report_all_parts_on_planted_numbers(tmp_path):
+  """Table 2, Figure 6 (Spearman between seeds), beyond rows (Holm over the
+  variants) from planted unit results."""
+  cfg = config.override(config.get_config("test_tiny"), ["steps=2"])
+  b = reproduce.Budget(preset="test_tiny", seeds=5, table2_seeds=2, fig6_seeds=2,
+                       beyond_seeds=5, fig6_orders=5, table2_orders=("DLVA",),
+                       variants=("wide_pose", "albedo_alt")).resolved(cfg)
+  rep = reproduce.Reproduction(str(tmp_path), cfg, b)
+  ind = [10.0, 10.4, 9.6, 10.2, 9.8]
+  per_row = {k: [i + 0.3 * ((-1) ** j) for j, i in enumerate(ind)] for k in reproduce.SCR_ROWS}
+  per_row.update(independent=ind, supervised=[3.0] * 5)
+  per_row["dense-bo"] = [i - 1.0 for i in ind]  # lowest val MAD: the row carried beyond
+  _planted(rep, per_row)
+  for s in range(2):
+    for c, v in (("dense", 11.0), ("generic-eq6", 12.0), ("dynamic-sigmoid", 13.0),
+                 ("dynamic-cosine", 14.0)):
+      reproduce._save(rep.result_path(f"t2.{c}-DLVA.s{s}"), dict(
+          kind="train", seed=s, test=dict(mad_mean=v + s, side_mean=1.0, n=8)))
+  orders = reproduce.structure.ALL_ORDERS[:5]
+  mads = {0: [1, 2, 3, 4, 5], 1: [2, 1, 4, 3, 5]}  # rho = 0.8 (1 - 6 * 4 / 120)
+  for s in range(2):
+    reproduce._save(rep.result_path(f"fig6.s{s}"), dict(kind="fig6", seed=s, orders={
+        o: dict(test_mad=float(m), test_side=1.0, val_mad=1.0, val_loss=float(m))
+        for o, m in zip(orders, mads[s])}))
+  shift = dict(wide_pose=-1.5, albedo_alt=0.1)
+  for v in shift:
+    for s in range(5):
+      for row, val in (("independent", ind[s]), ("best", ind[s] + shift[v] + 0.02 * s)):
+        reproduce._save(rep.result_path(f"bey.{v}.{row}.s{s}"), dict(
+            kind="train", seed=s, data=v, resolved_row="dense-bo" if row == "best" else row,
+            test=dict(mad_mean=val, side_mean=1.0, n=8)))
+  text = reproduce.report(rep, dict(command="c", commit="x"))
+  assert "| DLVA | 11.50 ± 0.71 | 12.50 ± 0.71 | 13.50 ± 0.71 | 14.50 ± 0.71 |" in text
+  assert "test MAD, seeds 0 and 1: +0.80" in text
+  assert f"seed 0: best test MAD {orders[0]} 1.00" in text
+  assert os.path.getsize(tmp_path / "fig6.png") > 0
+  fam = stats.holm_intervals([([ind[s] + shift[v] + 0.02 * s for s in range(5)], ind)
+                              for v in shift])
+  for v, w in zip(shift, fam):
+    row = [x for x in text.splitlines() if x.startswith(f"| {v}: best SCR row | 5 |")][0]
+    assert f"[{w['holm_lo']:+.2f}, {w['holm_hi']:+.2f}]" in row
+    assert ("**better**" in row) == (v == "wide_pose")
+  assert "| wide_pose | " in text and "dense-bo:" in text
