@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scr_jax import (checkpoint, cliutil, config, dataset, diagnostics, evaluator, lock, model,
-                     parallel, search, stats, structure, train, train_step)
+                     nets as nets_lib, parallel, search, stats, structure, train, train_step)
 from scr_jax.errors import UserError
 
 TABLE2_ORDERS = ("DLVA", "DAVL", "DVAL")
@@ -495,13 +495,13 @@ class Reproduction:
 
   def _supervised(self, u):
     d = self.data(u.data)
-    cfg = self.seed_cfg(u.seed)
-    nets = train_step.init_state(cfg, jax.random.PRNGKey(0))[0]
-    objective, predict = supervised_fns(nets, cfg)
     tr = d["train"]
+    wd = os.path.join(self.out, "runs", u.name)
+    # The objective needs the prior's ellipse now (as the SCR runs': from the images).
+    cfg = train.resolve_prior_ellipse(self.seed_cfg(u.seed), wd, True, tr)
+    objective, predict = supervised_fns(nets_lib.make_nets(cfg), cfg)
     both = dict(images=np.concatenate([tr["images"], tr["depth"][..., None]], -1)
                 .astype(np.float32))
-    wd = os.path.join(self.out, "runs", u.name)
     none = structure.Structure(m=np.zeros((4, 4), np.float32))
     r = train.fit(cfg, wd, both, None, none, quiet=True, objective=objective,
                   run_info=dict(data="supervised: images with GT depth as a 4th channel"))
