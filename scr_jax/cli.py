@@ -138,15 +138,10 @@ def cmd_search(args):
 
 
 def cmd_reproduce(args):
-  """Tables 1-2, Figures 6 and 8, qualitative grid; resumable (scr_jax/reproduce.py)."""
+  """Tables 1-2, Figures 6 and 8, beyond-default rows; resumable (scr_jax/reproduce.py)."""
+  text = reproduce.from_args(args, "python experiments/run.py " + " ".join(args.argv))
   if args.report:
-    print(reproduce.partial_report(args.out))
-    return None
-  command = "python experiments/run.py " + " ".join(sys.argv[1:])
-  return reproduce.reproduce(args.out, preset=args.preset, seeds=args.seeds, data=args.data,
-                             steps=args.steps, search_steps=args.search_steps,
-                             fig6_steps=args.fig6_steps, sets=args.set or [],
-                             command=command)
+    print(text)
 
 
 def cmd_eval(args):
@@ -336,17 +331,7 @@ def build_parser(prog: str = "run.py"):
   se.set_defaults(fn=cmd_search)
 
   rp = sub.add_parser("reproduce", help="the paper's tables and figures, resumably")
-  rp.add_argument("--preset", default="cpu_small")
-  rp.add_argument("--out", required=True)
-  rp.add_argument("--seeds", type=int, default=3)
-  rp.add_argument("--data", default="builtin")
-  rp.add_argument("--steps", type=int, help="training steps per run (default: the preset's)")
-  rp.add_argument("--search-steps", type=int, help="steps per BO evaluation / unroll outer steps "
-                  "(default steps/5)")
-  rp.add_argument("--fig6-steps", type=int, help="steps of the all-24 run (default: --steps)")
-  rp.add_argument("--set", action="append", metavar="KEY=VALUE")
-  rp.add_argument("--report", action="store_true",
-                  help="only tabulate the runs finished so far (OUT/results_partial.md)")
+  reproduce.add_arguments(rp)  # its flags live with it
   rp.set_defaults(fn=cmd_reproduce)
 
   im = sub.add_parser("import-unsup3d", help="convert Unsup3D's PyTorch checkpoint "
@@ -477,7 +462,9 @@ def main(argv=None):
   a UserError, 3 on a non-finite step, 130 / 143 when interrupted."""
   # `scr-jax --help` names itself; every other entry is run.py, as documented.
   prog = "scr-jax" if os.path.basename(sys.argv[0] or "") == "scr-jax" else "run.py"
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = build_parser(prog).parse_args(argv)
+  args.argv = argv  # as given (recorded with reproduce's report)
   try:
     for attr, flag, kind in _OUTPUTS.get(args.cmd, ()):
       if getattr(args, attr, None) is not None:

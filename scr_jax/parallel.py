@@ -9,6 +9,9 @@ when K divides evenly (`place_candidates`).
 """
 from __future__ import annotations
 
+import gc
+import sys
+
 import jax
 import numpy as np
 
@@ -110,3 +113,21 @@ def compile_in_step(fn, *args):
   compiled = fn.lower(*args).compile()
   barrier(f"compiled-{getattr(fn, '__name__', 'fn')}")
   return lambda *a: compiled(*structure_lib.bare_args(a))
+
+
+def release_programs():
+  """Drops every compiled XLA program this process holds: jax's caches and
+  the functools caches in scr_jax that keep jitted functions alive. Why: each
+  XLA:CPU executable maps its own code pages, and one process that keeps
+  every program of a long job (reproduce's tens of units, the test suite)
+  runs past the kernel's vm.max_map_count (65530) and segfaults. The
+  persistent compilation cache on disk keeps the recompiles cheap."""
+  for name, module in list(sys.modules.items()):
+    if not name.startswith("scr_jax") or module is None:
+      continue
+    for value in list(vars(module).values()):
+      clear = getattr(value, "cache_clear", None)
+      if callable(clear) and hasattr(value, "cache_info"):
+        clear()
+  jax.clear_caches()
+  gc.collect()

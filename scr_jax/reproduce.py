@@ -1,18 +1,42 @@
-"""The driver of `run.py reproduce`: the paper's Table 1, Table 2, Figure 6, Figure 8 and the
-qualitative grids, from one command, resumably.
+"""The driver of `run.py reproduce`: the paper's Table 1, Table 2, Figure 6 and
+Figure 8 and the beyond-default rows, as resumable units with paired seeds and
+statistics.
 
-Every unit of work (a search, a training run, an evaluation) writes its result
-file when it finishes; a rerun reads finished results back and redoes only the
-rest (an interrupted training run itself resumes from its last checkpoint).
-Layout of OUT: search/{bo,unroll,unroll-masked}, runs/<method>_s<seed>,
-table2/<variant>_<order>, fig6/, results.md, *.png, reproduce.json.
+Protocol (issue 21):
+- Paired seeds: within a seed every training run starts from the same
+  initialisation of the shared networks (`train_step.init_state(cfg,
+  PRNGKey(seed))`, the same for every structure: M adds no parameters) and sees
+  the same batch order (`dataset.batch_indices(n, batch, seed, step)`); each
+  unit records both as hashes (`init_hash`, `batch_hash`) and results.md checks
+  them per seed.
+- Structures are chosen on val, never on test: BO's objective is the val
+  photometric loss (a second, labelled "oracle objective" BO uses val MAD);
+  the unrolled searches use val batches; the "best SCR row" carried to the
+  harder variants is the one with the lowest mean val MAD.
+- Statistics (`scr_jax.stats`): per row mean +- std and per-seed values; each
+  SCR row against independent as a paired mean difference with its 95 % t
+  interval and p-value, Holm over the SCR rows; "better" only when the Holm
+  interval lies below 0.
+
+A unit (a search, a training run + its evaluation, the baselines, one Figure 6
+run) writes OUT/units/<name>.json when it finishes; a rerun skips finished
+units (an interrupted training run resumes from its last checkpoint). `--jobs N`
+runs N units at once as worker processes (`python -m scr_jax.reproduce
+--worker NAME --out OUT`). `--report` rewrites OUT/results.md and
+OUT/results_readme.md (a README-ready Results section) from the units finished so
+far. Layout: OUT/settings.json, units/, runs/<unit>/ (workdirs), search/<unit>/,
+logs/<unit>.log, fig6.png, fig8.png, results.md, results_readme.md.
 """
 from __future__ import annotations
 
+import argparse
 import csv
-import glob
+import dataclasses
+import hashlib
+import itertools
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -20,29 +44,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import (checkpoint, config, dataset, evaluator, lock, model, parallel, render,
-                     search, structure, train, train_step, visualize, workdir as workdir_lib)
-from scr_jax.evaluator import Evaluator, each_candidate
+from scr_jax import (checkpoint, cliutil, config, dataset, diagnostics, evaluator, jsonio, lock,
+                     model, nets as nets_lib, parallel, search, stats, structure, train, train_step)
 from scr_jax.errors import UserError
 
 TABLE2_ORDERS = ("DLVA", "DAVL", "DVAL")
-# Table 1 rows trained as SCR models: (name, variant, how the structure is chosen).
-SCR_ROWS = (
-    ("independent SCR", "independent", None),
-    ("dense SCR (random ordering)", "dense", "random"),
-    ("dense SCR (BO)", "dense", "bo"),
-    ("generic SCR (Eq. 5)", "generic", "unroll"),
-    ("generic SCR (Eq. 6)", "generic", "unroll-masked"),
-    ("dynamic SCR (sigmoid)", "dynamic", "sigmoid"),
-    ("dynamic SCR (cosine)", "dynamic", "cosine"),
-)
+VARIANTS = ("wide_pose", "albedo_alt")
+PARTS = ("table1", "table2", "fig6", "beyond")
+
+# Table 1 rows trained as SCR models: key -> (label, recipe). A recipe names
+# the variant and where its structure comes from: a fixed / random ordering,
+# or the result of a search unit of the same data and seed ("bo", "bo-oracle",
+# "eq5", "eq6").
+SCR_ROWS = {
+    "independent": ("independent (M = 0)", dict(variant="independent")),
+    "dense-random": ("dense, random ordering (one per seed)",
+                     dict(variant="dense", order="random")),
+    "dense-bo": ("dense, BO (objective: val photometric loss)",
+                 dict(variant="dense", search="bo")),
+    "dense-bo-oracle": ("dense, BO, oracle objective (val MAD)",
+                        dict(variant="dense", search="bo-oracle")),
+    "generic-eq5": ("generic, Eq. 5 (unrolled bilevel + NOTEARS)",
+                    dict(variant="generic", search="eq5")),
+    "generic-eq6": ("generic, Eq. 6 (masked by the BO ordering)",
+                    dict(variant="generic", search="eq6")),
+    "dynamic-sigmoid": ("dynamic, sigmoid (mask: the BO ordering)",
+                        dict(variant="dynamic", q="sigmoid", search="bo")),
+    "dynamic-cosine": ("dynamic, cosine (mask: the BO ordering)",
+                       dict(variant="dynamic", q="cosine", search="bo")),
+}
+SUPERVISED = "supervised (GT depth: upper bound)"
+# What each search needs first.
+SEARCH_DEPS = {"bo": (), "bo-oracle": (), "eq5": (), "eq6": ("bo",)}
 
 
-def _log(msg):
-  print(msg, file=sys.stderr, flush=True)
+_log = cliutil.log
 
 
-def _done(path):
+def _read(path):
   if os.path.exists(path):
     with open(path, encoding="utf-8-sig") as fh:
       return json.load(fh)
@@ -51,418 +90,1042 @@ def _done(path):
 
 def _save(path, obj):
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as fh:
-    json.dump(obj, fh, indent=1)
-  os.replace(tmp, path)
+  jsonio.write_json(path, obj)
 
 
-class Reproduction:
-  """Holds the data and settings; each method below is one resumable unit."""
-
-  def __init__(self, out, cfg, data_spec, seeds, search_steps, fig6_steps, table2, load):
-    self.out, self.cfg, self.seeds = out, cfg, seeds
-    self.search_steps, self.fig6_steps = search_steps, fig6_steps
-    self.train_data, self.val = load("train"), load("val")
-    self.test = load("test")
-    self.data_spec = data_spec
-    self.cam = model.camera(cfg)
-
-  # -- structures ------------------------------------------------------------
-  def structure_for(self, how, seed):
-    """(Structure, label) for a Table 1 row."""
-    S = structure.Structure
-    if how is None:
-      return S(m=np.zeros((4, 4), np.float32), variant="independent"), "M = 0"
-    if how == "random":
-      order = structure.random_order(seed)
-      return S(m=structure.dense_matrix(order), variant="dense"), order
-    if how in ("sigmoid", "cosine"):
-      order = self.bo_order()
-      return S(m=structure.dense_matrix(order), q=how, variant="dynamic"), order
-    if how == "bo":
-      order = self.bo_order()
-      return S(m=structure.dense_matrix(order), variant="dense"), order
-    m = self.unroll_m(masked=(how == "unroll-masked"))
-    return S(m=m, variant="generic"), structure.order_of(m)
-
-  def search_cfg(self):
-    return config.override(self.cfg, [f"steps={self.search_steps}", "seed=0"])
-
-  def bo_order(self):
-    path = os.path.join(self.out, "search", "bo", "structure.json")
-    if not os.path.exists(path):
-      _log("== search: dense SCR by Bayesian optimisation")
-      search.search_orders(self.search_cfg(), os.path.dirname(path), self.train_data, self.val,
-                           method="bo", n_init=4, n_evals=8, batch=2)
-    return structure.load_structure(path)["order"]
-
-  def unroll_m(self, masked, order=None):
-    order = order or (self.bo_order() if masked else None)
-    name = f"unroll-masked_{order}" if masked else "unroll"
-    path = os.path.join(self.out, "search", name, "structure.json")
-    if not os.path.exists(path):
-      _log(f"== search: generic SCR by unrolling ({'Eq. 6, mask ' + order if masked else 'Eq. 5'})")
-      search.search_unroll(self.search_cfg(), os.path.dirname(path), self.train_data, self.val,
-                           masked_order=order, steps=self.search_steps, unroll_k=1,
-                           augmented=not masked, tau=0.1, raise_to_dag=True)
-    s = structure.load_structure(path)
-    return np.asarray(s["M"], np.float32)
-
-  # -- training + evaluation ---------------------------------------------------
-  def run(self, workdir, st, seed, cfg=None):
-    """Trains Structure `st` (resumably) and evaluates on the test split;
-    returns the summary."""
-    res_path = os.path.join(workdir, "test.json")
-    done = _done(res_path)
-    if done:
-      return done
-    cfg = config.override(cfg or self.cfg, [f"seed={seed}"])
-    _log(f"== train {os.path.relpath(workdir, self.out)} ({cfg.steps} steps)")
-    r = train.fit_workdir(cfg, workdir, self.train_data, self.val, st, quiet=True)
-    summ, _, _ = Evaluator(r["nets"], r["cfg"]).evaluate(r["state"].params, self.test,
-                                                    r["structure"])
-    summ.update(steps=r["step"], seconds=r["seconds"])
-    _save(res_path, summ)
-    _log(f"   test SIDE {summ['side_mean']:.3f}  MAD {summ['mad_mean']:.2f}")
-    return summ
-
-  def supervised(self, seed):
-    """Upper bound: the depth encoder-decoder regressing ground-truth depth
-    (input view) with an L1 loss on the object, same steps and batch."""
-    workdir = os.path.join(self.out, "runs", f"supervised_s{seed}")
-    res_path = os.path.join(workdir, "test.json")
-    if _done(res_path):
-      return _done(res_path)
-    cfg = self.cfg
-    _log(f"== train runs/supervised_s{seed} ({cfg.steps} steps)")
-    nets, state = train_step.init_state(cfg, jax.random.PRNGKey(seed))
-    far = cfg.max_depth
-
-    def predict(p, img):
-      u = nets.apply(p, model.to_model_range(img), method=nets.encode)
-      raw = nets.apply(p, u, method=nets.decode)
-      return model.depth_from_raw(raw["D"][..., 0], self.cam, cfg.depth_prior,
-                                  ellipse=config.prior_ellipse(cfg))
-
-    def l1_on_object(p, batch, structure, step):  # the structure plays no part
-      img, gt = batch
-      fg = (gt < far - 1e-3).astype(jnp.float32)
-      loss = jnp.sum(jnp.abs(predict(p, img) - gt) * fg) / jnp.maximum(jnp.sum(fg), 1.0)
-      return loss, dict(loss=loss)
-
-    # The same train step as SCR (optimiser, non-finite rule), another objective.
-    step = train_step.make_train_step(nets, cfg, l1_on_object)
-    none = structure.Structure(m=jnp.zeros((4, 4), jnp.float32))
-    imgs, gts = self.train_data["images"], self.train_data["depth"]
-    t0 = time.time()
-    for i in range(cfg.steps):
-      idx = train.batch_indices(imgs.shape[0], cfg.batch_size, seed, i)
-      state, _ = step(state, (jnp.asarray(imgs[idx]), jnp.asarray(gts[idx])), none)
-    params = state.params
-    pred_fn = jax.jit(predict)
-    pred = Evaluator(nets, cfg).map(lambda img: pred_fn(params, img), self.test["images"])
-    summ = evaluator.depth_summary(pred, np.ones_like(pred), self.test["depth"], self.cam,
-                                   cfg.batch_size)
-    summ.update(steps=cfg.steps, seconds=time.time() - t0)
-    _save(res_path, summ)
-    return summ
-
-  # -- the experiments ---------------------------------------------------------
-  def table1(self):
-    rows = {}
-    base = evaluator.baselines(self.test, self.train_data, self.cfg)
-    rows["supervised (GT depth)"] = [self.supervised(s) for s in self.seeds]
-    for name, summ in base.items():
-      rows[name] = [summ]
-    labels = {}
-    for name, variant, how in SCR_ROWS:
-      per_seed = []
-      for s in self.seeds:
-        st, label = self.structure_for(how, s)
-        key = name.split(" (")[0].replace(" ", "-") + (f"-{how}" if how else "")
-        per_seed.append(self.run(os.path.join(self.out, "runs", f"{key}_s{s}"), st, s))
-        labels.setdefault(name, set()).add(label)
-      rows[name] = per_seed
-    return rows, {k: sorted(v) for k, v in labels.items()}
-
-  def table2(self):
-    rows = {}
-    for order in TABLE2_ORDERS:
-      dense = structure.dense_matrix(order)
-      S = structure.Structure
-      base = os.path.join(self.out, "table2")
-      rows[(order, "dense")] = self.run(os.path.join(base, f"dense_{order}"),
-                                        S(m=dense, variant="dense"), 0)
-      m6 = self.unroll_m(masked=True, order=order)
-      rows[(order, "generic (Eq. 6)")] = self.run(os.path.join(base, f"generic6_{order}"),
-                                                  S(m=m6, variant="generic"), 0)
-      for q in ("sigmoid", "cosine"):
-        rows[(order, f"dynamic ({q})")] = self.run(os.path.join(base, f"dynamic-{q}_{order}"),
-                                                   S(m=dense, q=q, variant="dynamic"), 0)
-    return rows
-
-  def fig6(self):
-    """All 24 dense orderings plus independent (M = 0) as a 25th candidate,
-    trained together (vmapped) for fig6_steps, evaluated on test."""
-    path = os.path.join(self.out, "fig6", "results.json")
-    done = _done(path)
-    if done:
-      return done
-    orders = list(structure.ALL_ORDERS) + ["independent"]
-    st = structure.candidates(orders)
-    cfg = config.override(self.cfg, [f"steps={self.fig6_steps}", "seed=0",
-                                     f"eval_every={10 ** 9}"])
-    _log(f"== fig6: 24 orderings + independent, vmapped, {cfg.steps} steps")
-    r = train.fit_workdir(cfg, os.path.join(self.out, "fig6"), self.train_data, None, st,
-                          quiet=True)
-    ev = Evaluator(r["nets"], r["cfg"])
-    res = {}
-    for o, (params_i, st_i) in zip(orders, each_candidate(r["state"].params, st)):
-      summ, _, _ = ev.evaluate(params_i, self.test, st_i)
-      res[o] = dict(side=summ["side_mean"], mad=summ["mad_mean"])
-    _save(path, res)
-    return res
-
-  def qualitative(self, workdirs, path, n_images=3, yaws=(-40, 0, 40)):
-    """Rows: per variant and image, input | canonical normals | shading at yaws."""
-    rows = []
-    for name, wd in workdirs.items():
-      r = workdir_lib.restore(wd)
-      pred = Evaluator(r.nets, r.cfg).factors(r.params, self.test["images"][:n_images],
-                                              r.structure)
-      for i in range(n_images):
-        depth = jnp.asarray(pred["canon_depth"][i])
-        shading = render.shade(jnp.asarray(pred["canon_normal"][i]), 0.3, 0.7,
-                               jnp.asarray([-0.4, -0.3]))
-        shading = jnp.repeat(shading[..., None], 3, -1) * 0.85
-        frames = [np.clip(np.asarray(render.render_view(
-            depth, shading, jnp.zeros(6).at[1].set(np.deg2rad(yaw)), self.cam)["image"]), 0, 1)
-                  for yaw in yaws]
-        rows.append([np.asarray(self.test["images"][i]),
-                     np.asarray(visualize.normal_to_rgb(pred["canon_normal"][i]))] + frames)
-    grid = visualize.grid(rows)
-    visualize.save_png(path, grid, 3)
-    return path
+def variant_specs(variants, default: str) -> dict:
+  """{data tag: --data spec}: "default" is the reproduction's --data; a
+  variant entry NAME is the built-in data of that variant (builtin:NAME),
+  NAME=SPEC names any other --data (e.g. a folder exported elsewhere)."""
+  out = {"default": default}
+  for v in variants:
+    name, _, spec = v.partition("=")
+    out[name] = spec or f"builtin:{name}"
+  return out
 
 
-def _mean_std(xs):
-  xs = np.asarray(xs, np.float64)
-  return float(xs.mean()), float(xs.std())
+# ----------------------------------------------------------------------------
+# Budgets and units
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """Every budget of a reproduction (all overridable from the command line).
+
+  steps: training steps per run (None: the preset's); seeds: Table 1 seeds
+  0..seeds-1; table2_seeds / fig6_seeds / beyond_seeds likewise for the other
+  parts; bo_init / bo_evals / bo_batch: BO's initial design, total orderings
+  evaluated, candidates trained together per round; bo_steps: training steps
+  per BO evaluation; unroll_steps: outer steps of each unrolled search (one
+  inner step each); fig6_steps / fig6_orders: the all-orderings run's steps and
+  how many of the 24 orderings (in structure.ALL_ORDERS order); table2_orders;
+  variants: the harder data of the beyond rows (built-in variant names,
+  or NAME=SPEC, `variant_specs`); parts: which of
+  table1, table2, fig6, beyond to run.
+  """
+  preset: str = "cpu_small"
+  data: str = "builtin"
+  steps: int | None = None
+  seeds: int = 5
+  table2_seeds: int = 3
+  fig6_seeds: int = 3
+  beyond_seeds: int = 5
+  bo_init: int = 4
+  bo_evals: int = 8
+  bo_batch: int = 2
+  bo_steps: int | None = None
+  unroll_steps: int | None = None
+  fig6_steps: int | None = None
+  fig6_orders: int = 24
+  table2_orders: tuple = TABLE2_ORDERS
+  variants: tuple = VARIANTS
+  parts: tuple = PARTS
+  sets: tuple = ()
+
+  def resolved(self, cfg) -> "Budget":
+    """The budget with the step defaults filled from the config (searches:
+    steps / 5; Figure 6: steps)."""
+    return dataclasses.replace(
+        self, steps=cfg.steps, bo_steps=self.bo_steps or max(cfg.steps // 5, 1),
+        unroll_steps=self.unroll_steps or max(cfg.steps // 5, 1),
+        fig6_steps=self.fig6_steps or cfg.steps)
+
+  def check(self):
+    """Raises UserError on a budget that cannot run."""
+    for f in ("seeds", "table2_seeds", "fig6_seeds", "beyond_seeds", "bo_init", "bo_evals",
+              "bo_batch", "fig6_orders"):
+      if getattr(self, f) < 1:
+        raise UserError(f"--{f.replace('_', '-')} must be >= 1, got {getattr(self, f)}")
+    for f in ("steps", "bo_steps", "unroll_steps", "fig6_steps"):
+      v = getattr(self, f)
+      if v is not None and v < 1:
+        raise UserError(f"--{f.replace('_', '-')} must be >= 1, got {v}")
+    if self.bo_evals < self.bo_init or self.bo_evals > 24:
+      raise UserError(f"--bo-evals must be between --bo-init ({self.bo_init}) and 24, "
+                      f"got {self.bo_evals}")
+    if self.fig6_orders > 24:
+      raise UserError(f"--fig6-orders must be <= 24, got {self.fig6_orders}")
+    for o in self.table2_orders:
+      structure.check_order(o)
+    bad = sorted(set(self.parts) - set(PARTS))
+    if bad:
+      raise UserError(f"--parts: unknown {', '.join(bad)}; choose from {', '.join(PARTS)}")
+    from scr_jax import synthetic
+    bad = sorted(v for v in self.variants if "=" not in v and v not in synthetic.VARIANTS)
+    if bad:
+      raise UserError(f"--variants: unknown {', '.join(bad)}; built-in variants: "
+                      f"{', '.join(synthetic.VARIANTS)}")
 
 
-def plot_fig6(res, path):
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-  orders = [o for o in res if o != "independent"]
-  fig = Figure(figsize=(12, 4), dpi=100)
-  FigureCanvasAgg(fig)
-  for k, key in enumerate(("side", "mad")):
-    ax = fig.add_subplot(1, 2, k + 1)
-    srt = sorted(orders, key=lambda o: res[o][key])
-    ax.bar(range(len(srt)), [res[o][key] for o in srt], color="tab:blue")
-    ax.axhline(res["independent"][key], c="tab:red", ls="--", label="independent")
-    ax.set_xticks(range(len(srt)))
-    ax.set_xticklabels(srt, rotation=90, fontsize=7)
-    ax.set_ylabel("SIDE x1e-2" if key == "side" else "MAD (deg)")
-    lo = min(min(res[o][key] for o in orders), res["independent"][key])
-    hi = max(max(res[o][key] for o in orders), res["independent"][key])
-    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-6), hi + 0.1 * (hi - lo + 1e-6))
-    ax.legend(fontsize=8)
-  fig.suptitle("Figure 6: dense SCR, all 24 orderings (sorted), test split")
-  fig.tight_layout()
-  fig.savefig(path)
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  """One resumable piece of work.
+
+  name: unique, also its file name (OUT/units/<name>.json); kind: baselines |
+  train | supervised | search | fig6; data: a data tag ("default" or a
+  variant); seed; row: a SCR_ROWS key, "best" (the val-chosen SCR row, resolved
+  when it runs) or a Table 2 key; search: the search kind of a search unit;
+  order: the ordering of a Table 2 unit; deps: unit names that must be done
+  first; cost: training-step equivalents (for the ETA).
+  """
+  name: str
+  kind: str
+  data: str = "default"
+  seed: int = 0
+  row: str = ""
+  search: str = ""
+  order: str = ""
+  deps: tuple = ()
+  cost: float = 1.0
 
 
-def plot_fig8(curves, path):
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=(11, 4), dpi=100)
-  FigureCanvasAgg(fig)
-  for k, key in enumerate(("val/side_mean", "val/mad_mean")):
-    ax = fig.add_subplot(1, 2, k + 1)
-    for name, c in curves.items():
-      pts = sorted(c.get(key, {}).items())
-      if pts:
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("val SIDE x1e-2" if "side" in key else "val MAD (deg)")
-    ax.legend(fontsize=8)
-  fig.suptitle("Figure 8: validation convergence (seed 0)")
-  fig.tight_layout()
-  fig.savefig(path)
+def search_name(kind: str, tag: str, seed: int, order: str = "") -> str:
+  sfx = f"-{order}" if order else ""
+  return f"search.{tag}.{kind}{sfx}.s{seed}"
 
 
-def read_curves(workdir):
+def plan(b: Budget) -> list:
+  """The units of a resolved budget, in a dependency-respecting order."""
+  units, seen = [], set()
+
+  def add(u):
+    if u.name not in seen:
+      seen.add(u.name)
+      units.append(u)
+
+  search_cost = dict(bo=b.bo_evals * b.bo_steps, **{"bo-oracle": b.bo_evals * b.bo_steps},
+                     eq5=4 * b.unroll_steps, eq6=4 * b.unroll_steps)
+
+  def add_search(kind, tag, seed, order=""):
+    deps = tuple(add_search(d, tag, seed) for d in SEARCH_DEPS[kind] if not order)
+    name = search_name(kind, tag, seed, order)
+    add(Unit(name, "search", tag, seed, search=kind, order=order, deps=deps,
+             cost=search_cost[kind]))
+    return name
+
+  t1_train = []
+  if "table1" in b.parts or "beyond" in b.parts:
+    add(Unit("baselines.default", "baselines", cost=1))
+    for s in range(b.seeds):
+      add(Unit(f"t1.supervised.s{s}", "supervised", seed=s, row="supervised", cost=b.steps))
+      for key, (_, rec) in SCR_ROWS.items():
+        deps = (add_search(rec["search"], "default", s),) if "search" in rec else ()
+        name = f"t1.{key}.s{s}"
+        add(Unit(name, "train", seed=s, row=key, deps=deps, cost=b.steps))
+        t1_train.append(name)
+  if "table2" in b.parts:
+    for s in range(b.table2_seeds):
+      for o in b.table2_orders:
+        add(Unit(f"t2.dense-{o}.s{s}", "train", seed=s, row="dense", order=o, cost=b.steps))
+        dep = add_search("eq6", "default", s, order=o)
+        add(Unit(f"t2.generic-eq6-{o}.s{s}", "train", seed=s, row="generic-eq6", order=o,
+                 deps=(dep,), cost=b.steps))
+        for q in ("sigmoid", "cosine"):
+          add(Unit(f"t2.dynamic-{q}-{o}.s{s}", "train", seed=s, row=f"dynamic-{q}", order=o,
+                   cost=b.steps))
+  if "fig6" in b.parts:
+    for s in range(b.fig6_seeds):
+      add(Unit(f"fig6.s{s}", "fig6", seed=s, cost=b.fig6_orders * b.fig6_steps))
+  if "beyond" in b.parts:
+    for v in variant_specs(b.variants, b.data):
+      if v == "default":
+        continue
+      add(Unit(f"baselines.{v}", "baselines", data=v, cost=1))
+      for s in range(b.beyond_seeds):
+        add(Unit(f"bey.{v}.independent.s{s}", "train", data=v, seed=s, row="independent",
+                 cost=b.steps))
+        # The best row is known once Table 1 is; its searches run inside this unit.
+        add(Unit(f"bey.{v}.best.s{s}", "train", data=v, seed=s, row="best",
+                 deps=tuple(t1_train), cost=b.steps + search_cost["bo"]))
+  return units
+
+
+# ----------------------------------------------------------------------------
+# Running units
+# ----------------------------------------------------------------------------
+
+def tree_hash(tree) -> str:
+  """BLAKE2b (12 bytes, hex) of a pytree's leaves as float32 / int arrays, in
+  jax's leaf order: equal hashes mean bit-identical trees."""
+  h = hashlib.blake2b(digest_size=12)
+  for leaf in jax.tree_util.tree_leaves(tree):
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(str((a.shape, a.dtype.str)).encode())
+    h.update(a.data)
+  return h.hexdigest()
+
+
+def batch_order_hash(n: int, batch_size: int, seed: int, steps: int) -> str:
+  """Hash of the training batches' image indices for steps 0..steps-1
+  (`dataset.batch_indices`, what `train.fit` reads through `dataset.Batches`)."""
+  h = hashlib.blake2b(digest_size=12)
+  h.update(f"{n},{batch_size}".encode())
+  for t in range(steps):
+    h.update(np.asarray(dataset.batch_indices(n, batch_size, seed, t), np.int64).data)
+  return h.hexdigest()
+
+
+def read_curves(workdir: str) -> dict:
+  """{key: {step: value}} of a workdir's metrics.csv (val/... rows only)."""
   out = {}
   path = os.path.join(workdir, "metrics.csv")
   if not os.path.exists(path):
     return out
   with open(path) as fh:
     for row in csv.DictReader(fh):
-      out.setdefault(row["key"], {})[int(row["step"])] = float(row["value"])
+      if row["key"].startswith("val/"):
+        out.setdefault(row["key"], {})[int(row["step"])] = float(row["value"])
   return out
 
 
-def reproduce(out, preset="cpu_small", seeds=3, data="builtin", steps=None, search_steps=None,
-              fig6_steps=None, sets=(), command=""):
-  t0 = time.time()
-  if seeds < 1:
-    raise UserError(f"--seeds must be >= 1, got {seeds}")
-  cfg = config.get_config(preset)
-  cfg = config.override(cfg, list(sets) + ([f"steps={steps}"] if steps else []))
-  cfg = config.without_missing_vgg(cfg, _log)
-  if not any(s.split("=", 1)[0].strip() == "eval_every" for s in sets):
-    # Figure 8's curves need validation points along the way, not just at the end.
-    cfg = config.override(cfg, [f"eval_every={max(cfg.steps // 10, 1)}"])
-  cfg = config.validate(cfg)
-  search_steps = search_steps or max(cfg.steps // 5, 1)
-  fig6_steps = fig6_steps or cfg.steps
-  parallel.check_batch_size(cfg.batch_size)
-  with lock.hold(out, _log):  # one job per output folder
-    settings = dict(preset=preset, seeds=seeds, data=data, steps=cfg.steps,
-                    search_steps=search_steps, fig6_steps=fig6_steps, sets=list(sets))
-    prev = _done(os.path.join(out, "settings.json"))
-    if prev and prev != settings:
-      raise UserError(f"{out} holds a reproduction with other settings ({prev}); "
-                      "use another --out")
-    _save(os.path.join(out, "settings.json"), settings)
-    checkpoint.save_config(out, cfg)
-    rep = Reproduction(out, cfg, data, list(range(seeds)), search_steps, fig6_steps, True,
-                       lambda split: dataset.load_split(data, split, cfg))
-    t1, labels = rep.table1()
-    t2 = rep.table2()
-    f6 = rep.fig6()
-    plot_fig6(f6, os.path.join(out, "fig6.png"))
-    fig8_runs = {"independent": "independent-SCR_s0", "dense (BO)": "dense-SCR-bo_s0",
-                 "generic (Eq. 6)": "generic-SCR-unroll-masked_s0",
-                 "dynamic (sigmoid)": "dynamic-SCR-sigmoid_s0"}
-    plot_fig8({k: read_curves(os.path.join(out, "runs", v)) for k, v in fig8_runs.items()},
-              os.path.join(out, "fig8.png"))
-    qual = {}
-    for name, variant, how in SCR_ROWS:
-      key = name.split(" (")[0].replace(" ", "-") + (f"-{how}" if how else "")
-      qual[name] = os.path.join(out, "runs", f"{key}_s0")
-    rep.qualitative(qual, os.path.join(out, "qualitative.png"))
-    wall = time.time() - t0
-    summary = write_results(out, cfg, settings, t1, labels, t2, f6, wall, command)
-    _save(os.path.join(out, "reproduce.json"), summary)
-    _log(f"reproduce done in {wall:.0f}s (this invocation): {os.path.join(out, 'results.md')}")
-    return summary
+def supervised_fns(nets, cfg):
+  """(objective, predict) of the supervised upper bound.
+
+  predict(params, img_BxSxSx3) -> depth BxSxS: the SCR networks' encoder and
+  depth decoder (independent factors) read as input-view depth; objective:
+  the L1 between it and the ground-truth depth on the object (gt < max_depth),
+  for `train.fit(objective=...)`; its batch is BxSxSx4, the image with the GT
+  depth as a 4th channel (so the batches are the SCR runs' batches)."""
+  cam, far = model.camera(cfg), cfg.max_depth
+  ellipse = config.prior_ellipse(cfg)
+
+  def predict(p, img):
+    u = nets.apply(p, model.to_model_range(img), method=nets.encode)
+    raw = nets.apply(p, u, method=nets.decode)
+    return model.depth_from_raw(raw["D"][..., 0], cam, cfg.depth_prior, ellipse=ellipse)
+
+  def objective(p, batch, st, step):  # the structure and step play no part
+    img, gt = batch[..., :3], batch[..., 3]
+    fg = (gt < far - 1e-3).astype(jnp.float32)
+    loss = jnp.sum(jnp.abs(predict(p, img) - gt) * fg) / jnp.maximum(jnp.sum(fg), 1.0)
+    return loss, dict(loss=loss)
+
+  return objective, predict
 
 
-# Two-sided 95% critical values of Student's t for 1..10 degrees of freedom.
-_T95 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23)
+def _summary(summ: dict) -> dict:
+  """The SIDE / MAD part of a `metrics.summarize` dict, JSON-able."""
+  return {k: float(summ[k]) for k in ("side_mean", "side_std", "mad_mean", "mad_std",
+                                      "mad_unsup3d_mean") if k in summ} | dict(n=int(summ["n"]))
 
 
-def _paired_t_sentence(per_ind, per_best):
-  """Paired t-test over seeds of independent minus best MAD, as one sentence."""
-  d = np.asarray(per_ind, float) - np.asarray(per_best, float)
-  if len(d) < 2:
-    return "One seed: no significance test."
-  sd = float(np.std(d, ddof=1))
-  t = float(np.mean(d)) / (sd / np.sqrt(len(d))) if sd > 0 else float("inf")
-  crit = _T95[min(len(d) - 1, len(_T95)) - 1]
-  return (f"Paired t-test over the {len(d)} seeds: t = {t:.2f} against {crit:.2f} at 95% "
-          f"({'significant' if abs(t) > crit else 'not significant'}).")
+class Reproduction:
+  """The units of one reproduction in OUT: data, structures, runners.
+
+  cfg: the validated training config (steps = budget.steps, eval_every set);
+  budget: a resolved `Budget`."""
+
+  def __init__(self, out: str, cfg, budget: Budget):
+    self.out, self.cfg, self.b = out, cfg, budget
+    self._data, self._init = {}, {}
+
+  # -- paths, data --------------------------------------------------------------
+  def result_path(self, name):
+    return os.path.join(self.out, "units", name + ".json")
+
+  def result(self, name):
+    return _read(self.result_path(name))
+
+  def data(self, tag: str) -> dict:
+    """{train, val, test} arrays of a data tag, loaded once per process."""
+    if tag not in self._data:
+      spec = variant_specs(self.b.variants, self.b.data)[tag]
+      self._data[tag] = {s: dataset.load_split(spec, s, self.cfg) for s in ("train", "val", "test")}
+    return self._data[tag]
+
+  def seed_cfg(self, seed: int, steps=None):
+    sets = [f"seed={seed}"] + ([f"steps={steps}"] if steps else [])
+    return config.override(self.cfg, sets)
+
+  def pairing(self, cfg, n: int) -> dict:
+    """init_hash and batch_hash of a run: what `train.fit` starts from with
+    this config (the run's own, as `fit` returned it) on n training images:
+    the hash of `init_state(cfg, PRNGKey(cfg.seed))`'s parameters and of the
+    batch indices of every step."""
+    key = (cfg, n)
+    if key not in self._init:
+      _, state = train_step.init_state(cfg, jax.random.PRNGKey(cfg.seed))
+      self._init[key] = dict(init_hash=tree_hash(state.params),
+                             batch_hash=batch_order_hash(n, cfg.batch_size, cfg.seed, cfg.steps))
+    return self._init[key]
+
+  # -- one unit -----------------------------------------------------------------
+  def run_unit(self, u: Unit) -> dict:
+    """Runs unit u unless its result exists; returns the result."""
+    done = self.result(u.name)
+    if done is not None:
+      return done
+    t0 = time.time()
+    fn = dict(baselines=self._baselines, train=self._train, supervised=self._supervised,
+              search=self._search, fig6=self._fig6)[u.kind]
+    res = fn(u)
+    res.update(unit=u.name, kind=u.kind, data=u.data, seed=u.seed, row=u.row,
+               seconds=time.time() - t0)
+    _save(self.result_path(u.name), res)
+    return res
+
+  def _baselines(self, u):
+    d = self.data(u.data)
+    return dict(rows={k: _summary(v) for k, v in
+                      evaluator.baselines(d["test"], d["train"], self.cfg).items()})
+
+  def _search(self, u):
+    d = self.data(u.data)
+    wd = os.path.join(self.out, "search", u.name)
+    if u.search in ("bo", "bo-oracle"):
+      cfg = self.seed_cfg(u.seed, self.b.bo_steps)
+      objective = "val_mad" if u.search == "bo-oracle" else "val_loss"
+      s, trace = search.search_orders(cfg, wd, d["train"], d["val"], method="bo",
+                                      n_init=self.b.bo_init, n_evals=self.b.bo_evals,
+                                      batch=self.b.bo_batch, objective=objective, log=_log)
+      return dict(order=s["order"], objective=objective, best_objective=trace["best_objective"],
+                  evaluated={t["order"]: t["objective"] for t in trace["trace"]},
+                  budget=dict(n_init=self.b.bo_init, n_evals=self.b.bo_evals,
+                              batch=self.b.bo_batch, steps_per_eval=cfg.steps))
+    # eq5: unrolled over all edges (augmented Lagrangian on h(M)); eq6: masked by
+    # an ordering (the seed's BO ordering, or a Table 2 ordering), no h(M) needed.
+    masked = u.search == "eq6"
+    order = u.order or (self.dep("bo", u.data, u.seed)["order"] if masked else None)
+    cfg = self.seed_cfg(u.seed, self.b.unroll_steps)
+    s, _ = search.search_unroll(cfg, wd, d["train"], d["val"], masked_order=order,
+                                steps=self.b.unroll_steps, unroll_k=1, augmented=not masked,
+                                tau=0.1, raise_to_dag=True, log=_log)
+    m = np.asarray(structure.load_structure(os.path.join(wd, "structure.json"))["M"], np.float32)
+    return dict(M=m.tolist(), order=structure.order_of(m), mask_order=order,
+                edges=int((m != 0).sum()), m_continuous=s.get("m_continuous"),
+                budget=dict(outer_steps=self.b.unroll_steps, unroll_k=1, threshold=0.1))
+
+  def dep(self, kind, tag, seed, order=""):
+    """The result of a search unit, run here first if it is not done (the
+    beyond rows' searches, whose kind is known only once Table 1 is)."""
+    name = search_name(kind, tag, seed, order)
+    res = self.result(name)
+    if res is None:
+      res = self.run_unit(Unit(name, "search", tag, seed, search=kind, order=order))
+    return res
+
+  def best_row(self) -> str:
+    """The SCR row (not independent) with the lowest mean val MAD over the
+    Table 1 seeds: chosen on val, never on test."""
+    scores = {}
+    for key in SCR_ROWS:
+      if key == "independent":
+        continue
+      vals = [r["val"]["mad_mean"] for s in range(self.b.seeds)
+              if (r := self.result(f"t1.{key}.s{s}")) is not None]
+      if len(vals) == self.b.seeds:
+        scores[key] = float(np.mean(vals))
+    if not scores:
+      raise UserError("the best SCR row needs Table 1's runs first")
+    return min(scores, key=scores.get)
+
+  def structure_for(self, u: Unit):
+    """(Structure, row key, label) of a training unit."""
+    S = structure.Structure
+    row = self.best_row() if u.row == "best" else u.row
+    if u.order:  # Table 2: a fixed ordering
+      dense = structure.dense_matrix(u.order)
+      if row == "dense":
+        return S(m=dense, variant="dense"), row, u.order
+      if row == "generic-eq6":
+        m = np.asarray(self.dep("eq6", u.data, u.seed, u.order)["M"], np.float32)
+        return S(m=m, variant="generic"), row, f"{structure.order_of(m)} (mask {u.order})"
+      return S(m=dense, q=row.split("-")[1], variant="dynamic"), row, u.order
+    rec = SCR_ROWS[row][1]
+    if rec["variant"] == "independent":
+      return S(m=np.zeros((4, 4), np.float32), variant="independent"), row, "M = 0"
+    if rec.get("order") == "random":
+      order = structure.random_order(u.seed)
+      return S(m=structure.dense_matrix(order), variant="dense"), row, order
+    found = self.dep(rec["search"], u.data, u.seed)
+    if rec["variant"] == "generic":
+      m = np.asarray(found["M"], np.float32)
+      edges = int((m != 0).sum())
+      label = f"{structure.order_of(m)}, {edges} edges" if edges else "0 edges (= independent)"
+      return S(m=m, variant="generic"), row, label
+    return (S(m=structure.dense_matrix(found["order"]), q=rec.get("q"), variant=rec["variant"]),
+            row, found["order"])
+
+  def _evaluate(self, nets, cfg, params, st, d) -> dict:
+    ev = evaluator.Evaluator(nets, cfg)
+    test, _, _ = ev.evaluate(params, d["test"], st)
+    val, _, _ = ev.evaluate(params, d["val"], st)
+    out = dict(test=_summary(test), val=_summary(val),
+               val_loss=float(ev.val_loss(params, d["val"]["images"], st)))
+    if d["test"].get("gt") is not None:  # what each factor learned (item 7 of the issue)
+      out["diag"] = {k: float(v) for k, v in
+                     diagnostics.evaluate(nets, params, d["test"], st, cfg).items()}
+    return out
+
+  def _train(self, u):
+    d = self.data(u.data)
+    st, row, label = self.structure_for(u)
+    cfg = self.seed_cfg(u.seed)
+    wd = os.path.join(self.out, "runs", u.name)
+    r = train.fit_workdir(cfg, wd, d["train"], d["val"], st, quiet=True)
+    res = self._evaluate(r["nets"], r["cfg"], r["state"].params, st, d)
+    res.update(resolved_row=row, label=label, structure=st.record(), steps=int(r["step"]),
+               curves=read_curves(wd),
+               **self.pairing(r["cfg"], d["train"]["images"].shape[0]))
+    return res
+
+  def _supervised(self, u):
+    d = self.data(u.data)
+    tr = d["train"]
+    wd = os.path.join(self.out, "runs", u.name)
+    # The objective needs the prior's ellipse now (as the SCR runs': from the images).
+    cfg = train.resolve_prior_ellipse(self.seed_cfg(u.seed), tr)
+    objective, predict = supervised_fns(nets_lib.make_nets(cfg), cfg)
+    both = dict(images=np.concatenate([tr["images"], tr["depth"][..., None]], -1)
+                .astype(np.float32))
+    none = structure.Structure(m=np.zeros((4, 4), np.float32))
+    r = train.fit_workdir(cfg, wd, both, None, none, quiet=True, objective=objective,
+                          run_info=dict(data="supervised: images with GT depth as a 4th channel"))
+    params = r["state"].params
+    fn = jax.jit(predict)
+    ev = evaluator.Evaluator(r["nets"], r["cfg"])
+    cam = model.camera(cfg)
+    out = {}
+    for split in ("test", "val"):
+      pred = ev.map(lambda img: fn(params, img), d[split]["images"])
+      out[split] = _summary(evaluator.depth_summary(pred, np.ones_like(pred), d[split]["depth"],
+                                                   cam, cfg.batch_size))
+    out.update(label="GT depth, L1", steps=int(r["step"]),
+               **self.pairing(r["cfg"], tr["images"].shape[0]))
+    return out
+
+  def _fig6(self, u):
+    d = self.data(u.data)
+    orders = list(structure.ALL_ORDERS)[:self.b.fig6_orders]
+    st = structure.candidates(orders)
+    cfg = self.seed_cfg(u.seed, self.b.fig6_steps)
+    wd = os.path.join(self.out, "runs", u.name)
+    r = train.fit_workdir(cfg, wd, d["train"], None, st, quiet=True)
+    ev = evaluator.Evaluator(r["nets"], r["cfg"])
+    val_loss = ev.val_loss(r["state"].params, d["val"]["images"], st)
+    res = {}
+    for i, (o, (p_i, st_i)) in enumerate(zip(orders, evaluator.each_candidate(r["state"].params,
+                                                                             st))):
+      test, _, _ = ev.evaluate(p_i, d["test"], st_i)
+      val, _, _ = ev.evaluate(p_i, d["val"], st_i)
+      res[o] = dict(test_mad=float(test["mad_mean"]), test_side=float(test["side_mean"]),
+                    val_mad=float(val["mad_mean"]), val_loss=float(val_loss[i]))
+    return dict(orders=res, steps=int(r["step"]),
+                **self.pairing(r["cfg"], d["train"]["images"].shape[0]))
 
 
-def write_results(out, cfg, settings, t1, labels, t2, f6, wall, command):
+# ----------------------------------------------------------------------------
+# The scheduler
+# ----------------------------------------------------------------------------
+
+def _fmt_s(s: float) -> str:
+  s = int(round(s))
+  return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+  """One line per finished unit: done / total, running, elapsed, ETA (from the
+  cost finished in this invocation, in training-step equivalents)."""
+
+  def __init__(self, units, done):
+    self.total = len(units)
+    self.cost = {u.name: u.cost for u in units}
+    self.done = set(done)
+    self.left = sum(u.cost for u in units if u.name not in self.done)
+    self.spent, self.t0 = 0.0, time.time()
+
+  def finish(self, name, running: int):
+    self.done.add(name)
+    self.spent += self.cost[name]
+    self.left -= self.cost[name]
+    el = time.time() - self.t0
+    eta = _fmt_s(el / self.spent * self.left) if self.spent > 0 else "?"
+    _log(f"[reproduce] {len(self.done)}/{self.total} units done, {running} running, "
+         f"{_fmt_s(el)} elapsed, ETA {eta}: {name}")
+
+
+def run_all(rep: Reproduction, units, jobs: int = 1):
+  """Runs every unfinished unit, dependencies first: in this process with
+  jobs=1, else as up to `jobs` worker processes (logs in OUT/logs/).
+
+  Raises:
+    UserError: a unit failed (the others that could run have finished; its
+      log is named).
+  """
+  pending = [u for u in units if rep.result(u.name) is None]
+  prog = Progress(units, [u.name for u in units if u not in pending])
+  if pending:
+    _log(f"[reproduce] {len(units) - len(pending)}/{len(units)} units already done, "
+         f"{len(pending)} to run with {jobs} job(s)")
+  ready = lambda u: all(rep.result(d) is not None for d in u.deps)
+  if jobs <= 1:
+    for u in pending:  # plan() order respects the dependencies
+      _log(f"[reproduce] start {u.name}")
+      rep.run_unit(u)
+      prog.finish(u.name, 0)
+      parallel.release_programs()  # tens of units in one process: stay under max_map_count
+    return
+  running, failed = {}, []
+  # Workers import this very scr_jax (not another checkout's installed copy).
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+  logs = os.path.join(rep.out, "logs")
+  os.makedirs(logs, exist_ok=True)
+  while pending or running:
+    for u in [u for u in pending if ready(u)][:max(jobs - len(running), 0)] if not failed else []:
+      pending.remove(u)
+      fh = open(os.path.join(logs, u.name + ".log"), "a")
+      cmd = [sys.executable, "-m", "scr_jax.reproduce", "--worker", u.name, "--out", rep.out]
+      running[u.name] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env),
+                         fh)
+      _log(f"[reproduce] start {u.name} (pid {running[u.name][0].pid})")
+    if not running:
+      if pending and not failed:  # nothing can start: a dependency is missing
+        raise UserError(f"units {', '.join(u.name for u in pending[:3])} wait for units that "
+                        "are not planned")
+      break
+    time.sleep(0.5)
+    for name, (proc, fh) in list(running.items()):
+      if proc.poll() is None:
+        continue
+      fh.close()
+      del running[name]
+      if proc.returncode or rep.result(name) is None:
+        failed.append(name)
+        _log(f"[reproduce] FAILED {name} (exit {proc.returncode}): see "
+             f"{os.path.join(logs, name + '.log')}")
+      else:
+        prog.finish(name, len(running))
+  if failed:
+    raise UserError(f"{len(failed)} unit(s) failed ({', '.join(failed)}); their logs are in "
+                    f"{logs}; rerun to retry (finished units are kept)")
+
+
+# ----------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------
+
+def _ms(xs, fmt="{:.2f}"):
+  if not xs:
+    return "n/a"
+  m, s = stats.mean_std(xs)
+  return (fmt + " ± " + fmt).format(m, s)
+
+
+def _per_seed(results, key="mad_mean", split="test"):
+  return {r["seed"]: r[split][key] for r in results}
+
+
+def collect(rep: Reproduction) -> dict:
+  """Every finished unit's result, {name: result}."""
+  folder = os.path.join(rep.out, "units")
+  out = {}
+  if os.path.isdir(folder):
+    for f in sorted(os.listdir(folder)):
+      if f.endswith(".json"):
+        out[f[:-5]] = _read(os.path.join(folder, f))
+  return out
+
+
+def compare(rows: dict, ref: str, keys, alpha=0.05) -> dict:
+  """Paired comparisons of rows[k] (per-seed {seed: value}) against rows[ref]
+  on their common seeds, Holm over `keys` (those with >= 2 common seeds).
+  Returns {key: stats.holm_intervals entry + seeds}."""
+  pairs, used = [], []
+  for k in keys:
+    common = sorted(set(rows.get(k, {})) & set(rows.get(ref, {})))
+    if len(common) >= 2:
+      pairs.append(([rows[k][s] for s in common], [rows[ref][s] for s in common]))
+      used.append((k, common))
+  out = {}
+  for (k, common), r in zip(used, stats.holm_intervals(pairs, alpha)):
+    out[k] = dict(r, seeds=common, ref_mean=float(np.mean([rows[ref][s] for s in common])))
+  return out
+
+
+def verdict(c: dict) -> str:
+  """"better" / "worse" only when the Holm interval of (row - ref) excludes 0."""
+  if c["holm_hi"] < 0:
+    return "**better**"
+  if c["holm_lo"] > 0:
+    return "worse"
+  return "no difference shown"
+
+
+def _cmp_line(label, c):
+  pct = 100.0 * c["mean"] / c["ref_mean"] if c["ref_mean"] else float("nan")
+  return (f"| {label} | {len(c['seeds'])} | {c['mean']:+.2f} ({pct:+.1f} %) | "
+          f"[{c['lo']:+.2f}, {c['hi']:+.2f}] | {c['p']:.3g} | {c['p_holm']:.3g} | "
+          f"[{c['holm_lo']:+.2f}, {c['holm_hi']:+.2f}] (level {100 * (1 - c['level']):.1f} %) | "
+          f"{verdict(c)} |")
+
+
+CMP_HEAD = ["| row | seeds | MAD difference vs independent (% of independent) | 95 % CI | p | "
+            "Holm p | Holm interval | verdict |", "|---|---|---|---|---|---|---|---|"]
+
+
+def report(rep: Reproduction, settings: dict) -> str:
+  """Writes OUT/results.md, OUT/results_readme.md and the figures from the
+  finished units; returns results.md's text. Missing units show as n/a."""
+  b = rep.b
+  res = collect(rep)
   lines = ["# Reproduction of SCR (Liu et al., ECCV 2022) with scr-jax", "",
-           f"Command: `{command}`", "",
-           f"Settings: {json.dumps(settings)}; wall time of the last invocation {wall:.0f} s "
-           "(finished units of an earlier invocation are read back, not recomputed).", "",
-           "Config (`config.json` in this folder):", "", "```json", cfg.to_json(), "```", "",
-           "## Table 1: depth reconstruction on the test split", "",
-           "SIDE (x1e-2) and MAD (degrees): mean ± std over test images (of seed 0), and the "
-           "mean ± std over seeds of the per-seed means.", "",
-           "| method | structure | SIDE (seed 0) | MAD (seed 0) | SIDE over seeds | MAD over seeds |",
-           "|---|---|---|---|---|---|"]
-  summary = dict(table1={}, table2={}, fig6=f6)
-  for name, per in t1.items():
-    s0 = per[0]
-    sm, ss = _mean_std([p["side_mean"] for p in per])
-    mm, ms = _mean_std([p["mad_mean"] for p in per])
-    lab = ", ".join(labels.get(name, ["-"]))
-    lines.append(f"| {name} | {lab} | {s0['side_mean']:.3f} ± {s0['side_std']:.3f} | "
-                 f"{s0['mad_mean']:.2f} ± {s0['mad_std']:.2f} | {sm:.3f} ± {ss:.3f} | "
-                 f"{mm:.2f} ± {ms:.2f} |")
-    summary["table1"][name] = dict(side=sm, side_sd=ss, mad=mm, mad_sd=ms,
-                                   mad_per_seed=[p["mad_mean"] for p in per])
-  lines += ["", "## Table 2: MAD (degrees) per ordering, seed 0", "",
-            "| ordering | dense | generic (Eq. 6) | dynamic (sigmoid) | dynamic (cosine) |",
-            "|---|---|---|---|---|"]
-  for order in TABLE2_ORDERS:
-    vals = [t2[(order, v)]["mad_mean"] for v in
-            ("dense", "generic (Eq. 6)", "dynamic (sigmoid)", "dynamic (cosine)")]
-    lines.append(f"| {order} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
-    summary["table2"][order] = vals
-  ind = f6["independent"]
-  srt = sorted((o for o in f6 if o != "independent"), key=lambda o: f6[o]["mad"])
-  lines += ["", "## Figure 6: all 24 dense orderings", "", "![fig6](fig6.png)", "",
-            f"Trained together (vmapped) for {settings['fig6_steps']} steps with independent "
-            f"(M = 0) as a 25th candidate. Best MAD {srt[0]} {f6[srt[0]]['mad']:.2f}, worst "
-            f"{srt[-1]} {f6[srt[-1]]['mad']:.2f}, independent {ind['mad']:.2f}; "
-            f"{sum(f6[o]['mad'] < ind['mad'] for o in srt)} of 24 orderings below independent.",
-            "", "## Figure 8: validation convergence", "", "![fig8](fig8.png)", "",
-            "## Qualitative", "",
-            "Rows: variants of Table 1 (seed 0) in table order, 3 test images each; columns: "
-            "input, canonical normal map, textureless shading at yaw -40, 0, +40 degrees.", "",
-            "![qualitative](qualitative.png)", "", "## Comparison with the paper", ""]
-  ind_m = summary["table1"]["independent SCR"]["mad"]
-  scr = {k: v for k, v in summary["table1"].items()
-         if "SCR" in k and k != "independent SCR"}
-  best = min(scr, key=lambda k: scr[k]["mad"])
-  gain = 100 * (ind_m - scr[best]["mad"]) / ind_m
-  per_ind = summary["table1"]["independent SCR"]["mad_per_seed"]
-  per_best = scr[best]["mad_per_seed"]
-  wins = sum(b < i for b, i in zip(per_best, per_ind))
-  lines.append(
-      f"The paper (BFM, its Table 1) reports independent SCR at MAD 17.36, every learned "
-      f"structure lower (best: generic Eq. 6, 14.79, 15% lower; dense BO 14.88) and a random "
-      f"dense ordering worse (17.66). Here the best SCR variant is **{best}**, MAD {scr[best]['mad']:.2f} "
-      f"vs independent {ind_m:.2f} ({abs(gain):.1f}% {'lower' if gain >= 0 else 'higher'}), "
-      f"better on {wins} of {len(per_ind)} seeds. The issue's goal (>= 10% lower MAD than "
-      f"independent across seeds) is {'met' if gain >= 10 and wins == len(per_ind) else 'NOT met'} "
-      f"by this run. {_paired_t_sentence(per_ind, per_best)} Chosen on the test split after the "
-      "fact, this best-of-six comparison is optimistic even where the test says significant.")
-  summary.update(best_variant=best, best_gain_percent=gain, seeds_better=wins)
-  with open(os.path.join(out, "results.md"), "w") as fh:
-    fh.write("\n".join(lines) + "\n")
-  return summary
-
-
-def partial_report(out, with_baselines: bool = True):
-  """Table 1 from the runs finished so far (for a reproduction still running or
-  interrupted): writes OUT/results_partial.md and returns its text."""
-  settings = _done(os.path.join(out, "settings.json"))
-  if settings is None:
-    raise UserError(f"{out} holds no reproduction (no settings.json)")
-  rows = {}
-  for path in sorted(glob.glob(os.path.join(out, "runs", "*_s*", "test.json"))):
-    name = os.path.basename(os.path.dirname(path)).rsplit("_s", 1)[0]
-    rows.setdefault(name, []).append(_done(path))
-  lines = ["# Partial reproduction (finished runs only)", "",
-           f"Settings: {json.dumps(settings)}", "",
-           "| run | seeds done | SIDE x1e-2 over seeds | MAD deg over seeds | MAD per seed |",
-           "|---|---|---|---|---|"]
-  for name, per in rows.items():
-    sm, ss = _mean_std([p["side_mean"] for p in per])
-    mm, ms = _mean_std([p["mad_mean"] for p in per])
-    lines.append(f"| {name} | {len(per)} | {sm:.3f} ± {ss:.3f} | {mm:.2f} ± {ms:.2f} | "
-                 + ", ".join(f"{p['mad_mean']:.2f}" for p in per) + " |")
-  if with_baselines:  # the reference predictions (+ template), same test split
-    cfg = checkpoint.load_config(out)
-    test = dataset.load_split(settings["data"], "test", cfg)
-    trn = dataset.load_split(settings["data"], "train", cfg)
-    for name, b in evaluator.baselines(test, trn, cfg).items():
-      lines.append(f"| {name} | - | {b['side_mean']:.3f} ± {b['side_std']:.3f} (images) | "
-                   f"{b['mad_mean']:.2f} ± {b['mad_std']:.2f} (images) | - |")
-  done_t2 = sorted(os.path.basename(os.path.dirname(p))
-                   for p in glob.glob(os.path.join(out, "table2", "*", "test.json")))
-  lines += ["", f"Table 2 runs finished: {', '.join(done_t2) or 'none'}; Figure 6: "
-            f"{'done' if os.path.exists(os.path.join(out, 'fig6', 'results.json')) else 'not yet'}."]
+           f"Command: `{settings.get('command', '')}`", "",
+           f"Commit: `{settings.get('commit', '?')}`; units finished: "
+           f"{sum(1 for n in res)} of {len(plan(b))}.", "",
+           "Budget (every search's included): `" + json.dumps(dataclasses.asdict(b)) + "`", "",
+           "Training config (`config.json` in this folder; per unit `seed` and, for searches, "
+           "`steps` change):", "", "```json", rep.cfg.to_json(), "```", ""]
+  readme = []
+  # -- Table 1 ------------------------------------------------------------------
+  t1 = {}
+  for key in ["supervised"] + list(SCR_ROWS):
+    t1[key] = [res[f"t1.{key}.s{s}"] for s in range(b.seeds) if f"t1.{key}.s{s}" in res]
+  mad = {k: _per_seed(v) for k, v in t1.items()}
+  base = (res.get("baselines.default") or {}).get("rows", {})
+  labels = dict(supervised=SUPERVISED, **{k: v[0] for k, v in SCR_ROWS.items()})
+  lines += ["## Table 1: test split, default data", "",
+            f"{b.seeds} paired seeds ({', '.join(map(str, range(b.seeds)))}), {b.steps} steps "
+            f"each. SIDE (x1e-2) and MAD (degrees): mean ± std over seeds of each seed's "
+            "test mean; baselines are deterministic (± over test images).", "",
+            "| row | structure per seed | SIDE | MAD | MAD per seed |", "|---|---|---|---|---|"]
+  tab = []
+  for key, rs in t1.items():
+    struct = "; ".join(r.get("label", "") for r in rs) or "-"
+    side = _ms([r["test"]["side_mean"] for r in rs], "{:.3f}")
+    mad_ms = _ms([r["test"]["mad_mean"] for r in rs])
+    tab.append(f"| {labels[key]} | {struct} | {side} | {mad_ms} | "
+               + ", ".join(f"{r['test']['mad_mean']:.2f}" for r in rs) + " |")
+  for name, v in base.items():
+    tab.append(f"| {name} (baseline) | - | {v['side_mean']:.3f} ± {v['side_std']:.3f} | "
+               f"{v['mad_mean']:.2f} ± {v['mad_std']:.2f} | - |")
+  lines += tab
+  scr_keys = [k for k in SCR_ROWS if k != "independent"]
+  cmp1 = compare(mad, "independent", scr_keys)
+  lines += ["", "### SCR rows against independent (paired by seed)", "",
+            "Difference = row − independent in test MAD (negative: lower error). 95 % CI and p: "
+            "paired t over seeds; Holm: over the SCR rows listed; the Holm interval is at "
+            "Holm's adjusted level, so it excludes 0 exactly when Holm rejects. A row is "
+            "\"better\" only when its Holm interval lies below 0.", ""] + CMP_HEAD
+  cmp_lines = [_cmp_line(labels[k], cmp1[k]) for k in scr_keys if k in cmp1]
+  lines += cmp_lines or ["| (fewer than 2 paired seeds so far) | | | | | | | |"]
+  # The row carried beyond the default data: lowest mean val MAD.
+  try:
+    best = rep.best_row()
+  except UserError:
+    best = None
+  goal_lines = []
+  if best:
+    val_means = {k: float(np.mean([r["val"]["mad_mean"] for r in t1[k]])) for k in scr_keys
+                 if len(t1[k]) == b.seeds}
+    goal_lines.append(
+        f"Chosen on val (lowest mean val MAD over the seeds, never test): **{labels[best]}** "
+        f"(val MAD " + ", ".join(f"{labels[k].split(' (')[0]} {v:.2f}"
+                                 for k, v in sorted(val_means.items(), key=lambda kv: kv[1]))
+        + ").")
+    if best in cmp1:
+      c = cmp1[best]
+      gain = -100.0 * c["mean"] / c["ref_mean"]
+      ok = gain >= 10 and c["holm_hi"] < 0
+      goal_lines.append(
+          f"Goal (best SCR row >= 10 % lower test MAD than independent, Holm interval below 0) "
+          f"on the default data: {'**met**' if ok else '**not met**'} ({gain:+.1f} % lower, "
+          f"Holm interval [{c['holm_lo']:+.2f}, {c['holm_hi']:+.2f}]).")
+  avg = base.get("average GT depth")
+  if avg and mad["independent"]:
+    ratios = [v / avg["mad_mean"] for v in mad["independent"].values()]
+    goal_lines.append(
+        f"Goal (independent below 0.55 x average-GT on every seed): "
+        f"{'met' if all(x < 0.55 for x in ratios) else 'not met'} (ratios "
+        + ", ".join(f"{x:.2f}" for x in ratios) + ").")
+  lines += [""] + goal_lines
+  # -- pairing --------------------------------------------------------------------
+  lines += ["", "### Pairing check", "",
+            "Per seed, over every Table 1 training unit: the hash of the initial parameters "
+            "(`init_state(cfg, PRNGKey(seed))` of the config each run trained with) and of "
+            "its batch indices at every step (the supervised row's batches add the GT depth "
+            "as a channel to the same images).",
+            ""]
+  for s in range(b.seeds):
+    rs = [r for k in t1 for r in t1[k] if r["seed"] == s]
+    inits = sorted({r["init_hash"] for r in rs})
+    orders = sorted({r["batch_hash"] for r in rs})
+    ok = len(inits) == 1 and len(orders) == 1
+    lines.append(f"- seed {s}: {len(rs)} units, init {', '.join(inits) or '-'}, batch order "
+                 f"{', '.join(orders) or '-'}: {'paired' if ok else 'NOT PAIRED' if rs else '-'}")
+  # -- searches -------------------------------------------------------------------
+  lines += ["", "### Searches (per seed, on train / val only)", "",
+            f"BO: {b.bo_init} initial orderings, {b.bo_evals} evaluated in all, {b.bo_batch} "
+            f"trained together per round, {b.bo_steps} training steps per evaluation; objective "
+            "val photometric loss (oracle row: val MAD). Unrolled (Eq. 5: all 12 edges, "
+            f"augmented Lagrangian on h(M); Eq. 6: masked by an ordering): {b.unroll_steps} "
+            "outer steps of 1 inner step, threshold 0.1 (raised until a DAG). Searched per "
+            "seed, each with that seed's initialisation and batches.", "",
+            "| search | seed | found | objective / edges | seconds |", "|---|---|---|---|---|"]
+  for name, r in res.items():
+    if r.get("kind") != "search":
+      continue
+    found = r.get("order", "")
+    if "M" in r:
+      extra = f"{r['edges']} edges" + (f", mask {r['mask_order']}" if r.get("mask_order") else "")
+    else:
+      extra = f"{r['objective']} {r['best_objective']:.4g}"
+    lines.append(f"| {name.split('.s')[0]} | {r['seed']} | {found} | {extra} | "
+                 f"{r['seconds']:.0f} |")
+  # -- diagnostics ------------------------------------------------------------------
+  dk = ("view_yaw_mae_deg", "view_pitch_mae_deg", "light_dir_deg", "depth_sign",
+        "shape_spread_ratio", "shape_corr")
+  if any(r.get("diag") for rs in t1.values() for r in rs):
+    have = [k for k in dk if any(k in r.get("diag", {}) for rs in t1.values() for r in rs)]
+    lines += ["", "### What each factor learned (test, mean over seeds)", "",
+              "| row | " + " | ".join(have) + " |", "|---" * (len(have) + 1) + "|"]
+    for key, rs in t1.items():
+      ds = [r["diag"] for r in rs if r.get("diag")]
+      if ds:
+        lines.append(f"| {labels[key]} | " + " | ".join(
+            f"{np.nanmean([d.get(k, np.nan) for d in ds]):.2f}" for k in have) + " |")
+  # -- Table 2 ----------------------------------------------------------------------
+  if "table2" in b.parts:
+    cols = ("dense", "generic-eq6", "dynamic-sigmoid", "dynamic-cosine")
+    ind2 = [mad["independent"][s] for s in range(b.table2_seeds) if s in mad["independent"]]
+    lines += ["", "## Table 2: test MAD per ordering", "",
+              f"Mean ± std over {b.table2_seeds} paired seeds; generic (Eq. 6) searched per "
+              "seed with the ordering as its mask. Independent (same seeds) for reference: "
+              f"{_ms(ind2)}.",
+              "", "| ordering | dense | generic (Eq. 6) | dynamic (sigmoid) | dynamic (cosine) |",
+              "|---|---|---|---|---|"]
+    for o in b.table2_orders:
+      cells = []
+      for c in cols:
+        rs = [res[n]["test"]["mad_mean"] for s in range(b.table2_seeds)
+              if (n := f"t2.{c}-{o}.s{s}") in res]
+        cells.append(_ms(rs))
+      lines.append(f"| {o} | " + " | ".join(cells) + " |")
+  # -- Figure 6 ---------------------------------------------------------------------
+  if "fig6" in b.parts:
+    f6 = {s: res[f"fig6.s{s}"]["orders"] for s in range(b.fig6_seeds) if f"fig6.s{s}" in res}
+    lines += ["", "## Figure 6: the dense orderings trained together", "",
+              f"{b.fig6_orders} orderings, one vmapped run per seed ({b.fig6_steps} steps, the "
+              "seed's initialisation and batches for all).", "", "![fig6](fig6.png)", ""]
+    if f6:
+      plot_fig6(f6, mad.get("independent", {}), os.path.join(rep.out, "fig6.png"))
+      for s, o in f6.items():
+        best_o = min(o, key=lambda k: o[k]["test_mad"])
+        best_v = min(o, key=lambda k: o[k]["val_loss"])
+        ind = mad.get("independent", {}).get(s)
+        below = ("" if ind is None else
+                 f"; {sum(v['test_mad'] < ind for v in o.values())} of {len(o)} below "
+                 f"independent ({ind:.2f})")
+        lines.append(f"- seed {s}: best test MAD {best_o} {o[best_o]['test_mad']:.2f}, worst "
+                     f"{max(o, key=lambda k: o[k]['test_mad'])} "
+                     f"{max(v['test_mad'] for v in o.values()):.2f}; lowest val loss {best_v}"
+                     + below)
+      rhos = []
+      for s1, s2 in itertools.combinations(sorted(f6), 2):
+        common = sorted(set(f6[s1]) & set(f6[s2]))
+        if len(common) >= 2:
+          rho = stats.spearman([f6[s1][o]["test_mad"] for o in common],
+                               [f6[s2][o]["test_mad"] for o in common])
+          rhos.append(rho)
+          lines.append(f"- Spearman rank correlation of the orderings' test MAD, seeds {s1} "
+                       f"and {s2}: {rho:+.2f}")
+      if rhos:
+        lines.append(f"- mean over seed pairs: {np.nanmean(rhos):+.2f} (near 0: which ordering "
+                     "is best is a property of the seed, not of the data)")
+  # -- Figure 8 ---------------------------------------------------------------------
+  curves = {labels[k]: [r["curves"].get("val/mad_mean", {}) for r in rs]
+            for k, rs in t1.items() if k != "supervised" and rs}
+  if any(c for cs in curves.values() for c in cs):
+    plot_fig8(curves, os.path.join(rep.out, "fig8.png"))
+    lines += ["", "## Figure 8: validation MAD during training", "",
+              "Mean over the seeds of each Table 1 row.", "", "![fig8](fig8.png)"]
+  # -- beyond -----------------------------------------------------------------------
+  bey_cmp = {}
+  if "beyond" in b.parts:
+    lines += ["", "## Beyond the default data: the val-chosen SCR row against independent", "",
+              f"{b.beyond_seeds} paired seeds per variant; the row's searches rerun on the "
+              "variant's data. Holm over the variants.", "",
+              "| data | baselines (constant / average GT / template) | independent | best SCR row "
+              "| per seed (independent / best) |", "|---|---|---|---|---|"]
+    rows = {}
+    tags = [v for v in variant_specs(b.variants, b.data) if v != "default"]
+    for v in tags:
+      ind = [res[n] for s in range(b.beyond_seeds) if (n := f"bey.{v}.independent.s{s}") in res]
+      bst = [res[n] for s in range(b.beyond_seeds) if (n := f"bey.{v}.best.s{s}") in res]
+      rows[f"{v}/ind"], rows[f"{v}/best"] = _per_seed(ind), _per_seed(bst)
+      bl = (res.get(f"baselines.{v}") or {}).get("rows", {})
+      which = sorted({r["resolved_row"] for r in bst})
+      lines.append(f"| {v} | " + " / ".join(f"{bl[k]['mad_mean']:.2f}" for k in bl) + " | "
+                   f"{_ms([r['test']['mad_mean'] for r in ind])} | "
+                   f"{', '.join(which) or '-'}: {_ms([r['test']['mad_mean'] for r in bst])} | "
+                   + ", ".join(f"{rows[f'{v}/ind'].get(s, float('nan')):.2f} / "
+                               f"{rows[f'{v}/best'].get(s, float('nan')):.2f}"
+                               for s in range(b.beyond_seeds)) + " |")
+    pairs = {v: (rows[f"{v}/best"], rows[f"{v}/ind"]) for v in tags}
+    # compare() takes one reference: the common seeds per variant, then Holm over variants.
+    per = {v: compare({"best": pairs[v][0], "ind": pairs[v][1]}, "ind", ["best"]).get("best")
+           for v in tags}
+    have = [v for v in tags if per[v]]
+    if have:
+      fam = stats.holm_intervals([([pairs[v][0][s] for s in per[v]["seeds"]],
+                                   [pairs[v][1][s] for s in per[v]["seeds"]]) for v in have])
+      lines += [""] + CMP_HEAD
+      for v, c in zip(have, fam):
+        c = dict(c, seeds=per[v]["seeds"], ref_mean=per[v]["ref_mean"])
+        bey_cmp[v] = c
+        lines.append(_cmp_line(f"{v}: best SCR row", c))
   text = "\n".join(lines) + "\n"
-  with open(os.path.join(out, "results_partial.md"), "w") as fh:
+  with open(os.path.join(rep.out, "results.md"), "w") as fh:
     fh.write(text)
+  # -- README-ready section ----------------------------------------------------------
+  readme = ["## Results", "",
+            f"`{settings.get('command', '')}` (commit `{settings.get('commit', '?')[:10]}`; "
+            f"{b.seeds} paired seeds, {b.steps} steps, `{b.preset}`, built-in data unless "
+            "named; full tables, searches, figures and the pairing check in the run's "
+            "`results.md`).", "",
+            "| row | test MAD (mean ± std over seeds) |", "|---|---|"] + [
+                f"| {labels[k]} | {_ms([r['test']['mad_mean'] for r in rs])} |"
+                for k, rs in t1.items()] + [
+                f"| {n} (baseline) | {v['mad_mean']:.2f} |" for n, v in base.items()]
+  readme += ["", "Against independent, paired by seed (Holm over the SCR rows):", ""] + CMP_HEAD
+  readme += cmp_lines + [""] + goal_lines
+  if bey_cmp:
+    readme += ["", "Harder variants (the val-chosen row, Holm over the variants):", ""] + CMP_HEAD
+    readme += [_cmp_line(f"{v}: best SCR row", c) for v, c in bey_cmp.items()]
+  with open(os.path.join(rep.out, "results_readme.md"), "w") as fh:
+    fh.write("\n".join(readme) + "\n")
   return text
+
+
+def _figure(w, h):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(w, h), dpi=100)
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def plot_fig6(f6: dict, independent: dict, path: str):
+  """Bars: mean test MAD per ordering over seeds (sorted), dots: each seed;
+  dashed: independent's mean over the same seeds."""
+  fig = _figure(12, 4)
+  ax = fig.add_subplot(1, 1, 1)
+  orders = sorted(set.intersection(*[set(o) for o in f6.values()]))
+  mean = {o: np.mean([f6[s][o]["test_mad"] for s in f6]) for o in orders}
+  srt = sorted(orders, key=mean.get)
+  ax.bar(range(len(srt)), [mean[o] for o in srt], color="tab:blue", alpha=0.6)
+  for s in f6:
+    ax.plot(range(len(srt)), [f6[s][o]["test_mad"] for o in srt], "o", ms=3, label=f"seed {s}")
+  ind = [independent[s] for s in f6 if s in independent]
+  if ind:
+    ax.axhline(np.mean(ind), c="tab:red", ls="--", label="independent")
+  ax.set_xticks(range(len(srt)))
+  ax.set_xticklabels(srt, rotation=90, fontsize=7)
+  ax.set_ylabel("test MAD (deg)")
+  vals = [f6[s][o]["test_mad"] for s in f6 for o in orders] + ind
+  lo, hi = min(vals), max(vals)
+  ax.set_ylim(lo - 0.1 * (hi - lo + 1e-6), hi + 0.1 * (hi - lo + 1e-6))
+  ax.legend(fontsize=7)
+  fig.suptitle("Figure 6: dense SCR orderings (sorted by mean over seeds), test split")
+  fig.tight_layout()
+  fig.savefig(path)
+
+
+def plot_fig8(curves: dict, path: str):
+  """Mean over seeds of each row's val MAD curve (steps all seeds share)."""
+  fig = _figure(8, 4)
+  ax = fig.add_subplot(1, 1, 1)
+  for name, cs in curves.items():
+    cs = [c for c in cs if c]
+    if not cs:
+      continue
+    steps = sorted(set.intersection(*[set(map(int, c)) for c in cs]))
+    get = lambda c, t: c[t] if t in c else c[str(t)]
+    ax.plot(steps, [np.mean([get(c, t) for c in cs]) for t in steps], marker="o", ms=3,
+            label=name)
+  ax.set_xlabel("step")
+  ax.set_ylabel("val MAD (deg)")
+  ax.legend(fontsize=7)
+  fig.suptitle("Figure 8: validation convergence (mean over seeds)")
+  fig.tight_layout()
+  fig.savefig(path)
+
+
+# ----------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------
+
+def _commit() -> str:
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                         timeout=10).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+  return (sha or "unknown") + (" (with uncommitted changes)" if dirty else "")
+
+
+def make_config(budget: Budget):
+  """The training config of a budget: preset + --set + steps, eval_every =
+  steps / 10 unless set (Figure 8 needs points along the way)."""
+  cfg = config.get_config(budget.preset)
+  cfg = config.override(cfg, list(budget.sets) + ([f"steps={budget.steps}"] if budget.steps
+                                                   else []))
+  cfg = config.without_missing_vgg(cfg, _log)
+  if not any(s.split("=", 1)[0].strip() == "eval_every" for s in budget.sets):
+    cfg = config.override(cfg, [f"eval_every={max(cfg.steps // 10, 1)}"])
+  return config.validate(cfg)
+
+
+def open_reproduction(out: str, budget: Budget | None = None, command: str = ""):
+  """The Reproduction in OUT: with a budget, a new one (settings.json written)
+  or the same one continued; without, the one OUT holds.
+
+  Raises:
+    UserError: OUT holds a reproduction with another budget, or none (budget None).
+  """
+  path = os.path.join(out, "settings.json")
+  prev = _read(path)
+  if budget is None:
+    if prev is None:
+      raise UserError(f"{out} holds no reproduction (no settings.json)")
+    b = Budget(**{k: tuple(v) if isinstance(v, list) else v for k, v in prev["budget"].items()})
+    return Reproduction(out, config.Config.from_json(json.dumps(prev["config"])), b), prev
+  budget.check()
+  cfg = make_config(budget)
+  b = budget.resolved(cfg)
+  settings = dict(budget=json.loads(json.dumps(dataclasses.asdict(b))),
+                  config=json.loads(cfg.to_json()))
+  if prev is not None and (prev["budget"], prev["config"]) != (settings["budget"],
+                                                               settings["config"]):
+    diff = sorted(k for k in settings["budget"] if prev["budget"].get(k) != settings["budget"][k])
+    raise UserError(f"{out} holds a reproduction with other settings ({', '.join(diff) or 'config'}"
+                    " differ); use another --out, or the same flags to continue it")
+  settings.update(command=command or (prev or {}).get("command", ""), commit=_commit())
+  _save(path, settings)
+  checkpoint.save_config(out, cfg)
+  return Reproduction(out, cfg, b), settings
+
+
+def reproduce(out: str, budget: Budget, jobs: int = 1, command: str = "") -> str:
+  """Runs every unfinished unit of `budget` in OUT, then writes the report.
+  Returns results.md's text.
+
+  Raises:
+    UserError: bad budget, another budget already in OUT, OUT in use, a unit failed.
+  """
+  if jobs < 1:
+    raise UserError(f"--jobs must be >= 1, got {jobs}")
+  with lock.hold(out, _log):  # one reproduction per folder; workers lock their own workdirs
+    rep, settings = open_reproduction(out, budget, command)
+    parallel.check_batch_size(rep.cfg.batch_size)
+    units = plan(rep.b)
+    for tag in sorted({u.data for u in units}):  # generate / prepare data once, before workers
+      rep.data(tag)
+    t0 = time.time()
+    run_all(rep, units, jobs)
+    text = report(rep, settings)
+    _log(f"reproduce: {len(units)} units done ({_fmt_s(time.time() - t0)} this invocation): "
+         f"{os.path.join(out, 'results.md')}")
+    return text
+
+
+def add_arguments(p):
+  """The reproduce flags (shared by `run.py reproduce` and `python -m
+  scr_jax.reproduce`)."""
+  d = Budget()
+  p.add_argument("--out", required=True)
+  p.add_argument("--preset", default=d.preset)
+  p.add_argument("--data", default=d.data, help="default data (the beyond rows use "
+                 "builtin:VARIANT)")
+  p.add_argument("--steps", type=int, help="training steps per run (default: the preset's)")
+  p.add_argument("--seeds", type=int, default=d.seeds, help="Table 1 seeds 0..N-1")
+  p.add_argument("--table2-seeds", type=int, default=d.table2_seeds)
+  p.add_argument("--fig6-seeds", type=int, default=d.fig6_seeds)
+  p.add_argument("--beyond-seeds", type=int, default=d.beyond_seeds)
+  p.add_argument("--bo-init", type=int, default=d.bo_init)
+  p.add_argument("--bo-evals", type=int, default=d.bo_evals)
+  p.add_argument("--bo-batch", type=int, default=d.bo_batch)
+  p.add_argument("--search-steps", type=int, help="default of --bo-steps and --unroll-steps "
+                 "(default steps / 5)")
+  p.add_argument("--bo-steps", type=int, help="training steps per BO evaluation")
+  p.add_argument("--unroll-steps", type=int, help="outer steps of each unrolled search")
+  p.add_argument("--fig6-steps", type=int, help="steps of the all-orderings runs (default "
+                 "--steps)")
+  p.add_argument("--fig6-orders", type=int, default=d.fig6_orders)
+  p.add_argument("--table2-orders", default=",".join(d.table2_orders))
+  p.add_argument("--variants", default=",".join(d.variants))
+  p.add_argument("--parts", default=",".join(d.parts))
+  p.add_argument("--set", action="append", metavar="KEY=VALUE")
+  p.add_argument("--jobs", type=int, default=1, help="units run at once (worker processes)")
+  p.add_argument("--report", action="store_true",
+                 help="only rewrite results.md / results_readme.md from the finished units")
+
+
+def budget_from_args(a) -> Budget:
+  split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())
+  return Budget(preset=a.preset, data=a.data, steps=a.steps, seeds=a.seeds,
+                table2_seeds=a.table2_seeds, fig6_seeds=a.fig6_seeds,
+                beyond_seeds=a.beyond_seeds, bo_init=a.bo_init, bo_evals=a.bo_evals,
+                bo_batch=a.bo_batch, bo_steps=a.bo_steps or a.search_steps,
+                unroll_steps=a.unroll_steps or a.search_steps, fig6_steps=a.fig6_steps,
+                fig6_orders=a.fig6_orders, table2_orders=split(a.table2_orders),
+                variants=split(a.variants), parts=split(a.parts), sets=tuple(a.set or ()))
+
+
+def from_args(a, command: str = "") -> str:
+  """Runs (or, with --report, only reports) what the parsed flags ask for."""
+  if a.report:
+    rep, settings = open_reproduction(a.out)
+    return report(rep, settings)
+  return reproduce(a.out, budget_from_args(a), jobs=a.jobs, command=command)
+
+
+def main(argv=None):
+  """`python -m scr_jax.reproduce`: the same flags as `run.py reproduce`, plus
+  --worker NAME (one unit of the reproduction in --out; what --jobs starts)."""
+  p = cliutil.Parser(prog="python -m scr_jax.reproduce")
+  add_arguments(p)
+  p.add_argument("--worker", help=argparse.SUPPRESS)
+  p.set_defaults(out=None)
+  a = p.parse_args(argv)
+  try:
+    if a.worker:
+      rep, _ = open_reproduction(a.out)
+      units = {u.name: u for u in plan(rep.b)}
+      if a.worker not in units:
+        raise UserError(f"no unit {a.worker!r} in {a.out}")
+      rep.run_unit(units[a.worker])
+      return
+    text = from_args(a, "python -m scr_jax.reproduce " + " ".join(argv or sys.argv[1:]))
+    if a.report:
+      print(text)
+  except UserError as e:
+    cliutil.fail(e, 2)
+
+
+if __name__ == "__main__":
+  main()

@@ -80,7 +80,7 @@ def _stderr(msg: str):
 
 def fit_workdir(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
                 resume: bool = True, quiet: bool = False, max_seconds=None, log=None,
-                run_info=None, init_params=None):
+                run_info=None, init_params=None, objective=None):
   """`fit` on workdir W opened for this run (`workdir.Run.open`), for the
   library's producers that train a config directly (search evaluations,
   reproduce, the benchmarks, tests).
@@ -108,11 +108,11 @@ def fit_workdir(cfg, workdir: str, train_data: dict, val_data=None, structure=No
   with workdir_lib.Run.open(workdir, cfg, st, data, resume=resume, extra=extra,
                             log=None if quiet else _stderr) as run:
     return fit(run, train_data, val_data, quiet=quiet, max_seconds=max_seconds, log=log,
-               init_params=init_params)
+               init_params=init_params, objective=objective)
 
 
 def fit(run, train_data: dict, val_data=None, quiet: bool = False, max_seconds=None, log=None,
-        init_params=None):
+        init_params=None, objective=None):
   """Trains the opened `run` (`workdir.Run.open`: config, structure, resume
   decided there) for `run.cfg.steps` steps (or until `max_seconds`).
 
@@ -127,6 +127,11 @@ def fit(run, train_data: dict, val_data=None, quiet: bool = False, max_seconds=N
   init_params: start from these parameters (e.g. a pretrained or imported
   model; same shapes as this config's) with a fresh optimiser, unless the
   run resumes a checkpoint.
+  objective: None (SCR's loss), or objective(params, batch, structure, step)
+  -> (loss, metrics with "loss"), trained on the same batches by the same
+  optimiser and step (`train_step.make_train_step`), e.g. reproduce's
+  supervised upper bound; a single structure only, and val_data=None
+  (validation evaluates the SCR model).
   Each checkpoint is `run.save(state, data_state)`: the state with the run's
   settings (config, structure, a fingerprint of the training images, added
   here if the run has none yet) in one commit; W/config.json +
@@ -154,6 +159,8 @@ def fit(run, train_data: dict, val_data=None, quiet: bool = False, max_seconds=N
                                             None if quiet else _stderr))
   cfg, st = run.cfg, run.structure
   k = st.k
+  if objective is not None and (k or val_data is not None):
+    raise ValueError("fit(objective=...) trains a single structure without validation")
   st_dev = st.replace(m=jnp.asarray(st.m, jnp.float32))  # placed on the mesh below
   nets, state = init_state(cfg, train_step.init_key(cfg))
   if init_params is not None:
@@ -188,7 +195,7 @@ def fit(run, train_data: dict, val_data=None, quiet: bool = False, max_seconds=N
   else:
     state = replicate(state, mesh)
     st_dev = replicate(st_dev, mesh)
-    step_fn = make_train_step(nets, cfg)
+    step_fn = make_train_step(nets, cfg, objective)
   # The batches of steps [start, steps): grain, its state saved with each checkpoint.
   batches = dataset.Batches(train_data, cfg.batch_size, cfg.seed, start, cfg.steps, shard=shard,
                             state=run.data_state(start) if start else None)

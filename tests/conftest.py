@@ -2,9 +2,7 @@
 and their subprocesses (most test time is XLA compilation of the same small
 programs). scr_jax is installed (`pip install -e .`); pytest.ini puts the
 repo root on the path for the tests that drive `experiments/` scripts."""
-import gc
 import os
-import sys
 
 import pytest
 
@@ -14,9 +12,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cach
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import jax  # noqa: E402  (after the environment)
 
-from scr_jax import data  # noqa: E402
+from scr_jax import data, parallel  # noqa: E402
 
 
 # User-report inputs (../shared/cases/user-reports beside the checkout, or
@@ -42,24 +39,7 @@ def tiny_synface(tmp_path_factory):
   return root
 
 
-def _clear_compiled_programs():
-  """Drop every compiled XLA program held in this process: jax's own caches
-  and the lru_caches in scr_jax that keep jitted functions alive. Each XLA:CPU
-  executable maps its own code pages; one pytest process that keeps all of the
-  suite's programs ran past the kernel's vm.max_map_count (65530) and crashed
-  late in the run. The persistent cache on disk keeps recompiles cheap."""
-  for name, module in list(sys.modules.items()):
-    if not name.startswith("scr_jax") or module is None:
-      continue
-    for value in list(vars(module).values()):
-      clear = getattr(value, "cache_clear", None)
-      if callable(clear) and hasattr(value, "cache_info"):
-        clear()
-  jax.clear_caches()
-  gc.collect()
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _free_programs_after_module():
   yield
-  _clear_compiled_programs()
+  parallel.release_programs()  # one process for the suite: stay under vm.max_map_count

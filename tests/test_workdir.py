@@ -12,7 +12,7 @@ from PIL import Image
 import pytest
 
 from scr_jax import cli
-from scr_jax import config, dataset, export, reproduce, structure, train, workdir
+from scr_jax import config, export, reproduce, structure, train, workdir
 
 STEPS = ["--steps", "2"]
 
@@ -115,26 +115,29 @@ def test_search_unroll(capfd, tmp_path, tiny_synface, image):
 
 
 def test_reproduce_runs(capfd, tmp_path, tiny_synface, image):
-  """Reproduction.run (Tables 1-2) and the candidates run of Figure 6
-  (`train.fit` on `structure.candidates` with 'independent'), at K = 2."""
+  """A reproduce training unit (Tables 1-2), its supervised unit (`train.fit`
+  with another objective) and the candidates run of Figure 6 (`train.fit` on
+  `structure.candidates` with 'independent'), at K = 2."""
   cfg = config.override(config.get_config("test_tiny"), ["steps=2"])
-  rep = reproduce.Reproduction(str(tmp_path), cfg, tiny_synface, [0], 1, 2, True,
-                               lambda split: dataset.load_split(tiny_synface, split, cfg))
-  wd = str(tmp_path / "runs" / "dense")
-  rep.run(wd, structure.Structure(m=structure.dense_matrix("DAVL"), variant="dense"), 0)
+  b = reproduce.Budget(preset="test_tiny", data=tiny_synface, seeds=1).resolved(cfg)
+  rep = reproduce.Reproduction(str(tmp_path), cfg, b)
+  res = rep.run_unit(reproduce.Unit("t2.dense-DAVL.s0", "train", row="dense", order="DAVL"))
+  wd = str(tmp_path / "runs" / "t2.dense-DAVL.s0")
   r = workdir.restore(wd)
   assert r.structure.variant == "dense" and r.cfg.variant == "dense"
+  np.testing.assert_array_equal(r.structure.m, structure.dense_matrix("DAVL"))
+  assert res["label"] == "DAVL" and res["steps"] == 2
   with open(os.path.join(wd, "adjacency.json")) as fh:
     assert json.load(fh)["variant"] == "dense"
   _eval_and_predict(capfd, tmp_path, wd, tiny_synface, image)
-  # the supervised baseline (through the same train step) and the qualitative grid
-  sup = rep.supervised(0)
-  assert sup["steps"] == 2 and sup["n"] == 8 and np.isfinite(sup["mad_mean"])
-  grid = rep.qualitative({"dense": wd}, str(tmp_path / "qualitative.png"), n_images=2)
-  assert os.path.getsize(grid) > 0
+  # the supervised upper bound: same init and batch order, through train.fit
+  sup = rep.run_unit(reproduce.Unit("t1.supervised.s0", "supervised", row="supervised"))
+  assert sup["steps"] == 2 and sup["test"]["n"] == 8 and np.isfinite(sup["test"]["mad_mean"])
+  assert (sup["init_hash"], sup["batch_hash"]) == (res["init_hash"], res["batch_hash"])
+  assert workdir.restore(str(tmp_path / "runs" / "t1.supervised.s0")).step == 2
   wd6 = str(tmp_path / "fig6")
-  train.fit_workdir(cfg, wd6, rep.train_data, None, structure.candidates(["DVAL", "independent"]),
-            quiet=True)
+  train.fit_workdir(cfg, wd6, rep.data("default")["train"], None,
+                    structure.candidates(["DVAL", "independent"]), quiet=True)
   r6 = workdir.restore(wd6)
   assert r6.structure.orders == ("DVAL", "independent")
   assert r6.candidate("independent").structure.variant == "independent"

@@ -1,0 +1,231 @@
+"""reproduce: the unit plan, the report's statistics on planted numbers, and the
+whole reproduction at a tiny budget (resumable, --jobs, --report)."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from scr_jax import config, reproduce, search, stats, synthetic, train
+from scr_jax.errors import UserError
+
+TINY = dict(preset="test_tiny", steps=2, seeds=2, table2_seeds=2, fig6_seeds=2, beyond_seeds=2,
+            bo_init=2, bo_evals=2, bo_batch=2, bo_steps=1, unroll_steps=1, fig6_orders=2,
+            table2_orders=("DLVA",))
+
+
+def _budget(data, **kw):
+  return reproduce.Budget(**dict(TINY, data=data, **kw))
+
+
+def test_plan_orders_dependencies_and_names():
+  cfg = config.override(config.get_config("test_tiny"), ["steps=10"])
+  b = reproduce.Budget(preset="test_tiny").resolved(cfg)
+  units = reproduce.plan(b)
+  names = [u.name for u in units]
+  assert len(names) == len(set(names))
+  pos = {n: i for i, n in enumerate(names)}
+  for u in units:
+    assert all(pos[d] < pos[u.name] for d in u.deps), u
+  # every Table 1 row per seed, searched per seed; Eq. 6 waits for that seed's BO
+  for s in range(5):
+    for key in list(reproduce.SCR_ROWS) + ["supervised"]:
+      assert f"t1.{key}.s{s}" in pos
+    assert "search.default.bo.s%d" % s in units[pos[f"search.default.eq6.s{s}"]].deps
+  assert sum(n.startswith("fig6.") for n in names) == 3
+  assert sum(n.startswith("t2.") for n in names) == 3 * 3 * 4
+  assert sum(n.startswith("bey.") for n in names) == 2 * 2 * 5
+  assert b.bo_steps == 2 and b.unroll_steps == 2 and b.fig6_steps == 10
+  with pytest.raises(UserError, match="--bo-evals"):
+    reproduce.Budget(bo_init=4, bo_evals=3).check()
+  with pytest.raises(UserError, match="--variants"):
+    reproduce.Budget(variants=("nosuch",)).check()
+
+
+def _planted(rep, per_row, base_avg=20.0):
+  """Writes planted Table 1 results: per_row {key: [test MAD per seed]}."""
+  for key, mads in per_row.items():
+    for s, v in enumerate(mads):
+      kind = "supervised" if key == "supervised" else "train"
+      res = dict(unit=f"t1.{key}.s{s}", kind=kind, seed=s, row=key, data="default",
+                 test=dict(mad_mean=v, side_mean=v / 10, mad_std=1.0, side_std=0.1, n=8),
+                 val=dict(mad_mean=v + 0.5, side_mean=0.0, n=8), label=f"L{s}",
+                 init_hash=f"init{s}", batch_hash=f"batch{s}", curves={}, seconds=1.0,
+                 resolved_row=key)
+      reproduce._save(rep.result_path(f"t1.{key}.s{s}"), res)
+  reproduce._save(rep.result_path("baselines.default"), dict(
+      kind="baselines", seed=0, rows={"average GT depth": dict(
+          mad_mean=base_avg, mad_std=1.0, side_mean=1.0, side_std=0.1, n=8)}))
+
+
+def test_report_statistics_on_planted_numbers(tmp_path):
+  cfg = config.override(config.get_config("test_tiny"), ["steps=2"])
+  b = reproduce.Budget(preset="test_tiny", parts=("table1",)).resolved(cfg)
+  rep = reproduce.Reproduction(str(tmp_path), cfg, b)
+  ind = [10.0, 10.4, 9.6, 10.2, 9.8]
+  noise = [0.05, -0.03, 0.02, -0.04, 0.0]
+  per_row = {k: [i + 0.3 * ((-1) ** j) for j, i in enumerate(ind)] for k in reproduce.SCR_ROWS}
+  per_row["independent"] = ind
+  per_row["generic-eq6"] = [i - 2.0 + n for i, n in zip(ind, noise)]  # clearly better
+  per_row["dense-random"] = [i + 1.0 + n for i, n in zip(ind, noise)]  # clearly worse
+  per_row["supervised"] = [3.0] * 5
+  _planted(rep, per_row)
+  text = reproduce.report(rep, dict(command="cmd --planted", commit="abc"))
+  # the Holm family: the 7 SCR rows, each against independent on the 5 seeds
+  keys = [k for k in reproduce.SCR_ROWS if k != "independent"]
+  want = stats.holm_intervals([(per_row[k], ind) for k in keys])
+  for k, w in zip(keys, want):
+    rows = [x for x in text.splitlines()
+            if x.startswith("| " + reproduce.SCR_ROWS[k][0] + " | 5 |")]
+    assert len(rows) == 1, k
+    assert f"[{w['holm_lo']:+.2f}, {w['holm_hi']:+.2f}]" in rows[0]
+    assert f"{w['p_holm']:.3g}" in rows[0]
+    assert ("**better**" in rows[0]) == (w["holm_hi"] < 0)
+    assert ("worse" in rows[0]) == (w["holm_lo"] > 0)
+  eq6 = [x for x in text.splitlines() if x.startswith("| " + reproduce.SCR_ROWS["generic-eq6"][0]
+                                                      + " | 5 |")][0]
+  assert "**better**" in eq6 and "-2.00 (-20.0 %)" in eq6
+  rnd = [x for x in text.splitlines() if x.startswith("| " + reproduce.SCR_ROWS["dense-random"][0]
+                                                      + " | 5 |")][0]
+  assert "worse" in rnd
+  # mean +- std (ddof 1) and the per-seed values of independent
+  m, s = stats.mean_std(ind)
+  assert f"{m:.2f} ± {s:.2f} | 10.00, 10.40, 9.60, 10.20, 9.80 |" in text
+  # the val-chosen row (lowest val MAD: Eq. 6) meets the 10 % goal; independent / avg-GT ~0.5
+  assert "**generic, Eq. 6" in text and "**met**" in text
+  assert "0.55 x average-GT on every seed): met" in text
+  assert "seed 0: 9 units, init init0, batch order batch0: paired" in text
+  readme = open(tmp_path / "results_readme.md").read()
+  assert readme.startswith("## Results") and "cmd --planted" in readme and "**better**" in readme
+
+
+@pytest.fixture(scope="module")
+def variant_folder(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("wide_pose"))
+  synthetic.export_synface(root, n_train=24, n_val=8, n_test=8, size=16, seed=5, verbose=False,
+                           cfg=synthetic.get_variant("wide_pose").gen)
+  return root
+
+
+def _argv(out, data, variant, *extra):
+  return ["reproduce", "--preset", "test_tiny", "--out", out, "--data", data, "--steps", "2",
+          "--seeds", "2", "--table2-seeds", "2", "--fig6-seeds", "2", "--beyond-seeds", "2",
+          "--bo-init", "2", "--bo-evals", "2", "--bo-batch", "2", "--search-steps", "1",
+          "--fig6-orders", "2", "--table2-orders", "DLVA", "--variants",
+          f"wide_pose={variant}", *extra]
+
+
+@pytest.mark.slow  # 44 units, 10-20 minutes on 2 cores: python -m pytest -m slow tests/test_reproduce.py
+def test_reproduce_tiny_end_to_end(tmp_path, tiny_synface, variant_folder, monkeypatch, capfd):
+  from experiments import run
+  out = str(tmp_path / "rep")
+  run.main(_argv(out, tiny_synface, variant_folder))
+  units = reproduce.plan(_budget(tiny_synface, variants=(f"wide_pose={variant_folder}",))
+                         .resolved(config.override(config.get_config("test_tiny"), ["steps=2"])))
+  res = {u.name: json.load(open(os.path.join(out, "units", u.name + ".json"))) for u in units}
+  # paired: every training unit of a seed has the same init and batch order, and the seeds differ
+  for s in (0, 1):
+    same = [r for n, r in res.items() if n.startswith("t1.") and r["seed"] == s]
+    assert len(same) == 9
+    assert len({r["init_hash"] for r in same}) == 1 and len({r["batch_hash"] for r in same}) == 1
+  assert res["t1.independent.s0"]["init_hash"] != res["t1.independent.s1"]["init_hash"]
+  # each row's structure: random ordering per seed, BO / Eq. 6 structures from that seed's search
+  for s in (0, 1):
+    bo = res[f"search.default.bo.s{s}"]["order"]
+    st = res[f"t1.dense-bo.s{s}"]["structure"]
+    assert np.allclose(st["M"], reproduce.structure.dense_matrix(bo))
+    assert res[f"t1.dynamic-cosine.s{s}"]["structure"]["q"] == "cosine"
+    assert res[f"search.default.eq6.s{s}"]["mask_order"] == bo
+    assert res[f"search.default.bo-oracle.s{s}"]["objective"] == "val_mad"
+    assert res[f"t1.dense-random.s{s}"]["label"] == reproduce.structure.random_order(s)
+  assert res["t1.supervised.s0"]["steps"] == 2 and np.isfinite(res["t1.supervised.s0"]["test"]
+                                                                ["mad_mean"])
+  assert set(res["fig6.s0"]["orders"]) == set(reproduce.structure.ALL_ORDERS[:2])
+  assert res["bey.wide_pose.best.s0"]["resolved_row"] in reproduce.SCR_ROWS
+  assert res["t1.independent.s0"]["curves"]["val/mad_mean"]  # Figure 8's points
+  text = open(os.path.join(out, "results.md")).read()
+  for needle in ("## Table 1", "Holm interval", "### Pairing check", "## Table 2",
+                 "Spearman rank correlation", "## Figure 8", "## Beyond the default data",
+                 "steps per evaluation", "seed 1: 9 units", "Commit: `", "run.py reproduce"):
+    assert needle in text, needle
+  assert "NOT PAIRED" not in text
+  assert os.path.getsize(os.path.join(out, "fig6.png")) > 0
+  assert os.path.getsize(os.path.join(out, "fig8.png")) > 0
+  # a second invocation trains and searches nothing (finished units are read back)
+  stamps = {n: os.path.getmtime(os.path.join(out, "units", n + ".json")) for n in res}
+
+  def refuse(*a, **k):
+    raise AssertionError("a finished reproduction trained again")
+  for mod, name in ((train, "fit"), (search, "search_orders"), (search, "search_unroll")):
+    monkeypatch.setattr(mod, name, refuse)
+  err = capfd.readouterr().err
+  assert f"[reproduce] {len(units)}/{len(units)} units done" in err and "ETA" in err
+  run.main(_argv(out, tiny_synface, variant_folder))
+  assert "[reproduce] start" not in capfd.readouterr().err  # no unit started
+  assert stamps == {n: os.path.getmtime(os.path.join(out, "units", n + ".json")) for n in res}
+  # --report rewrites the report without training; another budget in the same folder is refused
+  os.remove(os.path.join(out, "results.md"))
+  run.main(["reproduce", "--out", out, "--report"])
+  assert "## Table 1" in capfd.readouterr().out
+  assert os.path.exists(os.path.join(out, "results.md"))
+  monkeypatch.undo()
+  stderr = sys.stderr
+  try:
+    with pytest.raises(SystemExit):
+      run.main(_argv(out, tiny_synface, variant_folder, "--bo-evals", "3"))
+  finally:
+    sys.stderr = stderr  # cliutil.fail silences stderr after its one line
+  assert "other settings (bo_evals differ)" in capfd.readouterr().err
+  # --jobs 2: two removed units are rerun by worker processes (their runs resume as trained)
+  for n in ("t1.independent.s1", "baselines.default"):
+    os.remove(os.path.join(out, "units", n + ".json"))
+  run.main(_argv(out, tiny_synface, variant_folder, "--jobs", "2"))
+  again = json.load(open(os.path.join(out, "units", "t1.independent.s1.json")))
+  assert again["test"] == res["t1.independent.s1"]["test"]
+  assert os.path.exists(os.path.join(out, "logs", "t1.independent.s1.log"))
+
+
+def test_report_all_parts_on_planted_numbers(tmp_path):
+  """Table 2, Figure 6 (Spearman between seeds), beyond rows (Holm over the
+  variants) from planted unit results."""
+  cfg = config.override(config.get_config("test_tiny"), ["steps=2"])
+  b = reproduce.Budget(preset="test_tiny", seeds=5, table2_seeds=2, fig6_seeds=2,
+                       beyond_seeds=5, fig6_orders=5, table2_orders=("DLVA",),
+                       variants=("wide_pose", "albedo_alt")).resolved(cfg)
+  rep = reproduce.Reproduction(str(tmp_path), cfg, b)
+  ind = [10.0, 10.4, 9.6, 10.2, 9.8]
+  per_row = {k: [i + 0.3 * ((-1) ** j) for j, i in enumerate(ind)] for k in reproduce.SCR_ROWS}
+  per_row.update(independent=ind, supervised=[3.0] * 5)
+  per_row["dense-bo"] = [i - 1.0 for i in ind]  # lowest val MAD: the row carried beyond
+  _planted(rep, per_row)
+  for s in range(2):
+    for c, v in (("dense", 11.0), ("generic-eq6", 12.0), ("dynamic-sigmoid", 13.0),
+                 ("dynamic-cosine", 14.0)):
+      reproduce._save(rep.result_path(f"t2.{c}-DLVA.s{s}"), dict(
+          kind="train", seed=s, test=dict(mad_mean=v + s, side_mean=1.0, n=8)))
+  orders = reproduce.structure.ALL_ORDERS[:5]
+  mads = {0: [1, 2, 3, 4, 5], 1: [2, 1, 4, 3, 5]}  # rho = 0.8 (1 - 6 * 4 / 120)
+  for s in range(2):
+    reproduce._save(rep.result_path(f"fig6.s{s}"), dict(kind="fig6", seed=s, orders={
+        o: dict(test_mad=float(m), test_side=1.0, val_mad=1.0, val_loss=float(m))
+        for o, m in zip(orders, mads[s])}))
+  shift = dict(wide_pose=-1.5, albedo_alt=0.1)
+  for v in shift:
+    for s in range(5):
+      for row, val in (("independent", ind[s]), ("best", ind[s] + shift[v] + 0.02 * s)):
+        reproduce._save(rep.result_path(f"bey.{v}.{row}.s{s}"), dict(
+            kind="train", seed=s, data=v, resolved_row="dense-bo" if row == "best" else row,
+            test=dict(mad_mean=val, side_mean=1.0, n=8)))
+  text = reproduce.report(rep, dict(command="c", commit="x"))
+  assert "| DLVA | 11.50 ± 0.71 | 12.50 ± 0.71 | 13.50 ± 0.71 | 14.50 ± 0.71 |" in text
+  assert "test MAD, seeds 0 and 1: +0.80" in text
+  assert f"seed 0: best test MAD {orders[0]} 1.00" in text
+  assert os.path.getsize(tmp_path / "fig6.png") > 0
+  fam = stats.holm_intervals([([ind[s] + shift[v] + 0.02 * s for s in range(5)], ind)
+                              for v in shift])
+  for v, w in zip(shift, fam):
+    row = [x for x in text.splitlines() if x.startswith(f"| {v}: best SCR row | 5 |")][0]
+    assert f"[{w['holm_lo']:+.2f}, {w['holm_hi']:+.2f}]" in row
+    assert ("**better**" in row) == (v == "wide_pose")
+  assert "| wide_pose | " in text and "dense-bo:" in text
