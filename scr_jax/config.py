@@ -150,6 +150,16 @@ class Config:
   init_trials: int = 1
   init_trial_steps: int = 100
   init_choice: int = -1
+  # "both": each initialisation is also tried without the depth warm-up (a
+  # warm-up that holds the shape at the convex prior decides the yaw's sign
+  # right on faces but mirrors it on shapes far from the prior, e.g. a car);
+  # the winner's depth warm-up is saved with the run. "same": the config's.
+  init_trial_depth_warmup: str = "same"
+  # Only candidates whose canonical depth is convex at the trial's end (most
+  # of the last batch's images: `diagnostics.relief` > 0) compete, unless none
+  # is: the photometric loss alone prefers a mirrored, hollow shape as often
+  # as the right one (the convex/concave ambiguity).
+  init_trial_convex: bool = True
   # Bookkeeping.
   log_every: int = 25
   eval_every: int = 250
@@ -309,6 +319,8 @@ def validate(cfg: Config) -> Config:
   need(cfg.init_trials >= 1, "init_trials", "must be >= 1 (1 = one initialisation)")
   need(cfg.init_trial_steps >= 1, "init_trial_steps", "must be >= 1")
   need(cfg.init_choice >= -1, "init_choice", "must be >= -1 (-1 = not chosen)")
+  need(cfg.init_trial_depth_warmup in ("same", "both"), "init_trial_depth_warmup",
+       "must be same or both")
   need(cfg.lr_cosine_steps >= 0, "lr_cosine_steps", "must be >= 0 (0 = constant lr)")
   need(cfg.steps >= 0, "steps", "must be >= 0")
   for f in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints", "num_eval_images"):

@@ -149,9 +149,14 @@ def fit(run, train_data: dict, val_data=None, quiet: bool = False, max_seconds=N
   if run.cfg.depth_prior_ellipse.strip() == "fit":
     run.update(cfg=resolve_prior_ellipse(run.cfg, train_data, None if quiet else _stderr))
   mesh = data_mesh()
+  trial_state = None
   if run.cfg.init_trials > 1 and run.cfg.init_choice < 0:  # (a resume has the saved one)
-    run.update(cfg=init_trials.resolve_init(run.cfg, train_data, run.structure,
-                                            None if quiet else _stderr))
+    if init_params is not None:
+      raise UserError("init_trials > 1 chooses the initial parameters itself: it cannot start "
+                      "from given ones (--init-from); set init_trials=1")
+    chosen, trial_state = init_trials.resolve_init(run.cfg, train_data, run.structure,
+                                                   None if quiet else _stderr)
+    run.update(cfg=chosen)
   cfg, st = run.cfg, run.structure
   k = st.k
   st_dev = st.replace(m=jnp.asarray(st.m, jnp.float32))  # placed on the mesh below
@@ -167,6 +172,8 @@ def fit(run, train_data: dict, val_data=None, quiet: bool = False, max_seconds=N
   restored = run.restore(state.tree())
   if restored is not None:
     state = state.with_tree(restored)
+  elif trial_state is not None and int(trial_state.step) < cfg.steps:
+    state = trial_state  # the trial's winner, trained on the run's first batches
   start = int(jax.device_get(state.step))
   if start >= cfg.steps and (start or run.step is not None):
     # Nothing to train: nothing is written (config, logs, checkpoints).
@@ -199,7 +206,8 @@ def fit(run, train_data: dict, val_data=None, quiet: bool = False, max_seconds=N
   t0 = time.time()
   reason, last = "done", {}
   if start and not quiet:
-    print(f"resuming {workdir} from step {start}", flush=True)
+    print(f"resuming {workdir} from step {start}" if restored is not None else
+          f"continuing the init trials' winner from step {start}", flush=True)
   with _Signals() as sig, contextlib.closing(batches):
     step = start
     while step < cfg.steps:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -188,6 +189,10 @@ class Run:
       chosen = int(old.get("config", {}).get("init_choice", -1))
       if chosen >= 0:
         cfg = dataclasses.replace(cfg, init_choice=chosen)
+        if cfg.init_trial_depth_warmup == "both":  # and whether it kept the depth warm-up
+          saved = Config.from_json(json.dumps(old["config"])).warmup.depth_steps
+          cfg = dataclasses.replace(cfg, warmup=dataclasses.replace(cfg.warmup,
+                                                                    depth_steps=saved))
     self.cfg, self.resume = cfg, resume
     if resume:
       self._check()
