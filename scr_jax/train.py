@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import sys
 import time
 
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 
 from scr_jax import (config as config_lib, dataset, diagnostics, init_trials, model, parallel,
                      runlog, structure as structure_lib, train_step, workdir as workdir_lib)
+from scr_jax.cliutil import log as _log
 from scr_jax.errors import NonFiniteError, UserError
 from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.parallel import (any_process, barrier, compile_in_step, data_mesh, place_candidates,
@@ -74,10 +74,6 @@ def resolve_prior_ellipse(cfg, train_data=None, log=None):
   return config_lib.override(cfg, ["depth_prior_ellipse=" + ",".join(f"{v:g}" for v in ell)])
 
 
-def _stderr(msg: str):
-  print(msg, file=sys.stderr, flush=True)
-
-
 def fit_workdir(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
                 resume: bool = True, quiet: bool = False, max_seconds=None, log=None,
                 run_info=None, init_params=None):
@@ -106,7 +102,7 @@ def fit_workdir(cfg, workdir: str, train_data: dict, val_data=None, structure=No
     data["spec"] = info["data"]
   extra = dict(init_from=info["init_from"]) if info.get("init_from") else None
   with workdir_lib.Run.open(workdir, cfg, st, data, resume=resume, extra=extra,
-                            log=None if quiet else _stderr) as run:
+                            log=None if quiet else _log) as run:
     return fit(run, train_data, val_data, quiet=quiet, max_seconds=max_seconds, log=log,
                init_params=init_params)
 
@@ -147,7 +143,7 @@ def fit(run, train_data: dict, val_data=None, quiet: bool = False, max_seconds=N
   if "hash" not in run.data_info:
     run.update(data=dataset.fingerprint(train_data))  # compared on a resume
   if run.cfg.depth_prior_ellipse.strip() == "fit":
-    run.update(cfg=resolve_prior_ellipse(run.cfg, train_data, None if quiet else _stderr))
+    run.update(cfg=resolve_prior_ellipse(run.cfg, train_data, None if quiet else _log))
   mesh = data_mesh()
   trial_state = None
   if run.cfg.init_trials > 1 and run.cfg.init_choice < 0:  # (a resume has the saved one)
@@ -155,7 +151,7 @@ def fit(run, train_data: dict, val_data=None, quiet: bool = False, max_seconds=N
       raise UserError("init_trials > 1 chooses the initial parameters itself: it cannot start "
                       "from given ones (--init-from); set init_trials=1")
     chosen, trial_state = init_trials.resolve_init(run.cfg, train_data, run.structure,
-                                                   None if quiet else _stderr)
+                                                   None if quiet else _log)
     run.update(cfg=chosen)
   cfg, st = run.cfg, run.structure
   k = st.k
@@ -178,8 +174,8 @@ def fit(run, train_data: dict, val_data=None, quiet: bool = False, max_seconds=N
   if start >= cfg.steps and (start or run.step is not None):
     # Nothing to train: nothing is written (config, logs, checkpoints).
     if not quiet:
-      print(f"note: {workdir} is already at step {start} (steps={cfg.steps}); nothing trained, "
-            "nothing written", file=sys.stderr, flush=True)
+      _log(f"note: {workdir} is already at step {start} (steps={cfg.steps}); nothing trained, "
+           "nothing written")
     return dict(step=start, start_step=start, seconds=0.0, reason="already trained", last={},
                 state=state, nets=nets, structure=st, cfg=cfg)
   run.check_free_space(state.tree())
@@ -242,8 +238,8 @@ def fit(run, train_data: dict, val_data=None, quiet: bool = False, max_seconds=N
           log.scalars(step, values, prefix=f"val_c{i:02d}" if k else "val")
           if not quiet:
             who = f" candidate {i}" if k else ""
-            print(f"  val @ {step}{who}: SIDE {summ['side_mean']:.3f} x1e-2  "
-                  f"MAD {summ['mad_mean']:.2f} deg{line}", file=sys.stderr, flush=True)
+            _log(f"  val @ {step}{who}: SIDE {summ['side_mean']:.3f} x1e-2  "
+                 f"MAD {summ['mad_mean']:.2f} deg{line}")
       if step % cfg.ckpt_every == 0:
         run.save(state, batches.state())
       # Several processes must leave the loop at the same step (collectives).
@@ -255,7 +251,6 @@ def fit(run, train_data: dict, val_data=None, quiet: bool = False, max_seconds=N
     run.save(state, batches.state())
   log.close()
   if reason in ("SIGINT", "SIGTERM") and not quiet:
-    print(f"{reason}: saved checkpoint at step {step} in {workdir}; rerun to resume",
-          file=sys.stderr, flush=True)
+    _log(f"{reason}: saved checkpoint at step {step} in {workdir}; rerun to resume")
   return dict(step=step, start_step=start, seconds=time.time() - t0, reason=reason,
               last=last, state=state, nets=nets, structure=st, cfg=cfg)
