@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from typing import NamedTuple
 
 import jax
@@ -86,11 +87,12 @@ def _unstack(state, i):
                        opt_state=jax.tree_util.tree_map(pick, state.opt_state))
 
 
-def run_trials(cfg, train_data, structure) -> Trial:
+def run_trials(cfg, train_data, structure, log=None) -> Trial:
   """Trains the `n_candidates(cfg)` candidates `cfg.init_trial_steps` steps
   on the run's first batches (those of `Config.seed`): the candidates of one
   warm-up setting as stacked candidates of `structure` (a single structure)
-  in one vmapped step. Returns their `Trial`."""
+  in one vmapped step. Progress (every quarter of a group) goes to `log`.
+  Returns their `Trial`."""
   steps, k = cfg.init_trial_steps, cfg.init_trials
   groups = []  # (configs of one warm-up setting, their candidate indices)
   for first in range(0, n_candidates(cfg), k):
@@ -98,7 +100,8 @@ def run_trials(cfg, train_data, structure) -> Trial:
   loss, convex = np.full(n_candidates(cfg), np.inf), np.full(n_candidates(cfg), np.nan)
   states = [None] * n_candidates(cfg)
   keep_from = steps - max(steps // 2, 1)
-  for idx in groups:
+  t0 = time.time()
+  for g, idx in enumerate(groups):
     gcfg = candidate_config(cfg, idx[0])
     made = [train_step.init_state(gcfg, train_step.init_key(candidate_config(cfg, c)))
             for c in idx]
@@ -113,6 +116,9 @@ def run_trials(cfg, train_data, structure) -> Trial:
     with contextlib.closing(batches):
       for step, x in enumerate(batches):
         state, met = step_fn(state, jnp.asarray(x), st_k)
+        if log is not None and (step + 1) % max(steps // 4, 1) == 0:
+          log(f"init trials: group {g + 1}/{len(groups)} ({k} candidates) step {step + 1}/"
+              f"{steps}, {time.time() - t0:.0f}s")
         if step >= keep_from:
           lv = np.asarray(jax.device_get(met["loss"]), np.float64)
           bad |= ~np.isfinite(lv) | ~np.asarray(jax.device_get(met["finite"]))
@@ -164,7 +170,7 @@ def resolve_init(cfg, train_data, structure, log=None):
     log(f"init trials: {cfg.init_trials} initialisations{alt} x {cfg.init_trial_steps} steps "
         "(the run continues from the lowest training loss"
         f"{' among convex shapes' if cfg.init_trial_convex else ''})")
-  trial = run_trials(cfg, train_data, structure)
+  trial = run_trials(cfg, train_data, structure, log)
   choice = choose(cfg, trial)
   chosen = candidate_config(cfg, choice)
   if log is not None:

@@ -27,7 +27,7 @@ def test_candidate_zero_is_the_plain_initialisation():
 def test_the_lowest_trial_loss_is_chosen_and_a_resume_keeps_it(tmp_path, monkeypatch):
   calls = []
 
-  def planted(cfg, train_data, structure):
+  def planted(cfg, train_data, structure, log=None):
     calls.append(cfg.init_trials)
     return init_trials.Trial(np.array([-1.0, -3.0, np.inf, -2.0]), np.ones(4))
 
@@ -77,7 +77,7 @@ def test_candidates_without_the_depth_warmup():
 def test_a_winner_without_the_depth_warmup_is_saved_and_resumed(tmp_path, monkeypatch):
   calls = []
 
-  def planted(cfg, train_data, structure):
+  def planted(cfg, train_data, structure, log=None):
     calls.append(init_trials.n_candidates(cfg))
     return _trial([-1.0, -2.0, -3.0, -4.0], [1, 1, 0, 1])  # 3: seed 1 without the warm-up
 
@@ -100,8 +100,10 @@ def test_trials_per_candidate_and_the_run_continues_the_winner(tmp_path):
   st = structure_lib.resolve_structure(cfg)
   rng = np.random.default_rng(0)
   data = dict(images=rng.random((8, cfg.image_size, cfg.image_size, 3), np.float32))
-  trial = init_trials.run_trials(cfg, data, st)
+  lines = []
+  trial = init_trials.run_trials(cfg, data, st, lines.append)
   assert trial.loss_C.shape == (4,) and np.isfinite(trial.loss_C).all()
+  assert any("group 2/2 (2 candidates) step 2/2" in ln for ln in lines)  # progress
   assert len(set(trial.loss_C.tolist())) == 4  # four different candidates
   assert ((trial.convex_C >= 0) & (trial.convex_C <= 1)).all()
   assert all(int(s.step) == 2 for s in trial.states)
