@@ -168,6 +168,13 @@ class Config:
   num_eval_images: int = 256  # val images used for periodic validation
   on_nonfinite: str = "stop"  # stop | skip
 
+  def trials_wanted(self) -> bool:
+    """Whether `init_trials.resolve_init` still has to choose the
+    initialisation: more than one candidate (init_trials > 1, or the depth
+    warm-up tried both ways) and no init_choice yet."""
+    both = self.init_trial_depth_warmup == "both" and self.warmup.depth_steps > 0
+    return self.init_choice < 0 and (self.init_trials > 1 or both)
+
   def to_json(self) -> str:
     """The config as JSON, flat: the warm-ups under their flat names
     (`FLAT_WARMUP`), as config.json has always held them."""

@@ -59,7 +59,8 @@ class Trial(NamedTuple):
 
 def n_candidates(cfg) -> int:
   """How many candidates the trial trains: init_trials, twice that with
-  init_trial_depth_warmup="both" and a depth warm-up to switch off."""
+  init_trial_depth_warmup="both" and a depth warm-up to switch off (1: no
+  trial; `config.Config.trials_wanted`)."""
   both = cfg.init_trial_depth_warmup == "both" and cfg.warmup.depth_steps > 0
   return cfg.init_trials * (2 if both else 1)
 
@@ -153,15 +154,15 @@ def resolve_init(cfg, train_data, structure, log=None):
   """(cfg, state): cfg with `init_choice` resolved (>= 0) when cfg.init_trials
   > 1 (and, for a winner trained without it, the depth warm-up off), and the
   winner's TrainState after the trial (None when no trial ran). The trial's
-  figures go to `log`. Unchanged (cfg, None) when init_trials <= 1,
+  figures go to `log`. Unchanged (cfg, None) when there is one candidate,
   init_choice is already set (a resume: `workdir.Run.open` puts the saved
   choice into the run's config), or `structure` holds K candidates (they
   share one initialisation by design: noted to `log`)."""
-  if cfg.init_trials <= 1 or cfg.init_choice >= 0:
+  if n_candidates(cfg) <= 1 or cfg.init_choice >= 0:
     return cfg, None
   if structure.k:
     if log is not None:
-      log(f"note: init_trials={cfg.init_trials} is skipped for {structure.k} candidate "
+      log(f"note: the init trials are skipped for {structure.k} candidate "
           "structures trained together (they share one initialisation)")
     return cfg, None
   n = n_candidates(cfg)

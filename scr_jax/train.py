@@ -146,10 +146,11 @@ def fit(run, train_data: dict, val_data=None, quiet: bool = False, max_seconds=N
     run.update(cfg=resolve_prior_ellipse(run.cfg, train_data, None if quiet else _log))
   mesh = data_mesh()
   trial_state = None
-  if run.cfg.init_trials > 1 and run.cfg.init_choice < 0:  # (a resume has the saved one)
+  if run.cfg.trials_wanted():  # (a resume has the saved choice)
     if init_params is not None:
-      raise UserError("init_trials > 1 chooses the initial parameters itself: it cannot start "
-                      "from given ones (--init-from); set init_trials=1")
+      raise UserError("init trials choose the initial parameters themselves: they cannot start "
+                      "from given ones (--init-from); set init_trials=1, "
+                      "init_trial_depth_warmup=same")
     chosen, trial_state = init_trials.resolve_init(run.cfg, train_data, run.structure,
                                                    None if quiet else _log)
     run.update(cfg=chosen)

@@ -184,7 +184,7 @@ class Run:
       fitted = str(old.get("config", {}).get("depth_prior_ellipse", "fit"))
       if fitted.strip() != "fit":
         cfg = dataclasses.replace(cfg, depth_prior_ellipse=fitted)
-    if resume and old and cfg.init_trials > 1 and cfg.init_choice < 0:
+    if resume and old and cfg.trials_wanted():
       # Likewise the initialisation the run's trials chose (scr_jax/init_trials.py).
       chosen = int(old.get("config", {}).get("init_choice", -1))
       if chosen >= 0:

@@ -70,6 +70,11 @@ def test_candidates_without_the_depth_warmup():
   assert [g.warmup.depth_steps for g in got] == [300, 300, 0, 0]
   # nothing to switch off: only the initialisations
   assert init_trials.n_candidates(config.override(cfg, ["depth_warmup_steps=0"])) == 2
+  # one initialisation, the warm-up both ways: still a trial (of 2)
+  one = config.replace(cfg, init_trials=1)
+  assert init_trials.n_candidates(one) == 2 and one.trials_wanted()
+  assert not config.replace(one, init_trial_depth_warmup="same").trials_wanted()
+  assert not config.replace(one, init_choice=0).trials_wanted()
   with pytest.raises(UserError, match="init_trial_depth_warmup"):
     config.validate(config.replace(cfg, init_trial_depth_warmup="sometimes"))
 
