@@ -155,11 +155,13 @@ class Config:
   # right on faces but mirrors it on shapes far from the prior, e.g. a car);
   # the winner's depth warm-up is saved with the run. "same": the config's.
   init_trial_depth_warmup: str = "same"
-  # Only candidates whose canonical depth is convex at the trial's end (most
-  # of the last batch's images: `diagnostics.relief` > 0) compete, unless none
-  # is: the photometric loss alone prefers a mirrored, hollow shape as often
-  # as the right one (the convex/concave ambiguity).
-  init_trial_convex: bool = True
+  # Only plausible candidates compete, unless none is: a canonical depth
+  # convex on most of the trial's last batch (`diagnostics.relief` > 0; the
+  # photometric loss alone prefers a mirrored, hollow shape as often as the
+  # right one) and views inside their range on most images (no rotation
+  # beyond 0.9 x xyz_rotation_range: a view run to its tanh bound explains
+  # the image as a tilted screen, at a low loss).
+  init_trial_checks: bool = True
   # Bookkeeping.
   log_every: int = 25
   eval_every: int = 250

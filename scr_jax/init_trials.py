@@ -21,10 +21,11 @@ With `Config.init_trial_depth_warmup="both"` each initialisation is also
 tried without the depth warm-up: holding the shape at the convex prior
 decides the yaw's sign right on faces but mirrors it on objects far from the
 prior (car at cpu_small: yaw corr -0.99 with it, +0.99 without), while without
-it faces come out mirrored and hollow. With `init_trial_convex` (default) only
-candidates whose canonical depth is convex at the trial's end compete (the
-photometric loss alone is lower for the mirrored, hollow face too: morph step
-300-500, -2.91 hollow vs -2.85 right). The winner's depth warm-up is saved
+it faces come out mirrored and hollow. With `init_trial_checks` (default) only
+candidates whose canonical depth is convex at the trial's end and whose views
+stay inside their range compete (the photometric loss alone is lower for the
+mirrored, hollow face too: morph step 300-500, -2.91 hollow vs -2.85 right;
+and for a car whose pitch ran to its +60 degree bound: -3.22 vs -2.70). The winner's depth warm-up is saved
 with the run, and the run continues from the winning candidate's trained
 state (the same batches: nothing of the trial is thrown away).
 """
@@ -50,11 +51,18 @@ class Trial(NamedTuple):
   loss_C: mean training loss over the trial's second half (inf: non-finite).
   convex_C: fraction in [0, 1] of the last batch's images whose free model's
     canonical relief is convex (`diagnostics.relief` > 0); nan when unknown.
+  saturated_C: fraction in [0, 1] of those images with a view rotation beyond
+    `SATURATED` x cfg.xyz_rotation_range (at its tanh bound); nan when unknown.
   states: the candidates' TrainStates after the trial (list of C), or None.
   """
   loss_C: np.ndarray
   convex_C: np.ndarray
+  saturated_C: np.ndarray | None = None
   states: list | None = None
+
+
+# A view rotation this close to its range (tanh-scaled) counts as run away.
+SATURATED = 0.9
 
 
 def n_candidates(cfg) -> int:
@@ -98,7 +106,8 @@ def run_trials(cfg, train_data, structure, log=None) -> Trial:
   groups = []  # (configs of one warm-up setting, their candidate indices)
   for first in range(0, n_candidates(cfg), k):
     groups.append(list(range(first, first + k)))
-  loss, convex = np.full(n_candidates(cfg), np.inf), np.full(n_candidates(cfg), np.nan)
+  n = n_candidates(cfg)
+  loss, convex, saturated = np.full(n, np.inf), np.full(n, np.nan), np.full(n, np.nan)
   states = [None] * n_candidates(cfg)
   keep_from = steps - max(steps // 2, 1)
   t0 = time.time()
@@ -128,25 +137,37 @@ def run_trials(cfg, train_data, structure, log=None) -> Trial:
     loss[idx] = np.where(bad, np.inf, total / max(count, 1))
     for j, c in enumerate(idx):
       states[c] = _unstack(state, j)
-      if cfg.init_trial_convex and x is not None and np.isfinite(loss[c]):
+      if cfg.init_trial_checks and x is not None and np.isfinite(loss[c]):
         out = model.forward(nets, states[c].params, jnp.asarray(x), structure, gcfg,
                             Warmups.none())
         convex[c] = diagnostics.depth_sign(np.asarray(out.orig.canon_depth_BxSxS))
-  return Trial(loss, convex, states)
+        rot_deg = np.rad2deg(np.abs(np.asarray(out.factors.view_Bx6)[:, :3])).max(axis=1)
+        saturated[c] = float(np.mean(rot_deg >= SATURATED * cfg.xyz_rotation_range))
+  return Trial(loss, convex, saturated, states)
+
+
+def plausible(trial: Trial) -> np.ndarray:
+  """Per candidate: a convex canonical depth on most images (convex_C >= 0.5)
+  and views inside their range on most (saturated_C < 0.5; unknown counts
+  as inside)."""
+  convex = np.nan_to_num(np.asarray(trial.convex_C, np.float64), nan=0.0) >= 0.5
+  if trial.saturated_C is None:
+    return convex
+  return convex & (np.nan_to_num(np.asarray(trial.saturated_C, np.float64), nan=0.0) < 0.5)
 
 
 def choose(cfg, trial: Trial) -> int:
-  """The winning candidate: the lowest finite trial loss among the convex
-  ones (convex_C >= 0.5; all candidates when init_trial_convex is off or
-  none is convex); 0 when no loss is finite."""
+  """The winning candidate: the lowest finite trial loss among the
+  `plausible` ones (among all when init_trial_checks is off or none is
+  plausible); 0 when no loss is finite."""
   loss = np.asarray(trial.loss_C, np.float64)
   ok = np.isfinite(loss)
   if not ok.any():
     return 0
-  if cfg.init_trial_convex:
-    convex = ok & (np.nan_to_num(np.asarray(trial.convex_C, np.float64), nan=0.0) >= 0.5)
-    if convex.any():
-      ok = convex
+  if cfg.init_trial_checks:
+    good = ok & plausible(trial)
+    if good.any():
+      ok = good
   return int(np.argmin(np.where(ok, loss, np.inf)))
 
 
@@ -170,7 +191,7 @@ def resolve_init(cfg, train_data, structure, log=None):
     alt = " (each also without the depth warm-up)" if n > cfg.init_trials else ""
     log(f"init trials: {cfg.init_trials} initialisations{alt} x {cfg.init_trial_steps} steps "
         "(the run continues from the lowest training loss"
-        f"{' among convex shapes' if cfg.init_trial_convex else ''})")
+        f"{' among convex shapes with views inside their range' if cfg.init_trial_checks else ''})")
   trial = run_trials(cfg, train_data, structure, log)
   choice = choose(cfg, trial)
   chosen = candidate_config(cfg, choice)
@@ -178,6 +199,8 @@ def resolve_init(cfg, train_data, structure, log=None):
     def one(c):
       tag = f"{c % cfg.init_trials}{'/no-dw' if c >= cfg.init_trials else ''}"
       cv = "" if np.isnan(trial.convex_C[c]) else f" convex {trial.convex_C[c]:.2f}"
+      if trial.saturated_C is not None and not np.isnan(trial.saturated_C[c]):
+        cv += f" view-at-limit {trial.saturated_C[c]:.2f}"
       return f"{tag}: {trial.loss_C[c]:.4f}{cv}"
     first = cfg.init_trial_steps - max(cfg.init_trial_steps // 2, 1)
     log(f"init trials: mean loss over steps {first}-{cfg.init_trial_steps} "

@@ -29,7 +29,7 @@ def test_the_lowest_trial_loss_is_chosen_and_a_resume_keeps_it(tmp_path, monkeyp
 
   def planted(cfg, train_data, structure, log=None):
     calls.append(cfg.init_trials)
-    return init_trials.Trial(np.array([-1.0, -3.0, np.inf, -2.0]), np.ones(4))
+    return init_trials.Trial(np.array([-1.0, -3.0, np.inf, -2.0]), np.ones(4), np.zeros(4))
 
   monkeypatch.setattr(init_trials, "run_trials", planted)
   wd = str(tmp_path / "w")
@@ -43,8 +43,9 @@ def test_the_lowest_trial_loss_is_chosen_and_a_resume_keeps_it(tmp_path, monkeyp
   assert workdir.load_config(wd).init_choice == 1
 
 
-def _trial(loss, convex):
-  return init_trials.Trial(np.asarray(loss, float), np.asarray(convex, float))
+def _trial(loss, convex, saturated=None):
+  return init_trials.Trial(np.asarray(loss, float), np.asarray(convex, float),
+                           None if saturated is None else np.asarray(saturated, float))
 
 
 def test_choice_is_the_lowest_loss_among_convex_candidates():
@@ -54,8 +55,11 @@ def test_choice_is_the_lowest_loss_among_convex_candidates():
   # none convex (or unknown): the lowest loss
   assert init_trials.choose(cfg, _trial([-1, -3, -2, 0], [0, 0, np.nan, 0])) == 1
   # the rule off: the lowest loss whatever the shape
-  off = _cfg(init_trials=4, init_trial_convex=False)
+  off = _cfg(init_trials=4, init_trial_checks=False)
   assert init_trials.choose(off, _trial([-1, -3, np.inf, -2], [1, 0, 1, 1])) == 1
+  # a view run to its bound (a pitch at +60 on most images) is out, however low its loss
+  assert init_trials.choose(cfg, _trial([-1, -3, -2, 0], [1, 1, 1, 1], [0, 0.9, 0.6, 0])) == 0
+  assert init_trials.choose(cfg, _trial([-1, -3, -2, 0], [1, 1, 1, 1], [0, 0.4, 1, np.nan])) == 1
   # a convex candidate with a non-finite loss never wins; none finite: 0
   assert init_trials.choose(cfg, _trial([np.inf, -1, -2, -3], [1, 0, 0, 0])) == 3
   assert init_trials.choose(cfg, _trial([np.inf] * 4, [1] * 4)) == 0
@@ -111,6 +115,7 @@ def test_trials_per_candidate_and_the_run_continues_the_winner(tmp_path):
   assert any("group 2/2 (2 candidates) step 2/2" in ln for ln in lines)  # progress
   assert len(set(trial.loss_C.tolist())) == 4  # four different candidates
   assert ((trial.convex_C >= 0) & (trial.convex_C <= 1)).all()
+  assert ((trial.saturated_C >= 0) & (trial.saturated_C <= 1)).all()
   assert all(int(s.step) == 2 for s in trial.states)
   # the run continues the winner: the same parameters as training the chosen
   # candidate from scratch without trials (the same batches, steps 0..3)
