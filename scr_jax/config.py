@@ -160,7 +160,8 @@ class Config:
   # photometric loss alone prefers a mirrored, hollow shape as often as the
   # right one) and views inside their range on most images (no rotation
   # beyond 0.9 x xyz_rotation_range: a view run to its tanh bound explains
-  # the image as a tilted screen, at a low loss).
+  # the image as a tilted screen, at a low loss) that vary over the images
+  # (a constant view is a view net that stopped reading the image).
   init_trial_checks: bool = True
   # Bookkeeping.
   log_every: int = 25

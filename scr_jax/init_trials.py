@@ -54,15 +54,22 @@ class Trial(NamedTuple):
   saturated_C: fraction in [0, 1] of those images with a view rotation beyond
     `SATURATED` x cfg.xyz_rotation_range (at its tanh bound); nan when unknown.
   states: the candidates' TrainStates after the trial (list of C), or None.
+  view_std_C: the largest over the three view rotations of their std over
+    those images, degrees; nan when unknown.
   """
   loss_C: np.ndarray
   convex_C: np.ndarray
   saturated_C: np.ndarray | None = None
   states: list | None = None
+  view_std_C: np.ndarray | None = None
 
 
 # A view rotation this close to its range (tanh-scaled) counts as run away.
 SATURATED = 0.9
+# Views that vary less than this over a batch (degrees, the largest of the
+# three rotations' std) count as collapsed: a view net that stopped reading
+# the image (a constant view, yaw correlation 0), not a property of the data.
+COLLAPSED_DEG = 0.5
 
 
 def n_candidates(cfg) -> int:
@@ -108,6 +115,7 @@ def run_trials(cfg, train_data, structure, log=None) -> Trial:
     groups.append(list(range(first, first + k)))
   n = n_candidates(cfg)
   loss, convex, saturated = np.full(n, np.inf), np.full(n, np.nan), np.full(n, np.nan)
+  view_std = np.full(n, np.nan)
   states = [None] * n_candidates(cfg)
   keep_from = steps - max(steps // 2, 1)
   t0 = time.time()
@@ -141,19 +149,23 @@ def run_trials(cfg, train_data, structure, log=None) -> Trial:
         out = model.forward(nets, states[c].params, jnp.asarray(x), structure, gcfg,
                             Warmups.none())
         convex[c] = diagnostics.depth_sign(np.asarray(out.orig.canon_depth_BxSxS))
-        rot_deg = np.rad2deg(np.abs(np.asarray(out.factors.view_Bx6)[:, :3])).max(axis=1)
-        saturated[c] = float(np.mean(rot_deg >= SATURATED * cfg.xyz_rotation_range))
-  return Trial(loss, convex, saturated, states)
+        rot_deg = np.rad2deg(np.asarray(out.factors.view_Bx6)[:, :3])
+        saturated[c] = float(np.mean(np.abs(rot_deg).max(axis=1)
+                                     >= SATURATED * cfg.xyz_rotation_range))
+        view_std[c] = float(rot_deg.std(axis=0).max())
+  return Trial(loss, convex, saturated, states, view_std)
 
 
 def plausible(trial: Trial) -> np.ndarray:
-  """Per candidate: a convex canonical depth on most images (convex_C >= 0.5)
-  and views inside their range on most (saturated_C < 0.5; unknown counts
-  as inside)."""
-  convex = np.nan_to_num(np.asarray(trial.convex_C, np.float64), nan=0.0) >= 0.5
-  if trial.saturated_C is None:
-    return convex
-  return convex & (np.nan_to_num(np.asarray(trial.saturated_C, np.float64), nan=0.0) < 0.5)
+  """Per candidate: a convex canonical depth on most images (convex_C >= 0.5),
+  views inside their range on most (saturated_C < 0.5) and views that vary
+  over the images (view_std_C >= COLLAPSED_DEG); an unknown figure passes."""
+  ok = np.nan_to_num(np.asarray(trial.convex_C, np.float64), nan=0.0) >= 0.5
+  if trial.saturated_C is not None:
+    ok &= np.nan_to_num(np.asarray(trial.saturated_C, np.float64), nan=0.0) < 0.5
+  if trial.view_std_C is not None:
+    ok &= np.nan_to_num(np.asarray(trial.view_std_C, np.float64), nan=np.inf) >= COLLAPSED_DEG
+  return ok
 
 
 def choose(cfg, trial: Trial) -> int:
@@ -191,7 +203,7 @@ def resolve_init(cfg, train_data, structure, log=None):
     alt = " (each also without the depth warm-up)" if n > cfg.init_trials else ""
     log(f"init trials: {cfg.init_trials} initialisations{alt} x {cfg.init_trial_steps} steps "
         "(the run continues from the lowest training loss"
-        f"{' among convex shapes with views inside their range' if cfg.init_trial_checks else ''})")
+        f"{' among convex shapes with varied views inside their range' if cfg.init_trial_checks else ''})")
   trial = run_trials(cfg, train_data, structure, log)
   choice = choose(cfg, trial)
   chosen = candidate_config(cfg, choice)
@@ -201,6 +213,8 @@ def resolve_init(cfg, train_data, structure, log=None):
       cv = "" if np.isnan(trial.convex_C[c]) else f" convex {trial.convex_C[c]:.2f}"
       if trial.saturated_C is not None and not np.isnan(trial.saturated_C[c]):
         cv += f" view-at-limit {trial.saturated_C[c]:.2f}"
+      if trial.view_std_C is not None and not np.isnan(trial.view_std_C[c]):
+        cv += f" view-std {trial.view_std_C[c]:.1f}deg"
       return f"{tag}: {trial.loss_C[c]:.4f}{cv}"
     first = cfg.init_trial_steps - max(cfg.init_trial_steps // 2, 1)
     log(f"init trials: mean loss over steps {first}-{cfg.init_trial_steps} "

@@ -60,6 +60,10 @@ def test_choice_is_the_lowest_loss_among_convex_candidates():
   # a view run to its bound (a pitch at +60 on most images) is out, however low its loss
   assert init_trials.choose(cfg, _trial([-1, -3, -2, 0], [1, 1, 1, 1], [0, 0.9, 0.6, 0])) == 0
   assert init_trials.choose(cfg, _trial([-1, -3, -2, 0], [1, 1, 1, 1], [0, 0.4, 1, np.nan])) == 1
+  # a collapsed view (the same on every image) is out too
+  collapsed = init_trials.Trial(np.array([-3.0, -2.0]), np.ones(2), np.zeros(2), None,
+                                np.array([0.1, 6.0]))
+  assert init_trials.choose(_cfg(init_trials=2), collapsed) == 1
   # a convex candidate with a non-finite loss never wins; none finite: 0
   assert init_trials.choose(cfg, _trial([np.inf, -1, -2, -3], [1, 0, 0, 0])) == 3
   assert init_trials.choose(cfg, _trial([np.inf] * 4, [1] * 4)) == 0
@@ -116,6 +120,7 @@ def test_trials_per_candidate_and_the_run_continues_the_winner(tmp_path):
   assert len(set(trial.loss_C.tolist())) == 4  # four different candidates
   assert ((trial.convex_C >= 0) & (trial.convex_C <= 1)).all()
   assert ((trial.saturated_C >= 0) & (trial.saturated_C <= 1)).all()
+  assert (trial.view_std_C >= 0).all()
   assert all(int(s.step) == 2 for s in trial.states)
   # the run continues the winner: the same parameters as training the chosen
   # candidate from scratch without trials (the same batches, steps 0..3)
