@@ -32,7 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from scr_jax import jsonio
+from scr_jax import cliutil, jsonio
 from scr_jax.config import FACTORS, HARMLESS_FIELDS, Config
 from scr_jax.errors import UserError
 
@@ -184,8 +184,8 @@ def latest_step(mngr: ocp.CheckpointManager):
                          f"{step}-{time.time_ns()}")
       os.makedirs(os.path.dirname(dst), exist_ok=True)
       os.replace(src, dst)
-      print(f"warning: checkpoint step {step} is incomplete (no {_COMMIT_FILE}); "
-            f"moved to {dst}, not loaded", file=sys.stderr, flush=True)
+      cliutil.log(f"warning: checkpoint step {step} is incomplete (no {_COMMIT_FILE}); "
+            f"moved to {dst}, not loaded")
   return _latest_complete(mngr)
 
 

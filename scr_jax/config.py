@@ -150,6 +150,19 @@ class Config:
   init_trials: int = 1
   init_trial_steps: int = 100
   init_choice: int = -1
+  # "both": each initialisation is also tried without the depth warm-up (a
+  # warm-up that holds the shape at the convex prior decides the yaw's sign
+  # right on faces but mirrors it on shapes far from the prior, e.g. a car);
+  # the winner's depth warm-up is saved with the run. "same": the config's.
+  init_trial_depth_warmup: str = "same"
+  # Only plausible candidates compete, unless none is: a canonical depth
+  # convex on most of the trial's last batch (`diagnostics.relief` > 0; the
+  # photometric loss alone prefers a mirrored, hollow shape as often as the
+  # right one) and views inside their range on most images (no rotation
+  # beyond 0.9 x xyz_rotation_range: a view run to its tanh bound explains
+  # the image as a tilted screen, at a low loss) that vary over the images
+  # (a constant view is a view net that stopped reading the image).
+  init_trial_checks: bool = True
   # Bookkeeping.
   log_every: int = 25
   eval_every: int = 250
@@ -157,6 +170,13 @@ class Config:
   keep_checkpoints: int = 3
   num_eval_images: int = 256  # val images used for periodic validation
   on_nonfinite: str = "stop"  # stop | skip
+
+  def trials_wanted(self) -> bool:
+    """Whether `init_trials.resolve_init` still has to choose the
+    initialisation: more than one candidate (init_trials > 1, or the depth
+    warm-up tried both ways) and no init_choice yet."""
+    both = self.init_trial_depth_warmup == "both" and self.warmup.depth_steps > 0
+    return self.init_choice < 0 and (self.init_trials > 1 or both)
 
   def to_json(self) -> str:
     """The config as JSON, flat: the warm-ups under their flat names
@@ -309,6 +329,8 @@ def validate(cfg: Config) -> Config:
   need(cfg.init_trials >= 1, "init_trials", "must be >= 1 (1 = one initialisation)")
   need(cfg.init_trial_steps >= 1, "init_trial_steps", "must be >= 1")
   need(cfg.init_choice >= -1, "init_choice", "must be >= -1 (-1 = not chosen)")
+  need(cfg.init_trial_depth_warmup in ("same", "both"), "init_trial_depth_warmup",
+       "must be same or both")
   need(cfg.lr_cosine_steps >= 0, "lr_cosine_steps", "must be >= 0 (0 = constant lr)")
   need(cfg.steps >= 0, "steps", "must be >= 0")
   for f in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints", "num_eval_images"):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import sys
 import time
 
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 
 from scr_jax import (config as config_lib, dataset, diagnostics, init_trials, model, parallel,
                      runlog, structure as structure_lib, train_step, workdir as workdir_lib)
+from scr_jax.cliutil import log as _log
 from scr_jax.errors import NonFiniteError, UserError
 from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.parallel import (any_process, barrier, compile_in_step, data_mesh, place_candidates,
@@ -74,10 +74,6 @@ def resolve_prior_ellipse(cfg, train_data=None, log=None):
   return config_lib.override(cfg, ["depth_prior_ellipse=" + ",".join(f"{v:g}" for v in ell)])
 
 
-def _stderr(msg: str):
-  print(msg, file=sys.stderr, flush=True)
-
-
 def fit_workdir(cfg, workdir: str, train_data: dict, val_data=None, structure=None,
                 resume: bool = True, quiet: bool = False, max_seconds=None, log=None,
                 run_info=None, init_params=None, objective=None):
@@ -106,7 +102,7 @@ def fit_workdir(cfg, workdir: str, train_data: dict, val_data=None, structure=No
     data["spec"] = info["data"]
   extra = dict(init_from=info["init_from"]) if info.get("init_from") else None
   with workdir_lib.Run.open(workdir, cfg, st, data, resume=resume, extra=extra,
-                            log=None if quiet else _stderr) as run:
+                            log=None if quiet else _log) as run:
     return fit(run, train_data, val_data, quiet=quiet, max_seconds=max_seconds, log=log,
                init_params=init_params, objective=objective)
 
@@ -152,11 +148,17 @@ def fit(run, train_data: dict, val_data=None, quiet: bool = False, max_seconds=N
   if "hash" not in run.data_info:
     run.update(data=dataset.fingerprint(train_data))  # compared on a resume
   if run.cfg.depth_prior_ellipse.strip() == "fit":
-    run.update(cfg=resolve_prior_ellipse(run.cfg, train_data, None if quiet else _stderr))
+    run.update(cfg=resolve_prior_ellipse(run.cfg, train_data, None if quiet else _log))
   mesh = data_mesh()
-  if run.cfg.init_trials > 1 and run.cfg.init_choice < 0:  # (a resume has the saved one)
-    run.update(cfg=init_trials.resolve_init(run.cfg, train_data, run.structure,
-                                            None if quiet else _stderr))
+  trial_state = None
+  if run.cfg.trials_wanted():  # (a resume has the saved choice)
+    if init_params is not None:
+      raise UserError("init trials choose the initial parameters themselves: they cannot start "
+                      "from given ones (--init-from); set init_trials=1, "
+                      "init_trial_depth_warmup=same")
+    chosen, trial_state = init_trials.resolve_init(run.cfg, train_data, run.structure,
+                                                   None if quiet else _log)
+    run.update(cfg=chosen)
   cfg, st = run.cfg, run.structure
   k = st.k
   if objective is not None and (k or val_data is not None):
@@ -174,12 +176,14 @@ def fit(run, train_data: dict, val_data=None, quiet: bool = False, max_seconds=N
   restored = run.restore(state.tree())
   if restored is not None:
     state = state.with_tree(restored)
+  elif trial_state is not None and int(trial_state.step) < cfg.steps:
+    state = trial_state  # the trial's winner, trained on the run's first batches
   start = int(jax.device_get(state.step))
   if start >= cfg.steps and (start or run.step is not None):
     # Nothing to train: nothing is written (config, logs, checkpoints).
     if not quiet:
-      print(f"note: {workdir} is already at step {start} (steps={cfg.steps}); nothing trained, "
-            "nothing written", file=sys.stderr, flush=True)
+      _log(f"note: {workdir} is already at step {start} (steps={cfg.steps}); nothing trained, "
+           "nothing written")
     return dict(step=start, start_step=start, seconds=0.0, reason="already trained", last={},
                 state=state, nets=nets, structure=st, cfg=cfg)
   run.check_free_space(state.tree())
@@ -206,7 +210,8 @@ def fit(run, train_data: dict, val_data=None, quiet: bool = False, max_seconds=N
   t0 = time.time()
   reason, last = "done", {}
   if start and not quiet:
-    print(f"resuming {workdir} from step {start}", flush=True)
+    print(f"resuming {workdir} from step {start}" if restored is not None else
+          f"continuing the init trials' winner from step {start}", flush=True)
   with _Signals() as sig, contextlib.closing(batches):
     step = start
     while step < cfg.steps:
@@ -241,8 +246,8 @@ def fit(run, train_data: dict, val_data=None, quiet: bool = False, max_seconds=N
           log.scalars(step, values, prefix=f"val_c{i:02d}" if k else "val")
           if not quiet:
             who = f" candidate {i}" if k else ""
-            print(f"  val @ {step}{who}: SIDE {summ['side_mean']:.3f} x1e-2  "
-                  f"MAD {summ['mad_mean']:.2f} deg{line}", file=sys.stderr, flush=True)
+            _log(f"  val @ {step}{who}: SIDE {summ['side_mean']:.3f} x1e-2  "
+                 f"MAD {summ['mad_mean']:.2f} deg{line}")
       if step % cfg.ckpt_every == 0:
         run.save(state, batches.state())
       # Several processes must leave the loop at the same step (collectives).
@@ -254,7 +259,6 @@ def fit(run, train_data: dict, val_data=None, quiet: bool = False, max_seconds=N
     run.save(state, batches.state())
   log.close()
   if reason in ("SIGINT", "SIGTERM") and not quiet:
-    print(f"{reason}: saved checkpoint at step {step} in {workdir}; rerun to resume",
-          file=sys.stderr, flush=True)
+    _log(f"{reason}: saved checkpoint at step {step} in {workdir}; rerun to resume")
   return dict(step=step, start_step=start, seconds=time.time() - t0, reason=reason,
               last=last, state=state, nets=nets, structure=st, cfg=cfg)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -183,11 +184,15 @@ class Run:
       fitted = str(old.get("config", {}).get("depth_prior_ellipse", "fit"))
       if fitted.strip() != "fit":
         cfg = dataclasses.replace(cfg, depth_prior_ellipse=fitted)
-    if resume and old and cfg.init_trials > 1 and cfg.init_choice < 0:
+    if resume and old and cfg.trials_wanted():
       # Likewise the initialisation the run's trials chose (scr_jax/init_trials.py).
       chosen = int(old.get("config", {}).get("init_choice", -1))
       if chosen >= 0:
         cfg = dataclasses.replace(cfg, init_choice=chosen)
+        if cfg.init_trial_depth_warmup == "both":  # and whether it kept the depth warm-up
+          saved = Config.from_json(json.dumps(old["config"])).warmup.depth_steps
+          cfg = dataclasses.replace(cfg, warmup=dataclasses.replace(cfg.warmup,
+                                                                    depth_steps=saved))
     self.cfg, self.resume = cfg, resume
     if resume:
       self._check()
