@@ -184,8 +184,9 @@ def choose(cfg, trial: Trial) -> int:
 
 
 def resolve_init(cfg, train_data, structure, log=None):
-  """(cfg, state): cfg with `init_choice` resolved (>= 0) when cfg.init_trials
-  > 1 (and, for a winner trained without it, the depth warm-up off), and the
+  """(cfg, state): cfg with `init_choice` resolved (>= 0) when there is more
+  than one candidate (`n_candidates`; for a winner trained without it, the
+  depth warm-up off), and the
   winner's TrainState after the trial (None when no trial ran). The trial's
   figures go to `log`. Unchanged (cfg, None) when there is one candidate,
   init_choice is already set (a resume: `workdir.Run.open` puts the saved
