@@ -91,17 +91,24 @@ NEW_FAMILIES = ("morph", "frame", "front_light", "cat", "car", "stress")
 def test_existing_variants_are_unchanged():
   # Sidecar arrays (views, lights, quantised canonical maps) of the variants
   # that existed before the new families: pinned, so adding families or
-  # GenConfig fields cannot change data people have benchmarked on.
-  import hashlib
-  want = dict(default="4c45a277483fc74d101b625219ec90da9085a572",
-              wide_pose="1622a2696dc455c184b5f65300769f024a21bafa",
-              albedo_alt="cea9cb53bd0efe16af44e1a664a8f6122122a34d")
-  for name, digest in want.items():
+  # GenConfig fields cannot change data people have benchmarked on. Pinned to
+  # a tolerance, not by hash: numpy's float32 exp / power differ in the last
+  # ulp between CPUs (AVX2 vs AVX-512 kernels), which flips a few quantisation
+  # levels; any real change (an extra rng draw, another shape) moves these
+  # numbers by orders of magnitude more. The fixture holds the full views and
+  # lights and per-image mean / std of each map (samples 0-5 of train, 32 px).
+  with open(os.path.join(ROOT, "tests", "fixtures", "variant_gt_moments.json")) as fh:
+    want = json.load(fh)
+  assert set(want) == {"default", "wide_pose", "albedo_alt"}
+  for name, w in want.items():
     g = data.canonical_gt(6, 32, 0, "train", data.get_variant(name).gen)
-    h = hashlib.sha1()
-    for k in ("view", "light", "canon_depth", "canon_albedo", "canon_mask"):
-      h.update(np.ascontiguousarray(g[k]).tobytes())
-    assert h.hexdigest() == digest, name
+    np.testing.assert_allclose(g["view"], w["view"], rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(g["light"], w["light"], rtol=1e-5, atol=1e-6, err_msg=name)
+    # Tolerances in the maps' own units: a few boundary pixels of 1024 may flip.
+    for k, atol in (("canon_depth", 2.0), ("canon_albedo", 0.05), ("canon_mask", 3 / 1024)):
+      a = g[k].reshape(6, -1).astype(np.float64)
+      np.testing.assert_allclose(a.mean(1), w[k]["mean"], rtol=0, atol=atol, err_msg=f"{name} {k}")
+      np.testing.assert_allclose(a.std(1), w[k]["std"], rtol=0, atol=2 * atol, err_msg=f"{name} {k}")
   # New fields at their defaults stay out of meta.json / TFDS config names.
   assert set(data.GenConfig().to_json()) == {
       "max_yaw_deg", "max_pitch_deg", "max_roll_deg", "max_shift", "asymmetry",
