@@ -47,7 +47,7 @@ import jax  # noqa: E402
 from scr_jax import (  # noqa: E402
     cliutil, config, data, dataset, export, predict as predict_lib, prepare, reproduce, runner,
     search, unsup3d_import)
-from scr_jax.errors import NonFiniteError, UserError  # noqa: E402
+from scr_jax.errors import NonFiniteError, StopRequested, UserError  # noqa: E402
 
 
 # ----------------------------------------------------------------------------
@@ -478,6 +478,9 @@ def main(argv=None):
     cliutil.fail(e, 2)
   except NonFiniteError as e:
     cliutil.fail(e, 3)
+  except StopRequested as e:  # a search / reproduce training stopped by a signal
+    cliutil.log(str(e))
+    sys.exit(e.exit_code)
   except OSError as e:  # the disk filled up / went read-only mid-run: one line too
     if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
       raise

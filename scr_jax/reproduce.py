@@ -46,7 +46,7 @@ import numpy as np
 
 from scr_jax import (checkpoint, cliutil, config, dataset, diagnostics, evaluator, jsonio, lock,
                      model, nets as nets_lib, parallel, search, stats, structure, train, train_step)
-from scr_jax.errors import UserError
+from scr_jax.errors import StopRequested, UserError
 
 TABLE2_ORDERS = ("DLVA", "DAVL", "DVAL")
 VARIANTS = ("wide_pose", "albedo_alt")
@@ -592,31 +592,40 @@ def run_all(rep: Reproduction, units, jobs: int = 1):
       [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
   logs = os.path.join(rep.out, "logs")
   os.makedirs(logs, exist_ok=True)
-  while pending or running:
-    for u in [u for u in pending if ready(u)][:max(jobs - len(running), 0)] if not failed else []:
-      pending.remove(u)
-      fh = open(os.path.join(logs, u.name + ".log"), "a")
-      cmd = [sys.executable, "-m", "scr_jax.reproduce", "--worker", u.name, "--out", rep.out]
-      running[u.name] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env),
-                         fh)
-      _log(f"[reproduce] start {u.name} (pid {running[u.name][0].pid})")
-    if not running:
-      if pending and not failed:  # nothing can start: a dependency is missing
-        raise UserError(f"units {', '.join(u.name for u in pending[:3])} wait for units that "
-                        "are not planned")
-      break
-    time.sleep(0.5)
-    for name, (proc, fh) in list(running.items()):
+  try:
+    while pending or running:
+      for u in [u for u in pending if ready(u)][:max(jobs - len(running), 0)] if not failed else []:
+        pending.remove(u)
+        fh = open(os.path.join(logs, u.name + ".log"), "a")
+        cmd = [sys.executable, "-m", "scr_jax.reproduce", "--worker", u.name, "--out", rep.out]
+        running[u.name] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env),
+                           fh)
+        _log(f"[reproduce] start {u.name} (pid {running[u.name][0].pid})")
+      if not running:
+        if pending and not failed:  # nothing can start: a dependency is missing
+          raise UserError(f"units {', '.join(u.name for u in pending[:3])} wait for units that "
+                          "are not planned")
+        break
+      time.sleep(0.5)
+      for name, (proc, fh) in list(running.items()):
+        if proc.poll() is None:
+          continue
+        fh.close()
+        del running[name]
+        if proc.returncode or rep.result(name) is None:
+          failed.append(name)
+          _log(f"[reproduce] FAILED {name} (exit {proc.returncode}): see "
+               f"{os.path.join(logs, name + '.log')}")
+        else:
+          prog.finish(name, len(running))
+  finally:  # stopped (a signal, an error): workers save their checkpoints and exit
+    for proc, fh in running.values():
       if proc.poll() is None:
-        continue
+        proc.terminate()
+    for name, (proc, fh) in running.items():
+      proc.wait()
       fh.close()
-      del running[name]
-      if proc.returncode or rep.result(name) is None:
-        failed.append(name)
-        _log(f"[reproduce] FAILED {name} (exit {proc.returncode}): see "
-             f"{os.path.join(logs, name + '.log')}")
-      else:
-        prog.finish(name, len(running))
+      _log(f"[reproduce] stopped {name} (its checkpoint is kept; rerun to resume)")
   if failed:
     raise UserError(f"{len(failed)} unit(s) failed ({', '.join(failed)}); their logs are in "
                     f"{logs}; rerun to retry (finished units are kept)")
@@ -1125,6 +1134,9 @@ def main(argv=None):
       print(text)
   except UserError as e:
     cliutil.fail(e, 2)
+  except StopRequested as e:  # the unit's checkpoint is saved; no result is written
+    cliutil.log(str(e))
+    sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

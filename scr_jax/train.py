@@ -17,7 +17,7 @@ import numpy as np
 from scr_jax import (config as config_lib, dataset, diagnostics, init_trials, model, parallel,
                      runlog, structure as structure_lib, train_step, workdir as workdir_lib)
 from scr_jax.cliutil import log as _log
-from scr_jax.errors import NonFiniteError, UserError
+from scr_jax.errors import NonFiniteError, StopRequested, UserError
 from scr_jax.evaluator import Evaluator, each_candidate
 from scr_jax.parallel import (any_process, barrier, compile_in_step, data_mesh, place_candidates,
                               replicate, shard_local_batch)
@@ -31,10 +31,6 @@ from scr_jax.train_step import (init_state, make_candidate_step, make_train_step
 
 # The data order (a pure function of seed and step) lives with the loader.
 batch_indices = dataset.batch_indices
-
-
-class StopRequested(Exception):
-  """Raised inside the loop after SIGINT/SIGTERM, once a checkpoint is saved."""
 
 
 class _Signals:
@@ -89,10 +85,14 @@ def fit_workdir(cfg, workdir: str, train_data: dict, val_data=None, structure=No
   run_info: optional dict(data=the --data argument, fingerprint=
   dataset.fingerprint(train data) if already computed, init_from=provenance
   of init_params), saved with the settings.
-  Returns `fit`'s summary dict.
+  Returns `fit`'s summary dict of a run that ended (its steps done, or
+  `max_seconds` spent).
 
   Raises:
     UserError: as `workdir.Run.open` and `fit`.
+    StopRequested: SIGINT / SIGTERM arrived; the checkpoint is saved, and the
+      caller must not take the unfinished run for a result (`fit` itself
+      returns, for the CLI's train, which reports and exits).
   """
   parallel.check_batch_size(cfg.batch_size)
   st = structure_lib.resolve_structure(cfg) if structure is None else structure
@@ -103,8 +103,11 @@ def fit_workdir(cfg, workdir: str, train_data: dict, val_data=None, structure=No
   extra = dict(init_from=info["init_from"]) if info.get("init_from") else None
   with workdir_lib.Run.open(workdir, cfg, st, data, resume=resume, extra=extra,
                             log=None if quiet else _log) as run:
-    return fit(run, train_data, val_data, quiet=quiet, max_seconds=max_seconds, log=log,
-               init_params=init_params, objective=objective)
+    res = fit(run, train_data, val_data, quiet=quiet, max_seconds=max_seconds, log=log,
+              init_params=init_params, objective=objective)
+  if res["reason"] in ("SIGINT", "SIGTERM"):
+    raise StopRequested(res["reason"], res["step"], workdir)
+  return res
 
 
 def fit(run, train_data: dict, val_data=None, quiet: bool = False, max_seconds=None, log=None,

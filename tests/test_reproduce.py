@@ -229,3 +229,63 @@ def test_report_all_parts_on_planted_numbers(tmp_path):
     assert f"[{w['holm_lo']:+.2f}, {w['holm_hi']:+.2f}]" in row
     assert ("**better**" in row) == (v == "wide_pose")
   assert "| wide_pose | " in text and "dense-bo:" in text
+
+
+def _sigterm_once_checkpointed(workdir):
+  """SIGTERM to this process once `workdir` holds its first checkpoint (the
+  run is then mid-way): a thread polls; fit's handler turns it into a stop."""
+  import signal
+  import threading
+  import time
+
+  def watch():
+    ck = os.path.join(workdir, "checkpoints")
+    for _ in range(6000):
+      if os.path.isdir(ck) and any(n.isdigit() for n in os.listdir(ck)):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      time.sleep(0.01)
+
+  t = threading.Thread(target=watch, daemon=True)
+  t.start()
+  return t
+
+
+def test_a_unit_stopped_by_a_signal_is_not_recorded_and_resumes(tmp_path, tiny_synface):
+  # The fault seen in a real reproduction: SIGTERM stopped a unit's training
+  # at step 123 of 2000, `fit` returned, and the unit was written as done.
+  cfg = config.override(config.get_config("test_tiny"),
+                        ["steps=12", "ckpt_every=2", "eval_every=1000"])
+  b = reproduce.Budget(preset="test_tiny", data=tiny_synface, seeds=1).resolved(cfg)
+  rep = reproduce.Reproduction(str(tmp_path), cfg, b)
+  unit = reproduce.Unit("t1.independent.s0", "train", row="independent")
+  wd = str(tmp_path / "runs" / unit.name)
+  t = _sigterm_once_checkpointed(wd)
+  with pytest.raises(reproduce.StopRequested) as e:
+    rep.run_unit(unit)
+  t.join()
+  assert e.value.signal == "SIGTERM" and e.value.exit_code == 143
+  assert 2 <= e.value.step < 12 and "rerun" in str(e.value)
+  assert rep.result(unit.name) is None  # nothing recorded for the unfinished run
+  from scr_jax import workdir
+  assert workdir.restore(wd).step == e.value.step  # its checkpoint is kept
+  res = rep.run_unit(unit)  # the rerun continues it to the end
+  assert res["steps"] == 12 and rep.result(unit.name)["steps"] == 12
+
+
+def test_a_search_stopped_by_a_signal_writes_no_scores(tmp_path, tiny_synface):
+  cfg = config.override(config.get_config("test_tiny"),
+                        ["steps=12", "ckpt_every=2", "eval_every=1000"])
+  d = reproduce.Reproduction(str(tmp_path), cfg,
+                             reproduce.Budget(preset="test_tiny", data=tiny_synface,
+                                              seeds=1).resolved(cfg)).data("default")
+  wd = str(tmp_path / "orders")
+  t = _sigterm_once_checkpointed(wd)
+  with pytest.raises(train.StopRequested):
+    search.train_orders(cfg, wd, d["train"], d["val"], ["DLVA", "AVLD"])
+  t.join()
+  assert not os.path.exists(os.path.join(wd, "scores.json"))
+  scores = search.train_orders(cfg, wd, d["train"], d["val"], ["DLVA", "AVLD"])
+  assert [s["order"] for s in scores] == ["DLVA", "AVLD"]
+  with open(os.path.join(wd, "scores.json")) as fh:
+    assert json.load(fh)["steps"] == 12
