@@ -25,7 +25,6 @@ import csv
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -34,7 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".jax_cache"))
 
-from scr_jax import cliutil, data, dataset, diagnostics, evaluator, jsonio, runner  # noqa: E402
+from scr_jax import (cliutil, data, dataset, diagnostics, evaluator, jsonio, parallel,  # noqa: E402
+                     runner)
 from scr_jax.errors import NonFiniteError, UserError  # noqa: E402
 from scr_jax.evaluator import Evaluator  # noqa: E402
 
@@ -148,14 +148,6 @@ def _baselines(args, variant, out):
   return got
 
 
-def _cores(jobs):
-  """One core per slot (from this process's affinity), or None: no pinning."""
-  if jobs <= 1 or shutil.which("taskset") is None:
-    return None
-  cores = sorted(os.sched_getaffinity(0))
-  return [cores[i % len(cores)] for i in range(jobs)]
-
-
 def _launch(args, variant, seed, out, core):
   cfg = _config(args, seed)
   wd = os.path.join(out, f"{variant}_s{seed}")
@@ -167,8 +159,7 @@ def _launch(args, variant, seed, out, core):
     cmd += ["--budget", str(args.budget)]
   for s in args.set:
     cmd += ["--set", s]
-  if core is not None:
-    cmd = ["taskset", "-c", str(core)] + cmd
+  cmd = parallel.on_core(cmd, core)
   log = open(os.path.join(wd, "log.txt"), "a")
   log.write(f"\n$ {' '.join(cmd)}\n")
   log.flush()
@@ -329,9 +320,9 @@ def drive(args):
           if _read_json(os.path.join(out, f"{v}_s{s}", "result.json")) is None]
   n_all = len(variants) * len(seeds)
   cliutil.log(f"bench_quality: {n_all - len(todo)} of {n_all} runs done, {len(todo)} to go, "
-              f"{args.jobs} at a time{' (taskset, one core each)' if _cores(args.jobs) else ''}; "
+              f"{args.jobs} at a time{' (taskset, one core each)' if parallel.core_slots(args.jobs) else ''}; "
               f"results in {out}")
-  cores = _cores(args.jobs)
+  cores = parallel.core_slots(args.jobs)
   running = {}  # slot -> (proc, log, wd, variant, seed, t0)
   failed = []
   try:

@@ -592,15 +592,21 @@ def run_all(rep: Reproduction, units, jobs: int = 1):
       [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
   logs = os.path.join(rep.out, "logs")
   os.makedirs(logs, exist_ok=True)
+  cores = parallel.core_slots(jobs)  # one core per worker: less thread contention
+  slot_of = {}  # running unit -> its slot
   try:
     while pending or running:
       for u in [u for u in pending if ready(u)][:max(jobs - len(running), 0)] if not failed else []:
         pending.remove(u)
+        slot = min(set(range(jobs)) - set(slot_of.values()))
+        slot_of[u.name] = slot
         fh = open(os.path.join(logs, u.name + ".log"), "a")
-        cmd = [sys.executable, "-m", "scr_jax.reproduce", "--worker", u.name, "--out", rep.out]
+        cmd = parallel.on_core([sys.executable, "-m", "scr_jax.reproduce", "--worker", u.name,
+                                "--out", rep.out], cores[slot] if cores else None)
         running[u.name] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env),
                            fh)
-        _log(f"[reproduce] start {u.name} (pid {running[u.name][0].pid})")
+        on = f", core {cores[slot]}" if cores else ""
+        _log(f"[reproduce] start {u.name} (pid {running[u.name][0].pid}{on})")
       if not running:
         if pending and not failed:  # nothing can start: a dependency is missing
           raise UserError(f"units {', '.join(u.name for u in pending[:3])} wait for units that "
@@ -612,6 +618,7 @@ def run_all(rep: Reproduction, units, jobs: int = 1):
           continue
         fh.close()
         del running[name]
+        del slot_of[name]
         if proc.returncode or rep.result(name) is None:
           failed.append(name)
           _log(f"[reproduce] FAILED {name} (exit {proc.returncode}): see "

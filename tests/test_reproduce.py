@@ -289,3 +289,17 @@ def test_a_search_stopped_by_a_signal_writes_no_scores(tmp_path, tiny_synface):
   assert [s["order"] for s in scores] == ["DLVA", "AVLD"]
   with open(os.path.join(wd, "scores.json")) as fh:
     assert json.load(fh)["steps"] == 12
+
+
+def test_worker_slots_each_get_one_core():
+  from scr_jax import parallel
+  assert parallel.core_slots(1) is None
+  assert parallel.on_core(["python", "-V"], None) == ["python", "-V"]
+  slots = parallel.core_slots(3)
+  if slots is not None:  # taskset is there
+    assert len(slots) == 3 and set(slots) <= os.sched_getaffinity(0)
+    cmd = parallel.on_core([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                           slots[1])
+    import subprocess
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str([slots[1]])
