@@ -380,7 +380,7 @@ class Reproduction:
               search=self._search, fig6=self._fig6)[u.kind]
     res = fn(u)
     res.update(unit=u.name, kind=u.kind, data=u.data, seed=u.seed, row=u.row,
-               seconds=time.time() - t0)
+               seconds=time.time() - t0, commit=_commit())
     _save(self.result_path(u.name), res)
     return res
 
@@ -701,6 +701,18 @@ CMP_HEAD = ["| row | seeds | MAD difference vs independent (% of independent) | 
             "Holm p | Holm interval | verdict |", "|---|---|---|---|---|---|---|---|"]
 
 
+def _commits_line(res: dict) -> str:
+  """`sha10` (n units), ...: the commits the finished units record, most
+  units first; units written before units recorded it count as "not recorded"."""
+  n = {}
+  for r in res.values():
+    c = r.get("commit") or "not recorded"
+    c = c if c in ("not recorded", "unknown") else c[:10] + c[40:]
+    n[c] = n.get(c, 0) + 1
+  return ", ".join(f"`{c}` ({k} unit{'s' if k != 1 else ''})"
+                   for c, k in sorted(n.items(), key=lambda kv: -kv[1])) or "none yet"
+
+
 def report(rep: Reproduction, settings: dict) -> str:
   """Writes OUT/results.md, OUT/results_readme.md and the figures from the
   finished units; returns results.md's text. Missing units show as n/a."""
@@ -708,8 +720,10 @@ def report(rep: Reproduction, settings: dict) -> str:
   res = collect(rep)
   lines = ["# Reproduction of SCR (Liu et al., ECCV 2022) with scr-jax", "",
            f"Command: `{settings.get('command', '')}`", "",
-           f"Commit: `{settings.get('commit', '?')}`; units finished: "
+           f"Commit of the last invocation: `{settings.get('commit', '?')}`; units finished: "
            f"{sum(1 for n in res)} of {len(plan(b))}.", "",
+           "Units per commit they were computed at (a resumed reproduction can span several): "
+           + _commits_line(res), "",
            "Budget (every search's included): `" + json.dumps(dataclasses.asdict(b)) + "`", "",
            "Training config (`config.json` in this folder; per unit `seed` and, for searches, "
            "`steps` change):", "", "```json", rep.cfg.to_json(), "```", ""]

@@ -71,7 +71,13 @@ def test_report_statistics_on_planted_numbers(tmp_path):
   per_row["dense-random"] = [i + 1.0 + n for i, n in zip(ind, noise)]  # clearly worse
   per_row["supervised"] = [3.0] * 5
   _planted(rep, per_row)
+  one = reproduce._read(rep.result_path("t1.independent.s0"))  # a unit that records its commit
+  reproduce._save(rep.result_path("t1.independent.s0"),
+                  dict(one, commit="f" * 40 + " (with uncommitted changes)"))
   text = reproduce.report(rep, dict(command="cmd --planted", commit="abc"))
+  n_units = len(reproduce.collect(rep))
+  assert (f"`not recorded` ({n_units - 1} units), `ffffffffff (with uncommitted changes)` "
+          "(1 unit)") in text
   # the Holm family: the 7 SCR rows, each against independent on the 5 seeds
   keys = [k for k in reproduce.SCR_ROWS if k != "independent"]
   want = stats.holm_intervals([(per_row[k], ind) for k in keys])
@@ -147,9 +153,11 @@ def test_reproduce_tiny_end_to_end(tmp_path, tiny_synface, variant_folder, monke
   text = open(os.path.join(out, "results.md")).read()
   for needle in ("## Table 1", "Holm interval", "### Pairing check", "## Table 2",
                  "Spearman rank correlation", "## Figure 8", "## Beyond the default data",
-                 "steps per evaluation", "seed 1: 9 units", "Commit: `", "run.py reproduce"):
+                 "steps per evaluation", "seed 1: 9 units", "Commit of the last invocation: `",
+                 "run.py reproduce"):
     assert needle in text, needle
   assert "NOT PAIRED" not in text
+  assert "not recorded" not in text  # every unit records the commit it was computed at
   assert os.path.getsize(os.path.join(out, "fig6.png")) > 0
   assert os.path.getsize(os.path.join(out, "fig8.png")) > 0
   # a second invocation trains and searches nothing (finished units are read back)
