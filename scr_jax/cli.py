@@ -346,7 +346,8 @@ def build_parser(prog: str = "run.py"):
   mn = sub.add_parser("main", help="the `make run` job")
   mn.add_argument("--workdir", default="runs/main")
   mn.add_argument("--steps", type=int)
-  mn.add_argument("--max-seconds", type=float)
+  mn.add_argument("--max-seconds", type=float, help="wall time of the whole job: training stops "
+                  "early enough to leave time for the evaluation and predict")
   mn.add_argument("--set", action="append", metavar="KEY=VALUE")
   mn.set_defaults(fn=cmd_main)
   return p
