@@ -255,14 +255,22 @@ def quickstart(workdir: str, steps=None, max_seconds=None, sets=(), log=_log) ->
 AFTER_TRAINING_S = 90.0
 
 
+def training_budget(job_seconds, spent_seconds: float):
+  """Training's share of a whole job's wall time: what is left after
+  `spent_seconds` (data generation) and AFTER_TRAINING_S, at least a tenth of
+  the job's (a tiny budget still trains a little); None (no cap) stays None."""
+  if job_seconds is None:
+    return None
+  return max(job_seconds - spent_seconds - AFTER_TRAINING_S, 0.1 * job_seconds)
+
+
 def _quickstart(cfg, workdir, max_seconds, log):
   t0 = time.time()
   root = dataset.ensure_builtin(cfg.image_size)
   d = data.load_synface(root, "train", None, None, limit=8)
   data.preview_grid(d["images"], d["depth"], os.path.join(root, "preview.png"))
-  train_s = None if max_seconds is None else max(
-      max_seconds - (time.time() - t0) - AFTER_TRAINING_S, 0.1 * max_seconds)
-  res = train_run(cfg, workdir, "builtin", max_seconds=train_s, log=log)
+  res = train_run(cfg, workdir, "builtin", max_seconds=training_budget(max_seconds, time.time() - t0),
+                  log=log)
   if res["reason"] in ("SIGINT", "SIGTERM"):
     raise SystemExit(130 if res["reason"] == "SIGINT" else 143)
   summ = eval_run(workdir, "builtin", "test",

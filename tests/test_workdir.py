@@ -164,3 +164,12 @@ def test_make_run_job_end_to_end(capfd, tmp_path):
       "constant null depth", "average GT depth", "template depth, true view"}
   assert len(glob.glob(os.path.join(wd, "predict", "*", "depth.npy"))) == 4
   assert os.path.exists(os.path.join(wd, "diagnose_test.json"))
+
+
+def test_make_run_budget_covers_the_whole_job():
+  # --max-seconds caps the whole `make run` job: training gets what is left
+  # after data generation and the evaluation / predict that follow it.
+  from scr_jax import runner
+  assert runner.training_budget(None, 30.0) is None
+  assert runner.training_budget(600, 30.0) == 600 - 30.0 - runner.AFTER_TRAINING_S
+  assert runner.training_budget(100, 50.0) == 10.0  # never below a tenth of the job
