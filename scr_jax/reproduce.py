@@ -632,7 +632,8 @@ def run_all(rep: Reproduction, units, jobs: int = 1):
     for name, (proc, fh) in running.items():
       proc.wait()
       fh.close()
-      _log(f"[reproduce] stopped {name} (its checkpoint is kept; rerun to resume)")
+      _log(f"[reproduce] stopped {name}: a rerun resumes a training from its checkpoint "
+           "(an unrolled search starts again)")
   if failed:
     raise UserError(f"{len(failed)} unit(s) failed ({', '.join(failed)}); their logs are in "
                     f"{logs}; rerun to retry (finished units are kept)")
