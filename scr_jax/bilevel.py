@@ -43,16 +43,19 @@ def inner_optimizer(kind: str, lr: float, weight_decay: float = 0.0):
 
 def unroll(train_loss, opt, params, opt_state, m, batches):
   """K inner steps (K = leading axis of `batches`): grad -> opt.update ->
-  apply_updates, scanned; each step is rematerialised (jax.checkpoint) so the
-  backward pass keeps only the K carries, not K steps of activations."""
-  @jax.checkpoint
+  apply_updates, scanned. For K > 1 each step is rematerialised
+  (jax.checkpoint) so the backward pass keeps only the K carries, not K steps
+  of activations; for K = 1 that saves nothing and cost 1.5x (cpu_small
+  outer step 5.7 s with it, 3.8 s without)."""
   def body(carry, batch):
     p, s = carry
     g = jax.grad(train_loss)(p, batch, m)
     u, s = opt.update(g, s, p)
     return (optax.apply_updates(p, u), s), None
 
-  (params, opt_state), _ = jax.lax.scan(body, (params, opt_state), batches)
+  k = jax.tree_util.tree_leaves(batches)[0].shape[0]
+  step = jax.checkpoint(body) if k > 1 else body
+  (params, opt_state), _ = jax.lax.scan(step, (params, opt_state), batches)
   return params, opt_state
 
 
