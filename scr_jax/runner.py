@@ -250,8 +250,8 @@ def quickstart(workdir: str, steps=None, max_seconds=None, sets=(), log=_log) ->
 
 # What `make run` needs after training (evaluation with the baselines, predict
 # on four images, the diagnostics), so that the whole job keeps near
-# --max-seconds: measured 62 s on a 2-core machine with one other job running,
-# 145 s with two (then the job overran a 200 s budget by 60 s).
+# --max-seconds: measured 62 s and 145 s in two runs on a 2-core machine with
+# two other training jobs running (the second overran a 200 s budget by 60 s).
 AFTER_TRAINING_S = 90.0
 
 
