@@ -319,10 +319,10 @@ def drive(args):
   todo = [(v, s) for s in seeds for v in variants
           if _read_json(os.path.join(out, f"{v}_s{s}", "result.json")) is None]
   n_all = len(variants) * len(seeds)
-  cliutil.log(f"bench_quality: {n_all - len(todo)} of {n_all} runs done, {len(todo)} to go, "
-              f"{args.jobs} at a time{' (taskset, one core each)' if parallel.core_slots(args.jobs) else ''}; "
-              f"results in {out}")
   cores = parallel.core_slots(args.jobs)
+  cliutil.log(f"bench_quality: {n_all - len(todo)} of {n_all} runs done, {len(todo)} to go, "
+              f"{args.jobs} at a time{' (taskset, one core each)' if cores else ''}; "
+              f"results in {out}")
   running = {}  # slot -> (proc, log, wd, variant, seed, t0)
   failed = []
   try:

@@ -704,7 +704,7 @@ CMP_HEAD = ["| row | seeds | MAD difference vs independent (% of independent) | 
 
 def _commits_line(res: dict) -> str:
   """`sha10` (n units), ...: the commits the finished units record, most
-  units first; units written before units recorded it count as "not recorded"."""
+  units first; units from before b0f4b98 (no commit field) count as "not recorded"."""
   n = {}
   for r in res.values():
     c = r.get("commit") or "not recorded"

@@ -92,10 +92,11 @@ def test_existing_variants_are_unchanged():
   # Sidecar arrays (views, lights, quantised canonical maps) of the variants
   # that existed before the new families: pinned, so adding families or
   # GenConfig fields cannot change data people have benchmarked on. Pinned to
-  # a tolerance, not by hash: numpy's float32 exp / power differ in the last
-  # ulp between CPUs (AVX2 vs AVX-512 kernels), which flips a few quantisation
-  # levels; any real change (an extra rng draw, another shape) moves these
-  # numbers by orders of magnitude more. The fixture holds the full views and
+  # a tolerance, not by hash: a byte hash of the same generator code came out
+  # different on another machine (likely CPU-specific float32 exp / power
+  # kernels: last-ulp differences that flip a few quantisation levels); any
+  # real change (an extra rng draw, another shape) moves these numbers by
+  # orders of magnitude more. The fixture holds the full views and
   # lights and per-image mean / std of each map (samples 0-5 of train, 32 px).
   with open(os.path.join(ROOT, "tests", "fixtures", "variant_gt_moments.json")) as fh:
     want = json.load(fh)
