@@ -117,7 +117,10 @@ class Budget:
   parts; bo_init / bo_evals / bo_batch: BO's initial design, total orderings
   evaluated, candidates trained together per round; bo_steps: training steps
   per BO evaluation; unroll_steps: outer steps of each unrolled search (one
-  inner step each); fig6_steps / fig6_orders: the all-orderings run's steps and
+  inner step each); unroll_seeds: the seeds 0..N-1 whose unrolled searches
+  (Eq. 5, Eq. 6, Table 2's Eq. 6) run on that seed; a later seed trains with
+  seed 0's searched M (an outer step costs about 20 training steps on CPU, so
+  one search per seed would be most of the budget); fig6_steps / fig6_orders: the all-orderings run's steps and
   how many of the 24 orderings (in structure.ALL_ORDERS order); table2_orders;
   variants: the harder data of the beyond rows (built-in variant names,
   or NAME=SPEC, `variant_specs`); parts: which of
@@ -135,6 +138,7 @@ class Budget:
   bo_batch: int = 2
   bo_steps: int | None = None
   unroll_steps: int | None = None
+  unroll_seeds: int = 1
   fig6_steps: int | None = None
   fig6_orders: int = 24
   table2_orders: tuple = TABLE2_ORDERS
@@ -153,7 +157,7 @@ class Budget:
   def check(self):
     """Raises UserError on a budget that cannot run."""
     for f in ("seeds", "table2_seeds", "fig6_seeds", "beyond_seeds", "bo_init", "bo_evals",
-              "bo_batch", "fig6_orders"):
+              "bo_batch", "fig6_orders", "unroll_seeds"):
       if getattr(self, f) < 1:
         raise UserError(f"--{f.replace('_', '-')} must be >= 1, got {getattr(self, f)}")
     for f in ("steps", "bo_steps", "unroll_steps", "fig6_steps"):
@@ -175,6 +179,11 @@ class Budget:
     if bad:
       raise UserError(f"--variants: unknown {', '.join(bad)}; built-in variants: "
                       f"{', '.join(synthetic.VARIANTS)}")
+
+  def search_seed(self, kind: str, seed: int) -> int:
+    """The seed whose search of `kind` a training run at `seed` uses: its own
+    for BO and for seeds below unroll_seeds, else seed 0."""
+    return seed if kind in ("bo", "bo-oracle") or seed < self.unroll_seeds else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,10 +222,13 @@ def plan(b: Budget) -> list:
       seen.add(u.name)
       units.append(u)
 
+  # In training-step equivalents; an unrolled outer step (one inner step, the
+  # hypergradient through it) measured 19x a training step on CPU (cpu_small).
   search_cost = dict(bo=b.bo_evals * b.bo_steps, **{"bo-oracle": b.bo_evals * b.bo_steps},
-                     eq5=4 * b.unroll_steps, eq6=4 * b.unroll_steps)
+                     eq5=20 * b.unroll_steps, eq6=20 * b.unroll_steps)
 
   def add_search(kind, tag, seed, order=""):
+    seed = b.search_seed(kind, seed)
     deps = tuple(add_search(d, tag, seed) for d in SEARCH_DEPS[kind] if not order)
     name = search_name(kind, tag, seed, order)
     add(Unit(name, "search", tag, seed, search=kind, order=order, deps=deps,
@@ -233,6 +245,18 @@ def plan(b: Budget) -> list:
         name = f"t1.{key}.s{s}"
         add(Unit(name, "train", seed=s, row=key, deps=deps, cost=b.steps))
         t1_train.append(name)
+  # Table 1 and the harder variants first (the claim), then Table 2 and Figure 6.
+  if "beyond" in b.parts:
+    for v in variant_specs(b.variants, b.data):
+      if v == "default":
+        continue
+      add(Unit(f"baselines.{v}", "baselines", data=v, cost=1))
+      for s in range(b.beyond_seeds):
+        add(Unit(f"bey.{v}.independent.s{s}", "train", data=v, seed=s, row="independent",
+                 cost=b.steps))
+        # The best row is known once Table 1 is; its searches run inside this unit.
+        add(Unit(f"bey.{v}.best.s{s}", "train", data=v, seed=s, row="best",
+                 deps=tuple(t1_train), cost=b.steps + search_cost["bo"]))
   if "table2" in b.parts:
     for s in range(b.table2_seeds):
       for o in b.table2_orders:
@@ -246,17 +270,6 @@ def plan(b: Budget) -> list:
   if "fig6" in b.parts:
     for s in range(b.fig6_seeds):
       add(Unit(f"fig6.s{s}", "fig6", seed=s, cost=b.fig6_orders * b.fig6_steps))
-  if "beyond" in b.parts:
-    for v in variant_specs(b.variants, b.data):
-      if v == "default":
-        continue
-      add(Unit(f"baselines.{v}", "baselines", data=v, cost=1))
-      for s in range(b.beyond_seeds):
-        add(Unit(f"bey.{v}.independent.s{s}", "train", data=v, seed=s, row="independent",
-                 cost=b.steps))
-        # The best row is known once Table 1 is; its searches run inside this unit.
-        add(Unit(f"bey.{v}.best.s{s}", "train", data=v, seed=s, row="best",
-                 deps=tuple(t1_train), cost=b.steps + search_cost["bo"]))
   return units
 
 
@@ -417,7 +430,9 @@ class Reproduction:
 
   def dep(self, kind, tag, seed, order=""):
     """The result of a search unit, run here first if it is not done (the
-    beyond rows' searches, whose kind is known only once Table 1 is)."""
+    beyond rows' searches, whose kind is known only once Table 1 is). An
+    unrolled search of a seed >= unroll_seeds is seed 0's."""
+    seed = self.b.search_seed(kind, seed)
     name = search_name(kind, tag, seed, order)
     res = self.result(name)
     if res is None:
@@ -806,13 +821,20 @@ def report(rep: Reproduction, settings: dict) -> str:
     lines.append(f"- seed {s}: {len(rs)} units, init {', '.join(inits) or '-'}, batch order "
                  f"{', '.join(orders) or '-'}: {'paired' if ok else 'NOT PAIRED' if rs else '-'}")
   # -- searches -------------------------------------------------------------------
-  lines += ["", "### Searches (per seed, on train / val only)", "",
+  lines += ["", "### Searches (on train / val only)", "",
             f"BO: {b.bo_init} initial orderings, {b.bo_evals} evaluated in all, {b.bo_batch} "
             f"trained together per round, {b.bo_steps} training steps per evaluation; objective "
             "val photometric loss (oracle row: val MAD). Unrolled (Eq. 5: all 12 edges, "
             f"augmented Lagrangian on h(M); Eq. 6: masked by an ordering): {b.unroll_steps} "
-            "outer steps of 1 inner step, threshold 0.1 (raised until a DAG). Searched per "
-            "seed, each with that seed's initialisation and batches.", "",
+            "outer steps of 1 inner step, threshold 0.1 (raised until a DAG). Each search "
+            "uses its seed's initialisation and batches. BO is searched per seed; "
+            + ("the unrolled searches too." if b.unroll_seeds >= max(b.seeds, b.table2_seeds,
+                                                                     b.beyond_seeds) else
+               f"the unrolled searches on seeds 0-{b.unroll_seeds - 1} only: a later seed "
+               f"trains with seed 0's M (an outer step costs about 20 training steps on "
+               f"CPU)." if b.unroll_seeds > 1 else
+               "the unrolled searches once, on seed 0: every seed trains with seed 0's M (an "
+               "outer step costs about 20 training steps on CPU)."), "",
             "| search | seed | found | objective / edges | seconds |", "|---|---|---|---|---|"]
   for name, r in res.items():
     if r.get("kind") != "search":
@@ -1050,6 +1072,9 @@ def open_reproduction(out: str, budget: Budget | None = None, command: str = "")
   b = budget.resolved(cfg)
   settings = dict(budget=json.loads(json.dumps(dataclasses.asdict(b))),
                   config=json.loads(cfg.to_json()))
+  if prev is not None:  # a field added since prev was written takes its default
+    prev = dict(prev, budget={**json.loads(json.dumps(dataclasses.asdict(Budget()))),
+                              **prev["budget"]})
   if prev is not None and (prev["budget"], prev["config"]) != (settings["budget"],
                                                                settings["config"]):
     diff = sorted(k for k in settings["budget"] if prev["budget"].get(k) != settings["budget"][k])
@@ -1104,6 +1129,9 @@ def add_arguments(p):
                  "(default steps / 5)")
   p.add_argument("--bo-steps", type=int, help="training steps per BO evaluation")
   p.add_argument("--unroll-steps", type=int, help="outer steps of each unrolled search")
+  p.add_argument("--unroll-seeds", type=int, default=d.unroll_seeds,
+                 help="seeds 0..N-1 run their own unrolled searches (Eq. 5 / Eq. 6); later "
+                 "seeds train with seed 0's M (default 1: searched once, on seed 0)")
   p.add_argument("--fig6-steps", type=int, help="steps of the all-orderings runs (default "
                  "--steps)")
   p.add_argument("--fig6-orders", type=int, default=d.fig6_orders)
@@ -1122,7 +1150,8 @@ def budget_from_args(a) -> Budget:
                 table2_seeds=a.table2_seeds, fig6_seeds=a.fig6_seeds,
                 beyond_seeds=a.beyond_seeds, bo_init=a.bo_init, bo_evals=a.bo_evals,
                 bo_batch=a.bo_batch, bo_steps=a.bo_steps or a.search_steps,
-                unroll_steps=a.unroll_steps or a.search_steps, fig6_steps=a.fig6_steps,
+                unroll_steps=a.unroll_steps or a.search_steps, unroll_seeds=a.unroll_seeds,
+                fig6_steps=a.fig6_steps,
                 fig6_orders=a.fig6_orders, table2_orders=split(a.table2_orders),
                 variants=split(a.variants), parts=split(a.parts), sets=tuple(a.set or ()))
 

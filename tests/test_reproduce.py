@@ -1,5 +1,6 @@
 """reproduce: the unit plan, the report's statistics on planted numbers, and the
 whole reproduction at a tiny budget (resumable, --jobs, --report)."""
+import dataclasses
 import json
 import os
 import sys
@@ -28,11 +29,30 @@ def test_plan_orders_dependencies_and_names():
   pos = {n: i for i, n in enumerate(names)}
   for u in units:
     assert all(pos[d] < pos[u.name] for d in u.deps), u
-  # every Table 1 row per seed, searched per seed; Eq. 6 waits for that seed's BO
+  # every Table 1 row per seed; BO searched per seed, the unrolled searches once
+  # (seed 0) by default: every seed's Eq. 5 / Eq. 6 run waits for seed 0's search
   for s in range(5):
     for key in list(reproduce.SCR_ROWS) + ["supervised"]:
       assert f"t1.{key}.s{s}" in pos
-    assert "search.default.bo.s%d" % s in units[pos[f"search.default.eq6.s{s}"]].deps
+    assert units[pos[f"t1.dense-bo.s{s}"]].deps == (f"search.default.bo.s{s}",)
+    assert units[pos[f"t1.generic-eq5.s{s}"]].deps == ("search.default.eq5.s0",)
+    assert units[pos[f"t1.generic-eq6.s{s}"]].deps == ("search.default.eq6.s0",)
+    assert units[pos[f"t2.generic-eq6-DLVA.s{min(s, 2)}"]].deps == (
+        "search.default.eq6-DLVA.s0",)
+  assert not [n for n in names if n.startswith("search.") and ".eq" in n and not
+              n.endswith(".s0")]
+  assert "search.default.bo.s0" in units[pos["search.default.eq6.s0"]].deps
+  # Table 1 and the harder variants come before Table 2 and Figure 6
+  assert max(pos[n] for n in names if n.startswith("bey.")) < min(
+      pos[n] for n in names if n.startswith(("t2.", "fig6.")))
+  # --unroll-seeds 5: every seed searches its own, Eq. 6 masked by that seed's BO ordering
+  per = {u.name: u for u in reproduce.plan(dataclasses.replace(b, unroll_seeds=5))}
+  for s in range(5):
+    assert per[f"t1.generic-eq5.s{s}"].deps == (f"search.default.eq5.s{s}",)
+    assert per[f"search.default.eq6.s{s}"].deps == (f"search.default.bo.s{s}",)
+  assert len(per) == len(units) + 4 * 2 + 2 * 3  # eq5 / eq6 of seeds 1-4, Table 2's of 1-2
+  with pytest.raises(UserError, match="--unroll-seeds"):
+    reproduce.Budget(unroll_seeds=0).check()
   assert sum(n.startswith("fig6.") for n in names) == 3
   assert sum(n.startswith("t2.") for n in names) == 3 * 3 * 4
   assert sum(n.startswith("bey.") for n in names) == 2 * 2 * 5
@@ -136,13 +156,17 @@ def test_reproduce_tiny_end_to_end(tmp_path, tiny_synface, variant_folder, monke
     assert len(same) == 9
     assert len({r["init_hash"] for r in same}) == 1 and len({r["batch_hash"] for r in same}) == 1
   assert res["t1.independent.s0"]["init_hash"] != res["t1.independent.s1"]["init_hash"]
-  # each row's structure: random ordering per seed, BO / Eq. 6 structures from that seed's search
+  # each row's structure: random ordering per seed, BO from that seed's search, Eq. 5 / 6
+  # from seed 0's (masked by seed 0's BO ordering)
+  assert res["search.default.eq6.s0"]["mask_order"] == res["search.default.bo.s0"]["order"]
   for s in (0, 1):
     bo = res[f"search.default.bo.s{s}"]["order"]
     st = res[f"t1.dense-bo.s{s}"]["structure"]
     assert np.allclose(st["M"], reproduce.structure.dense_matrix(bo))
     assert res[f"t1.dynamic-cosine.s{s}"]["structure"]["q"] == "cosine"
-    assert res[f"search.default.eq6.s{s}"]["mask_order"] == bo
+    for k in ("eq5", "eq6"):
+      assert np.allclose(res[f"t1.generic-{k}.s{s}"]["structure"]["M"],
+                         res[f"search.default.{k}.s0"]["M"])
     assert res[f"search.default.bo-oracle.s{s}"]["objective"] == "val_mad"
     assert res[f"t1.dense-random.s{s}"]["label"] == reproduce.structure.random_order(s)
   assert res["t1.supervised.s0"]["steps"] == 2 and np.isfinite(res["t1.supervised.s0"]["test"]
@@ -311,3 +335,19 @@ def test_worker_slots_each_get_one_core():
     import subprocess
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     assert out.strip() == str([slots[1]])
+
+
+def test_settings_written_before_a_budget_field_existed_continue(tmp_path):
+  """A reproduction started before a budget field was added continues: the missing field
+  takes its default; any other difference is still refused."""
+  out = str(tmp_path / "rep")
+  b = _budget("builtin")
+  reproduce.open_reproduction(out, b)
+  path = os.path.join(out, "settings.json")
+  s = json.load(open(path))
+  del s["budget"]["unroll_seeds"]
+  json.dump(s, open(path, "w"))
+  reproduce.open_reproduction(out, b)
+  assert json.load(open(path))["budget"]["unroll_seeds"] == 1
+  with pytest.raises(UserError, match="unroll_seeds differ"):
+    reproduce.open_reproduction(out, dataclasses.replace(b, unroll_seeds=2))
