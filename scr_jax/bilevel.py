@@ -81,11 +81,26 @@ def hypergrad_fn(train_loss, val_loss, opt, mask, c: float = 1.0):
   return jax.jit(jax.value_and_grad(outer, has_aux=True))
 
 
+def _initial_arrays(params, opt, m_opt, m_init=None) -> dict:
+  m_raw = jnp.zeros((4, 4), jnp.float32) if m_init is None else jnp.asarray(m_init, jnp.float32)
+  return dict(step=jnp.asarray(0, jnp.int32), m_raw=m_raw, m_state=m_opt.init(m_raw),
+              params=params, opt_state=opt.init(params))
+
+
+def snapshot_like(params, inner: str = "adam", inner_lr: float = 1e-3,
+                  weight_decay: float = 0.0, outer_lr: float = 1e-2) -> dict:
+  """The "arrays" of `bilevel_search`'s snapshot at step 0: the tree a saved
+  snapshot is restored into (params: the inner network's initial parameters)."""
+  return _initial_arrays(params, inner_optimizer(inner, inner_lr, weight_decay),
+                         optax.adam(outer_lr))
+
+
 def bilevel_search(train_loss, val_loss, params, batches_fn, val_fn, *, mask, steps: int,
                    unroll_k: int = 1, inner: str = "adam", inner_lr: float = 1e-3,
                    weight_decay: float = 0.0, outer_lr: float = 1e-2, lam_dag: float = 1.0,
                    augmented: bool = False, rho: float = 1.0, rho_max: float = 1e6,
-                   dual_every: int = 10, m_init=None, log=None, progress_every: int = 10):
+                   dual_every: int = 10, m_init=None, log=None, progress_every: int = 10,
+                   start=None, on_step=None):
   """Learns a continuous M (4x4, rows = parents) by unrolled bilevel optimisation.
 
   batches_fn(t) -> the K inner batches of outer step t (leading axis K);
@@ -94,20 +109,29 @@ def bilevel_search(train_loss, val_loss, params, batches_fn, val_fn, *, mask, st
   architecture search. Fixed Lagrangian: alpha = lam_dag, rho = 0. Augmented:
   alpha starts at lam_dag and every `dual_every` steps alpha += rho * h, and
   rho *= 10 (up to rho_max) when h did not fall below a quarter of its last value.
+
+  Resuming: `on_step(t, snapshot)` is called after outer step t (1-based);
+  `snapshot()` returns the loop's whole state as {"arrays": pytree (step,
+  m_raw, m_state, params, opt_state), "scalars": JSON-able (alpha, rho,
+  h_last, trace)}; passing such a snapshot as `start` continues after its step
+  exactly as the uninterrupted loop would (the batches are functions of t).
   Returns dict(m, m_effective, trace, params).
   """
   mask = np.asarray(mask, np.float32)
   opt = inner_optimizer(inner, inner_lr, weight_decay)
-  opt_state = opt.init(params)
   m_opt = optax.adam(outer_lr)
-  m_raw = jnp.zeros((4, 4), jnp.float32) if m_init is None else jnp.asarray(m_init, jnp.float32)
-  m_state = m_opt.init(m_raw)
   f = hypergrad_fn(train_loss, val_loss, opt, mask)
-  alpha, rho_now = float(lam_dag), (float(rho) if augmented else 0.0)
-  h_last = np.inf
-  trace = []
+  if start is None:
+    start = dict(arrays=_initial_arrays(params, opt, m_opt, m_init),
+                 scalars=dict(alpha=float(lam_dag), rho=float(rho) if augmented else 0.0,
+                              h_last=None, trace=[]))
+  a, sc = start["arrays"], start["scalars"]
+  t_start = int(a["step"])
+  m_raw, m_state, params, opt_state = a["m_raw"], a["m_state"], a["params"], a["opt_state"]
+  alpha, rho_now, trace = float(sc["alpha"]), float(sc["rho"]), list(sc["trace"])
+  h_last = np.inf if sc["h_last"] is None else float(sc["h_last"])
   t0 = time.time()
-  for t in range(steps):
+  for t in range(t_start, steps):
     (obj, (params, opt_state, lv, h)), g = f(m_raw, params, opt_state, batches_fn(t), val_fn(t),
                                             alpha, rho_now)
     if not (np.isfinite(float(obj)) and np.all(np.isfinite(np.asarray(g)))):
@@ -125,6 +149,12 @@ def bilevel_search(train_loss, val_loss, params, batches_fn, val_fn, *, mask, st
     if log and ((t + 1) % progress_every == 0 or t + 1 == steps):
       log(f"unroll step {t + 1}/{steps}: val loss {float(lv):.4f}  h(M) {h:.2e}  "
           f"max|M| {float(jnp.max(jnp.abs(m_raw))):.3f}  ({time.time() - t0:.0f}s)")
+    if on_step is not None:
+      on_step(t + 1, lambda t=t: dict(
+          arrays=dict(step=jnp.asarray(t + 1, jnp.int32), m_raw=m_raw, m_state=m_state,
+                      params=params, opt_state=opt_state),
+          scalars=dict(alpha=alpha, rho=rho_now, h_last=None if np.isinf(h_last) else h_last,
+                       trace=trace)))
   return dict(m=np.asarray(m_raw), m_effective=np.asarray(m_raw) * mask, trace=trace,
               params=params)
 

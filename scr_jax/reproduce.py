@@ -648,7 +648,7 @@ def run_all(rep: Reproduction, units, jobs: int = 1):
       proc.wait()
       fh.close()
       _log(f"[reproduce] stopped {name}: a rerun resumes a training from its checkpoint "
-           "(an unrolled search starts again)")
+           "(an unrolled search from its last snapshot, every 25 outer steps)")
   if failed:
     raise UserError(f"{len(failed)} unit(s) failed ({', '.join(failed)}); their logs are in "
                     f"{logs}; rerun to retry (finished units are kept)")

@@ -16,8 +16,10 @@ candidate training, logging, plots and the workdir's files.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -27,7 +29,7 @@ import numpy as np
 from scr_jax import (bilevel, bo, checkpoint, cliutil, config, dataset, evaluator, jsonio,
                      lock, parallel, runner, structure, train, train_step,
                      workdir as workdir_lib)
-from scr_jax.errors import UserError
+from scr_jax.errors import StopRequested, UserError
 
 # ----------------------------------------------------------------------------
 # Training candidates for BO (and for `train --candidates`).
@@ -135,7 +137,8 @@ def search_orders(cfg, workdir, train_data, val_data, method="bo", n_init=4, n_e
 
 def search_unroll(cfg, workdir, train_data, val_data, masked_order=None, steps=50, unroll_k=1,
                   inner="adam", outer_lr=5e-2, lam_dag=1.0, augmented=True, tau=0.1,
-                  binarize=True, raise_to_dag=False, on_cycle="drop-weakest", log=cliutil.log):
+                  binarize=True, raise_to_dag=False, on_cycle="drop-weakest", log=cliutil.log,
+                  snapshot_every=25):
   """Generic SCR by unrolled bilevel optimisation (Eq. 5), or on M * M_dense
   of `masked_order` (Eq. 6). Writes workdir/structure.json (thresholded M),
   unroll_trace.json and unroll_trace.png.
@@ -147,8 +150,18 @@ def search_unroll(cfg, workdir, train_data, val_data, masked_order=None, steps=5
   "raise-threshold" (raise tau to the next |M| value until a DAG;
   raise_to_dag=True is the same) or "refuse" (UserError, nothing written).
 
+  Resumable: every `snapshot_every` outer steps, at the last one and on
+  SIGINT / SIGTERM, the loop's state (M, its Adam state, the inner network and
+  its optimiser state, the Lagrangian's alpha / rho, the trace) is saved as an
+  orbax checkpoint in workdir/unroll_state/; a later call with the same config,
+  data and search arguments continues from it (bit-identical to an
+  uninterrupted search: the batches are functions of the outer step), any
+  other call starts again (a note says so).
+
   Raises:
     UserError: on_cycle is unknown, or "refuse" and a cycle remains.
+    StopRequested: SIGINT / SIGTERM arrived; the state is saved, nothing else
+      is written.
   """
   on_cycle = "raise-threshold" if raise_to_dag else on_cycle
   if on_cycle not in bilevel.ON_CYCLE:
@@ -172,12 +185,25 @@ def search_unroll(cfg, workdir, train_data, val_data, masked_order=None, steps=5
   def val_fn(t):
     return jnp.asarray(vimgs[train.batch_indices(vimgs.shape[0], bs, cfg.seed + 1, t)])
 
+  key = _unroll_key(cfg, imgs, vimgs, masked_order=masked_order, steps=steps, unroll_k=unroll_k,
+                    inner=inner, outer_lr=outer_lr, lam_dag=lam_dag, augmented=augmented)
+  snap_dir = os.path.join(workdir, "unroll_state")
+  mngr, start = _unroll_resume(snap_dir, key, state.params, inner, cfg, outer_lr, steps, log)
+
+  def on_step(t, snapshot):
+    if sig.received or t % max(snapshot_every, 1) == 0 or t == steps:
+      snap = snapshot()
+      checkpoint.save(mngr, snap["arrays"], dict(key=key, scalars=snap["scalars"]))
+    if sig.received:
+      raise StopRequested(sig.received, t, snap_dir)
+
   t0 = time.time()
-  res = bilevel.bilevel_search(
-      train_loss, train_loss, state.params, batches_fn, val_fn, mask=mask, steps=steps,
-      unroll_k=unroll_k, inner=inner, inner_lr=cfg.lr, weight_decay=cfg.weight_decay,
-      outer_lr=outer_lr, lam_dag=lam_dag, augmented=augmented, log=log,
-      progress_every=max(1, steps // 10))
+  with train._Signals() as sig:
+    res = bilevel.bilevel_search(
+        train_loss, train_loss, state.params, batches_fn, val_fn, mask=mask, steps=steps,
+        unroll_k=unroll_k, inner=inner, inner_lr=cfg.lr, weight_decay=cfg.weight_decay,
+        outer_lr=outer_lr, lam_dag=lam_dag, augmented=augmented, log=log,
+        progress_every=max(1, steps // 10), start=start, on_step=on_step)
   method = "unroll-masked" if masked_order else "unroll"
   trace = dict(method=method, masked_order=masked_order, unroll=unroll_k, inner=inner,
                outer_lr=outer_lr, lam_dag=lam_dag, augmented=augmented, threshold=tau,
@@ -217,6 +243,33 @@ def search_unroll(cfg, workdir, train_data, val_data, masked_order=None, steps=5
   log(f"M after thresholding at {tau}: {int((m != 0).sum())} edge(s), order {s['order']} -> "
       f"{os.path.join(workdir, 'structure.json')}")
   return s, trace
+
+
+def _unroll_key(cfg, imgs, vimgs, **args) -> str:
+  """What an unrolled search's saved state must match to be continued."""
+  h = hashlib.blake2b(digest_size=12)
+  h.update(json.dumps(dict(config=json.loads(cfg.to_json()), **args), sort_keys=True).encode())
+  h.update(json.dumps([dataset.fingerprint(dict(images=imgs)),
+                       dataset.fingerprint(dict(images=vimgs))], sort_keys=True).encode())
+  return h.hexdigest()
+
+
+def _unroll_resume(snap_dir, key, params, inner, cfg, outer_lr, steps, log):
+  """(manager of snap_dir, the saved snapshot to continue or None)."""
+  mngr = checkpoint.manager(snap_dir, keep=1)
+  step = checkpoint.latest_step(mngr)
+  if step is None:
+    return mngr, None
+  saved = checkpoint.load_settings(mngr, step) or {}
+  if saved.get("key") != key or step > steps:
+    log(f"note: {snap_dir} holds the state of another search (other config, data or "
+        "arguments); starting again")
+    shutil.rmtree(snap_dir)
+    return checkpoint.manager(snap_dir, keep=1), None
+  like = bilevel.snapshot_like(params, inner, cfg.lr, cfg.weight_decay, outer_lr)
+  arrays = checkpoint.restore_step(mngr, step, like, hint=f"remove {snap_dir} to start again")
+  log(f"unroll: continuing at outer step {step}/{steps} from {snap_dir}")
+  return mngr, dict(arrays=arrays, scalars=saved["scalars"])
 
 
 def plot_unroll(trace, path_png):

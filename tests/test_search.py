@@ -270,3 +270,44 @@ def test_threshold_to_dag_drops_the_weakest_cycle_edges():
   out, used = bilevel.threshold_to_dag(m, 0.1)
   assert used == pytest.approx(0.2) and structure.is_dag(out)
   assert out[0, 3] == 1 and out[3, 0] == 0 and out[1, 2] == 1
+
+
+def test_unrolled_search_stopped_by_a_signal_continues_bit_identically(tiny_root, tmp_path):
+  """SIGTERM at outer step 3 of 4 saves the loop's state (orbax) and raises
+  StopRequested with nothing else written; the rerun continues from step 3 and
+  ends with the same M, trace and inner weights as an uninterrupted search; a
+  search with other arguments in that workdir starts again."""
+  import signal
+  from scr_jax import dataset, workdir
+  cfg = config.override(config.get_config("test_tiny"), ["steps=4"])
+  d = {s: dataset.load_split(tiny_root, s, cfg) for s in ("train", "val")}
+  kw = dict(masked_order="DLVA", steps=4, augmented=False, tau=0.0)
+  full, _ = search.search_unroll(cfg, str(tmp_path / "full"), d["train"], d["val"],
+                                 log=lambda m: None, **kw)
+  wd = str(tmp_path / "cut")
+  msgs = []
+
+  def log(m):
+    msgs.append(m)
+    if m.startswith("unroll step 3/4"):
+      os.kill(os.getpid(), signal.SIGTERM)
+  with pytest.raises(train.StopRequested) as e:
+    search.search_unroll(cfg, wd, d["train"], d["val"], log=log, snapshot_every=100, **kw)
+  assert e.value.step == 3
+  assert not os.path.exists(os.path.join(wd, "structure.json"))
+  msgs.clear()
+  cut, _ = search.search_unroll(cfg, wd, d["train"], d["val"], log=msgs.append, **kw)
+  assert any("continuing at outer step 3/4" in m for m in msgs)
+  assert not any(m.startswith("unroll step 3/4") for m in msgs)  # step 3 was not redone
+  assert cut["m_continuous"] == full["m_continuous"]
+  t_full, t_cut = (json.load(open(os.path.join(str(tmp_path / n), "unroll_trace.json")))["steps"]
+                   for n in ("full", "cut"))
+  assert t_full == t_cut and len(t_cut) == 4
+  p_full, p_cut = (workdir.restore(str(tmp_path / n)).params for n in ("full", "cut"))
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(p_full),
+                                                  jax.tree_util.tree_leaves(p_cut)))
+  msgs.clear()
+  search.search_unroll(cfg, wd, d["train"], d["val"], log=msgs.append,
+                       **dict(kw, outer_lr=0.1))
+  assert any("holds the state of another search" in m for m in msgs)
+  assert any(m.startswith("unroll step 1/4") for m in msgs)
