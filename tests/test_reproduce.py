@@ -214,7 +214,11 @@ def test_reproduce_tiny_end_to_end(tmp_path, tiny_synface, variant_folder, monke
     os.remove(os.path.join(out, "units", n + ".json"))
   run.main(_argv(out, tiny_synface, variant_folder, "--jobs", "2"))
   again = json.load(open(os.path.join(out, "units", "t1.independent.s1.json")))
-  assert again["test"] == res["t1.independent.s1"]["test"]
+  # the worker re-evaluates the finished run (no training step); pinned to one core, XLA
+  # sums in another order, so the figures agree to float32 rounding, not bit for bit
+  assert again["steps"] == res["t1.independent.s1"]["steps"]
+  assert again["test"] == pytest.approx(res["t1.independent.s1"]["test"], rel=1e-5)
+  assert again["test"] != pytest.approx(res["t1.independent.s0"]["test"], rel=1e-5)
   assert os.path.exists(os.path.join(out, "logs", "t1.independent.s1.log"))
 
 
