@@ -51,6 +51,8 @@ COLUMNS = (
     ("depth_sign", "convex", "{:.2f}", min),
     ("shape_spread_ratio", "shape spread", "{:.2f}", min),
     ("shape_corr", "shape corr", "{:.2f}", min),
+    ("relief_ratio", "relief x truth", "{:.2f}", None),
+    ("light_oblique_slope", "light obliqueness x truth", "{:.2f}", None),
 )
 BASELINE_COLUMNS = (("constant null depth", "const MAD"), ("average GT depth", "avg-GT MAD"),
                     ("template depth, true view", "template MAD"))

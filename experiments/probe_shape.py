@@ -18,11 +18,13 @@ signal (no training): how much the photometric loss rewards each image's own can
 
 capacity: the model's own depth path (`nets.EDEncoder` + `nets.EDDecoder` +
   `model.depth_from_raw` with the preset's convex prior), trained on the TRUE canonical
-  depth (L1 on canon_mask, Adam at the preset's lr, the preset's batch): can the 32 px
+  depth (L1 on canon_mask; the preset's optimiser: Adam at its lr with its weight decay,
+  coupled as Unsup3D's unless weight_decay_mode=decoupled; its batch): can the 32 px
   network represent each image's shape at this budget at all? At a few steps it prints
   the test split's per-image shape correlation (`diagnostics.shape_residual_corr`,
   median) and the MAD of its canonical depth rendered into the TRUE view, beside the
-  template's (`evaluator.template_depth_baseline`). A capacity-limited network stays
+  template's (`evaluator.template_depth_baseline`). With --normals the objective adds
+  the normals' mean (1 - cos), the quantity MAD measures. A capacity-limited network stays
   near the template; an unsupervised model cannot be expected to do better than this.
 
 Data: `data/builtin_<variant>_s<size>_seed0` (generated once, as bench_quality.py does).
@@ -167,7 +169,7 @@ class DepthPath(nn.Module):
     return nets_lib.EDDecoder(self.nf, 1, self.image_size, "none")(u)[..., 0]
 
 
-def capacity(variant, cfg, steps, seed, evals):
+def capacity(variant, cfg, steps, seed, evals, with_normals=False):
   cam = model.camera(cfg)
   d = _load(variant, cfg)
   tr, te = d["train"], d["test"]
@@ -175,16 +177,28 @@ def capacity(variant, cfg, steps, seed, evals):
   ellipse = config.prior_ellipse(cfg)
   x_tr = model.to_model_range(tr["images"])
   params = net.init(jax.random.PRNGKey(seed), x_tr[:2])
-  opt = optax.adam(cfg.lr)
+  # The model's optimiser (train_step.make_optimizer without the warm-ups' masking):
+  # Adam with Unsup3D's coupled L2 added to the gradient, or AdamW.
+  if cfg.weight_decay_mode == "decoupled":
+    opt = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
+  else:
+    opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(cfg.lr))
   state = opt.init(params)
 
   def predict(p, x):
     return model.depth_from_raw(net.apply(p, x), cam, cfg.depth_prior, ellipse=ellipse)
 
+  normals = jax.vmap(lambda z: render.depth_to_normals(z, cam))
+
   @jax.jit
   def step(p, s, x, t, m):
     def loss(p):
-      return jnp.sum(jnp.abs(predict(p, x) - t) * m) / jnp.maximum(jnp.sum(m), 1.0)
+      pred = predict(p, x)
+      out = jnp.sum(jnp.abs(pred - t) * m) / jnp.maximum(jnp.sum(m), 1.0)
+      if with_normals:  # + the mean (1 - cos) between the normals, what MAD measures
+        cos = jnp.sum(normals(pred) * normals(t), -1)
+        out = out + jnp.sum((1 - cos) * m) / jnp.maximum(jnp.sum(m), 1.0)
+      return out
     v, g = jax.value_and_grad(loss)(p)
     u, s = opt.update(g, s, p)
     return optax.apply_updates(p, u), s, v
@@ -197,8 +211,10 @@ def capacity(variant, cfg, steps, seed, evals):
   tmpl_mad = evaluator.depth_summary(t_depth, t_cov, te["depth"], cam, bs)["mad_mean"]
   rng = np.random.default_rng(seed)
   canon, cmask = tr["gt"]["canon_depth"], tr["gt"]["canon_mask"].astype(np.float32)
-  print(f"\n### capacity: {variant}, seed {seed}, nf_ed {cfg.nf_ed}, embed_dim "
-        f"{cfg.embed_dim}, lr {cfg.lr}, batch {bs} (template: test MAD {tmpl_mad:.2f})\n")
+  target = "depth + normals" if with_normals else "depth"
+  print(f"\n### capacity: {variant}, seed {seed}, target {target}, nf_ed {cfg.nf_ed}, embed_dim "
+        f"{cfg.embed_dim}, lr {cfg.lr}, weight decay {cfg.weight_decay:g} "
+        f"({cfg.weight_decay_mode}), batch {bs} (template: test MAD {tmpl_mad:.2f})\n")
   print("| step | train L1 | test shape corr (median) | test MAD, true view | MAD / template |"
         " seconds |\n|---|---|---|---|---|---|", flush=True)
   t0, losses = time.time(), []
@@ -236,6 +252,8 @@ def main():
   p.add_argument("--steps", type=int, default=2000)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--images", type=int, default=500, help="signal: test images used")
+  p.add_argument("--normals", action="store_true",
+                 help="capacity: add the normals' mean (1 - cos) to the L1 (what MAD measures)")
   args = p.parse_args()
   try:
     cfg = runner.make_config(args.preset, args.set)
@@ -249,7 +267,7 @@ def main():
     if args.probe == "signal":
       signal(v, cfg, args.images)
     else:
-      capacity(v, cfg, args.steps, args.seed, evals)
+      capacity(v, cfg, args.steps, args.seed, evals, args.normals)
 
 
 if __name__ == "__main__":

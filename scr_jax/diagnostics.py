@@ -89,17 +89,45 @@ def light_direction_Nx3(light_Nx4):
   return d / np.linalg.norm(d, axis=1, keepdims=True)
 
 
+def light_obliqueness_deg(light_Nx4) -> np.ndarray:
+  """Angle (degrees, in [0, 90)) between each light direction normalize(dx, dy, 1)
+  and the view axis: 0 = frontal light, near 90 = grazing."""
+  l = np.asarray(light_Nx4, np.float64)
+  return np.rad2deg(np.arctan(np.hypot(l[:, 2], l[:, 3])))
+
+
 def light_errors(pred_light_Nx4, true_light_Nx4) -> dict:
-  """Mean absolute ambient / diffuse errors (shading units) and the mean
-  angle between the light directions (degrees; atan2 form, exact near 0)."""
+  """Mean absolute ambient / diffuse errors (shading units), the mean angle
+  between the light directions (degrees; atan2 form, exact near 0) and
+  light_oblique_slope: the least-squares slope of the predicted obliqueness
+  (`light_obliqueness_deg`) on the true one. 1: as oblique as the truth; below
+  1: too frontal, above: too grazing. With a deeper (flatter) relief a more
+  frontal (grazing) light gives about the same shading, the bas-relief trade of
+  Lambertian shading, so read it beside `relief_ratio`. NaN when the true
+  obliqueness does not vary."""
   p = np.asarray(pred_light_Nx4, np.float64)
   t = np.asarray(true_light_Nx4, np.float64)
   dp, dt = light_direction_Nx3(p), light_direction_Nx3(t)
   ang = np.rad2deg(np.arctan2(np.linalg.norm(np.cross(dp, dt), axis=1),
                               np.sum(dp * dt, axis=1)))
+  op, ot = light_obliqueness_deg(p), light_obliqueness_deg(t)
+  ot_c = ot - ot.mean()
+  var = float(np.dot(ot_c, ot_c))
+  slope = float(np.dot(op - op.mean(), ot_c) / var) if var > 1e-12 else float("nan")
   return dict(light_ambient_mae=float(np.mean(np.abs(p[:, 0] - t[:, 0]))),
               light_diffuse_mae=float(np.mean(np.abs(p[:, 1] - t[:, 1]))),
-              light_dir_deg=float(np.mean(ang)))
+              light_dir_deg=float(np.mean(ang)), light_oblique_slope=slope)
+
+
+def relief_ratio(pred_depth_NxSxS, true_depth_NxSxS, region_SxS) -> float:
+  """How deep the predicted canonical relief is against the truth: the median
+  over images of std(pred) / std(truth) over the region (each image's own
+  depth variation; level-free). 1: as deep; 2: twice as deep; 0: flat. NaN
+  when no truth varies."""
+  p = np.asarray(pred_depth_NxSxS, np.float64)[:, region_SxS].std(axis=1)
+  t = np.asarray(true_depth_NxSxS, np.float64)[:, region_SxS].std(axis=1)
+  ok = t > 1e-12
+  return float(np.median(p[ok] / t[ok])) if ok.any() else float("nan")
 
 
 def _radius(size: int) -> np.ndarray:
@@ -191,7 +219,8 @@ def diagnose(pred: dict, gt: dict) -> dict:
   conventions above; gt may hold canon_mask (NxSxS) for the face region.
   Keys: the `view_errors` and `light_errors` keys, depth_sign (of pred) and
   depth_sign_gt, shape_spread (pred), shape_spread_gt and shape_spread_ratio
-  (pred / gt: ~1 when shapes vary like the truth, ~0 for a template), and
+  (pred / gt: ~1 when shapes vary like the truth, ~0 for a template),
+  relief_ratio (`relief_ratio`: how deep the relief is against the truth's), and
   shape_corr (the median over images of `shape_residual_corr`: how much of
   each image's own shape, beyond the template, is recovered; 1 perfect, 0 a
   template, -1 inverted) with shape_corr_q25 (its lower quartile).
@@ -213,6 +242,7 @@ def diagnose(pred: dict, gt: dict) -> dict:
   out["shape_spread_gt"] = shape_spread(gt["canon_depth"], region)
   out["shape_spread_ratio"] = (out["shape_spread"] / out["shape_spread_gt"]
                                if out["shape_spread_gt"] > 0 else float("nan"))
+  out["relief_ratio"] = relief_ratio(pred["canon_depth"], gt["canon_depth"], region)
   corr = shape_residual_corr(pred["canon_depth"], gt["canon_depth"], region)
   corr = corr[np.isfinite(corr)]
   out["shape_corr"] = float(np.median(corr)) if corr.size else float("nan")

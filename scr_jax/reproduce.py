@@ -847,8 +847,8 @@ def report(rep: Reproduction, settings: dict) -> str:
     lines.append(f"| {name.split('.s')[0]} | {r['seed']} | {found} | {extra} | "
                  f"{r['seconds']:.0f} |")
   # -- diagnostics ------------------------------------------------------------------
-  dk = ("view_yaw_mae_deg", "view_pitch_mae_deg", "light_dir_deg", "depth_sign",
-        "shape_spread_ratio", "shape_corr")
+  dk = ("view_yaw_mae_deg", "view_pitch_mae_deg", "light_dir_deg", "light_oblique_slope",
+        "depth_sign", "shape_spread_ratio", "relief_ratio", "shape_corr")
   if any(r.get("diag") for rs in t1.values() for r in rs):
     have = [k for k in dk if any(k in r.get("diag", {}) for rs in t1.values() for r in rs)]
     lines += ["", "### What each factor learned (test, mean over seeds)", "",

@@ -224,10 +224,12 @@ def diagnose_run(workdir: str, data_arg: str = "builtin", split: str = "test", l
         f"{g('view_pitch_mae_deg'):.2f} deg (corr {g('view_pitch_corr'):.3f}); roll err "
         f"{g('view_roll_mae_deg'):.2f} deg (corr {g('view_roll_corr'):.3f})\n"
         f"  light   ambient err {g('light_ambient_mae'):.3f}, diffuse err "
-        f"{g('light_diffuse_mae'):.3f}, direction {g('light_dir_deg'):.1f} deg\n"
+        f"{g('light_diffuse_mae'):.3f}, direction {g('light_dir_deg'):.1f} deg, obliqueness "
+        f"x{g('light_oblique_slope'):.2f} of the truth's\n"
         f"  shape   convex {g('depth_sign'):.2f} (truth {g('depth_sign_gt'):.2f}); spread "
         f"{g('shape_spread'):.4f} vs truth {g('shape_spread_gt'):.4f} "
-        f"(ratio {g('shape_spread_ratio'):.2f}); per-image shape corr "
+        f"(ratio {g('shape_spread_ratio'):.2f}); relief x{g('relief_ratio'):.2f} as deep "
+        f"as the truth's; per-image shape corr "
         f"{g('shape_corr'):.2f} (lower quartile {g('shape_corr_q25'):.2f})")
   log(f"wrote {base}.json and {base}.png (rows: images; columns: "
       f"{', '.join(diagnostics.GRID_COLUMNS)})")

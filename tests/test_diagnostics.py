@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from experiments import view_stats
-from scr_jax import data, diagnostics as D, evaluator, metrics, model, render
+from scr_jax import data, diagnostics as D, evaluator, metrics, model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = [sys.executable, os.path.join(ROOT, "experiments", "run.py")]
@@ -199,6 +199,8 @@ def test_ground_truth_as_prediction_is_perfect(tiny):
     assert diag[k] == pytest.approx(1.0, abs=1e-12)
   assert diag["depth_sign"] == 1.0 and diag["depth_sign_gt"] == 1.0
   assert diag["shape_spread_ratio"] == pytest.approx(1.0)
+  assert diag["relief_ratio"] == pytest.approx(1.0)
+  assert diag["light_oblique_slope"] == pytest.approx(1.0)
   assert diag["shape_spread_gt"] > 1e-3  # the faces do differ
 
 
@@ -230,6 +232,29 @@ def test_light_direction_angle():
   assert e["light_dir_deg"] == pytest.approx(45.0, abs=1e-9)
   assert e["light_ambient_mae"] == pytest.approx(0.05)
   assert e["light_diffuse_mae"] == pytest.approx(0.1)
+
+
+def test_light_oblique_slope_planted():
+  ang = np.deg2rad(np.linspace(5.0, 45.0, 9))
+  az = np.linspace(0.0, 2 * np.pi, 9, endpoint=False)  # any azimuth: only the angle counts
+  light = lambda a: np.stack([np.full(9, .5), np.full(9, .5), np.tan(a) * np.cos(az),
+                              np.tan(a) * np.sin(az)], 1)
+  t = light(ang)
+  np.testing.assert_allclose(D.light_obliqueness_deg(t), np.rad2deg(ang), atol=1e-9)
+  assert D.light_errors(t, t)["light_oblique_slope"] == pytest.approx(1.0)
+  assert D.light_errors(light(ang / 2), t)["light_oblique_slope"] == pytest.approx(0.5)
+  assert D.light_errors(light(np.full(9, 0.3)), t)["light_oblique_slope"] == pytest.approx(0.0)
+  assert np.isnan(D.light_errors(t, light(np.full(9, 0.3)))["light_oblique_slope"])
+
+
+def test_relief_ratio_planted():
+  rng = np.random.default_rng(0)
+  truth = 1.0 + 0.02 * rng.standard_normal((5, 8, 8))
+  region = np.ones((8, 8), bool)
+  assert D.relief_ratio(truth, truth, region) == pytest.approx(1.0)
+  assert D.relief_ratio(1.03 + 2 * (truth - 1.0), truth, region) == pytest.approx(2.0)
+  assert D.relief_ratio(np.ones_like(truth), truth, region) == 0.0  # flat
+  assert np.isnan(D.relief_ratio(truth, np.ones_like(truth), region))
 
 
 def test_depth_sign_and_template_collapse(tiny):
