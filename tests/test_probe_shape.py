@@ -1,17 +1,8 @@
 """experiments/probe_shape.py: the signal probe's losses on generated faces."""
-import os
-import sys
-
 import numpy as np
 
+from experiments import probe_shape
 from scr_jax import config, model, synthetic
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-try:
-  import probe_shape
-finally:
-  sys.path.pop(0)
 
 
 def _faces(n=6, size=32):
