@@ -119,12 +119,12 @@ class Budget:
   per BO evaluation; unroll_steps: outer steps of each unrolled search (one
   inner step each); unroll_seeds: the seeds 0..N-1 whose unrolled searches
   (Eq. 5, Eq. 6, Table 2's Eq. 6) run on that seed; a later seed trains with
-  seed 0's searched M (an outer step costs about 20 training steps on CPU, so
-  one search per seed would be most of the budget); fig6_steps / fig6_orders: the all-orderings run's steps and
-  how many of the 24 orderings (in structure.ALL_ORDERS order); table2_orders;
-  variants: the harder data of the beyond rows (built-in variant names,
-  or NAME=SPEC, `variant_specs`); parts: which of
-  table1, table2, fig6, beyond to run.
+  seed 0's searched M (an outer step costs about UNROLL_STEP_COST training
+  steps on CPU: per-seed searches add about 5 % to the default budget);
+  fig6_steps / fig6_orders: the all-orderings run's steps and how many of
+  the 24 orderings (in structure.ALL_ORDERS order); table2_orders; variants:
+  the harder data of the beyond rows (built-in variant names, or NAME=SPEC,
+  `variant_specs`); parts: which of table1, table2, fig6, beyond to run.
   """
   preset: str = "cpu_small"
   data: str = "builtin"
@@ -213,6 +213,14 @@ def search_name(kind: str, tag: str, seed: int, order: str = "") -> str:
   return f"search.{tag}.{kind}{sfx}.s{seed}"
 
 
+# An unrolled outer step (one inner step and the hypergradient through it) in
+# training steps on CPU, cpu_small: 3.0x a training step's value_and_grad when
+# profiled (1.14 s vs 0.38 s, since bilevel.unroll stopped using lax.scan: 20x
+# before); a real search's outer step, with its validation batch, took 2.6 s
+# beside other jobs (400 in 1039 s), so 4 rounds up. Only the ETA uses it.
+UNROLL_STEP_COST = 4
+
+
 def plan(b: Budget) -> list:
   """The units of a resolved budget, in a dependency-respecting order."""
   units, seen = [], set()
@@ -222,10 +230,9 @@ def plan(b: Budget) -> list:
       seen.add(u.name)
       units.append(u)
 
-  # In training-step equivalents; an unrolled outer step (one inner step, the
-  # hypergradient through it) measured 19x a training step on CPU (cpu_small).
+  # In training-step equivalents (UNROLL_STEP_COST per unrolled outer step).
   search_cost = dict(bo=b.bo_evals * b.bo_steps, **{"bo-oracle": b.bo_evals * b.bo_steps},
-                     eq5=20 * b.unroll_steps, eq6=20 * b.unroll_steps)
+                     eq5=UNROLL_STEP_COST * b.unroll_steps, eq6=UNROLL_STEP_COST * b.unroll_steps)
 
   def add_search(kind, tag, seed, order=""):
     seed = b.search_seed(kind, seed)
@@ -831,10 +838,10 @@ def report(rep: Reproduction, settings: dict) -> str:
             + ("the unrolled searches too." if b.unroll_seeds >= max(b.seeds, b.table2_seeds,
                                                                      b.beyond_seeds) else
                f"the unrolled searches on seeds 0-{b.unroll_seeds - 1} only: a later seed "
-               f"trains with seed 0's M (an outer step costs about 20 training steps on "
-               f"CPU)." if b.unroll_seeds > 1 else
+               f"trains with seed 0's M (an outer step costs about {UNROLL_STEP_COST} training "
+               f"steps on CPU)." if b.unroll_seeds > 1 else
                "the unrolled searches once, on seed 0: every seed trains with seed 0's M (an "
-               "outer step costs about 20 training steps on CPU)."), "",
+               f"outer step costs about {UNROLL_STEP_COST} training steps on CPU)."), "",
             "| search | seed | found | objective / edges | seconds |", "|---|---|---|---|---|"]
   for name, r in res.items():
     if r.get("kind") != "search":
