@@ -134,6 +134,12 @@ class Config:
   # at step 0 to 5% of it at this step (Loshchilov & Hutter, SGDR, 2017), then
   # stays there.
   lr_cosine_steps: int = 0
+  # Linear learning-rate warm-up (0 = none, Unsup3D): the lr rises from
+  # lr / N at the first update to lr at update N. Why: Adam's first updates
+  # move every weight by about lr whatever its gradient's size, which at this
+  # preset's lr can push whole encoders into dead ReLUs before they have read
+  # the data.
+  lr_warmup_steps: int = 0
   weight_decay: float = 5e-4  # coupled L2 added to the gradient, as Unsup3D
   # "coupled" (Unsup3D: wd * p added to the gradient before Adam) or
   # "decoupled" (AdamW, Loshchilov & Hutter 2019: p shrinks by lr * wd per
@@ -331,6 +337,7 @@ def validate(cfg: Config) -> Config:
   need(cfg.init_choice >= -1, "init_choice", "must be >= -1 (-1 = not chosen)")
   need(cfg.init_trial_depth_warmup in ("same", "both"), "init_trial_depth_warmup",
        "must be same or both")
+  need(cfg.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0 (0 = no warm-up)")
   need(cfg.lr_cosine_steps >= 0, "lr_cosine_steps", "must be >= 0 (0 = constant lr)")
   need(cfg.steps >= 0, "steps", "must be >= 0")
   for f in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints", "num_eval_images"):

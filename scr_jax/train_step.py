@@ -44,6 +44,14 @@ def decay_where_trained(weight_decay: float) -> optax.GradientTransformation:
 LR_COSINE_FLOOR = 0.05  # Config.lr_cosine_steps: the lr ends at 5% of cfg.lr
 
 
+def _linear_warmup(lr, steps: int):
+  """lr (a float or an optax schedule) times min(1, (k + 1) / steps) at update k
+  (Goyal et al. 2017, "Accurate, large minibatch SGD", Sec. 2.2): the first
+  update is lr / steps, update steps - 1 on is the plain lr."""
+  base = lr if callable(lr) else (lambda k: lr)
+  return lambda k: base(k) * jnp.minimum(1.0, (k + 1.0) / steps)
+
+
 @functools.lru_cache(maxsize=32)  # one tx per config: a TrainState's static part
 def make_optimizer(cfg):
   # Unsup3D: Adam with weight decay added to the gradient (coupled L2). With
@@ -52,6 +60,8 @@ def make_optimizer(cfg):
   # A schedule adds a step count to Adam's state: only when asked for.
   lr = (optax.cosine_decay_schedule(cfg.lr, cfg.lr_cosine_steps, alpha=LR_COSINE_FLOOR)
         if cfg.lr_cosine_steps else cfg.lr)
+  if cfg.lr_warmup_steps:  # Adam's first steps are ~lr per weight whatever the gradient
+    lr = _linear_warmup(lr, cfg.lr_warmup_steps)
   if cfg.weight_decay_mode == "decoupled":  # AdamW: the decay bypasses Adam's scaling
     parts = [optax.adamw(lr, b1=0.9, b2=0.999, weight_decay=cfg.weight_decay)]
   else:

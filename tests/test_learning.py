@@ -382,3 +382,31 @@ def test_warmup_overrides_fail_in_one_line(sets, needle):
     config.override(config.get_config("test_tiny"), sets)
   with pytest.raises(UserError, match="unknown fields: warmup"):
     config.Config.from_json(json.dumps(dict(warmup=dict(depth_steps=3))))
+
+
+def test_lr_warmup_ramps_adam_steps_linearly_then_holds():
+  """lr_warmup_steps=N: Adam's k-th step (a constant gradient, |m/sqrt(v)| = 1)
+  is lr * min(1, (k + 1) / N); with a cosine on top, the product of both."""
+  n = 4
+  params = {"w": jnp.ones(3)}
+  grads = {"w": jnp.full(3, 2.0)}
+
+  def steps(cfg, k):
+    tx = train_step.make_optimizer(cfg)
+    state, out = tx.init(params), []
+    for _ in range(k):
+      upd, state = tx.update(grads, state, params)
+      out.append(float(jnp.abs(upd["w"][0])))
+    return out
+
+  cfg = _tiny(lr_warmup_steps=n, weight_decay=0.0)
+  np.testing.assert_allclose(steps(cfg, n + 2),
+                             [cfg.lr * min(1.0, (k + 1) / n) for k in range(n + 2)], rtol=1e-3)
+  m = 10
+  cfg = _tiny(lr_warmup_steps=n, lr_cosine_steps=m, weight_decay=0.0)
+  floor = train_step.LR_COSINE_FLOOR
+  want = [cfg.lr * min(1.0, (k + 1) / n)
+          * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * min(k, m) / m))) for k in range(m)]
+  np.testing.assert_allclose(steps(cfg, m), want, rtol=1e-3)
+  with pytest.raises(UserError, match="lr_warmup_steps"):
+    config.override(config.get_config("test_tiny"), ["lr_warmup_steps=-1"])
