@@ -186,7 +186,7 @@ def capacity(variant, cfg, steps, seed, evals, with_normals=False):
   state = opt.init(params)
 
   def predict(p, x):
-    return model.depth_from_raw(net.apply(p, x), cam, cfg.depth_prior, ellipse=ellipse)
+    return model.depth_from_raw(net.apply(p, x), cam, model.prior_amplitude(cfg), ellipse=ellipse)
 
   normals = jax.vmap(lambda z: render.depth_to_normals(z, cam))
 

@@ -61,6 +61,13 @@ class Warmup:
   # which settles the sign of the yaw before the shape is free to change
   # (convex/concave ambiguity).
   depth_steps: int = 0
+  # Prior: the convex prior (`depth_prior`) as a scaffold only: applied at
+  # its full amplitude for the first half of N steps, faded linearly to 0 by
+  # N, and absent from the trained model. Why: the prior settles the sign of
+  # the relief early, but a fixed ellipsoid kept forever biases every shape
+  # towards it (a deeper relief that the light then compensates by turning
+  # frontal: docs/learning.md, the bas-relief trade).
+  prior_steps: int = 0
 
   def any_on(self) -> bool:
     """Whether any warm-up runs (any `*_steps` > 0)."""

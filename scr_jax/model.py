@@ -78,7 +78,7 @@ def depth_from_raw(raw_BxSxS, cam: render.Camera, prior: float = 0.0, scale=None
   the network's part (depth warm-up)."""
   if scale is not None:
     raw_BxSxS = raw_BxSxS * scale
-  if prior:
+  if not isinstance(prior, (int, float)) or prior:  # a traced amplitude (prior warm-up) too
     raw_BxSxS = raw_BxSxS + prior * convex_prior(raw_BxSxS.shape[-1], ellipse)
   d = raw_BxSxS - jnp.mean(raw_BxSxS, axis=(1, 2), keepdims=True)
   d = jnp.tanh(d)
@@ -86,6 +86,17 @@ def depth_from_raw(raw_BxSxS, cam: render.Camera, prior: float = 0.0, scale=None
   border = np.zeros(raw_BxSxS.shape[1:], np.float32)
   border[:, :2], border[:, -2:] = 1.0, 1.0
   return d * (1 - border) + border * cam.border_depth
+
+
+def prior_amplitude(cfg, warmups: Warmups = Warmups()):
+  """The convex prior's amplitude in `depth_from_raw`: `cfg.depth_prior`,
+  scaled by the prior warm-up during training (`warmups.prior`); the free
+  model of a config with a prior warm-up (`cfg.warmup.prior_steps` > 0) has
+  no prior (the warm-up faded it to 0), any other has `cfg.depth_prior`.
+  A float, or a traced scalar during training."""
+  if warmups.prior is not None:
+    return cfg.depth_prior * warmups.prior
+  return 0.0 if cfg.warmup.prior_steps > 0 else cfg.depth_prior
 
 
 def view_from_raw(raw_Bx6, cfg, trans=None, tilt=None):
@@ -225,7 +236,7 @@ def _factors(nets, params, x_BxSxSx3, structure, cfg, warmups: Warmups) -> Facto
   raw = nets.apply(params, structure_lib.mix(u, adj), method=nets.decode)
   cam = camera(cfg)
   ambient, diffuse, light_dxy = light_from_raw(raw["L"])
-  depth = depth_from_raw(raw["D"][..., 0], cam, cfg.depth_prior, warmups.depth,
+  depth = depth_from_raw(raw["D"][..., 0], cam, prior_amplitude(cfg, warmups), warmups.depth,
                          config_lib.prior_ellipse(cfg) if cfg.depth_prior else None)
   albedo = raw["A"]  # [-1, 1]
   if warmups.sym is not None:

@@ -332,7 +332,7 @@ def supervised_fns(nets, cfg):
   def predict(p, img):
     u = nets.apply(p, model.to_model_range(img), method=nets.encode)
     raw = nets.apply(p, u, method=nets.decode)
-    return model.depth_from_raw(raw["D"][..., 0], cam, cfg.depth_prior, ellipse=ellipse)
+    return model.depth_from_raw(raw["D"][..., 0], cam, model.prior_amplitude(cfg), ellipse=ellipse)
 
   def objective(p, batch, st, step):  # the structure and step play no part
     img, gt = batch[..., :3], batch[..., 3]

@@ -410,3 +410,30 @@ def test_lr_warmup_ramps_adam_steps_linearly_then_holds():
   np.testing.assert_allclose(steps(cfg, m), want, rtol=1e-3)
   with pytest.raises(UserError, match="lr_warmup_steps"):
     config.override(config.get_config("test_tiny"), ["lr_warmup_steps=-1"])
+
+
+def test_prior_warmup_fades_the_convex_prior_and_the_trained_model_has_none():
+  """prior_warmup_steps=N: the prior's amplitude is depth_prior for the first
+  half of N steps, then falls linearly to 0 at N; the free model (evaluation)
+  of such a config has no prior, a config without the warm-up keeps it."""
+  cfg = _tiny(prior_warmup_steps=10, depth_prior=0.8)
+  got = [float(model.prior_amplitude(cfg, _warm(cfg, s))) for s in (0, 5, 6, 8, 10, 40)]
+  np.testing.assert_allclose(got, [0.8, 0.8, 0.64, 0.32, 0, 0], atol=1e-6)
+  assert model.prior_amplitude(cfg) == 0.0
+  assert model.prior_amplitude(_tiny(depth_prior=0.8)) == 0.8
+  assert _warm(_tiny(depth_prior=0.8), 3).prior is None
+  # through the forward pass: at step 0 the depth is the prior's, in evaluation it is flat
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))  # flat initial depth
+  img = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  m = structure.Structure(m=jnp.zeros((4, 4)))
+  cam = model.camera(cfg)
+  want = np.asarray(model.depth_from_raw(jnp.zeros((2, 16, 16)), cam, 0.8))
+  early = model.factors(nets, state.params, img, m, cfg, _warm(cfg, 0)).depth_BxSxS
+  np.testing.assert_allclose(np.asarray(early), want, atol=1e-6)
+  free = np.asarray(model.factors(nets, state.params, img, m, cfg).depth_BxSxS)
+  np.testing.assert_allclose(free[:, :, 2:-2], np.mean(cam.min_depth + cam.max_depth) / 2, atol=1e-6)
+  # inside the jitted step the amplitude is traced: one compile serves every step
+  step = train_step.make_train_step(nets, cfg)
+  s1, _ = step(state, img, m)
+  s2, _ = step(s1, img, m)
+  assert int(s2.step) == 2
