@@ -68,6 +68,14 @@ class Warmup:
   # towards it (a deeper relief that the light then compensates by turning
   # frontal: docs/learning.md, the bas-relief trade).
   prior_steps: int = 0
+  # Light: the light's intensities (ambient, diffuse) are held at their
+  # initial 0.5 / 0.5 for the first half of N steps and released linearly
+  # over the second half (the direction stays free). Why: on a dark
+  # background most pixels ask for black; one global intensity per image
+  # gives it to them faster than the albedo can, the render goes black, the
+  # tanh saturates and no gradient reaches any factor again (the collapsed
+  # runs of docs/learning.md). Held, the albedo learns the background first.
+  light_steps: int = 0
 
   def any_on(self) -> bool:
     """Whether any warm-up runs (any `*_steps` > 0)."""

@@ -116,9 +116,13 @@ def view_from_raw(raw_Bx6, cfg, trans=None, tilt=None):
   return jnp.concatenate([rot, t if trans is None else trans * t], axis=1)
 
 
-def light_from_raw(raw_Bx4):
-  """tanh outputs -> ambient, diffuse in [0, 1], direction (dx, dy)."""
-  return (raw_Bx4[:, 0] + 1) / 2, (raw_Bx4[:, 1] + 1) / 2, raw_Bx4[:, 2:4]
+def light_from_raw(raw_Bx4, intensity=None):
+  """tanh outputs -> ambient, diffuse in [0, 1], direction (dx, dy).
+
+  intensity: None, or a scalar in [0, 1] scaling the intensities' raw
+    outputs (`Warmups.light`: 0 holds ambient and diffuse at 0.5)."""
+  amb_dif = raw_Bx4[:, :2] if intensity is None else raw_Bx4[:, :2] * intensity
+  return (amb_dif[:, 0] + 1) / 2, (amb_dif[:, 1] + 1) / 2, raw_Bx4[:, 2:4]
 
 
 def symmetrize(x_BxSxS_, weight):
@@ -224,7 +228,8 @@ def factors(nets, params, img_BxSxSx3, structure, cfg,
     they are applied to the factors: `sym` blends the canonical depth and / or
     albedo (`Config.warmup.sym_maps`) towards their mirror image, `trans` and
     `tilt` scale the view's translation and its pitch / roll, `depth` scales
-    the depth net's output.
+    the depth net's output, `prior` the convex prior, `light` the light's
+    intensities.
   """
   return _factors(nets, params, to_model_range(img_BxSxSx3), structure, cfg, warmups)
 
@@ -235,7 +240,7 @@ def _factors(nets, params, x_BxSxSx3, structure, cfg, warmups: Warmups) -> Facto
   adj = structure.adjacency(u)
   raw = nets.apply(params, structure_lib.mix(u, adj), method=nets.decode)
   cam = camera(cfg)
-  ambient, diffuse, light_dxy = light_from_raw(raw["L"])
+  ambient, diffuse, light_dxy = light_from_raw(raw["L"], warmups.light)
   depth = depth_from_raw(raw["D"][..., 0], cam, prior_amplitude(cfg, warmups), warmups.depth,
                          config_lib.prior_ellipse(cfg) if cfg.depth_prior else None)
   albedo = raw["A"]  # [-1, 1]

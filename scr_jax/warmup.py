@@ -28,6 +28,8 @@ class Warmups(NamedTuple):
   trans: scale in [0, 1] of the view's translation (0 = held at 0).
   tilt: scale in [0, 1] of the view's pitch and roll (yaw stays free).
   depth: scale in [0, 1] of the depth net's output (0 = the convex prior alone).
+  light: scale in [0, 1] of the light intensities' raw outputs (0 = ambient
+    and diffuse held at 0.5; `Warmup.light_steps`).
   prior: scale in [0, 1] of the convex prior's amplitude (`Warmup.prior_steps`;
     the free model then has no prior: `model.prior_amplitude`).
 
@@ -39,6 +41,7 @@ class Warmups(NamedTuple):
   tilt: jax.Array | None = None
   depth: jax.Array | None = None
   prior: jax.Array | None = None
+  light: jax.Array | None = None
 
   @classmethod
   def none(cls) -> "Warmups":
@@ -72,4 +75,5 @@ def warmups(cfg, step) -> Warmups:
                  trans=_release(w.trans_steps, step),
                  tilt=_release(w.tilt_steps, step),
                  depth=_release(w.depth_steps, step),
-                 prior=_hold(w.prior_steps, step))
+                 prior=_hold(w.prior_steps, step),
+                 light=_release(w.light_steps, step))

@@ -437,3 +437,26 @@ def test_prior_warmup_fades_the_convex_prior_and_the_trained_model_has_none():
   s1, _ = step(state, img, m)
   s2, _ = step(s1, img, m)
   assert int(s2.step) == 2
+
+
+def test_light_warmup_holds_the_intensities_not_the_direction():
+  """light_warmup_steps=N: ambient and diffuse are 0.5 while held (the raw
+  intensities scaled by 0), free after N; the direction is never held."""
+  cfg = _tiny(light_warmup_steps=10)
+  raw = jnp.array([[0.8, -0.6, 0.3, -0.2], [-0.9, 0.4, -0.5, 0.1]])
+  amb, dif, dxy = model.light_from_raw(raw, _warm(cfg, 3).light)
+  np.testing.assert_allclose(np.asarray(amb), 0.5)
+  np.testing.assert_allclose(np.asarray(dif), 0.5)
+  np.testing.assert_allclose(np.asarray(dxy), np.asarray(raw[:, 2:]))
+  amb, dif, _ = model.light_from_raw(raw, _warm(cfg, 8).light)  # 60 % released
+  np.testing.assert_allclose(np.asarray(amb), (1 + 0.6 * raw[:, 0]) / 2, rtol=1e-6)
+  free = model.light_from_raw(raw, _warm(cfg, 10).light)
+  for a, b in zip(free, model.light_from_raw(raw)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+  assert _warm(_tiny(), 0).light is None and _warm(cfg, None).light is None
+  # through the forward pass: a network asking for a black render is held at 0.5
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
+  img = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  f = model.factors(nets, state.params, img, structure.Structure(m=jnp.zeros((4, 4))), cfg,
+                    _warm(cfg, 0))
+  np.testing.assert_allclose(np.asarray(f.ambient_B), 0.5)
