@@ -183,7 +183,8 @@ def _median(vals):
 def table(out, variants, seeds):
   """(markdown, csv rows) of the finished runs, per variant x seed, with the
   per-variant median and worst over seeds and the baselines' MAD."""
-  heads = ["variant", "seed"] + [h for _, h, _, _ in COLUMNS] + [h for _, h in BASELINE_COLUMNS]
+  heads = (["variant", "seed"] + [h for _, h, _, _ in COLUMNS] + ["fault"]
+           + [h for _, h in BASELINE_COLUMNS])
   md = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
   rows = [heads]
   missing = []
@@ -203,10 +204,11 @@ def table(out, variants, seeds):
       done.append(r)
       vals = [r.get(k) for k, _, _, _ in COLUMNS]
       status = "" if r.get("status") == "done" else f" ({r.get('status')})"
+      kind = diagnostics.fault(r, r.get("mad"), bvals[1])
       cells = [variant, f"{seed}{status}"] + [_fmt(v, f) for v, (_, _, f, _) in zip(vals, COLUMNS)]
-      cells += [_fmt(b, "{:.2f}") for b in bvals]
+      cells += [f"**{kind}**" if kind else ""] + [_fmt(b, "{:.2f}") for b in bvals]
       md.append("| " + " | ".join(cells) + " |")
-      rows.append([variant, seed] + vals + bvals)
+      rows.append([variant, seed] + vals + [kind] + bvals)
     if len(done) > 1:
       for label, pick in (("median", lambda k, _: _median(
           [r[k] for r in done if r.get(k) is not None])),
@@ -215,9 +217,9 @@ def table(out, variants, seeds):
         vals = [pick(k, w) for k, _, _, w in COLUMNS]
         cells = [f"**{variant}**", f"**{label}** ({len(done)})"]
         cells += [_fmt(v, f) for v, (_, _, f, _) in zip(vals, COLUMNS)]
-        cells += [_fmt(b, "{:.2f}") for b in bvals]
+        cells += [""] + [_fmt(b, "{:.2f}") for b in bvals]
         md.append("| " + " | ".join(cells) + " |")
-        rows.append([variant, label] + vals + bvals)
+        rows.append([variant, label] + vals + [""] + bvals)
   text = "\n".join(md) + "\n" + goals(out, variants, seeds)
   if missing:
     text += f"\nNot finished yet: {', '.join(missing)}\n"
@@ -226,9 +228,10 @@ def table(out, variants, seeds):
 
 def goals(out, variants, seeds) -> str:
   """The goals of issue 20 per variant, over the finished runs: no failed run
-  (MAD below average-GT, a convex majority, depth_sign > 0.5, and yaw
-  correlation >= 0.9), median MAD <= 0.50 x average-GT and below the
-  template, median per-image shape correlation >= 0.5."""
+  (`diagnostics.fault` names none: MAD below average-GT, a convex majority,
+  depth_sign > 0.5, yaw correlation >= 0.9, a lit render, a varied view; the
+  failed ones are listed with their kind), median MAD <= 0.50 x average-GT
+  and below the template, median per-image shape correlation >= 0.5."""
   lines = []
   yes = lambda ok: "yes" if ok else "NO"
   for variant in variants:
@@ -239,9 +242,9 @@ def goals(out, variants, seeds) -> str:
                         for s in seeds) if r is not None]
     if not done or avg is None:
       continue
-    ok = [r for r in done if r.get("mad") is not None and r["mad"] < avg
-          and (r.get("depth_sign") is None or r["depth_sign"] > 0.5)
-          and (r.get("view_yaw_corr") is None or r["view_yaw_corr"] >= 0.9)]
+    kinds = [diagnostics.fault(r, r["mad"] if r.get("mad") is not None else float("inf"), avg)
+             for r in done]
+    ok = [r for r, k in zip(done, kinds) if not k]
     med = _median([r["mad"] if r.get("mad") is not None else float("inf") for r in done])
     line = (f"- {variant} ({len(done)} runs): no failed run {yes(len(ok) == len(done))} "
             f"({len(ok)}/{len(done)}); median MAD / avg-GT {med / avg:.2f} <= 0.50 "
@@ -251,9 +254,12 @@ def goals(out, variants, seeds) -> str:
     shape = [r["shape_corr"] for r in done if r.get("shape_corr") is not None]
     if shape:
       line += f"; median shape corr {_median(shape):.2f} >= 0.5 {yes(_median(shape) >= 0.5)}"
+    failed = [f"s{r['seed']} {k}" for r, k in zip(done, kinds) if k]
+    if failed:
+      line += f" [failed: {', '.join(failed)}]"
     lines.append(line)
-  return ("\nGoals (issue 20: a failed run has MAD >= avg-GT, a concave majority or yaw "
-          "corr < 0.9), finished runs:\n" + "\n".join(lines) + "\n") if lines else ""
+  return ("\nGoals (issue 20; a failed run, its kind in the fault column: a black render, a "
+          "constant view, a concave majority, a yaw corr < 0.9 or MAD >= avg-GT), finished runs:\n" + "\n".join(lines) + "\n") if lines else ""
 
 
 def _write_table(out, variants, seeds, settings):

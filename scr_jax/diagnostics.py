@@ -119,6 +119,52 @@ def light_errors(pred_light_Nx4, true_light_Nx4) -> dict:
               light_dir_deg=float(np.mean(ang)), light_oblique_slope=slope)
 
 
+def light_intensity(light_Nx4) -> float:
+  """The mean over images of ambient + diffuse (the first two light columns,
+  each in [0, 1]). Near 0 the render is black whatever the albedo: the
+  collapse in which the light's tanh saturates and no gradient reaches any
+  factor any more (docs/learning.md, session 18)."""
+  l = np.asarray(light_Nx4, np.float64)
+  return float(np.mean(l[:, 0] + l[:, 1]))
+
+
+def yaw_std_ratio(pred_view_Nx6, true_view_Nx6) -> float:
+  """The predicted yaw's standard deviation over the images against the
+  truth's (1: the poses vary as much as the truth's, ~0: a constant view).
+  NaN when the true yaw does not vary."""
+  p = np.asarray(pred_view_Nx6, np.float64)[:, 1]
+  t = np.asarray(true_view_Nx6, np.float64)[:, 1]
+  return float(np.std(p) / np.std(t)) if np.std(t) > 1e-12 else float("nan")
+
+
+# Thresholds of `fault` (what the benchmark calls a failed run and names its kind).
+BLACK_RENDER = 0.05  # light_intensity below: the light died
+CONSTANT_VIEW = 0.1  # view_yaw_std_ratio below: the view stopped reading the image
+MIN_YAW_CORR = 0.9  # view_yaw_corr below: the yaw is not learned (issue 20's criterion)
+
+
+def fault(diag: dict, mad=None, avg_gt_mad=None) -> str:
+  """The kind of failure of a trained model, from its `diagnose` dict (keys
+  missing from older results are skipped): "" when it learned, else the first
+  of "black render" (light_intensity < BLACK_RENDER), "constant view"
+  (view_yaw_std_ratio < CONSTANT_VIEW), "concave" (depth_sign <= 0.5: the
+  relief inverted on most images), "mirrored yaw" (view_yaw_corr <= -0.5),
+  "weak yaw" (view_yaw_corr < MIN_YAW_CORR) and "MAD >= avg-GT" (mad, when
+  given, not below avg_gt_mad). The order is the causal one seen in
+  training: a black render also leaves a constant view, a concave relief
+  comes with a mirrored yaw."""
+  get = lambda k: diag.get(k) if diag.get(k) == diag.get(k) else None  # NaN -> None
+  checks = (("black render", get("light_intensity") is not None
+             and get("light_intensity") < BLACK_RENDER),
+            ("constant view", get("view_yaw_std_ratio") is not None
+             and get("view_yaw_std_ratio") < CONSTANT_VIEW),
+            ("concave", get("depth_sign") is not None and get("depth_sign") <= 0.5),
+            ("mirrored yaw", get("view_yaw_corr") is not None and get("view_yaw_corr") <= -0.5),
+            ("weak yaw", get("view_yaw_corr") is not None and get("view_yaw_corr") < MIN_YAW_CORR),
+            ("MAD >= avg-GT", mad is not None and avg_gt_mad is not None and mad >= avg_gt_mad))
+  return next((name for name, bad in checks if bad), "")
+
+
 def relief_ratio(pred_depth_NxSxS, true_depth_NxSxS, region_SxS) -> float:
   """How deep the predicted canonical relief is against the truth: the median
   over images of std(pred) / std(truth) over the region (each image's own
@@ -221,7 +267,8 @@ def diagnose(pred: dict, gt: dict) -> dict:
   depth_sign_gt, shape_spread (pred), shape_spread_gt and shape_spread_ratio
   (pred / gt: ~1 when shapes vary like the truth, ~0 for a template),
   relief_ratio (`relief_ratio`: how deep the relief is against the truth's), and
-  shape_corr (the median over images of `shape_residual_corr`: how much of
+  light_intensity (`light_intensity`: ~0 is a black render), view_yaw_std_ratio
+  (`yaw_std_ratio`: ~0 is a constant view), shape_corr (the median over images of `shape_residual_corr`: how much of
   each image's own shape, beyond the template, is recovered; 1 perfect, 0 a
   template, -1 inverted) with shape_corr_q25 (its lower quartile).
   Raises ValueError when the counts or canonical sizes differ.
@@ -235,6 +282,8 @@ def diagnose(pred: dict, gt: dict) -> dict:
                      f"ground truth {np.shape(gt['canon_depth'])}")
   out = view_errors(pred["view"], gt["view"])
   out.update(light_errors(pred["light"], gt["light"]))
+  out["light_intensity"] = light_intensity(pred["light"])
+  out["view_yaw_std_ratio"] = yaw_std_ratio(pred["view"], gt["view"])
   out["depth_sign"] = depth_sign(pred["canon_depth"])
   out["depth_sign_gt"] = depth_sign(gt["canon_depth"])
   region = face_region(gt.get("canon_mask"), np.shape(gt["canon_depth"])[-1])
@@ -257,12 +306,13 @@ HEADLINE = ("view_yaw_mae_deg", "view_yaw_corr", "view_pitch_offset_deg",
 
 def headline(diag: dict) -> str:
   """One line: yaw error and correlation, pitch offset and error, depth sign,
-  shape spread ratio, per-image shape correlation."""
+  shape spread ratio, per-image shape correlation, and the `fault` if any."""
   return (f"yaw err {diag['view_yaw_mae_deg']:.1f} deg (corr {diag['view_yaw_corr']:.2f}), "
           f"pitch offset {diag['view_pitch_offset_deg']:+.1f} err "
           f"{diag['view_pitch_mae_deg']:.1f} deg, convex {diag['depth_sign']:.2f}, "
           f"shape spread x{diag['shape_spread_ratio']:.2f}, "
-          f"per-image shape corr {diag.get('shape_corr', float('nan')):.2f}")
+          f"per-image shape corr {diag.get('shape_corr', float('nan')):.2f}"
+          + (f"; FAILED: {fault(diag)}" if fault(diag) else ""))
 
 
 # ----------------------------------------------------------------------------

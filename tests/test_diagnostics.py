@@ -247,6 +247,29 @@ def test_light_oblique_slope_planted():
   assert np.isnan(D.light_errors(t, light(np.full(9, 0.3)))["light_oblique_slope"])
 
 
+def test_fault_kinds_on_planted_diagnostics(tiny):
+  """diagnostics.fault names the first failure in causal order; the truth
+  (and a slightly noisy truth) has none."""
+  _, gt = _gt(tiny)
+  assert D.fault(D.diagnose(gt, gt), mad=1.0, avg_gt_mad=20.0) == ""
+  diag = D.diagnose(gt, gt)
+  assert diag["light_intensity"] == pytest.approx(np.mean(gt["light"][:, 0] + gt["light"][:, 1]))
+  assert diag["view_yaw_std_ratio"] == pytest.approx(1.0)
+  dark = dict(gt, light=np.concatenate([np.zeros((len(gt["light"]), 2)), gt["light"][:, 2:]], 1),
+              view=np.zeros_like(gt["view"]))
+  d = D.diagnose(dark, gt)
+  assert d["light_intensity"] == 0.0 and d["view_yaw_std_ratio"] == 0.0
+  assert D.fault(d) == "black render"
+  assert D.fault(dict(diag, view_yaw_std_ratio=0.05)) == "constant view"
+  assert D.fault(dict(diag, depth_sign=0.3, view_yaw_corr=-0.9)) == "concave"
+  assert D.fault(dict(diag, view_yaw_corr=-0.9)) == "mirrored yaw"
+  assert D.fault(dict(diag, view_yaw_corr=0.8)) == "weak yaw"
+  assert D.fault(diag, mad=25.0, avg_gt_mad=20.0) == "MAD >= avg-GT"
+  # keys an older result lacks are skipped, NaN too
+  assert D.fault({"view_yaw_corr": 0.95, "light_intensity": float("nan")}) == ""
+  assert D.headline(d).endswith("FAILED: black render") and "FAILED" not in D.headline(diag)
+
+
 def test_relief_ratio_planted():
   rng = np.random.default_rng(0)
   truth = 1.0 + 0.02 * rng.standard_normal((5, 8, 8))
@@ -502,6 +525,16 @@ def test_bench_table_median_worst_and_goals(tmp_path):
                      side=1.0, status="done"))
   text, _ = B.table(out, ["v"], [0, 1])
   assert "no failed run NO (1/2)" in text and "median shape corr 0.60 >= 0.5 yes" in text
+  assert "[failed: s1 weak yaw]" in text
+  # The fault column names the kind (a black render first: it also leaves the view constant).
+  B._write_json(os.path.join(out, "v_s1", "result.json"),
+                dict(runs[1], light_intensity=0.01, view_yaw_std_ratio=0.0, view_yaw_corr=0.0,
+                     variant="v", seed=1, side=1.0, status="done"))
+  text, rows = B.table(out, ["v"], [0, 1, 2])
+  head = rows[0]
+  kinds = {r[1]: r[head.index("fault")] for r in rows[1:]}
+  assert kinds == {0: "", 1: "black render", 2: "concave", "median": "", "worst": ""}
+  assert "[failed: s1 black render, s2 concave]" in text
 
 
 def test_view_stats_pose_matrix_names_what_each_output_tracks():
