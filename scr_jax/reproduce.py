@@ -1081,7 +1081,8 @@ def open_reproduction(out: str, budget: Budget | None = None, command: str = "")
                   config=json.loads(cfg.to_json()))
   if prev is not None:  # a field added since prev was written takes its default
     prev = dict(prev, budget={**json.loads(json.dumps(dataclasses.asdict(Budget()))),
-                              **prev["budget"]})
+                              **prev["budget"]},
+                config=json.loads(config.Config.from_json(json.dumps(prev["config"])).to_json()))
   if prev is not None and (prev["budget"], prev["config"]) != (settings["budget"],
                                                                settings["config"]):
     diff = sorted(k for k in settings["budget"] if prev["budget"].get(k) != settings["budget"][k])

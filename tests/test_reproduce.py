@@ -358,3 +358,18 @@ def test_settings_written_before_a_budget_field_existed_continue(tmp_path):
   assert json.load(open(path))["budget"]["unroll_seeds"] == 1
   with pytest.raises(UserError, match="unroll_seeds differ"):
     reproduce.open_reproduction(out, dataclasses.replace(b, unroll_seeds=2))
+
+
+def test_settings_written_before_a_config_field_existed_continue(tmp_path):
+  """A config field added since (at its default) is the same config: the
+  reproduction continues; a config that differs in value is still refused."""
+  out = str(tmp_path / "rep")
+  b = _budget("builtin")
+  reproduce.open_reproduction(out, b)
+  path = os.path.join(out, "settings.json")
+  s = json.load(open(path))
+  del s["config"]["light_warmup_steps"], s["config"]["lr_warmup_steps"]
+  json.dump(s, open(path, "w"))
+  reproduce.open_reproduction(out, b)
+  with pytest.raises(UserError, match="other settings"):
+    reproduce.open_reproduction(out, dataclasses.replace(b, sets=("light_warmup_steps=300",)))
