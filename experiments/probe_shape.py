@@ -3,6 +3,7 @@
     python experiments/probe_shape.py signal [--variants default,morph,...]
     python experiments/probe_shape.py capacity [--variants default] [--steps 2000]
         [--seed 0] [--set nf_ed=32 ...]
+    python experiments/probe_shape.py sign [--variants default,morph,...] [--images 150]
 
 signal (no training): how much the photometric loss rewards each image's own canonical
   depth over the template (the train split's mean canonical depth), next to what it
@@ -26,6 +27,17 @@ capacity: the model's own depth path (`nets.EDEncoder` + `nets.EDDecoder` +
   template's (`evaluator.template_depth_baseline`). With --normals the objective adds
   the normals' mean (1 - cos), the quantity MAD measures. A capacity-limited network stays
   near the template; an unsupervised model cannot be expected to do better than this.
+
+sign (no training): does the shape a depth warm-up holds early carry the yaw's sign?
+  The true canonical albedo (made symmetric) on a scaffold depth (the convex prior at
+  amplitudes 1, 0.5, 0.25; the prior's ellipse fitted to the train images; a flat plane
+  at the rotation centre; the train split's mean canonical depth), lit by the true light
+  or a frontal one, rendered with the model's renderer at the true view and at the view
+  mirrored (yaw, roll and x shift negated: the convex/concave twin's pose); per row, the
+  fraction of images whose true pose renders the image better (L1 over the frame, images
+  in [0, 1]) and the mean L1 difference (mirrored - true; > 0: the batch's gradient
+  favours the true sign). Near 0.5 the scaffold does not decide the sign; below, it
+  favours the mirrored pose.
 
 Data: `data/builtin_<variant>_s<size>_seed0` (generated once, as bench_quality.py does).
 """
@@ -243,15 +255,70 @@ def _warp(canon_NxSxS, views_Nx6, cam, batch=100):
   return np.concatenate(out_d), np.concatenate(out_c)
 
 
+def _mirrored(view_Nx6):
+  """The pose of the convex/concave twin in the image: yaw, roll and x shift negated."""
+  v = np.array(view_Nx6, np.float32)
+  v[:, [1, 2, 3]] *= -1
+  return v
+
+
+def sign_rows(images, albedo01, light, view, scaffolds: dict, cam) -> dict:
+  """{(scaffold, light): (fraction of images where the true pose renders better,
+  mean L1(mirrored) - L1(true))} for each scaffold depth (name -> NxSxS) under
+  the true light and a frontal one (dx = dy = 0)."""
+  alb = albedo01 * 2 - 1
+  alb = jnp.asarray(0.5 * (alb + alb[:, :, ::-1]), jnp.float32)
+  front = np.array(light, np.float32)
+  front[:, 2:] = 0
+  mirrored = _mirrored(view)
+
+  def l1(depth, lt, v):
+    f = model.Factors(depth_BxSxS=jnp.asarray(depth, jnp.float32), albedo_BxSxSx3=alb,
+                      ambient_B=jnp.asarray(lt[:, 0]), diffuse_B=jnp.asarray(lt[:, 1]),
+                      light_dxy_Bx2=jnp.asarray(lt[:, 2:]), view_Bx6=jnp.asarray(v, jnp.float32))
+    orig, _ = model.render_factors(f, cam)
+    return np.asarray(jnp.mean(jnp.abs(orig.recon_image() - jnp.asarray(images)), axis=(1, 2, 3)))
+
+  out = {}
+  for name, depth in scaffolds.items():
+    for lname, lt in (("true light", np.asarray(light, np.float32)), ("frontal light", front)):
+      a, b = l1(depth, lt, view), l1(depth, lt, mirrored)
+      out[(name, lname)] = (float(np.mean(a < b)), float(np.mean(b - a)))
+  return out
+
+
+def sign(variant, cfg, n):
+  d = _load(variant, cfg)
+  test, cam = d["test"], model.camera(cfg)
+  n = min(n, len(test["images"]))
+  gt = {k: np.asarray(v)[:n] for k, v in test["gt"].items()}
+  size = cfg.image_size
+  ell = model.fit_prior_ellipse(d["train"]["images"])
+  prior = lambda amp, e=config.prior_ellipse(cfg): np.asarray(model.depth_from_raw(
+      jnp.zeros((n, size, size)), cam, amp, ellipse=e))
+  scaffolds = {"convex prior x1": prior(1.0), "convex prior x0.5": prior(0.5),
+               "convex prior x0.25": prior(0.25), "fitted ellipse x1": prior(1.0, ell),
+               "flat (no prior)": prior(0.0),
+               "template (mean truth)": np.repeat(
+                   d["train"]["gt"]["canon_depth"].mean(0, keepdims=True), n, 0)}
+  rows = sign_rows(test["images"][:n], gt["canon_albedo"], gt["light"], gt["view"], scaffolds,
+                   cam)
+  print(f"\n{variant}: {n} test images; fitted ellipse {ell}")
+  print("| scaffold depth | light | true pose better on | mean L1 mirrored - true |")
+  print("|---|---|---|---|")
+  for (name, lname), (frac, diff) in rows.items():
+    print(f"| {name} | {lname} | {frac:.2f} | {diff:+.4f} |")
+
+
 def main():
   p = argparse.ArgumentParser(prog="probe_shape.py", description=__doc__.split("\n")[0])
-  p.add_argument("probe", choices=("signal", "capacity"))
+  p.add_argument("probe", choices=("signal", "capacity", "sign"))
   p.add_argument("--variants", default="default")
   p.add_argument("--preset", default="cpu_small")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
   p.add_argument("--steps", type=int, default=2000)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--images", type=int, default=500, help="signal: test images used")
+  p.add_argument("--images", type=int, default=500, help="signal / sign: test images used")
   p.add_argument("--normals", action="store_true",
                  help="capacity: add the normals' mean (1 - cos) to the L1 (what MAD measures)")
   args = p.parse_args()
@@ -266,6 +333,8 @@ def main():
   for v in variants:
     if args.probe == "signal":
       signal(v, cfg, args.images)
+    elif args.probe == "sign":
+      sign(v, cfg, args.images)
     else:
       capacity(v, cfg, args.steps, args.seed, evals, args.normals)
 

@@ -42,3 +42,19 @@ def test_rotate_light_turns_the_direction_about_the_vertical_axis():
   np.testing.assert_allclose(angle[:2], 10.0, atol=1e-5)  # in the horizontal plane: exactly
   assert 0 < angle[2] < 10.0  # tilted up: less, as the vertical component is kept
   np.testing.assert_allclose(probe_shape._rotate_light(light, 0.0), light)
+
+
+def test_sign_rows_the_truths_own_depth_prefers_the_true_pose():
+  """With each image's own canonical depth as the scaffold and the true light,
+  the true pose renders the image (nearly) exactly and the mirrored one does not;
+  a mirrored pose of a turned face is what `_mirrored` gives."""
+  d, cam = _faces(n=8)
+  imgs = d["images"].astype(np.float32) / 255.0
+  rows = probe_shape.sign_rows(imgs, d["canon_albedo"], d["lights"], d["views"],
+                               {"truth": d["canon_depth"]}, cam)
+  frac, diff = rows[("truth", "true light")]
+  assert frac > 0.5 and diff > 1e-3
+  assert ("truth", "frontal light") in rows
+  v = probe_shape._mirrored(d["views"])
+  np.testing.assert_allclose(v[:, [1, 2, 3]], -d["views"][:, [1, 2, 3]])
+  np.testing.assert_allclose(v[:, [0, 4, 5]], d["views"][:, [0, 4, 5]])
