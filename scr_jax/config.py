@@ -125,6 +125,15 @@ class Config:
   # Loss.
   lam_flip: float = 0.5
   lam_perc: float = 0.0  # VGG perceptual loss weight (needs user-supplied weights)
+  # A barrier against the black-render collapse: the loss gains
+  # lam_light_floor * mean(max(0, light_floor - (ambient + diffuse))), zero for
+  # any model whose light is on (0 = off, Unsup3D). Why: on dark backgrounds
+  # the light's intensities can saturate at 0 early, the render goes black and
+  # no gradient reaches any factor again (docs/learning.md, session 18); the
+  # barrier keeps them off the tanh's flat end until the albedo has learned
+  # the background, and changes nothing where the light never drops that low.
+  light_floor: float = 0.0
+  lam_light_floor: float = 100.0
   # Floor added to the predicted confidence sigma (0 = Unsup3D). On data with
   # a flat black background, sigma there shrinks without bound and its 1/sigma
   # weight then dominates every gradient (see README, "Learning on CPU").
@@ -352,6 +361,8 @@ def validate(cfg: Config) -> Config:
   need(cfg.init_choice >= -1, "init_choice", "must be >= -1 (-1 = not chosen)")
   need(cfg.init_trial_depth_warmup in ("same", "both"), "init_trial_depth_warmup",
        "must be same or both")
+  need(0.0 <= cfg.light_floor < 2.0, "light_floor", "must be in [0, 2) (ambient + diffuse)")
+  need(cfg.lam_light_floor >= 0, "lam_light_floor", "must be >= 0")
   need(cfg.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0 (0 = no warm-up)")
   need(cfg.lr_cosine_steps >= 0, "lr_cosine_steps", "must be >= 0 (0 = constant lr)")
   need(cfg.steps >= 0, "steps", "must be >= 0")

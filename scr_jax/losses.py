@@ -19,7 +19,8 @@ def photometric(recon_BxSxSxC, target_BxSxSxC, mask_BxSxS, sigma_BxSxS):
 
 
 def total_loss(out, cfg, perceptual_fn=None, warmups: Warmups = Warmups()):
-  """L = L1(orig) + lam_flip L1(flip) [+ lam_perc (Lp + lam_flip Lp_flip)].
+  """L = L1(orig) + lam_flip L1(flip) [+ lam_perc (Lp + lam_flip Lp_flip)]
+  [+ lam_light_floor mean(max(0, light_floor - ambient - diffuse))].
 
   out: a `model.ForwardOutput`; the reconstructions are compared with its
     input_BxSxSx3 (the input in the model's range [-1, 1]).
@@ -43,6 +44,11 @@ def total_loss(out, cfg, perceptual_fn=None, warmups: Warmups = Warmups()):
   l1_flip = photometric(out.flip.recon_im_BxSxSx3, target, both, sig[..., 1])
   loss = l1 + cfg.lam_flip * l1_flip
   metrics = dict(loss_l1=l1, loss_l1_flip=l1_flip, mask_frac=jnp.mean(both))
+  if cfg.light_floor > 0:
+    intensity = out.factors.ambient_B + out.factors.diffuse_B
+    barrier = jnp.mean(jax.nn.relu(cfg.light_floor - intensity))
+    loss = loss + cfg.lam_light_floor * barrier
+    metrics["loss_light_floor"] = barrier
   if perceptual_fn is not None and cfg.lam_perc > 0:
     lp, lp_flip = perceptual_fn(out, both)
     loss = loss + cfg.lam_perc * (lp + cfg.lam_flip * lp_flip)

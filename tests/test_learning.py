@@ -460,3 +460,27 @@ def test_light_warmup_holds_the_intensities_not_the_direction():
   f = model.factors(nets, state.params, img, structure.Structure(m=jnp.zeros((4, 4))), cfg,
                     _warm(cfg, 0))
   np.testing.assert_allclose(np.asarray(f.ambient_B), 0.5)
+
+
+def test_light_floor_barrier_is_zero_when_lit_and_raises_a_dark_light():
+  """light_floor=f: the loss gains lam * mean(max(0, f - ambient - diffuse));
+  nothing for a lit model, and its gradient raises the intensities of a dark one."""
+  cfg = _tiny(light_floor=0.2, lam_light_floor=100.0)
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
+  img = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  m = structure.Structure(m=jnp.zeros((4, 4)))
+  out = model.forward(nets, state.params, img, m, cfg)
+  base, met = losses.total_loss(out, _tiny())
+  lit, met = losses.total_loss(out, cfg)  # initial light ~0.5 + 0.5: above the floor
+  assert float(lit) == float(base) and float(met["loss_light_floor"]) == 0.0
+  f = out.factors
+
+  def loss_of(amb):
+    dark = out.replace(factors=f.replace(ambient_B=amb, diffuse_B=jnp.full_like(amb, 0.01)))
+    return losses.total_loss(dark, cfg)[0] - losses.total_loss(dark, _tiny())[0]
+
+  amb = jnp.full((2,), 0.04)
+  np.testing.assert_allclose(float(loss_of(amb)), 100.0 * (0.2 - 0.05), rtol=1e-5)
+  assert np.all(np.asarray(jax.grad(loss_of)(amb)) < 0)  # descent raises the light
+  with pytest.raises(UserError, match="light_floor"):
+    config.override(config.get_config("test_tiny"), ["light_floor=-0.1"])
