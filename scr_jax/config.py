@@ -235,8 +235,12 @@ PRESETS = {
     # the convex prior first; 600-step warm-ups broke data with real shifts)
     # and of pitch / roll (with all six pose outputs free when the translation
     # is released, the view could run away to the tanh limits within ~15
-    # steps and never come back), measured in README "Learning on CPU".
+    # steps and never come back), measured in README "Learning on CPU"; and a
+    # barrier that keeps the light on (`light_floor`: on dark backgrounds the
+    # light's intensities went to 0 within ~5 steps on some seeds, a black
+    # render from which nothing learns; zero wherever the light stays on).
     "cpu_small": Config(lr=5e-4, lr_view_mult=5.0, min_sigma=0.05, depth_prior=1.0,
+                        light_floor=0.2,
                         warmup=Warmup(trans_steps=200, depth_steps=300, tilt_steps=300)),
     # The paper / Unsup3D setting: 64x64 synface, Unsup3D widths, batch 64.
     "paper": Config(preset="paper", image_size=64, crop=170, embed_dim=256,
