@@ -200,22 +200,27 @@ def test_paper_optimizer_is_unsup3d_coupled_l2():
   np.testing.assert_allclose(np.asarray(upd["a"]), [-cfg.lr, -cfg.lr], rtol=1e-3)
 
 
+_ADAM_PARAMS = {"w": jnp.ones(3)}
+
+
+def _adam_steps(cfg, k):
+  """(|update| of each of k optimiser steps under a constant gradient, the
+  final optimiser state): Adam's |m / sqrt(v)| is 1, so each is that step's lr."""
+  tx = train_step.make_optimizer(cfg)
+  grads = {"w": jnp.full(3, 2.0)}
+  state, out = tx.init(_ADAM_PARAMS), []
+  for _ in range(k):
+    upd, state = tx.update(grads, state, _ADAM_PARAMS)
+    out.append(float(jnp.abs(upd["w"][0])))
+  return out, state
+
+
 def test_lr_cosine_schedule_decays_adam_steps_to_the_floor():
   """lr_cosine_steps=N: Adam's step (a constant gradient, so |m/sqrt(v)| = 1)
   follows lr * (floor + (1 - floor) (1 + cos(pi k / N)) / 2) and stays at the
   floor after N; 0 keeps a constant lr and Adam's state without a count."""
   n = 10
-  params = {"w": jnp.ones(3)}
-  grads = {"w": jnp.full(3, 2.0)}
-
-  def steps(cfg, k):
-    tx = train_step.make_optimizer(cfg)
-    state, out = tx.init(params), []
-    for _ in range(k):
-      upd, state = tx.update(grads, state, params)
-      out.append(float(jnp.abs(upd["w"][0])))
-    return out, state
-
+  steps = _adam_steps
   cfg = _tiny(lr_cosine_steps=n)
   got, _ = steps(cfg, n + 3)
   floor = train_step.LR_COSINE_FLOOR
@@ -225,7 +230,7 @@ def test_lr_cosine_schedule_decays_adam_steps_to_the_floor():
   const, state = steps(_tiny(), 3)
   np.testing.assert_allclose(const, [_tiny().lr] * 3, rtol=1e-3)
   leaves_const = jax.tree_util.tree_leaves(state)
-  leaves_sched = jax.tree_util.tree_leaves(train_step.make_optimizer(cfg).init(params))
+  leaves_sched = jax.tree_util.tree_leaves(train_step.make_optimizer(cfg).init(_ADAM_PARAMS))
   assert len(leaves_sched) == len(leaves_const) + 1  # the schedule's step count
 
 
@@ -388,16 +393,7 @@ def test_lr_warmup_ramps_adam_steps_linearly_then_holds():
   """lr_warmup_steps=N: Adam's k-th step (a constant gradient, |m/sqrt(v)| = 1)
   is lr * min(1, (k + 1) / N); with a cosine on top, the product of both."""
   n = 4
-  params = {"w": jnp.ones(3)}
-  grads = {"w": jnp.full(3, 2.0)}
-
-  def steps(cfg, k):
-    tx = train_step.make_optimizer(cfg)
-    state, out = tx.init(params), []
-    for _ in range(k):
-      upd, state = tx.update(grads, state, params)
-      out.append(float(jnp.abs(upd["w"][0])))
-    return out
+  steps = lambda cfg, k: _adam_steps(cfg, k)[0]
 
   cfg = _tiny(lr_warmup_steps=n, weight_decay=0.0)
   np.testing.assert_allclose(steps(cfg, n + 2),
