@@ -268,8 +268,8 @@ def diagnose(pred: dict, gt: dict) -> dict:
   (pred / gt: ~1 when shapes vary like the truth, ~0 for a template),
   relief_ratio (`relief_ratio`: how deep the relief is against the truth's), and
   light_intensity (`light_intensity`: ~0 is a black render), view_yaw_std_ratio
-  (`yaw_std_ratio`: ~0 is a constant view), shape_corr (the median over images of `shape_residual_corr`: how much of
-  each image's own shape, beyond the template, is recovered; 1 perfect, 0 a
+  (`yaw_std_ratio`: ~0 is a constant view), shape_corr (the median over images
+  of `shape_residual_corr`: how much of each image's own shape, beyond the template, is recovered; 1 perfect, 0 a
   template, -1 inverted) with shape_corr_q25 (its lower quartile).
   Raises ValueError when the counts or canonical sizes differ.
   """
