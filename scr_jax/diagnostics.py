@@ -307,12 +307,13 @@ HEADLINE = ("view_yaw_mae_deg", "view_yaw_corr", "view_pitch_offset_deg",
 def headline(diag: dict) -> str:
   """One line: yaw error and correlation, pitch offset and error, depth sign,
   shape spread ratio, per-image shape correlation, and the `fault` if any."""
+  kind = fault(diag)
   return (f"yaw err {diag['view_yaw_mae_deg']:.1f} deg (corr {diag['view_yaw_corr']:.2f}), "
           f"pitch offset {diag['view_pitch_offset_deg']:+.1f} err "
           f"{diag['view_pitch_mae_deg']:.1f} deg, convex {diag['depth_sign']:.2f}, "
           f"shape spread x{diag['shape_spread_ratio']:.2f}, "
           f"per-image shape corr {diag.get('shape_corr', float('nan')):.2f}"
-          + (f"; FAILED: {fault(diag)}" if fault(diag) else ""))
+          + (f"; FAILED: {kind}" if kind else ""))
 
 
 # ----------------------------------------------------------------------------
