@@ -134,6 +134,17 @@ class Config:
   # the background, and changes nothing where the light never drops that low.
   light_floor: float = 0.0
   lam_light_floor: float = 100.0
+  # The light fitted in closed form per image (0 = off: the light network's
+  # prediction, Unsup3D). >0: ambient and the diffuse light vector become the
+  # least-squares fit of the image to albedo x (ambient + n . l) over the
+  # canonical pixels (original and flipped twin, one shared light), ridged
+  # towards the light network's prediction with this weight; the gradient
+  # flows through the solve (variable projection). Why: a regressed light
+  # 8-13 degrees off costs the loss 2-5x what each image's own shape gains,
+  # so the depth's per-image freedom goes into compensating the light
+  # (docs/learning.md, the bas-relief trade); a fitted light is the best
+  # light for the current depth and albedo on every image.
+  light_fit: float = 0.0
   # Floor added to the predicted confidence sigma (0 = Unsup3D). On data with
   # a flat black background, sigma there shrinks without bound and its 1/sigma
   # weight then dominates every gradient (see README, "Learning on CPU").
@@ -367,6 +378,7 @@ def validate(cfg: Config) -> Config:
        "must be same or both")
   need(0.0 <= cfg.light_floor < 2.0, "light_floor", "must be in [0, 2) (ambient + diffuse)")
   need(cfg.lam_light_floor >= 0, "lam_light_floor", "must be >= 0")
+  need(cfg.light_fit >= 0, "light_fit", "must be >= 0 (0 = the light network's light)")
   need(cfg.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0 (0 = no warm-up)")
   need(cfg.lr_cosine_steps >= 0, "lr_cosine_steps", "must be >= 0 (0 = constant lr)")
   need(cfg.steps >= 0, "steps", "must be >= 0")

@@ -231,7 +231,9 @@ def factors(nets, params, img_BxSxSx3, structure, cfg,
     the depth net's output, `prior` the convex prior, `light` the light's
     intensities.
   """
-  return _factors(nets, params, to_model_range(img_BxSxSx3), structure, cfg, warmups)
+  x = to_model_range(img_BxSxSx3)
+  f = _factors(nets, params, x, structure, cfg, warmups)
+  return fit_light(f, x, camera(cfg), cfg.light_fit) if cfg.light_fit > 0 else f
 
 
 def _factors(nets, params, x_BxSxSx3, structure, cfg, warmups: Warmups) -> Factors:
@@ -254,6 +256,72 @@ def _factors(nets, params, x_BxSxSx3, structure, cfg, warmups: Warmups) -> Facto
                  u_Bx4xd=u, adjacency=adj)
 
 
+def _light_normal_equations(normal_NxHxWx3, albedo_NxHxWx3, target_NxHxWx3, weight_NxHxW):
+  """Normal equations of target ~ albedo * (ambient + n . l) in theta =
+  (ambient, l): per-pixel features f = [1, n], summed over the N canonical
+  maps, pixels and colour channels and divided by the weight's sum.
+  Returns (G 4x4, b 4)."""
+  f = jnp.concatenate([jnp.ones_like(normal_NxHxWx3[..., :1]), normal_NxHxWx3], -1)
+  f = f.reshape(-1, 4)
+  a = albedo_NxHxWx3.reshape(-1, 3)
+  w = weight_NxHxW.reshape(-1)
+  t = target_NxHxWx3.reshape(-1, 3)
+  wa2 = w * jnp.sum(a * a, -1)
+  wat = w * jnp.sum(a * t, -1)
+  norm = jnp.maximum(jnp.sum(w) * 3, 1.0)
+  return (f * wa2[:, None]).T @ f / norm, f.T @ wat / norm
+
+
+def fit_light(f: Factors, x_BxSxSx3, cam: render.Camera, ridge: float, warped=None) -> Factors:
+  """`f` with the Lambertian light that best explains each image given its
+  canonical depth, albedo and view (Config.light_fit > 0).
+
+  The canonical albedo a (in [0, 1]) and normals n of the original and of the
+  flipped twin are rendered into the view (the reconstruction's own warp:
+  `render.warp_depth_batch`, `render.sample_canonical`); theta = (ambient, l),
+  l = diffuse x direction, solves the ridge least squares over the covered
+  pixels p and colour channels c of both,
+    sum (a_c(p) (ambient + n(p) . l) - I_c(p))^2 / count + ridge |theta - theta_0|^2
+  (I: the image in [0, 1]; theta_0: f's light, the light network's
+  prediction), twice: the second time with the pixels that the first light
+  leaves unlit (n . l <= 0, no gradient) lit by the ambient only, as
+  `render.shade`'s max(0, .). The gradient flows through the solves
+  (variable projection). Exact up to bilinear resampling: an image rendered
+  from known factors gives back its light (tests/test_model.py).
+  x_BxSxSx3: the image in [-1, 1]; warped: `_warp_both(f, cam)` if already
+  computed. The returned light_dxy = (l_x, l_y) / l_z keeps l_z >= 0.1 |l|
+  (a light from the camera's side); ambient and diffuse are not clipped.
+  """
+  b = f.depth_BxSxS.shape[0]
+  depth, albedo, view = _twins(f)
+  recon_depth, covered = warped if warped is not None else _warp_both(f, cam)
+  normal = jax.vmap(functools.partial(render.depth_to_normals, cam=cam))(depth)
+  maps = render.sample_canonical(jnp.concatenate([to_unit_range(albedo), normal], -1),
+                                 recon_depth, view, cam)
+  covered = covered.astype(maps.dtype)
+  pair = lambda a: jnp.stack([a[:b], a[b:]], 1)  # 2B x ... -> B x 2 x ...
+  alb_Bx2xSxSx3, nrm_Bx2xSxSx3, w_Bx2xSxS = pair(maps[..., :3]), pair(maps[..., 3:]), pair(covered)
+  img = to_unit_range(x_BxSxSx3)
+  theta0_Bx4 = jnp.concatenate([f.ambient_B[:, None], f.diffuse_B[:, None]
+                                * jax.vmap(render.light_direction)(f.light_dxy_Bx2)], -1)
+  eye = ridge * jnp.eye(4, dtype=theta0_Bx4.dtype)
+
+  def one(alb, nrm, w, im, theta0):
+    target = jnp.stack([im, im])
+    g, rhs = _light_normal_equations(nrm, alb, target, w)
+    theta = jnp.linalg.solve(g + eye, rhs + ridge * theta0)
+    lit = jax.lax.stop_gradient((nrm @ theta[1:] > 0).astype(nrm.dtype))
+    g, rhs = _light_normal_equations(nrm * lit[..., None], alb, target, w)
+    return jnp.linalg.solve(g + eye, rhs + ridge * theta0)
+
+  theta_Bx4 = jax.vmap(one)(alb_Bx2xSxSx3, nrm_Bx2xSxSx3, w_Bx2xSxS, img, theta0_Bx4)
+  lvec = theta_Bx4[:, 1:]
+  diffuse = jnp.sqrt(jnp.sum(lvec * lvec, -1) + 1e-12)
+  lz = jnp.maximum(lvec[:, 2], 0.1 * diffuse)
+  return f.replace(ambient_B=theta_Bx4[:, 0], diffuse_B=diffuse,
+                   light_dxy_Bx2=lvec[:, :2] / lz[:, None])
+
+
 def shade_canonical(depth_BxSxS, albedo_BxSxSx3, ambient, diffuse, light_dxy, cam):
   """Canonical image in [-1, 1] (albedo in [-1, 1]) and its normals / shading."""
   normal = jax.vmap(functools.partial(render.depth_to_normals, cam=cam))(depth_BxSxS)
@@ -262,20 +330,43 @@ def shade_canonical(depth_BxSxS, albedo_BxSxSx3, ambient, diffuse, light_dxy, ca
   return image, normal, shading
 
 
-def render_factors(f: Factors, cam: render.Camera) -> tuple[Rendering, Rendering]:
+def _twins(f: Factors):
+  """(depth, albedo, view) of the original and its flipped twin as one batch
+  of 2B: canonical depth and albedo mirrored left-right, the view shared."""
+  dup = lambda a: jnp.concatenate([a, a], 0)
+  return (jnp.concatenate([f.depth_BxSxS, f.depth_BxSxS[:, :, ::-1]], 0),
+          jnp.concatenate([f.albedo_BxSxSx3, f.albedo_BxSxSx3[:, :, ::-1]], 0),
+          dup(f.view_Bx6))
+
+
+def _warp_both(f: Factors, cam: render.Camera):
+  """The twins' meshes rasterized in the view: (depth 2BxSxS, covered 2BxSxS)."""
+  depth, _, view = _twins(f)
+  return render.warp_depth_batch(depth, view, cam)
+
+
+def render_factors(f: Factors, cam: render.Camera, x_BxSxSx3=None, light_fit: float = 0.0):
   """Renders the original and the flipped twin (canonical depth and albedo
   flipped horizontally; view and light shared). Returns (orig, flip); both are
-  rendered as one batch of 2B."""
-  depth = jnp.concatenate([f.depth_BxSxS, f.depth_BxSxS[:, :, ::-1]], 0)
-  albedo = jnp.concatenate([f.albedo_BxSxSx3, f.albedo_BxSxSx3[:, :, ::-1]], 0)
+  rendered as one batch of 2B.
+
+  x_BxSxSx3 (the image in [-1, 1]) and light_fit > 0: the light is first
+  fitted to the image (`fit_light`, ridge light_fit) and the fitted light is
+  what shades; then the factors actually rendered are returned as a third
+  element: (orig, flip, fitted factors)."""
+  depth, albedo, view = _twins(f)
+  recon_depth, covered = render.warp_depth_batch(depth, view, cam)
+  fitted = light_fit > 0 and x_BxSxSx3 is not None
+  if fitted:
+    f = fit_light(f, x_BxSxSx3, cam, light_fit, (recon_depth, covered))
   dup = lambda a: jnp.concatenate([a, a], 0)
   canon_im, normal, shading = shade_canonical(
       depth, albedo, dup(f.ambient_B), dup(f.diffuse_B), dup(f.light_dxy_Bx2), cam)
-  view = dup(f.view_Bx6)
-  recon_depth, recon_im, covered = render.render_views(depth, canon_im, view, cam)
+  recon_im = render.sample_canonical(canon_im, recon_depth, view, cam)
   both = (depth, canon_im, normal, shading, recon_depth, covered.astype(jnp.float32), recon_im)
   b = f.depth_BxSxS.shape[0]
-  return Rendering(*(a[:b] for a in both)), Rendering(*(a[b:] for a in both))
+  orig, flip = Rendering(*(a[:b] for a in both)), Rendering(*(a[b:] for a in both))
+  return (orig, flip, f) if fitted else (orig, flip)
 
 
 def forward(nets, params, img_BxSxSx3, structure, cfg,
@@ -285,7 +376,10 @@ def forward(nets, params, img_BxSxSx3, structure, cfg,
   warm-up (`warmups.conf_hold`) is the loss's (`losses.total_loss`)."""
   x = to_model_range(img_BxSxSx3)
   f = _factors(nets, params, x, structure, cfg, warmups)
-  orig, flip = render_factors(f, camera(cfg))
+  if cfg.light_fit > 0:
+    orig, flip, f = render_factors(f, camera(cfg), x, cfg.light_fit)
+  else:
+    orig, flip = render_factors(f, camera(cfg))
   sigma_l1, sigma_perc = nets.apply(params, x, method=nets.confidence)
   return ForwardOutput(factors=f, orig=orig, flip=flip, sigma_l1_BxSxSx2=sigma_l1,
                        sigma_perc_BxTxTx2=sigma_perc, input_BxSxSx3=x)

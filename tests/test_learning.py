@@ -480,3 +480,75 @@ def test_light_floor_barrier_is_zero_when_lit_and_raises_a_dark_light():
   assert np.all(np.asarray(jax.grad(loss_of)(amb)) < 0)  # descent raises the light
   with pytest.raises(UserError, match="light_floor"):
     config.override(config.get_config("test_tiny"), ["light_floor=-0.1"])
+
+
+def _planted_scene(size=32):
+  """A convex ellipsoid face with a symmetric random albedo (factors, camera)."""
+  cfg = config.replace(config.get_config("cpu_small"), image_size=size)
+  cam = model.camera(cfg)
+  depth = model.depth_from_raw(jnp.asarray(model.convex_prior(size))[None], cam)
+  a = np.random.default_rng(0).uniform(0.2, 0.9, (1, size, size, 3)).astype(np.float32)
+  albedo = jnp.asarray((a + a[:, :, ::-1]) / 2) * 2 - 1
+  return depth, albedo, cam
+
+
+@pytest.mark.parametrize("view,amb,dif,dxy", [
+    ((0, 0, 0, 0, 0, 0), 0.4, 0.6, (0.3, -0.2)),
+    ((0.1, -0.5, 0.05, 0.02, 0, 0), 0.3, 0.7, (-0.8, 0.4))])
+def test_fit_light_recovers_the_light_an_image_was_rendered_with(view, amb, dif, dxy):
+  """light_fit: rendered from known factors, the image gives back its light
+  (frontal: exact; 29 degrees of yaw: up to bilinear resampling), whatever the
+  network predicted (here 0.5 / 0.5 from the front)."""
+  depth, albedo, cam = _planted_scene()
+  f = model.Factors(depth, albedo, jnp.array([amb]), jnp.array([dif]),
+                    jnp.array([dxy], jnp.float32), jnp.array([view], jnp.float32))
+  x = model.render_factors(f, cam)[0].recon_im_BxSxSx3
+  guess = f.replace(ambient_B=jnp.array([0.5]), diffuse_B=jnp.array([0.5]),
+                    light_dxy_Bx2=jnp.zeros((1, 2)))
+  got = model.fit_light(guess, x, cam, 1e-4)
+  tol = 2e-3 if not any(view) else 1.5e-2
+  np.testing.assert_allclose(float(got.ambient_B[0]), amb, atol=tol)
+  np.testing.assert_allclose(float(got.diffuse_B[0]), dif, atol=tol)
+  np.testing.assert_allclose(np.asarray(got.light_dxy_Bx2[0]), dxy, atol=3 * tol)
+  # rendering the guess with the fit on reproduces the image
+  orig, _, fitted = model.render_factors(guess, cam, x, 1e-4)
+  assert float(jnp.mean(jnp.abs(orig.recon_im_BxSxSx3 - x))) < 0.01
+  assert float(jnp.mean(jnp.abs(model.render_factors(guess, cam)[0].recon_im_BxSxSx3 - x))) > 0.05
+  np.testing.assert_allclose(np.asarray(fitted.ambient_B), np.asarray(got.ambient_B), atol=1e-6)
+
+
+def test_fit_light_ridge_pulls_towards_the_network_light_and_passes_gradients():
+  """A large ridge returns the network's light; the fitted light has a
+  gradient wrt the depth (variable projection) and wrt the network's light."""
+  depth, albedo, cam = _planted_scene(16)
+  f = model.Factors(depth, albedo, jnp.array([0.4]), jnp.array([0.6]),
+                    jnp.array([[0.3, -0.2]], jnp.float32), jnp.zeros((1, 6)))
+  x = model.render_factors(f, cam)[0].recon_im_BxSxSx3
+  guess = f.replace(ambient_B=jnp.array([0.7]), diffuse_B=jnp.array([0.2]),
+                    light_dxy_Bx2=jnp.array([[-0.5, 0.5]]))
+  far = model.fit_light(guess, x, cam, 1e6)
+  np.testing.assert_allclose(float(far.ambient_B[0]), 0.7, atol=1e-4)
+  np.testing.assert_allclose(float(far.diffuse_B[0]), 0.2, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(far.light_dxy_Bx2[0]), [-0.5, 0.5], atol=1e-3)
+  amb_of = lambda d, a0: model.fit_light(guess.replace(depth_BxSxS=d, ambient_B=a0), x, cam,
+                                         1e-2).diffuse_B[0]
+  gd, ga = jax.grad(amb_of, argnums=(0, 1))(depth, guess.ambient_B)
+  assert float(jnp.abs(gd).sum()) > 0 and float(jnp.abs(ga).sum()) > 0
+
+
+def test_light_fit_reaches_the_forward_pass_and_factors():
+  """Config.light_fit > 0: forward's and factors()'s light is the fitted one
+  (the same), not the network's; 0 (default) leaves both the network's."""
+  cfg = _tiny(light_fit=0.01)
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
+  img = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  m = structure.Structure(m=jnp.zeros((4, 4)))
+  fit = model.forward(nets, state.params, img, m, cfg).factors
+  net = model.forward(nets, state.params, img, m, _tiny()).factors
+  assert not np.allclose(np.asarray(fit.light_dxy_Bx2), np.asarray(net.light_dxy_Bx2))
+  got = model.factors(nets, state.params, img, m, cfg)
+  np.testing.assert_allclose(np.asarray(got.ambient_B), np.asarray(fit.ambient_B), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(got.light_dxy_Bx2), np.asarray(fit.light_dxy_Bx2),
+                             atol=1e-4)
+  with pytest.raises(UserError, match="light_fit"):
+    config.override(config.get_config("test_tiny"), ["light_fit=-1"])
