@@ -76,6 +76,12 @@ class Warmup:
   # tanh saturates and no gradient reaches any factor again (the collapsed
   # runs of docs/learning.md). Held, the albedo learns the background first.
   light_steps: int = 0
+  # Fitted light (`Config.light_fit` > 0): the light network's light for
+  # the first half of N steps, then blended linearly into the fitted one by
+  # N. Why: fitted from step 0, while albedo and view are still untrained, a
+  # per-image light explains the pose's shading cues before the view net
+  # learns them (morph seed 0: constant view; docs/learning.md, session 19).
+  fit_steps: int = 0
 
   def any_on(self) -> bool:
     """Whether any warm-up runs (any `*_steps` > 0)."""

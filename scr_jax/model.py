@@ -272,7 +272,8 @@ def _light_normal_equations(normal_NxHxWx3, albedo_NxHxWx3, target_NxHxWx3, weig
   return (f * wa2[:, None]).T @ f / norm, f.T @ wat / norm
 
 
-def fit_light(f: Factors, x_BxSxSx3, cam: render.Camera, ridge: float, warped=None) -> Factors:
+def fit_light(f: Factors, x_BxSxSx3, cam: render.Camera, ridge: float, warped=None,
+              weight=None) -> Factors:
   """`f` with the Lambertian light that best explains each image given its
   canonical depth, albedo and view (Config.light_fit > 0).
 
@@ -289,7 +290,8 @@ def fit_light(f: Factors, x_BxSxSx3, cam: render.Camera, ridge: float, warped=No
   (variable projection). Exact up to bilinear resampling: an image rendered
   from known factors gives back its light (tests/test_model.py).
   x_BxSxSx3: the image in [-1, 1]; warped: `_warp_both(f, cam)` if already
-  computed. The returned light_dxy = (l_x, l_y) / l_z keeps l_z >= 0.1 |l|
+  computed; weight: None, or a scalar in [0, 1] blending theta_0 (0) into
+  the fit (1) (`Warmups.fit`). The returned light_dxy = (l_x, l_y) / l_z keeps l_z >= 0.1 |l|
   (a light from the camera's side); ambient and diffuse are not clipped.
   """
   b = f.depth_BxSxS.shape[0]
@@ -315,6 +317,8 @@ def fit_light(f: Factors, x_BxSxSx3, cam: render.Camera, ridge: float, warped=No
     return jnp.linalg.solve(g + eye, rhs + ridge * theta0)
 
   theta_Bx4 = jax.vmap(one)(alb_Bx2xSxSx3, nrm_Bx2xSxSx3, w_Bx2xSxS, img, theta0_Bx4)
+  if weight is not None:
+    theta_Bx4 = theta0_Bx4 + weight * (theta_Bx4 - theta0_Bx4)
   lvec = theta_Bx4[:, 1:]
   diffuse = jnp.sqrt(jnp.sum(lvec * lvec, -1) + 1e-12)
   lz = jnp.maximum(lvec[:, 2], 0.1 * diffuse)
@@ -345,7 +349,8 @@ def _warp_both(f: Factors, cam: render.Camera):
   return render.warp_depth_batch(depth, view, cam)
 
 
-def render_factors(f: Factors, cam: render.Camera, x_BxSxSx3=None, light_fit: float = 0.0):
+def render_factors(f: Factors, cam: render.Camera, x_BxSxSx3=None, light_fit: float = 0.0,
+                   fit_weight=None):
   """Renders the original and the flipped twin (canonical depth and albedo
   flipped horizontally; view and light shared). Returns (orig, flip); both are
   rendered as one batch of 2B.
@@ -353,12 +358,12 @@ def render_factors(f: Factors, cam: render.Camera, x_BxSxSx3=None, light_fit: fl
   x_BxSxSx3 (the image in [-1, 1]) and light_fit > 0: the light is first
   fitted to the image (`fit_light`, ridge light_fit) and the fitted light is
   what shades; then the factors actually rendered are returned as a third
-  element: (orig, flip, fitted factors)."""
+  element: (orig, flip, fitted factors); fit_weight as `fit_light`'s weight."""
   depth, albedo, view = _twins(f)
   recon_depth, covered = render.warp_depth_batch(depth, view, cam)
   fitted = light_fit > 0 and x_BxSxSx3 is not None
   if fitted:
-    f = fit_light(f, x_BxSxSx3, cam, light_fit, (recon_depth, covered))
+    f = fit_light(f, x_BxSxSx3, cam, light_fit, (recon_depth, covered), fit_weight)
   dup = lambda a: jnp.concatenate([a, a], 0)
   canon_im, normal, shading = shade_canonical(
       depth, albedo, dup(f.ambient_B), dup(f.diffuse_B), dup(f.light_dxy_Bx2), cam)
@@ -377,7 +382,7 @@ def forward(nets, params, img_BxSxSx3, structure, cfg,
   x = to_model_range(img_BxSxSx3)
   f = _factors(nets, params, x, structure, cfg, warmups)
   if cfg.light_fit > 0:
-    orig, flip, f = render_factors(f, camera(cfg), x, cfg.light_fit)
+    orig, flip, f = render_factors(f, camera(cfg), x, cfg.light_fit, warmups.fit)
   else:
     orig, flip = render_factors(f, camera(cfg))
   sigma_l1, sigma_perc = nets.apply(params, x, method=nets.confidence)

@@ -32,6 +32,8 @@ class Warmups(NamedTuple):
     and diffuse held at 0.5; `Warmup.light_steps`).
   prior: scale in [0, 1] of the convex prior's amplitude (`Warmup.prior_steps`;
     the free model then has no prior: `model.prior_amplitude`).
+  fit: weight in [0, 1] of the fitted light against the light network's
+    (`Config.light_fit`, `Warmup.fit_steps`; 0 = the network's light).
 
   A NamedTuple, so a pytree (None fields are empty subtrees).
   """
@@ -42,6 +44,7 @@ class Warmups(NamedTuple):
   depth: jax.Array | None = None
   prior: jax.Array | None = None
   light: jax.Array | None = None
+  fit: jax.Array | None = None
 
   @classmethod
   def none(cls) -> "Warmups":
@@ -76,4 +79,5 @@ def warmups(cfg, step) -> Warmups:
                  tilt=_release(w.tilt_steps, step),
                  depth=_release(w.depth_steps, step),
                  prior=_hold(w.prior_steps, step),
-                 light=_release(w.light_steps, step))
+                 light=_release(w.light_steps, step),
+                 fit=_release(w.fit_steps, step))

@@ -552,3 +552,19 @@ def test_light_fit_reaches_the_forward_pass_and_factors():
                              atol=1e-4)
   with pytest.raises(UserError, match="light_fit"):
     config.override(config.get_config("test_tiny"), ["light_fit=-1"])
+
+
+def test_fit_warmup_starts_from_the_network_light_and_ends_at_the_fit():
+  """fit_warmup_steps=N: the network's light for the first half, the fitted
+  one from step N on (and in the free model)."""
+  cfg = _tiny(light_fit=0.01, fit_warmup_steps=10)
+  nets, state = train_step.init_state(cfg, jax.random.PRNGKey(0))
+  img = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  m = structure.Structure(m=jnp.zeros((4, 4)))
+  light = lambda c, s: model.forward(nets, state.params, img, m, c, _warm(c, s)).factors.ambient_B
+  net, fit = light(_tiny(), None), light(cfg, None)
+  np.testing.assert_allclose(np.asarray(light(cfg, 3)), np.asarray(net), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(light(cfg, 10)), np.asarray(fit), atol=1e-5)
+  mid = np.asarray(light(cfg, 8))  # 60 % of the way from the network's to the fit
+  np.testing.assert_allclose(mid, np.asarray(net) + 0.6 * (np.asarray(fit) - np.asarray(net)),
+                             atol=1e-4)
