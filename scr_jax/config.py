@@ -255,10 +255,14 @@ PRESETS = {
     # steps and never come back), measured in README "Learning on CPU"; and a
     # barrier that keeps the light on (`light_floor`: on dark backgrounds the
     # light's intensities went to 0 within ~5 steps on some seeds, a black
-    # render from which nothing learns; zero wherever the light stays on).
+    # render from which nothing learns; zero wherever the light stays on);
+    # and the light fitted per image in closed form (`light_fit`, after the
+    # view has learned the pose: `fit_steps`), which on the default data
+    # took both seeds below the template (docs/learning.md, session 19).
     "cpu_small": Config(lr=5e-4, lr_view_mult=5.0, min_sigma=0.05, depth_prior=1.0,
-                        light_floor=0.2,
-                        warmup=Warmup(trans_steps=200, depth_steps=300, tilt_steps=300)),
+                        light_floor=0.2, light_fit=0.1,
+                        warmup=Warmup(trans_steps=200, depth_steps=300, tilt_steps=300,
+                                      fit_steps=600)),
     # The paper / Unsup3D setting: 64x64 synface, Unsup3D widths, batch 64.
     "paper": Config(preset="paper", image_size=64, crop=170, embed_dim=256,
                     nf_encoder=32, nf_ed=64, nf_conf=64, conf_zdim=128,

@@ -325,14 +325,14 @@ def test_fit_resolves_the_prior_for_every_caller(tmp_path):
 
 
 def test_warmups_off_or_outside_training_are_the_free_model():
-  cfg = config.get_config("cpu_small")  # trans / tilt / depth warm-ups on
+  cfg = config.get_config("cpu_small")  # trans / tilt / depth / fit warm-ups on
   assert warmup.warmups(cfg, None) == Warmups.none() == Warmups()
   assert warmup.warmups(config.get_config("paper"), jnp.int32(0)) == Warmups.none()
   w = warmup.warmups(cfg, jnp.int32(0))
   assert w.conf_hold is None and w.sym is None  # off in cpu_small
-  assert [float(w.trans), float(w.tilt), float(w.depth)] == [0.0, 0.0, 0.0]
+  assert [float(w.trans), float(w.tilt), float(w.depth), float(w.fit)] == [0.0] * 4
   # a pytree: it can cross jit and vmap like any argument
-  assert len(jax.tree_util.tree_leaves(w)) == 3
+  assert len(jax.tree_util.tree_leaves(w)) == 4
 
 
 def test_one_warmups_value_reaches_the_forward_pass_and_the_loss():
