@@ -229,7 +229,8 @@ def factors(nets, params, img_BxSxSx3, structure, cfg,
     albedo (`Config.warmup.sym_maps`) towards their mirror image, `trans` and
     `tilt` scale the view's translation and its pitch / roll, `depth` scales
     the depth net's output, `prior` the convex prior, `light` the light's
-    intensities.
+    intensities. With `cfg.light_fit` > 0 the light is the fitted one
+    (`fit_light`, at full weight: the free model's), as in `forward`.
   """
   x = to_model_range(img_BxSxSx3)
   f = _factors(nets, params, x, structure, cfg, warmups)
@@ -288,11 +289,12 @@ def fit_light(f: Factors, x_BxSxSx3, cam: render.Camera, ridge: float, warped=No
   leaves unlit (n . l <= 0, no gradient) lit by the ambient only, as
   `render.shade`'s max(0, .). The gradient flows through the solves
   (variable projection). Exact up to bilinear resampling: an image rendered
-  from known factors gives back its light (tests/test_model.py).
+  from known factors gives back its light (tests/test_learning.py).
   x_BxSxSx3: the image in [-1, 1]; warped: `_warp_both(f, cam)` if already
   computed; weight: None, or a scalar in [0, 1] blending theta_0 (0) into
-  the fit (1) (`Warmups.fit`). The returned light_dxy = (l_x, l_y) / l_z keeps l_z >= 0.1 |l|
-  (a light from the camera's side); ambient and diffuse are not clipped.
+  the fit (1) (`Warmups.fit`). The returned light_dxy = (l_x, l_y) / l_z
+  keeps l_z >= 0.1 |l| (a light from the camera's side); ambient and
+  diffuse are not clipped.
   """
   b = f.depth_BxSxS.shape[0]
   depth, albedo, view = _twins(f)
