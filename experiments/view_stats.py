@@ -4,11 +4,16 @@ test split with the generator's ground truth, for trained workdirs
 (single-structure ones).
 
   python experiments/view_stats.py [--data builtin[:VARIANT]|DIR] [--matrix] W [W ...]
+  python experiments/view_stats.py --parallax [--data SPEC ...]
 
 Prints one line per workdir: predicted and true yaw std, their correlation,
 the mean predicted pitch against the data's (the canonical frame does not fix
 a global pitch offset) and the yaw error. `run.py diagnose` gives all
 diagnostics (light, depth sign, shape spread) and pictures.
+
+`--parallax` (no workdirs) prints, per --data, how the object's silhouette
+moves sideways with the true yaw (`diagnostics.silhouette_parallax`): a
+property of the data that decides which yaw sign a convex scaffold prefers.
 """
 import os
 
@@ -25,12 +30,28 @@ from scr_jax.evaluator import Evaluator  # noqa: E402
 
 def main():
   p = cliutil.Parser(prog="view_stats.py", description=__doc__.split("\n")[0])
-  p.add_argument("--data", default="builtin")
+  p.add_argument("--data", action="append",
+                 help="data spec (default builtin); with --parallax it may be repeated")
+  p.add_argument("--parallax", action="store_true",
+                 help="only the data's silhouette parallax (test split, true yaw): slope in "
+                 "half-widths per radian and correlation")
   p.add_argument("--matrix", action="store_true",
                  help="also the correlation of every predicted pose component with every "
                  "true one (pitch, yaw, roll, x / y shift): which truth each output tracks")
-  p.add_argument("workdirs", nargs="+")
+  p.add_argument("workdirs", nargs="*")
   args = p.parse_args()
+  datas = args.data or ["builtin"]
+  if args.parallax:
+    if args.workdirs:
+      cliutil.fail("--parallax reads data only; give no workdirs", 2)
+    for spec in datas:
+      print(parallax_line(spec), flush=True)
+    return
+  if not args.workdirs:
+    cliutil.fail("give one or more trained workdirs (or --parallax)", 2)
+  if len(datas) > 1:
+    cliutil.fail("one --data for workdirs", 2)
+  args.data = datas[0]
   for wd in args.workdirs:
     try:
       r = workdir.restore(wd)
@@ -52,6 +73,20 @@ def main():
           flush=True)
     if args.matrix:
       print(pose_matrix(np.asarray(pred), np.asarray(true)), flush=True)
+
+
+def parallax_line(spec: str, cfg=None) -> str:
+  """`spec`'s test-split silhouette parallax as one line (UserError exits 2)."""
+  from scr_jax import config
+  try:
+    test = dataset.load_split(spec, "test", cfg or config.get_config("cpu_small"))
+    if "gt" not in test:
+      raise UserError(f"{spec}: the test split has no ground-truth sidecar (true yaw)")
+  except (UserError, FileNotFoundError) as e:
+    cliutil.fail(str(e), 2)
+  par = diagnostics.silhouette_parallax(test["images"], np.asarray(test["gt"]["view"])[:, 1])
+  return (f"{spec}: silhouette centroid moves {par['slope']:+.3f} half-widths per radian of "
+          f"yaw (correlation {par['corr']:+.2f}, {len(test['images'])} test images)")
 
 
 POSE = ("pitch", "yaw", "roll", "x shift", "y shift")

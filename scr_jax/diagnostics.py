@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scr_jax import render, visualize
+from scr_jax import model, render, visualize
 from scr_jax.evaluator import Evaluator
 
 # Relief regions in normalised image coordinates (u, v in [-1, 1] across the
@@ -126,6 +126,35 @@ def light_intensity(light_Nx4) -> float:
   factor any more (docs/learning.md, session 18)."""
   l = np.asarray(light_Nx4, np.float64)
   return float(np.mean(l[:, 0] + l[:, 1]))
+
+
+def silhouette_parallax(images_NxSxSx3, yaw_N, threshold: float = 0.08) -> dict:
+  """How the object's silhouette moves sideways with the true yaw: a
+  property of the data (where the object's outline lies against the
+  rotation centre), not of a model.
+
+  The centroid column of each image's `model.object_masks` in [-1, 1]
+  (half-widths, +1 = right edge) is regressed on the yaw (radians).
+  Returns {"slope": half-widths per radian, "corr": Pearson in [-1, 1]}.
+  Its sign tells which way a rotation carries the outline: on the built-in
+  heads (outline behind the rotation centre) it is positive; on the car
+  (a body in front of it) negative. A model whose canonical shape moves the
+  other way under its own yaw explains the images best with the yaw
+  mirrored (docs/learning.md, issue 20 session 20).
+
+  Raises:
+    ValueError: fewer than 2 images, or yaw_N not of length N.
+  """
+  yaw = np.asarray(yaw_N, np.float64).reshape(-1)
+  masks = model.object_masks(images_NxSxSx3, threshold)
+  if masks.shape[0] < 2 or yaw.shape[0] != masks.shape[0]:
+    raise ValueError(f"need N >= 2 images and N yaws, got {masks.shape[0]} images and "
+                     f"{yaw.shape[0]} yaws")
+  t = np.linspace(-1, 1, masks.shape[-1])
+  cx = (masks * t[None, None, :]).sum(axis=(1, 2)) / np.maximum(masks.sum(axis=(1, 2)), 1)
+  yc = yaw - yaw.mean()
+  slope = float(np.dot(cx - cx.mean(), yc) / max(np.dot(yc, yc), 1e-12))
+  return dict(slope=slope, corr=pearson(cx, yaw))
 
 
 def yaw_std_ratio(pred_view_Nx6, true_view_Nx6) -> float:

@@ -37,6 +37,20 @@ def convex_prior(size: int, ellipse=config_lib.DEFAULT_PRIOR_ELLIPSE) -> np.ndar
   return -np.sqrt(np.clip(1 - r2, 0, 1)).astype(np.float32)
 
 
+def object_masks(img_NxSxSx3, threshold: float = 0.08) -> np.ndarray:
+  """Per image, the pixels that differ from its background colour (the
+  median of its 1-pixel frame border) by more than `threshold` in any
+  channel: a bool NxSxS object mask. Images in [0, 1] floats or uint8
+  (values above 1.5 are read as 0-255). A heuristic for plain backgrounds;
+  a textured one gives a mask covering most of the frame."""
+  x = np.asarray(img_NxSxSx3, np.float32)
+  if x.max() > 1.5:
+    x = x / 255.0
+  border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)
+  bg = np.median(border, axis=1)  # Nx3
+  return np.abs(x - bg[:, None, None]).max(axis=-1) > threshold
+
+
 def fit_prior_ellipse(img_NxSxSx3, threshold: float = 0.08) -> tuple:
   """The ellipse (a, b, cx, cy) of the training images' mean object
   silhouette, for `convex_prior` (Config.depth_prior_ellipse="fit").
@@ -51,12 +65,7 @@ def fit_prior_ellipse(img_NxSxSx3, threshold: float = 0.08) -> tuple:
   covering most of the frame and so a wide ellipse; half-axes are clipped
   to [0.3, 0.95], the centre to |cy| <= 0.3. Returns floats rounded to 3
   decimals (they are saved in the config)."""
-  x = np.asarray(img_NxSxSx3, np.float32)
-  if x.dtype != np.float32 or x.max() > 1.5:
-    x = x / 255.0
-  border = np.concatenate([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], axis=1)
-  bg = np.median(border, axis=1)  # Nx3
-  fg = (np.abs(x - bg[:, None, None]).max(axis=-1) > threshold).mean(axis=0)
+  fg = object_masks(img_NxSxSx3, threshold).mean(axis=0)
   fg = 0.5 * (fg + fg[:, ::-1])
   size = fg.shape[-1]
   t = np.linspace(-1, 1, size)

@@ -550,3 +550,41 @@ def test_view_stats_pose_matrix_names_what_each_output_tracks():
   assert rows["yaw"][1] == "+1.00" and rows["x shift"][1] == "+1.00"
   assert rows["pitch"] == ["-"] * 5  # a constant output: no correlation to report
   assert "predicted yaw = 0.50 x true yaw" in text
+
+
+def _discs(yaw_N, shift_per_rad, size=32):
+  """Grey discs on a black ground whose centre column moves
+  shift_per_rad half-widths per radian of yaw."""
+  t = np.linspace(-1, 1, size)
+  u, v = np.meshgrid(t, t)
+  cx = shift_per_rad * np.asarray(yaw_N)[:, None, None]
+  disc = ((u[None] - cx) ** 2 + v[None] ** 2) < 0.4 ** 2
+  return np.repeat(disc[..., None], 3, axis=-1).astype(np.float32) * 0.7
+
+
+@pytest.mark.parametrize("k", [0.3, -0.12])
+def test_silhouette_parallax_reads_the_outline_shift_and_its_sign(k):
+  yaw = np.linspace(-0.7, 0.7, 41)
+  par = D.silhouette_parallax(_discs(yaw, k), yaw)
+  assert par["corr"] == pytest.approx(np.sign(k), abs=0.02)
+  assert par["slope"] == pytest.approx(k, rel=0.1)  # pixel quantisation
+  # uint8 images give the same answer
+  par8 = D.silhouette_parallax((_discs(yaw, k) * 255).astype(np.uint8), yaw)
+  assert par8["slope"] == pytest.approx(par["slope"], abs=1e-6)
+
+
+def test_silhouette_parallax_rejects_mismatched_inputs():
+  with pytest.raises(ValueError, match="N yaws"):
+    D.silhouette_parallax(_discs(np.zeros(4), 0.1), np.zeros(3))
+
+
+def test_view_stats_parallax_cli(tiny):
+  out = subprocess.run(RUN[:1] + [os.path.join(ROOT, "experiments", "view_stats.py"),
+                                  "--parallax", "--data", tiny],
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert "half-widths per radian of yaw" in out.stdout
+  bad = subprocess.run(RUN[:1] + [os.path.join(ROOT, "experiments", "view_stats.py"),
+                                  "--parallax", "--data", tiny, "some_workdir"],
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and "give no workdirs" in bad.stderr
