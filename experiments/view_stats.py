@@ -13,7 +13,7 @@ diagnostics (light, depth sign, shape spread) and pictures.
 
 `--parallax` (no workdirs) prints, per --data, how the object's silhouette
 moves sideways with the true yaw (`diagnostics.silhouette_parallax`): a
-property of the data that decides which yaw sign a convex scaffold prefers.
+property of the data (negative on the car, positive on every head-like family).
 """
 import os
 

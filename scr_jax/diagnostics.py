@@ -138,9 +138,8 @@ def silhouette_parallax(images_NxSxSx3, yaw_N, threshold: float = 0.08) -> dict:
   Returns {"slope": half-widths per radian, "corr": Pearson in [-1, 1]}.
   Its sign tells which way a rotation carries the outline: on the built-in
   heads (outline behind the rotation centre) it is positive; on the car
-  (a body in front of it) negative. A model whose canonical shape moves the
-  other way under its own yaw explains the images best with the yaw
-  mirrored (docs/learning.md, issue 20 session 20).
+  (a body in front of it) negative, the one variant whose yaw training
+  mirrors (docs/learning.md, issue 20 session 20).
 
   Raises:
     ValueError: fewer than 2 images, or yaw_N not of length N.
