@@ -75,11 +75,12 @@ def main():
       print(pose_matrix(np.asarray(pred), np.asarray(true)), flush=True)
 
 
-def parallax_line(spec: str, cfg=None) -> str:
-  """`spec`'s test-split silhouette parallax as one line (UserError exits 2)."""
+def parallax_line(spec: str) -> str:
+  """`spec`'s test-split silhouette parallax (read at cpu_small's size) as one
+  line; a bad spec exits 2."""
   from scr_jax import config
   try:
-    test = dataset.load_split(spec, "test", cfg or config.get_config("cpu_small"))
+    test = dataset.load_split(spec, "test", config.get_config("cpu_small"))
     if "gt" not in test:
       raise UserError(f"{spec}: the test split has no ground-truth sidecar (true yaw)")
   except (UserError, FileNotFoundError) as e:
