@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from scr_jax import config, reproduce, search, stats, synthetic, train
+from scr_jax import config, model, reproduce, search, stats, synthetic, train
 from scr_jax.errors import UserError
 
 TINY = dict(preset="test_tiny", steps=2, seeds=2, table2_seeds=2, fig6_seeds=2, beyond_seeds=2,
@@ -18,6 +18,32 @@ TINY = dict(preset="test_tiny", steps=2, seeds=2, table2_seeds=2, fig6_seeds=2, 
 
 def _budget(data, **kw):
   return reproduce.Budget(**dict(TINY, data=data, **kw))
+
+
+def test_supervised_loss_on_planted_depths():
+  """The supervised upper bound's objective: zero for the truth, the depth L1
+  alone for a fronto-parallel shift (same normals), a normal term for a tilt,
+  and the background (gt at the far plane) plays no part."""
+  cfg = config.get_config("test_tiny")
+  cam = model.camera(cfg)
+  s, far = cfg.image_size, cfg.max_depth
+  gt = np.full((2, s, s), far, np.float32)
+  gt[:, 4:-4, 4:-4] = 1.0  # a fronto-parallel square object
+  obj = gt < far - 1e-3
+  loss = lambda pred: {k: float(v) for k, v in
+                       reproduce.supervised_loss(pred, gt, cam, far, 0.5)[1].items()}
+  assert loss(gt) == dict(loss=0.0, depth_l1=0.0, normal=0.0)
+  noisy_bg = np.where(obj, gt, np.random.default_rng(0).uniform(0.9, 1.1, gt.shape))
+  assert loss(noisy_bg.astype(np.float32))["loss"] == 0.0
+  shifted = np.where(obj, gt + 0.02, gt).astype(np.float32)
+  r = loss(shifted)
+  assert r["depth_l1"] == pytest.approx(0.02, rel=1e-5) and r["normal"] < 1e-6
+  cols = np.arange(s, dtype=np.float32)[None, None, :]
+  tilted = np.where(obj, gt + 0.004 * (cols - s / 2), gt).astype(np.float32)
+  r = loss(tilted)
+  assert r["depth_l1"] == pytest.approx(np.abs(0.004 * (cols - s / 2) * obj).sum() / obj.sum(),
+                                        rel=1e-5)
+  assert r["normal"] > 1e-3 and r["loss"] == pytest.approx(r["depth_l1"] + 0.5 * r["normal"])
 
 
 def test_plan_orders_dependencies_and_names():
