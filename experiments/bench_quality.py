@@ -5,12 +5,14 @@ budget, then tabulates test MAD / SIDE and the diagnostics next to the three
 baselines (constant, average GT depth, template).
 
   python experiments/bench_quality.py [--preset cpu_small] [--seeds 0,1,2,3,4]
-      [--variants default,wide_pose,...|all] [--steps 2000]
+      [--seeds-of VARIANT=SEEDS ...] [--variants default,wide_pose,...|all] [--steps 2000]
       [--set key=value ...] [--jobs 1|2] [--budget SECONDS] [--out DIR]
       [--report | --baselines-only]
 
 Variants are the named generator settings of scr_jax/data.py (VARIANTS);
 each one's data is generated once under data/ (`--data builtin:NAME`).
+`--seeds-of default=0,1,2,3,4` gives one variant its own seeds (issue 20's
+benchmark: `--variants all --seeds 0,1,2 --seeds-of default=0,1,2,3,4`).
 Resumable: every finished run writes OUT/<variant>_s<seed>/result.json and is
 skipped by a rerun; an interrupted run resumes from its last checkpoint (Ctrl-C
 checkpoints the runs in flight). `--jobs 2` runs two processes at a time, each
@@ -180,9 +182,10 @@ def _median(vals):
   return None if not k else (vals[k // 2] if k % 2 else (vals[k // 2 - 1] + vals[k // 2]) / 2)
 
 
-def table(out, variants, seeds):
-  """(markdown, csv rows) of the finished runs, per variant x seed, with the
-  per-variant median and worst over seeds and the baselines' MAD."""
+def table(out, variants, seeds_of):
+  """(markdown, csv rows) of the finished runs, per variant x seed (seeds_of:
+  variant -> its seeds), with the per-variant median and worst over seeds and
+  the baselines' MAD."""
   heads = (["variant", "seed"] + [h for _, h, _, _ in COLUMNS] + ["fault"]
            + [h for _, h in BASELINE_COLUMNS])
   md = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
@@ -192,7 +195,7 @@ def table(out, variants, seeds):
     base = _read_json(os.path.join(out, f"baselines_{variant}.json")) or {}
     bvals = [base.get(k, {}).get("mad") for k, _ in BASELINE_COLUMNS]
     done = []
-    for seed in seeds:
+    for seed in seeds_of[variant]:
       r = _read_json(os.path.join(out, f"{variant}_s{seed}", "result.json"))
       if r is None:
         missing.append(f"{variant}_s{seed}")
@@ -220,13 +223,13 @@ def table(out, variants, seeds):
         cells += [""] + [_fmt(b, "{:.2f}") for b in bvals]
         md.append("| " + " | ".join(cells) + " |")
         rows.append([variant, label] + vals + [""] + bvals)
-  text = "\n".join(md) + "\n" + goals(out, variants, seeds)
+  text = "\n".join(md) + "\n" + goals(out, variants, seeds_of)
   if missing:
     text += f"\nNot finished yet: {', '.join(missing)}\n"
   return text, rows
 
 
-def goals(out, variants, seeds) -> str:
+def goals(out, variants, seeds_of) -> str:
   """The goals of issue 20 per variant, over the finished runs: no failed run
   (`diagnostics.fault` names none: MAD below average-GT, a convex majority,
   depth_sign > 0.5, yaw correlation >= 0.9, a lit render, a varied view; the
@@ -239,7 +242,7 @@ def goals(out, variants, seeds) -> str:
     avg = base.get("average GT depth", {}).get("mad")
     tpl = base.get("template depth, true view", {}).get("mad")
     done = [r for r in (_read_json(os.path.join(out, f"{variant}_s{s}", "result.json"))
-                        for s in seeds) if r is not None]
+                        for s in seeds_of[variant]) if r is not None]
     if not done or avg is None:
       continue
     kinds = [diagnostics.fault(r, r["mad"] if r.get("mad") is not None else float("inf"), avg)
@@ -262,8 +265,8 @@ def goals(out, variants, seeds) -> str:
           "constant view, a concave majority, a yaw corr < 0.9 or MAD >= avg-GT), finished runs:\n" + "\n".join(lines) + "\n") if lines else ""
 
 
-def _write_table(out, variants, seeds, settings):
-  text, rows = table(out, variants, seeds)
+def _write_table(out, variants, seeds_of, settings):
+  text, rows = table(out, variants, seeds_of)
   budget = f" (or {settings['budget']:g} s each)" if settings.get("budget") else ""
   head = (f"Robustness benchmark: {settings['preset']}, {settings['steps']} steps{budget}"
           f"{', --set ' + ' '.join(settings['set']) if settings['set'] else ''}; test split "
@@ -288,6 +291,13 @@ def drive(args):
               else [v.strip() for v in args.variants.split(",") if v.strip()])
   for v in variants:
     data.get_variant(v)
+  seeds_of = {v: seeds for v in variants}
+  for item in args.seeds_of:  # VARIANT=SEEDS: that variant's own seed list
+    name, sep, value = item.partition("=")
+    if not sep or name.strip() not in variants:
+      raise UserError(f"--seeds-of {item!r}: expected VARIANT=SEEDS with VARIANT one of "
+                      f"--variants ({', '.join(variants)})")
+    seeds_of[name.strip()] = _int_list(value, f"seeds-of {name.strip()}")
   if args.steps < 1:
     raise UserError(f"--steps must be >= 1, got {args.steps}")
   if args.budget is not None and args.budget <= 0:
@@ -309,7 +319,7 @@ def drive(args):
                     "use another --out")
   _write_json(os.path.join(out, "settings.json"), settings)
   if args.report:
-    print(_write_table(out, variants, seeds, settings))
+    print(_write_table(out, variants, seeds_of, settings))
     return
   for v in variants:
     _baselines(args, v, out)
@@ -324,9 +334,10 @@ def drive(args):
     print("\n".join(lines))
     return
   # Seed-major: an interrupted benchmark has every variant's first seeds.
-  todo = [(v, s) for s in seeds for v in variants
-          if _read_json(os.path.join(out, f"{v}_s{s}", "result.json")) is None]
-  n_all = len(variants) * len(seeds)
+  todo = [(v, s) for s in sorted(set().union(*seeds_of.values())) for v in variants
+          if s in seeds_of[v]
+          and _read_json(os.path.join(out, f"{v}_s{s}", "result.json")) is None]
+  n_all = sum(len(seeds_of[v]) for v in variants)
   cores = parallel.core_slots(args.jobs)
   cliutil.log(f"bench_quality: {n_all - len(todo)} of {n_all} runs done, {len(todo)} to go, "
               f"{args.jobs} at a time{' (taskset, one core each)' if cores else ''}; "
@@ -368,7 +379,7 @@ def drive(args):
       log.close()
     cliutil.log("interrupted; rerun the same command to resume")
     sys.exit(130)
-  print(_write_table(out, variants, seeds, settings))
+  print(_write_table(out, variants, seeds_of, settings))
   if failed:
     cliutil.log(f"failed runs (rerun to retry): {', '.join(failed)}")
     sys.exit(1)
@@ -378,6 +389,8 @@ def main():
   p = cliutil.Parser(prog="bench_quality.py", description=__doc__.split("\n")[0])
   p.add_argument("--preset", default="cpu_small")
   p.add_argument("--seeds", default="0,1,2,3,4")
+  p.add_argument("--seeds-of", action="append", default=[], metavar="VARIANT=SEEDS",
+                 help="one variant's own seeds instead of --seeds (e.g. default=0,1,2,3,4)")
   p.add_argument("--variants", default="default,wide_pose,harsh_light,hires64,albedo_alt",
                  help="comma list of data variants (scr_jax/synthetic.py VARIANTS) or 'all'")
   p.add_argument("--steps", type=int, default=2000, help="training steps of every run")

@@ -481,6 +481,15 @@ def test_bench_quality_end_to_end_and_resumable(tmp_path):
   # Other settings in the same folder are refused (one line).
   r3 = subprocess.run(bench + ["--set", "lr=1e-3"], capture_output=True, text=True, cwd=ROOT)
   assert r3.returncode == 2 and r3.stderr.startswith("error:") and "other settings" in r3.stderr
+  # One variant's own seeds (--seeds-of): the table and what is missing follow each list.
+  r4 = subprocess.run(bench + ["--seeds", "0", "--seeds-of", "hires64=0,1,2", "--report"],
+                      capture_output=True, text=True, cwd=ROOT)
+  assert r4.returncode == 0, r4.stderr[-3000:]
+  assert "| hires64 | 1 |" in r4.stdout and "| default | 1 |" not in r4.stdout
+  assert "Not finished yet: hires64_s2\n" in r4.stdout
+  r5 = subprocess.run(bench + ["--seeds-of", "cat=0", "--report"], capture_output=True,
+                      text=True, cwd=ROOT)
+  assert r5.returncode == 2 and r5.stderr.startswith("error: --seeds-of 'cat=0'")
 
 
 def test_tfds_carries_the_sidecar(tmp_path):
@@ -506,7 +515,7 @@ def test_bench_table_median_worst_and_goals(tmp_path):
     os.makedirs(os.path.join(out, f"v_s{s}"))
     B._write_json(os.path.join(out, f"v_s{s}", "result.json"),
                   dict(r, variant="v", seed=s, side=1.0, status="done"))
-  text, rows = B.table(out, ["v"], [0, 1, 2, 3])
+  text, rows = B.table(out, ["v"], {"v": [0, 1, 2, 3]})
   head = rows[0]
   med = next(r for r in rows if r[1] == "median")
   worst = next(r for r in rows if r[1] == "worst")
@@ -523,14 +532,14 @@ def test_bench_table_median_worst_and_goals(tmp_path):
   B._write_json(os.path.join(out, "v_s1", "result.json"),
                 dict(runs[1], view_yaw_corr=0.85, shape_corr=0.6, variant="v", seed=1,
                      side=1.0, status="done"))
-  text, _ = B.table(out, ["v"], [0, 1])
+  text, _ = B.table(out, ["v"], {"v": [0, 1]})
   assert "no failed run NO (1/2)" in text and "median shape corr 0.60 >= 0.5 yes" in text
   assert "[failed: s1 weak yaw]" in text
   # The fault column names the kind (a black render first: it also leaves the view constant).
   B._write_json(os.path.join(out, "v_s1", "result.json"),
                 dict(runs[1], light_intensity=0.01, view_yaw_std_ratio=0.0, view_yaw_corr=0.0,
                      variant="v", seed=1, side=1.0, status="done"))
-  text, rows = B.table(out, ["v"], [0, 1, 2])
+  text, rows = B.table(out, ["v"], {"v": [0, 1, 2]})
   head = rows[0]
   kinds = {r[1]: r[head.index("fault")] for r in rows[1:]}
   assert kinds == {0: "", 1: "black render", 2: "concave", "median": "", "worst": ""}
