@@ -761,6 +761,38 @@ def _commits_line(res: dict) -> str:
                    for c, k in sorted(n.items(), key=lambda kv: -kv[1])) or "none yet"
 
 
+# Issue 21 item 7: does a structure move the view, the light or the shape?
+FACTOR_KEYS = (("view_mae_deg", "view error (deg)"), ("light_dir_deg", "light direction error (deg)"),
+               ("shape_spread_ratio", "shape spread / truth's"), ("shape_corr", "per-image shape corr"))
+
+
+def factor_differences(t1: dict, labels: dict, keys) -> list:
+  """Markdown lines: per SCR row, the paired (by seed) mean difference row -
+  independent of each per-factor diagnostic in FACTOR_KEYS, with its
+  unadjusted 95 % t interval (exploratory: not Holm-corrected). A cell needs
+  the diagnostic on >= 2 common seeds, else n/a."""
+  ref = {r["seed"]: r.get("diag", {}) for r in t1.get("independent", [])}
+  out = ["", "### Per factor, paired against independent (test)", "",
+         "Mean over seeds of (row - independent) with the unadjusted 95 % t interval "
+         "(exploratory, no multiplicity correction). Negative errors and positive "
+         "spread / corr are the better direction.", "",
+         "| row | " + " | ".join(name for _, name in FACTOR_KEYS) + " |",
+         "|---" * (len(FACTOR_KEYS) + 1) + "|"]
+  for key in keys:
+    rows = {r["seed"]: r.get("diag", {}) for r in t1.get(key, [])}
+    cells = []
+    for k, _ in FACTOR_KEYS:
+      seeds = sorted(s for s in set(rows) & set(ref) if k in rows[s] and k in ref[s]
+                     and np.isfinite(rows[s][k]) and np.isfinite(ref[s][k]))
+      if len(seeds) < 2:
+        cells.append("n/a")
+        continue
+      d = stats.paired_difference([rows[s][k] for s in seeds], [ref[s][k] for s in seeds])
+      cells.append(f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]")
+    out.append(f"| {labels[key]} | " + " | ".join(cells) + " |")
+  return out
+
+
 def report(rep: Reproduction, settings: dict) -> str:
   """Writes OUT/results.md, OUT/results_readme.md and the figures from the
   finished units; returns results.md's text. Missing units show as n/a."""
@@ -888,8 +920,10 @@ def report(rep: Reproduction, settings: dict) -> str:
     for key, rs in t1.items():
       ds = [r["diag"] for r in rs if r.get("diag")]
       if ds:
+        vals = [[d[k] for d in ds if np.isfinite(d.get(k, np.nan))] for k in have]
         lines.append(f"| {labels[key]} | " + " | ".join(
-            f"{np.nanmean([d.get(k, np.nan) for d in ds]):.2f}" for k in have) + " |")
+            f"{np.mean(v):.2f}" if v else "n/a" for v in vals) + " |")
+    lines += factor_differences(t1, labels, scr_keys)
   # -- Table 2 ----------------------------------------------------------------------
   if "table2" in b.parts:
     cols = ("dense", "generic-eq6", "dynamic-sigmoid", "dynamic-cosine")

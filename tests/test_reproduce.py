@@ -152,6 +152,35 @@ def test_report_statistics_on_planted_numbers(tmp_path):
   assert readme.startswith("## Results") and "cmd --planted" in readme and "**better**" in readme
 
 
+def test_report_per_factor_differences_on_planted_diagnostics(tmp_path):
+  cfg = config.override(config.get_config("test_tiny"), ["steps=2"])
+  b = reproduce.Budget(preset="test_tiny", parts=("table1",)).resolved(cfg)
+  rep = reproduce.Reproduction(str(tmp_path), cfg, b)
+  ind = [10.0, 10.4, 9.6, 10.2, 9.8]
+  _planted(rep, {**{k: ind for k in reproduce.SCR_ROWS}, "supervised": [3.0] * 5})
+  view_ind, view_eq6 = [4.0, 5.0, 3.0, 6.0, 4.5], [2.1, 2.9, 1.0, 4.2, 2.5]
+  for key in reproduce.SCR_ROWS:
+    for s in range(5):
+      path = rep.result_path(f"t1.{key}.s{s}")
+      r = reproduce._read(path)
+      view = view_eq6[s] if key == "generic-eq6" else view_ind[s]
+      diag = dict(view_mae_deg=view, light_dir_deg=7.0, shape_spread_ratio=0.5,
+                  shape_corr=float("nan") if key == "dense-bo" else 0.1)
+      if key == "dynamic-cosine" and s > 0:
+        diag = {}  # one seed only: too few to pair
+      reproduce._save(path, dict(r, diag=diag))
+  text = reproduce.report(rep, dict(command="cmd", commit="abc"))
+  section = text.split("### Per factor, paired against independent")[1].split("\n#")[0]
+  rows = {x.split(" | ")[0][2:]: x for x in section.splitlines() if x.startswith("| ")}
+  d = stats.paired_difference(view_eq6, view_ind)
+  eq6 = rows[reproduce.SCR_ROWS["generic-eq6"][0]]
+  assert eq6.split(" | ")[1] == f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+  assert d["hi"] < 0  # the planted shift is seen as lower view error
+  assert eq6.split(" | ")[2] == "+0.00 [+0.00, +0.00]"  # equal light error on every seed
+  assert rows[reproduce.SCR_ROWS["dense-bo"][0]].rstrip(" |").endswith("n/a")  # NaN diag
+  assert rows[reproduce.SCR_ROWS["dynamic-cosine"][0]].count("n/a") == 4
+
+
 @pytest.fixture(scope="module")
 def variant_folder(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("wide_pose"))
