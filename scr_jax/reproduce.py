@@ -445,6 +445,7 @@ class Reproduction:
                                       batch=self.b.bo_batch, objective=objective, log=_log)
       return dict(order=s["order"], objective=objective, best_objective=trace["best_objective"],
                   evaluated={t["order"]: t["objective"] for t in trace["trace"]},
+                  scores=trace["scores"],  # every metric of every evaluated ordering
                   budget=dict(n_init=self.b.bo_init, n_evals=self.b.bo_evals,
                               batch=self.b.bo_batch, steps_per_eval=cfg.steps))
     # eq5: unrolled over all edges (augmented Lagrangian on h(M)); eq6: masked by
@@ -761,6 +762,39 @@ def _commits_line(res: dict) -> str:
                    for c, k in sorted(n.items(), key=lambda kv: -kv[1])) or "none yet"
 
 
+def bo_scores(rep: Reproduction, name: str, r: dict) -> dict:
+  """{order: {val_loss, val_mad, ...}} of a BO search unit: from the unit, or
+  (units written before it kept them) from OUT/search/<name>/bo_trace.json;
+  {} when neither has them."""
+  if r.get("scores"):
+    return r["scores"]
+  path = os.path.join(rep.out, "search", name, "bo_trace.json")
+  return (_read(path).get("scores") or {}) if os.path.exists(path) else {}
+
+
+def objective_agreement(rep: Reproduction, res: dict) -> list:
+  """Markdown lines: per BO search, the Spearman rank correlation between the
+  label-free objective (val photometric loss) and val MAD over the orderings it
+  evaluated: does the objective a user without depth has rank orderings as
+  the depth error does?"""
+  out = []
+  for name, r in res.items():
+    if r.get("kind") != "search" or "evaluated" not in r:
+      continue
+    sc = bo_scores(rep, name, r)
+    orders = [o for o in sc if "val_loss" in sc[o] and "val_mad" in sc[o]]
+    if len(orders) >= 3:
+      rho = stats.spearman([sc[o]["val_loss"] for o in orders], [sc[o]["val_mad"] for o in orders])
+      best_mad = min(orders, key=lambda o: sc[o]["val_mad"])
+      out.append(f"- {name}: over its {len(orders)} evaluated orderings, Spearman(val "
+                 f"photometric loss, val MAD) = {rho:+.2f}; lowest val MAD among them "
+                 f"{best_mad} ({sc[best_mad]['val_mad']:.2f})")
+  if out:
+    out = ["", "Does the label-free objective rank orderings as the depth error does "
+           "(each BO evaluation records both)?", ""] + out
+  return out
+
+
 # Issue 21 item 7: does a structure move the view, the light or the shape?
 FACTOR_KEYS = (("view_mae_deg", "view error (deg)"), ("light_dir_deg", "light direction error (deg)"),
                ("shape_spread_ratio", "shape spread / truth's"), ("shape_corr", "per-image shape corr"))
@@ -910,6 +944,7 @@ def report(rep: Reproduction, settings: dict) -> str:
       extra = f"{r['objective']} {r['best_objective']:.4g}"
     lines.append(f"| {name.split('.s')[0]} | {r['seed']} | {found} | {extra} | "
                  f"{r['seconds']:.0f} |")
+  lines += objective_agreement(rep, res)
   # -- diagnostics ------------------------------------------------------------------
   dk = ("view_yaw_mae_deg", "view_pitch_mae_deg", "light_dir_deg", "light_oblique_slope",
         "depth_sign", "shape_spread_ratio", "relief_ratio", "shape_corr")

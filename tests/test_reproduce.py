@@ -181,6 +181,31 @@ def test_report_per_factor_differences_on_planted_diagnostics(tmp_path):
   assert rows[reproduce.SCR_ROWS["dynamic-cosine"][0]].count("n/a") == 4
 
 
+def test_report_objective_agreement_of_bo_searches(tmp_path):
+  cfg = config.override(config.get_config("test_tiny"), ["steps=2"])
+  b = reproduce.Budget(preset="test_tiny", parts=("table1",)).resolved(cfg)
+  rep = reproduce.Reproduction(str(tmp_path), cfg, b)
+  _planted(rep, {k: [10.0, 10.4] for k in reproduce.SCR_ROWS})
+  loss = dict(DVLA=-2.5, DALV=-2.3, LADV=-2.4, LDVA=-2.6)
+  mad = dict(DVLA=14.0, DALV=19.0, LADV=12.0, LDVA=13.0)  # ranks 3,4,1,2 against 2,4,3,1
+  scores = {o: dict(val_loss=loss[o], val_mad=mad[o]) for o in loss}
+  unit = dict(kind="search", seed=0, order="LDVA", objective="val_loss", best_objective=-2.6,
+              evaluated=loss, seconds=1.0)
+  reproduce._save(rep.result_path("search.default.bo.s0"), dict(unit, scores=scores))
+  # a unit written before units kept their scores: read from the search's trace
+  reproduce._save(rep.result_path("search.default.bo.s1"), dict(unit, seed=1))
+  os.makedirs(tmp_path / "search" / "search.default.bo.s1")
+  reproduce._save(str(tmp_path / "search" / "search.default.bo.s1" / "bo_trace.json"),
+                  dict(scores={o: dict(val_loss=mad[o], val_mad=mad[o]) for o in mad}))
+  text = reproduce.report(rep, dict(command="cmd", commit="abc"))
+  rho = stats.spearman([loss[o] for o in loss], [mad[o] for o in loss])
+  assert rho == pytest.approx(0.4)
+  assert (f"- search.default.bo.s0: over its 4 evaluated orderings, Spearman(val photometric "
+          f"loss, val MAD) = {rho:+.2f}; lowest val MAD among them LADV (12.00)") in text
+  assert "- search.default.bo.s1: over its 4 evaluated orderings, Spearman(val photometric " \
+         "loss, val MAD) = +1.00" in text
+
+
 @pytest.fixture(scope="module")
 def variant_folder(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("wide_pose"))
