@@ -51,7 +51,10 @@ from scr_jax.errors import StopRequested, UserError
 
 TABLE2_ORDERS = ("DLVA", "DAVL", "DVAL")
 VARIANTS = ("wide_pose", "albedo_alt")
-PARTS = ("table1", "table2", "fig6", "beyond")
+PARTS = ("table1", "table2", "fig6", "beyond", "dose")
+# Item 7: M = alpha x the seed's BO ordering (0 = independent, 1 = dense BO);
+# the smallest alpha is a chaos control (a structure too weak to matter by itself).
+DOSE_ALPHAS = (0.01, 0.3)
 
 # Table 1 rows trained as SCR models: key -> (label, recipe). A recipe names
 # the variant and where its structure comes from: a fixed / random ordering,
@@ -125,7 +128,10 @@ class Budget:
   fig6_steps / fig6_orders: the all-orderings run's steps and how many of
   the 24 orderings (in structure.ALL_ORDERS order); table2_orders; variants:
   the harder data of the beyond rows (built-in variant names, or NAME=SPEC,
-  `variant_specs`); parts: which of table1, table2, fig6, beyond to run.
+  `variant_specs`); parts: which of table1, table2, fig6, beyond, dose to run
+  (not part of a reproduction's identity: an invocation runs its parts, and
+  settings.json keeps the union for the report); dose_alphas: the structure
+  strengths of the dose part (0 < alpha < 1), each trained on the Table 1 seeds.
   """
   preset: str = "cpu_small"
   data: str = "builtin"
@@ -146,6 +152,7 @@ class Budget:
   variants: tuple = VARIANTS
   parts: tuple = PARTS
   sets: tuple = ()
+  dose_alphas: tuple = DOSE_ALPHAS
 
   def resolved(self, cfg) -> "Budget":
     """The budget with the step defaults filled from the config (searches:
@@ -172,6 +179,12 @@ class Budget:
       raise UserError(f"--fig6-orders must be <= 24, got {self.fig6_orders}")
     for o in self.table2_orders:
       structure.check_order(o)
+    for a in self.dose_alphas:
+      if not 0.0 < a < 1.0:
+        raise UserError(f"--dose-alphas must lie strictly between 0 (independent) and 1 "
+                        f"(dense), got {a:g}")
+    if len(set(self.dose_alphas)) != len(self.dose_alphas):
+      raise UserError(f"--dose-alphas has a repeat: {', '.join(f'{a:g}' for a in self.dose_alphas)}")
     bad = sorted(set(self.parts) - set(PARTS))
     if bad:
       raise UserError(f"--parts: unknown {', '.join(bad)}; choose from {', '.join(PARTS)}")
@@ -195,8 +208,9 @@ class Unit:
   train | supervised | search | fig6; data: a data tag ("default" or a
   variant); seed; row: a SCR_ROWS key, "best" (the val-chosen SCR row, resolved
   when it runs) or a Table 2 key; search: the search kind of a search unit;
-  order: the ordering of a Table 2 unit; deps: unit names that must be done
-  first; cost: training-step equivalents (for the ETA).
+  order: the ordering of a Table 2 unit; alpha: the structure strength of a
+  dose unit; deps: unit names that must be done first; cost: training-step
+  equivalents (for the ETA).
   """
   name: str
   kind: str
@@ -205,6 +219,7 @@ class Unit:
   row: str = ""
   search: str = ""
   order: str = ""
+  alpha: float = 0.0
   deps: tuple = ()
   cost: float = 1.0
 
@@ -278,7 +293,16 @@ def plan(b: Budget) -> list:
   if "fig6" in b.parts:
     for s in range(b.fig6_seeds):
       add(Unit(f"fig6.s{s}", "fig6", seed=s, cost=b.fig6_orders * b.fig6_steps))
+  if "dose" in b.parts:
+    for s in range(b.seeds):
+      for a in b.dose_alphas:
+        add(Unit(dose_name(a, s), "train", seed=s, row="dose", alpha=float(a),
+                 deps=(add_search("bo", "default", s),), cost=b.steps))
   return units
+
+
+def dose_name(alpha: float, seed: int) -> str:
+  return f"dose.a{alpha:g}.s{seed}"
 
 
 # ----------------------------------------------------------------------------
@@ -491,6 +515,10 @@ class Reproduction:
     """(Structure, row key, label) of a training unit."""
     S = structure.Structure
     row = self.best_row() if u.row == "best" else u.row
+    if row == "dose":  # a fraction of the seed's BO ordering: generic, continuous M
+      order = self.dep("bo", u.data, u.seed)["order"]
+      return (S(m=u.alpha * structure.dense_matrix(order), variant="generic"), row,
+              f"{u.alpha:g} x {order}")
     if u.order:  # Table 2: a fixed ordering
       dense = structure.dense_matrix(u.order)
       if row == "dense":
@@ -795,6 +823,51 @@ def objective_agreement(rep: Reproduction, res: dict) -> list:
   return out
 
 
+def dose_section(res: dict, b: Budget, mad: dict) -> list:
+  """Markdown lines of the dose part: test MAD against the structure's strength
+  alpha (M = alpha x the seed's BO ordering; 0 = independent, 1 = dense BO),
+  per seed. A structure whose effect is systematic moves MAD monotonically
+  with alpha on every seed; chaos alone moves it by about as much at the
+  smallest alpha as at 1."""
+  alphas = [0.0] + sorted(b.dose_alphas) + [1.0]
+  per = {0.0: mad.get("independent", {}), 1.0: mad.get("dense-bo", {})}
+  for a in b.dose_alphas:
+    per[a] = {s: res[n]["test"]["mad_mean"] for s in range(b.seeds)
+              if (n := dose_name(a, s)) in res}
+  ind = per[0.0]
+  out = ["", "## Item 7: the structure's strength (dose)", "",
+         "M = alpha x the seed's BO ordering (alpha 0: independent, 1: dense BO), the same "
+         f"{b.seeds} paired seeds and {b.steps} steps. Difference = row - independent in test "
+         "MAD with its unadjusted 95 % t interval; mean |difference| is how far the row moves "
+         "from independent whatever the direction: at the smallest alpha the structure barely "
+         "enters the forward pass, so that row measures how far training's chaos alone moves "
+         "a run.", "",
+         "| alpha | test MAD | per seed | difference vs independent [95 % CI] | mean abs difference |",
+         "|---|---|---|---|---|"]
+  for a in alphas:
+    vals = per[a]
+    common = sorted(set(vals) & set(ind))
+    if a == 0.0 or len(common) < 2:
+      diff = absd = "-" if a == 0.0 else "n/a"
+    else:
+      d = stats.paired_difference([vals[s] for s in common], [ind[s] for s in common])
+      diff = f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+      absd = f"{np.mean([abs(vals[s] - ind[s]) for s in common]):.2f}"
+    out.append(f"| {a:g} | {_ms(list(vals.values()))} | "
+               + ", ".join(f"s{s} {v:.2f}" for s, v in sorted(vals.items())) + f" | {diff} | {absd} |")
+  rhos = {}
+  for s in range(b.seeds):
+    xs = [(a, per[a][s]) for a in alphas if s in per[a]]
+    if len(xs) == len(alphas):
+      rhos[s] = stats.spearman([a for a, _ in xs], [v for _, v in xs])
+  if rhos:
+    out += ["", "Spearman rank correlation of test MAD with alpha, per seed (+1: more "
+            "structure, more error on every step of alpha; -1: less): "
+            + ", ".join(f"s{s} {r:+.2f}" for s, r in rhos.items())
+            + f"; mean {np.mean(list(rhos.values())):+.2f}."]
+  return out
+
+
 # Issue 21 item 7: does a structure move the view, the light or the shape?
 FACTOR_KEYS = (("view_mae_deg", "view error (deg)"), ("light_dir_deg", "light direction error (deg)"),
                ("shape_spread_ratio", "shape spread / truth's"), ("shape_corr", "per-image shape corr"))
@@ -1014,6 +1087,8 @@ def report(rep: Reproduction, settings: dict) -> str:
     plot_fig8(curves, os.path.join(rep.out, "fig8.png"))
     lines += ["", "## Figure 8: validation MAD during training", "",
               "Mean over the seeds of each Table 1 row.", "", "![fig8](fig8.png)"]
+  if "dose" in b.parts:
+    lines += dose_section(res, b, mad)
   # -- beyond -----------------------------------------------------------------------
   bey_cmp = {}
   if "beyond" in b.parts:
@@ -1171,11 +1246,14 @@ def open_reproduction(out: str, budget: Budget | None = None, command: str = "")
   budget.check()
   cfg = make_config(budget)
   b = budget.resolved(cfg)
+  if prev is not None:  # this invocation's parts join those run before (for the report)
+    done = set(prev["budget"].get("parts", ())) | set(b.parts)
+    b = dataclasses.replace(b, parts=tuple(p for p in PARTS if p in done))
   settings = dict(budget=json.loads(json.dumps(dataclasses.asdict(b))),
                   config=json.loads(cfg.to_json()))
   if prev is not None:  # a field added since prev was written takes its default
     prev = dict(prev, budget={**json.loads(json.dumps(dataclasses.asdict(Budget()))),
-                              **prev["budget"]},
+                              **prev["budget"], "parts": settings["budget"]["parts"]},
                 config=json.loads(config.Config.from_json(json.dumps(prev["config"])).to_json()))
   if prev is not None and (prev["budget"], prev["config"]) != (settings["budget"],
                                                                settings["config"]):
@@ -1200,7 +1278,7 @@ def reproduce(out: str, budget: Budget, jobs: int = 1, command: str = "") -> str
   with lock.hold(out, _log):  # one reproduction per folder; workers lock their own workdirs
     rep, settings = open_reproduction(out, budget, command)
     parallel.check_batch_size(rep.cfg.batch_size)
-    units = plan(rep.b)
+    units = plan(dataclasses.replace(rep.b, parts=budget.parts))  # only this invocation's
     for tag in sorted({u.data for u in units}):  # generate / prepare data once, before workers
       rep.data(tag)
     t0 = time.time()
@@ -1239,7 +1317,11 @@ def add_arguments(p):
   p.add_argument("--fig6-orders", type=int, default=d.fig6_orders)
   p.add_argument("--table2-orders", default=",".join(d.table2_orders))
   p.add_argument("--variants", default=",".join(d.variants))
-  p.add_argument("--parts", default=",".join(d.parts))
+  p.add_argument("--parts", default=",".join(d.parts),
+                 help=f"which of {', '.join(PARTS)} to run (default all; a later invocation "
+                 "may run others in the same --out)")
+  p.add_argument("--dose-alphas", default=",".join(f"{x:g}" for x in d.dose_alphas),
+                 help="the dose part's structure strengths: M = alpha x the seed's BO ordering")
   p.add_argument("--set", action="append", metavar="KEY=VALUE")
   p.add_argument("--jobs", type=int, default=1, help="units run at once (worker processes)")
   p.add_argument("--report", action="store_true",
@@ -1248,6 +1330,12 @@ def add_arguments(p):
 
 def budget_from_args(a) -> Budget:
   split = lambda s: tuple(x.strip() for x in s.split(",") if x.strip())
+
+  def floats(s):
+    try:
+      return tuple(float(x) for x in split(s))
+    except ValueError:
+      raise UserError(f"--dose-alphas must be numbers separated by commas, got {s!r}") from None
   return Budget(preset=a.preset, data=a.data, steps=a.steps, seeds=a.seeds,
                 table2_seeds=a.table2_seeds, fig6_seeds=a.fig6_seeds,
                 beyond_seeds=a.beyond_seeds, bo_init=a.bo_init, bo_evals=a.bo_evals,
@@ -1255,7 +1343,8 @@ def budget_from_args(a) -> Budget:
                 unroll_steps=a.unroll_steps or a.search_steps, unroll_seeds=a.unroll_seeds,
                 fig6_steps=a.fig6_steps,
                 fig6_orders=a.fig6_orders, table2_orders=split(a.table2_orders),
-                variants=split(a.variants), parts=split(a.parts), sets=tuple(a.set or ()))
+                variants=split(a.variants), parts=split(a.parts), sets=tuple(a.set or ()),
+                dose_alphas=floats(a.dose_alphas))
 
 
 def from_args(a, command: str = "") -> str:

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from scr_jax import config, model, reproduce, search, stats, synthetic, train
+from scr_jax import config, model, reproduce, search, stats, structure, synthetic, train
 from scr_jax.errors import UserError
 
 TINY = dict(preset="test_tiny", steps=2, seeds=2, table2_seeds=2, fig6_seeds=2, beyond_seeds=2,
@@ -254,11 +254,19 @@ def test_reproduce_tiny_end_to_end(tmp_path, tiny_synface, variant_folder, monke
   assert set(res["fig6.s0"]["orders"]) == set(reproduce.structure.ALL_ORDERS[:2])
   assert res["bey.wide_pose.best.s0"]["resolved_row"] in reproduce.SCR_ROWS
   assert res["t1.independent.s0"]["curves"]["val/mad_mean"]  # Figure 8's points
+  for s in (0, 1):  # the dose part: a fraction of the seed's BO ordering, paired with Table 1
+    bo = res[f"search.default.bo.s{s}"]["order"]
+    for a in reproduce.DOSE_ALPHAS:
+      r = res[reproduce.dose_name(a, s)]
+      assert np.allclose(r["structure"]["M"], a * reproduce.structure.dense_matrix(bo))
+      assert r["init_hash"] == res[f"t1.independent.s{s}"]["init_hash"]
+    bo_unit = res[f"search.default.bo.s{s}"]
+    assert set(bo_unit["scores"]) == set(bo_unit["evaluated"])  # every evaluation's metrics
   text = open(os.path.join(out, "results.md")).read()
   for needle in ("## Table 1", "Holm interval", "### Pairing check", "## Table 2",
                  "Spearman rank correlation", "## Figure 8", "## Beyond the default data",
                  "steps per evaluation", "seed 1: 9 units", "Commit of the last invocation: `",
-                 "run.py reproduce"):
+                 "run.py reproduce", "## Item 7: the structure's strength (dose)"):
     assert needle in text, needle
   assert "NOT PAIRED" not in text
   assert "not recorded" not in text  # every unit records the commit it was computed at
@@ -438,6 +446,67 @@ def test_settings_written_before_a_budget_field_existed_continue(tmp_path):
   assert json.load(open(path))["budget"]["unroll_seeds"] == 1
   with pytest.raises(UserError, match="unroll_seeds differ"):
     reproduce.open_reproduction(out, dataclasses.replace(b, unroll_seeds=2))
+
+
+def test_a_later_invocation_may_run_other_parts(tmp_path):
+  """Parts select what an invocation runs, not which reproduction OUT holds: table1
+  now, dose later continue the same one; settings.json keeps the union (the report
+  and the workers see both); other budget fields are still refused."""
+  out = str(tmp_path / "rep")
+  b = _budget("builtin", parts=("table1",))
+  reproduce.open_reproduction(out, b)
+  rep, settings = reproduce.open_reproduction(out, dataclasses.replace(b, parts=("dose",)))
+  assert settings["budget"]["parts"] == ["table1", "dose"] and rep.b.parts == ("table1", "dose")
+  rep, _ = reproduce.open_reproduction(out)  # what a worker opens
+  names = {u.name for u in reproduce.plan(rep.b)}
+  assert "t1.independent.s0" in names and reproduce.dose_name(0.3, 1) in names
+  with pytest.raises(UserError, match="seeds differ"):
+    reproduce.open_reproduction(out, dataclasses.replace(b, seeds=3))
+
+
+def test_dose_units_plan_structure_and_checks(tmp_path):
+  cfg = config.override(config.get_config("test_tiny"), ["steps=10"])
+  b = reproduce.Budget(preset="test_tiny", parts=("dose",), seeds=2,
+                       dose_alphas=(0.3, 0.01)).resolved(cfg)
+  units = {u.name: u for u in reproduce.plan(b)}
+  assert sorted(n for n in units if n.startswith("dose.")) == [
+      "dose.a0.01.s0", "dose.a0.01.s1", "dose.a0.3.s0", "dose.a0.3.s1"]
+  assert units["dose.a0.3.s1"].deps == ("search.default.bo.s1",)
+  assert "search.default.bo.s1" in units and not [n for n in units if n.startswith("t1.")]
+  rep = reproduce.Reproduction(str(tmp_path), cfg, b)
+  reproduce._save(rep.result_path("search.default.bo.s1"), dict(kind="search", order="DVAL"))
+  st, row, label = rep.structure_for(units["dose.a0.3.s1"])
+  np.testing.assert_allclose(np.asarray(st.m), 0.3 * structure.dense_matrix("DVAL"))
+  assert (row, label, st.variant) == ("dose", "0.3 x DVAL", "generic")
+  for bad, msg in (((0.0,), "strictly between"), ((1.0,), "strictly between"),
+                   ((0.3, 0.3), "repeat")):
+    with pytest.raises(UserError, match=msg):
+      reproduce.Budget(dose_alphas=bad).check()
+
+
+def test_report_dose_on_planted_numbers(tmp_path):
+  cfg = config.override(config.get_config("test_tiny"), ["steps=2"])
+  b = reproduce.Budget(preset="test_tiny", parts=("table1", "dose"), seeds=3,
+                       dose_alphas=(0.01, 0.3)).resolved(cfg)
+  rep = reproduce.Reproduction(str(tmp_path), cfg, b)
+  ind, dense = [8.0, 9.0, 8.5], [9.0, 10.5, 9.0]
+  _planted(rep, {"independent": ind, "dense-bo": dense})
+  planted = {0.01: [8.1, 8.8, 8.6], 0.3: [8.5, 9.5, 8.9]}  # s1: 0.01 below independent
+  for a, vals in planted.items():
+    for s, v in enumerate(vals):
+      reproduce._save(rep.result_path(reproduce.dose_name(a, s)), dict(
+          kind="train", seed=s, row="dose", test=dict(mad_mean=v), val=dict(mad_mean=v)))
+  text = reproduce.report(rep, dict(command="cmd", commit="abc"))
+  sec = text.split("## Item 7: the structure's strength (dose)")[1]
+  d = stats.paired_difference(planted[0.3], ind)
+  row = [x for x in sec.splitlines() if x.startswith("| 0.3 |")][0]
+  assert f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]" in row
+  assert row.endswith(f"| {np.mean(np.abs(np.subtract(planted[0.3], ind))):.2f} |")
+  assert "s0 8.50, s1 9.50, s2 8.90" in row
+  assert "s0 9.00, s1 10.50, s2 9.00" in [x for x in sec.splitlines() if x.startswith("| 1 |")][0]
+  # MAD rises with alpha on s0 and s2 (rho +1); s1 dips at 0.01
+  rho1 = stats.spearman([0, 0.01, 0.3, 1], [9.0, 8.8, 9.5, 10.5])
+  assert f"s0 +1.00, s1 {rho1:+.2f}, s2 +1.00; mean {(2 + rho1) / 3:+.2f}." in sec
 
 
 def test_settings_written_before_a_config_field_existed_continue(tmp_path):
