@@ -181,6 +181,34 @@ def test_report_per_factor_differences_on_planted_diagnostics(tmp_path):
   assert rows[reproduce.SCR_ROWS["dynamic-cosine"][0]].count("n/a") == 4
 
 
+def test_report_convergence_differences_on_planted_curves(tmp_path):
+  cfg = config.override(config.get_config("test_tiny"), ["steps=2"])
+  b = reproduce.Budget(preset="test_tiny", parts=("table1",)).resolved(cfg)
+  rep = reproduce.Reproduction(str(tmp_path), cfg, b)
+  _planted(rep, {**{k: [10.0, 10.4, 9.6] for k in reproduce.SCR_ROWS}, "supervised": [3.0] * 3})
+  ind = {200: [20.0, 22.0, 21.0], 400: [10.0, 10.5, 9.5]}
+  # dynamic cosine: ahead by 3-5 degrees at step 200 on every seed, level at 400
+  cos = {200: [16.0, 18.5, 16.0], 400: [10.0, 10.5, 9.5]}
+  for key in reproduce.SCR_ROWS:
+    for s in range(3):
+      path = rep.result_path(f"t1.{key}.s{s}")
+      c = cos if key == "dynamic-cosine" else ind
+      curve = {str(k): v[s] for k, v in c.items()}
+      if key == "dense-bo" and s > 0:
+        curve = {}  # one seed with a curve: too few to pair
+      reproduce._save(path, dict(reproduce._read(path), curves={"val/mad_mean": curve}))
+  text = reproduce.report(rep, dict(command="cmd", commit="abc"))
+  section = text.split("### Convergence: validation MAD during training")[1].split("\n#")[0]
+  rows = {x.split(" | ")[0][2:]: x.rstrip(" |").split(" | ")[1:]
+          for x in section.splitlines() if x.startswith("| ") and not x.startswith("| row")}
+  assert rows["independent (val MAD)"] == ["21.00", "10.00"]
+  d = stats.paired_difference(cos[200], ind[200])
+  assert d["hi"] < 0  # the planted lead is seen
+  assert rows[reproduce.SCR_ROWS["dynamic-cosine"][0]] == [f"{d['mean']:+.2f}*", "+0.00"]
+  assert rows[reproduce.SCR_ROWS["dense-bo"][0]] == ["n/a", "n/a"]
+  assert rows[reproduce.SCR_ROWS["generic-eq5"][0]] == ["+0.00", "+0.00"]
+
+
 def test_report_objective_agreement_of_bo_searches(tmp_path):
   cfg = config.override(config.get_config("test_tiny"), ["steps=2"])
   b = reproduce.Budget(preset="test_tiny", parts=("table1",)).resolved(cfg)
