@@ -128,6 +128,11 @@ class Config:
   order: str = ""  # dense/dynamic ordering, e.g. "DVAL"; "random" picks from the seed
   q: str = "sigmoid"  # dynamic SCR attention: sigmoid | cosine
   structure: str = ""  # path of a structure.json (generic / dense from search)
+  # How parents' embeddings enter a child (structure.mix): "sum" is Eq. 3 as the
+  # paper writes it; "balanced" rescales each parent's embedding to the child's
+  # own norm, per image (issue 21 item 7: the D / A embeddings are ~3x the V / L
+  # ones at initialisation, so under "sum" a V or L child mostly reads its parents).
+  mix_scale: str = "sum"
   # Loss.
   lam_flip: float = 0.5
   lam_perc: float = 0.0  # VGG perceptual loss weight (needs user-supplied weights)
@@ -374,6 +379,7 @@ def validate(cfg: Config) -> Config:
   need(cfg.variant in ("independent", "dense", "generic", "dynamic"), "variant",
        "must be independent, dense, generic or dynamic")
   need(cfg.q in ("sigmoid", "cosine"), "q", "must be sigmoid or cosine")
+  need(cfg.mix_scale in ("sum", "balanced"), "mix_scale", "must be sum or balanced")
   need(cfg.order.lower() in ("", "random") or sorted(cfg.order.upper()) == sorted("VDLA"),
        "order", "must be a permutation of V, D, L, A (e.g. DVAL) or random")
   need(cfg.batch_size >= 1, "batch_size", "must be >= 1")

@@ -46,14 +46,28 @@ def random_order(seed: int) -> str:
   return ALL_ORDERS[np.random.default_rng(seed).integers(len(ALL_ORDERS))]
 
 
-def mix(u_Bx4xd, m):
-  """Embeddings seen by the decoders: u_f + sum_g M[g, f] u_g.
+def mix(u_Bx4xd, m, scale: str = "sum"):
+  """Embeddings seen by the decoders f2 (paper Eq. 3, element-wise addition).
 
-  m: 4x4 (shared) or Bx4x4 (per image, dynamic SCR).
+  u_Bx4xd: the f1 embeddings, factor order V, D, L, A.
+  m: 4x4 (shared) or Bx4x4 (per image, dynamic SCR); m[g, f] weights parent g
+    into child f.
+  scale: "sum": u_f + sum_g m[g, f] u_g, as the paper writes it. "balanced":
+    each parent's embedding is first rescaled to the child's own norm, per
+    image, u_f + sum_g m[g, f] (|u_f| / |u_g|) u_g, the ratio outside the
+    gradient, so a structure cannot drown a child's own embedding merely
+    because the parent's encoder has a larger output scale.
+  Returns Bx4xd. With m = 0 both give u exactly (independent SCR).
   """
-  if m.ndim == 2:
-    return u_Bx4xd + jnp.einsum("gf,bgd->bfd", m, u_Bx4xd)
-  return u_Bx4xd + jnp.einsum("bgf,bgd->bfd", m, u_Bx4xd)
+  if scale == "sum":  # the exact ops of before mix_scale existed: runs stay bit-identical
+    if m.ndim == 2:
+      return u_Bx4xd + jnp.einsum("gf,bgd->bfd", m, u_Bx4xd)
+    return u_Bx4xd + jnp.einsum("bgf,bgd->bfd", m, u_Bx4xd)
+  if scale != "balanced":
+    raise UserError(f"unknown mix_scale {scale!r} (sum or balanced)")
+  n_Bx4 = jnp.linalg.norm(u_Bx4xd, axis=-1) + 1e-6
+  ratio_Bx4x4 = jax.lax.stop_gradient(n_Bx4[:, None, :] / n_Bx4[:, :, None])  # |u_f| / |u_g|
+  return u_Bx4xd + jnp.einsum("bgf,bgd->bfd", m * ratio_Bx4x4, u_Bx4xd)
 
 
 def dynamic_matrix(u_Bx4xd, m_dense, q: str):
