@@ -70,6 +70,21 @@ def mix(u_Bx4xd, m, scale: str = "sum"):
   return u_Bx4xd + jnp.einsum("bgf,bgd->bfd", m * ratio_Bx4x4, u_Bx4xd)
 
 
+def parent_norms(u_Bx4xd, m, scale: str = "sum"):
+  """How much of each decoder's input is the factor's own embedding and how
+  much its parents' (issue 21 item 7: does a structure drown a factor?).
+
+  u_Bx4xd: f1 embeddings (V, D, L, A); m: 4x4 or Bx4x4 as in `mix`.
+  Returns (own_4, parents_4): the batch means of |u_f| and of
+  |mix(u, m, scale)_f - u_f| (L2 over d), numpy float arrays; parents_4 is 0
+  for a factor without parents.
+  """
+  u = jnp.asarray(u_Bx4xd)
+  parents = mix(u, jnp.asarray(m), scale) - u
+  return (np.asarray(jnp.linalg.norm(u, axis=-1).mean(0)),
+          np.asarray(jnp.linalg.norm(parents, axis=-1).mean(0)))
+
+
 def dynamic_matrix(u_Bx4xd, m_dense, q: str):
   """Per-image M = q(u) * M_dense (paper Sec. 4.4); a DAG because M_dense is."""
   if q == "sigmoid":

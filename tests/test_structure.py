@@ -64,3 +64,15 @@ def test_unknown_mix_scale_is_a_user_error():
     structure.mix(jnp.asarray(_u()), jnp.asarray(M), "mean")
   with pytest.raises(UserError, match="mix_scale"):
     config.validate(config.override(config.get_config("test_tiny"), ["mix_scale=mean"]))
+
+
+def test_parent_norms_measure_the_own_and_the_parents_parts():
+  u = _u(5)
+  own, par = structure.parent_norms(u, M)
+  np.testing.assert_allclose(own, np.linalg.norm(u, axis=-1).mean(0), rtol=1e-5)
+  want = [0.0, np.linalg.norm(u[:, 0], axis=-1).mean(), np.linalg.norm(u[:, 0], axis=-1).mean(),
+          np.linalg.norm(u[:, 1], axis=-1).mean()]
+  np.testing.assert_allclose(par, want, rtol=1e-5)
+  _, par_bal = structure.parent_norms(u, M, "balanced")  # each parent at the child's norm
+  np.testing.assert_allclose(par_bal[1:], own[1:], rtol=1e-5)
+  assert par_bal[0] == 0.0

@@ -1,0 +1,30 @@
+"""Issue 21 item 7 pilot (session 23): Table 1's dense rows of seed 0 with
+`mix_scale=balanced`, paired with the main reproduction's independent seed-0
+unit (M = 0 is the same under either mix_scale) and trained with its BO
+ordering of seed 0.
+
+  OUT=runs/balanced SRC=runs/repro2/units PYTHONPATH=. python docs/reproduce/item7/balanced_pilot.py dense-random dense-bo
+
+Ran from a worktree at 58be656 with OUT=/work/benchruns/balanced,
+SRC=/work/benchruns/repro2/units; its units and settings.json are in balanced/.
+"""
+import os
+import shutil
+import sys
+
+from scr_jax import reproduce as R
+
+out = os.environ.get("OUT", "runs/balanced")
+src = os.environ.get("SRC", "runs/repro2/units")  # the Eq. 3 (sum) reproduction's units
+rows = sys.argv[1:] or ["dense-random", "dense-bo"]
+b = R.Budget(sets=("mix_scale=balanced",), parts=("table1",))
+rep, settings = R.open_reproduction(out, b, "balanced_pilot.py " + " ".join(rows))
+os.makedirs(os.path.join(out, "units"), exist_ok=True)
+for n in ["baselines.default", "search.default.bo.s0", "search.default.bo-oracle.s0",
+          "t1.independent.s0", "t1.supervised.s0"]:
+  dst = os.path.join(out, "units", n + ".json")
+  if not os.path.exists(dst):
+    shutil.copy(os.path.join(src, n + ".json"), dst)
+units = [u for u in R.plan(rep.b) if u.name in {f"t1.{r}.s0" for r in rows}]
+rep.data("default")
+R.run_all(rep, units, jobs=1)
