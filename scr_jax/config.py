@@ -133,6 +133,9 @@ class Config:
   # own norm, per image (issue 21 item 7: the D / A embeddings are ~3x the V / L
   # ones at initialisation, so under "sum" a V or L child mostly reads its parents).
   mix_scale: str = "sum"
+  # False: a child reads its parents' embeddings, but its loss does not train
+  # their encoders (item 7: is a structure's effect its input or its gradients?).
+  mix_parent_grad: bool = True
   # Loss.
   lam_flip: float = 0.5
   lam_perc: float = 0.0  # VGG perceptual loss weight (needs user-supplied weights)

@@ -250,7 +250,8 @@ def _factors(nets, params, x_BxSxSx3, structure, cfg, warmups: Warmups) -> Facto
   """`factors` of an input already in [-1, 1]."""
   u = nets.apply(params, x_BxSxSx3, method=nets.encode)
   adj = structure.adjacency(u)
-  raw = nets.apply(params, structure_lib.mix(u, adj, cfg.mix_scale), method=nets.decode)
+  raw = nets.apply(params, structure_lib.mix(u, adj, cfg.mix_scale, cfg.mix_parent_grad),
+                  method=nets.decode)
   cam = camera(cfg)
   ambient, diffuse, light_dxy = light_from_raw(raw["L"], warmups.light)
   depth = depth_from_raw(raw["D"][..., 0], cam, prior_amplitude(cfg, warmups), warmups.depth,

@@ -46,7 +46,7 @@ def random_order(seed: int) -> str:
   return ALL_ORDERS[np.random.default_rng(seed).integers(len(ALL_ORDERS))]
 
 
-def mix(u_Bx4xd, m, scale: str = "sum"):
+def mix(u_Bx4xd, m, scale: str = "sum", parent_grad: bool = True):
   """Embeddings seen by the decoders f2 (paper Eq. 3, element-wise addition).
 
   u_Bx4xd: the f1 embeddings, factor order V, D, L, A.
@@ -57,17 +57,27 @@ def mix(u_Bx4xd, m, scale: str = "sum"):
     image, u_f + sum_g m[g, f] (|u_f| / |u_g|) u_g, the ratio outside the
     gradient, so a structure cannot drown a child's own embedding merely
     because the parent's encoder has a larger output scale.
-  Returns Bx4xd. With m = 0 both give u exactly (independent SCR).
+  parent_grad: False takes the parents' embeddings out of the gradient (m
+    keeps its own): a child reads them, but its loss does not train their
+    encoders.
+  Returns Bx4xd. With m = 0 every setting gives u exactly (independent SCR).
   """
-  if scale == "sum":  # the exact ops of before mix_scale existed: runs stay bit-identical
+  parents_Bx4xd = jax.lax.stop_gradient(u_Bx4xd) if not parent_grad else u_Bx4xd
+  return u_Bx4xd + _parents_term(parents_Bx4xd, m, scale)
+
+
+def _parents_term(u_Bx4xd, m, scale: str):
+  """sum_g m[g, f] (scaled) u_g, Bx4xd; "sum" uses the ops of before
+  mix_scale existed, so such runs stay bit-identical."""
+  if scale == "sum":
     if m.ndim == 2:
-      return u_Bx4xd + jnp.einsum("gf,bgd->bfd", m, u_Bx4xd)
-    return u_Bx4xd + jnp.einsum("bgf,bgd->bfd", m, u_Bx4xd)
+      return jnp.einsum("gf,bgd->bfd", m, u_Bx4xd)
+    return jnp.einsum("bgf,bgd->bfd", m, u_Bx4xd)
   if scale != "balanced":
     raise UserError(f"unknown mix_scale {scale!r} (sum or balanced)")
   n_Bx4 = jnp.linalg.norm(u_Bx4xd, axis=-1) + 1e-6
   ratio_Bx4x4 = jax.lax.stop_gradient(n_Bx4[:, None, :] / n_Bx4[:, :, None])  # |u_f| / |u_g|
-  return u_Bx4xd + jnp.einsum("bgf,bgd->bfd", m * ratio_Bx4x4, u_Bx4xd)
+  return jnp.einsum("bgf,bgd->bfd", m * ratio_Bx4x4, u_Bx4xd)
 
 
 def parent_norms(u_Bx4xd, m, scale: str = "sum"):

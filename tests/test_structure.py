@@ -76,3 +76,21 @@ def test_parent_norms_measure_the_own_and_the_parents_parts():
   _, par_bal = structure.parent_norms(u, M, "balanced")  # each parent at the child's norm
   np.testing.assert_allclose(par_bal[1:], own[1:], rtol=1e-5)
   assert par_bal[0] == 0.0
+
+
+def test_without_parent_grad_the_child_reads_the_parents_but_does_not_train_them():
+  u, m = jnp.asarray(_u(6)), jnp.asarray(M)
+  np.testing.assert_array_equal(np.asarray(structure.mix(u, m, parent_grad=False)),
+                                np.asarray(structure.mix(u, m)))
+  # a loss on the children D, L, A only: their own embeddings get gradient, the
+  # parents' (V for D and L, D for A) only through their own slot
+  def loss(x, mm, pg):
+    return jnp.sum(structure.mix(x, mm, parent_grad=pg)[:, 1:] ** 2)
+  g_with = np.asarray(jax.grad(loss)(u, m, True))
+  g_without = np.asarray(jax.grad(loss)(u, m, False))
+  assert np.abs(g_with[:, 0]).max() > 0 and np.abs(g_without[:, 0]).max() == 0  # V: parent only
+  np.testing.assert_allclose(g_without[:, 2:], g_with[:, 2:], rtol=1e-6)  # L, A: not parents
+  # ... while M itself still learns (the unrolled searches' outer gradient)
+  gm_with, gm_without = (np.asarray(jax.grad(loss, argnums=1)(u, m, pg)) for pg in (True, False))
+  np.testing.assert_allclose(gm_without, gm_with, rtol=1e-6)
+  assert np.abs(gm_without).max() > 0
